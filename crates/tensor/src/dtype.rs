@@ -1,0 +1,76 @@
+use half::{bf16, f16};
+
+use crate::Data;
+
+/// Element types a tensor can hold. Compute happens in `F32` (and `F64` on the CPU, for gradient
+/// checks); `F16`/`BF16` are storage formats converted on load; `I64` carries the integer tensors
+/// checkpoints ship (e.g. BERT's `position_ids`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F64,
+    F16,
+    BF16,
+    I64,
+}
+
+impl DType {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F16 | DType::BF16 => 2,
+            DType::F32 => 4,
+            DType::F64 | DType::I64 => 8,
+        }
+    }
+
+    pub fn is_float(self) -> bool {
+        !matches!(self, DType::I64)
+    }
+}
+
+/// A Rust type that can be a tensor element: it knows its [`DType`] and how to move in and out
+/// of the type-erased [`Data`] enum.
+pub trait Element: Copy + Send + Sync + bytemuck::Pod + 'static {
+    const DTYPE: DType;
+    fn into_data(values: Vec<Self>) -> Data;
+    fn slice(data: &Data) -> Option<&[Self]>;
+    fn slice_mut(data: &mut Data) -> Option<&mut [Self]>;
+    /// Lossy conversion used by `Tensor::to_dtype`; integers round-trip through f64 exactly up to 2^53.
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
+}
+
+macro_rules! element {
+    ($t:ty, $variant:ident, $to:expr, $from:expr) => {
+        impl Element for $t {
+            const DTYPE: DType = DType::$variant;
+            fn into_data(values: Vec<Self>) -> Data {
+                Data::$variant(values)
+            }
+            fn slice(data: &Data) -> Option<&[Self]> {
+                match data {
+                    Data::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn slice_mut(data: &mut Data) -> Option<&mut [Self]> {
+                match data {
+                    Data::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn to_f64(self) -> f64 {
+                ($to)(self)
+            }
+            fn from_f64(v: f64) -> Self {
+                ($from)(v)
+            }
+        }
+    };
+}
+
+element!(f32, F32, |x: f32| x as f64, |v: f64| v as f32);
+element!(f64, F64, |x: f64| x, |v: f64| v);
+element!(f16, F16, |x: f16| x.to_f64(), f16::from_f64);
+element!(bf16, BF16, |x: bf16| x.to_f64(), bf16::from_f64);
+element!(i64, I64, |x: i64| x as f64, |v: f64| v as i64);

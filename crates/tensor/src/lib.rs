@@ -1,0 +1,20 @@
+//! `scalpel-tensor`: the bottom layer of scalpel.
+//!
+//! * [`Tensor`]: a shape plus contiguous row-major storage in one of a few dtypes.
+//! * [`cpu`]: hand-written CPU kernels, one file per kernel family, each with its plain scalar
+//!   reference beside the fast (SIMD, threaded) version.
+//! * [`ops`]: tensor-level entry points that check shapes and dispatch on dtype to the kernels.
+//! * [`safetensors`]: loading and saving named tensors, with errors that name the problem.
+
+pub mod cpu;
+mod dtype;
+mod error;
+mod float;
+pub mod ops;
+pub mod safetensors;
+mod tensor;
+
+pub use dtype::{DType, Element};
+pub use error::{Result, TensorError};
+pub use float::Float;
+pub use tensor::{Data, Device, Tensor};

@@ -1,0 +1,246 @@
+//! Tensor-level operations: check shapes, allocate outputs, dispatch on dtype to [`crate::cpu`].
+//!
+//! Forward ops that save statistics for their backward (`layernorm`, `attention`,
+//! `l2_normalize`) return them alongside the output; inference simply drops them.
+
+use crate::cpu::{self, attention::AttentionShape, gemm::GemmShape, layernorm::LayerNormShape};
+use crate::{DType, Float, Result, Tensor, TensorError};
+
+/// Runs a generic implementation for the float compute types and rejects the rest by name.
+macro_rules! dispatch_float {
+    ($op:literal, $dtype:expr, $f:ident($($arg:expr),*)) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
+            dtype => Err(TensorError::DType { op: $op, dtype }),
+        }
+    };
+}
+pub(crate) use dispatch_float;
+
+fn same_dtype(op: &'static str, tensors: &[&Tensor]) -> Result<DType> {
+    let dtype = tensors[0].dtype();
+    if let Some(t) = tensors.iter().find(|t| t.dtype() != dtype) {
+        return Err(TensorError::shape(op, format!("mixed dtypes {dtype:?} and {:?}", t.dtype())));
+    }
+    Ok(dtype)
+}
+
+fn expect_shape(op: &'static str, what: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
+    if t.shape() != shape {
+        return Err(TensorError::shape(op, format!("{what} has shape {:?}, expected {shape:?}", t.shape())));
+    }
+    Ok(())
+}
+
+/// Splits `[..., rows, cols]` into (batch, rows, cols).
+fn matrix_dims(op: &'static str, t: &Tensor) -> Result<(usize, usize, usize)> {
+    if t.rank() < 2 {
+        return Err(TensorError::shape(op, format!("need rank ≥ 2, got {:?}", t.shape())));
+    }
+    let r = t.rank();
+    Ok((t.shape()[..r - 2].iter().product(), t.shape()[r - 2], t.shape()[r - 1]))
+}
+
+/// Batched `op(a)·op(b)`; leading dimensions must match exactly.
+pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+    fn run<F: Float>(a: &Tensor, b: &Tensor, batch: usize, s: GemmShape, shape: Vec<usize>) -> Result<Tensor> {
+        let mut c = Tensor::zeros(&shape, F::DTYPE);
+        cpu::gemm::gemm_batched(batch, s, a.values::<F>()?, b.values::<F>()?, c.values_mut::<F>()?, F::ZERO);
+        Ok(c)
+    }
+    let dtype = same_dtype("matmul", &[a, b])?;
+    let (ba, ra, ca) = matrix_dims("matmul", a)?;
+    let (bb, rb, cb) = matrix_dims("matmul", b)?;
+    let (m, k) = if trans_a { (ca, ra) } else { (ra, ca) };
+    let (k2, n) = if trans_b { (cb, rb) } else { (rb, cb) };
+    if ba != bb || k != k2 || a.shape()[..a.rank() - 2] != b.shape()[..b.rank() - 2] {
+        return Err(TensorError::shape(
+            "matmul",
+            format!("{:?}{} · {:?}{}", a.shape(), if trans_a { "ᵀ" } else { "" }, b.shape(), if trans_b { "ᵀ" } else { "" }),
+        ));
+    }
+    let mut shape = a.shape()[..a.rank() - 2].to_vec();
+    shape.extend([m, n]);
+    let s = GemmShape { m, n, k, trans_a, trans_b };
+    dispatch_float!("matmul", dtype, run(a, b, ba, s, shape))
+}
+
+/// `y = x·Wᵀ + b` over the last dimension of `x`; `w` is `[out, in]` as PyTorch stores it.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    fn run<F: Float>(x: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: usize, s: GemmShape, shape: Vec<usize>) -> Result<Tensor> {
+        let mut y = Tensor::zeros(&shape, F::DTYPE);
+        let out = y.values_mut::<F>()?;
+        cpu::gemm::gemm(s, x.values::<F>()?, w.values::<F>()?, out, F::ZERO);
+        if let Some(b) = b {
+            cpu::elementwise::add_bias(s.n, b.values::<F>()?, out);
+        }
+        debug_assert_eq!(out.len(), rows * s.n);
+        Ok(y)
+    }
+    let dtype = same_dtype("linear", &[x, w])?;
+    if w.rank() != 2 || x.rank() == 0 || x.dim(-1) != w.dim(1) {
+        return Err(TensorError::shape("linear", format!("input {:?} against weight {:?}", x.shape(), w.shape())));
+    }
+    let (out_f, in_f) = (w.dim(0), w.dim(1));
+    if let Some(b) = b {
+        same_dtype("linear", &[x, b])?;
+        expect_shape("linear", "bias", b, &[out_f])?;
+    }
+    let rows = x.numel() / in_f;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = out_f;
+    let s = GemmShape { m: rows, n: out_f, k: in_f, trans_a: false, trans_b: true };
+    dispatch_float!("linear", dtype, run(x, w, b, rows, s, shape))
+}
+
+/// Elementwise GELU (erf form).
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    fn run<F: Float>(x: &Tensor) -> Result<Tensor> {
+        let mut y = Tensor::zeros(x.shape(), F::DTYPE);
+        cpu::activation::gelu_forward(x.values::<F>()?, y.values_mut::<F>()?);
+        Ok(y)
+    }
+    dispatch_float!("gelu", x.dtype(), run(x))
+}
+
+/// Softmax over the last dimension.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    fn run<F: Float>(x: &Tensor) -> Result<Tensor> {
+        let mut y = Tensor::zeros(x.shape(), F::DTYPE);
+        cpu::softmax::softmax_forward(x.dim(-1), x.values::<F>()?, y.values_mut::<F>()?);
+        Ok(y)
+    }
+    if x.rank() == 0 {
+        return Err(TensorError::shape("softmax", "scalar input"));
+    }
+    dispatch_float!("softmax", x.dtype(), run(x))
+}
+
+/// LayerNorm over the last dimension. Returns `(y, mean, rstd)`; the statistics are `[rows]`.
+pub fn layernorm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    fn run<F: Float>(x: &Tensor, gamma: &Tensor, beta: &Tensor, s: LayerNormShape) -> Result<(Tensor, Tensor, Tensor)> {
+        let mut y = Tensor::zeros(x.shape(), F::DTYPE);
+        let mut mean = Tensor::zeros(&[s.rows], F::DTYPE);
+        let mut rstd = Tensor::zeros(&[s.rows], F::DTYPE);
+        cpu::layernorm::layernorm_forward(
+            &s,
+            x.values::<F>()?,
+            gamma.values::<F>()?,
+            beta.values::<F>()?,
+            y.values_mut::<F>()?,
+            mean.values_mut::<F>()?,
+            rstd.values_mut::<F>()?,
+        );
+        Ok((y, mean, rstd))
+    }
+    let dtype = same_dtype("layernorm", &[x, gamma, beta])?;
+    let cols = if x.rank() == 0 { 0 } else { x.dim(-1) };
+    expect_shape("layernorm", "gamma", gamma, &[cols])?;
+    expect_shape("layernorm", "beta", beta, &[cols])?;
+    let s = LayerNormShape { rows: x.numel() / cols.max(1), cols, eps };
+    dispatch_float!("layernorm", dtype, run(x, gamma, beta, s))
+}
+
+/// Gathers rows of `table` (`[vocab, dim]`) for each id. Out-of-range ids are an error.
+pub fn embedding(table: &Tensor, ids: &[usize]) -> Result<Tensor> {
+    fn run<F: Float>(table: &Tensor, ids: &[usize]) -> Result<Tensor> {
+        let dim = table.dim(1);
+        let mut out = Tensor::zeros(&[ids.len(), dim], F::DTYPE);
+        cpu::embedding::embedding_forward(dim, table.values::<F>()?, ids, out.values_mut::<F>()?);
+        Ok(out)
+    }
+    if table.rank() != 2 {
+        return Err(TensorError::shape("embedding", format!("table must be [vocab, dim], got {:?}", table.shape())));
+    }
+    if let Some(&bad) = ids.iter().find(|&&i| i >= table.dim(0)) {
+        return Err(TensorError::shape("embedding", format!("id {bad} is outside the table of {} rows", table.dim(0))));
+    }
+    dispatch_float!("embedding", table.dtype(), run(table, ids))
+}
+
+/// `a + b` for tensors of identical shape.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    fn run<F: Float>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let mut out = Tensor::zeros(a.shape(), F::DTYPE);
+        cpu::elementwise::add(a.values::<F>()?, b.values::<F>()?, out.values_mut::<F>()?);
+        Ok(out)
+    }
+    let dtype = same_dtype("add", &[a, b])?;
+    expect_shape("add", "right operand", b, a.shape())?;
+    dispatch_float!("add", dtype, run(a, b))
+}
+
+/// `alpha·x`.
+pub fn scale(x: &Tensor, alpha: f64) -> Result<Tensor> {
+    fn run<F: Float>(x: &Tensor, alpha: f64) -> Result<Tensor> {
+        let mut y = x.clone();
+        cpu::elementwise::scale(F::from_f64(alpha), y.values_mut::<F>()?);
+        Ok(y)
+    }
+    dispatch_float!("scale", x.dtype(), run(x, alpha))
+}
+
+/// Fused multi-head attention; `q`, `k`, `v` are `[batch, seq, heads·head_dim]`, `mask` is
+/// `[batch, seq]` (1 = token, 0 = padding). Returns `(out, lse)` with `lse` `[batch, heads, seq]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize) -> Result<(Tensor, Tensor)> {
+    fn run<F: Float>(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, s: AttentionShape) -> Result<(Tensor, Tensor)> {
+        let mut out = Tensor::zeros(q.shape(), F::DTYPE);
+        let mut lse = Tensor::zeros(&[s.batch, s.heads, s.seq], F::DTYPE);
+        cpu::attention::attention_forward(
+            &s,
+            q.values::<F>()?,
+            k.values::<F>()?,
+            v.values::<F>()?,
+            mask.values::<F>()?,
+            out.values_mut::<F>()?,
+            lse.values_mut::<F>()?,
+        );
+        Ok((out, lse))
+    }
+    let s = attention_shape(q, k, v, mask, heads)?;
+    dispatch_float!("attention", q.dtype(), run(q, k, v, mask, s))
+}
+
+/// Validates attention operands and derives the shape.
+pub fn attention_shape(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize) -> Result<AttentionShape> {
+    same_dtype("attention", &[q, k, v, mask])?;
+    if q.rank() != 3 || heads == 0 || q.dim(2) % heads != 0 {
+        return Err(TensorError::shape("attention", format!("q {:?} cannot split into {heads} heads", q.shape())));
+    }
+    expect_shape("attention", "k", k, q.shape())?;
+    expect_shape("attention", "v", v, q.shape())?;
+    expect_shape("attention", "mask", mask, &q.shape()[..2])?;
+    Ok(AttentionShape { batch: q.dim(0), seq: q.dim(1), heads, head_dim: q.dim(2) / heads })
+}
+
+/// Mean over the unmasked tokens: `[batch, seq, dim]` × `[batch, seq]` → `[batch, dim]`.
+pub fn mean_pool(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn run<F: Float>(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, s, d) = (x.dim(0), x.dim(1), x.dim(2));
+        let mut out = Tensor::zeros(&[b, d], F::DTYPE);
+        cpu::pooling::mean_pool_forward(s, d, x.values::<F>()?, mask.values::<F>()?, out.values_mut::<F>()?);
+        Ok(out)
+    }
+    let dtype = same_dtype("mean_pool", &[x, mask])?;
+    if x.rank() != 3 {
+        return Err(TensorError::shape("mean_pool", format!("input must be [batch, seq, dim], got {:?}", x.shape())));
+    }
+    expect_shape("mean_pool", "mask", mask, &x.shape()[..2])?;
+    dispatch_float!("mean_pool", dtype, run(x, mask))
+}
+
+/// Row-wise L2 normalisation over the last dimension. Returns `(y, norms)`.
+pub fn l2_normalize(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn run<F: Float>(x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let dim = x.dim(-1);
+        let mut y = Tensor::zeros(x.shape(), F::DTYPE);
+        let mut norms = Tensor::zeros(&[x.numel() / dim.max(1)], F::DTYPE);
+        cpu::pooling::l2_normalize_forward(dim, x.values::<F>()?, y.values_mut::<F>()?, norms.values_mut::<F>()?);
+        Ok((y, norms))
+    }
+    if x.rank() == 0 {
+        return Err(TensorError::shape("l2_normalize", "scalar input"));
+    }
+    dispatch_float!("l2_normalize", x.dtype(), run(x))
+}

@@ -1,0 +1,222 @@
+use std::fmt;
+
+use half::{bf16, f16};
+
+use crate::{DType, Element, Result, TensorError};
+
+/// Where a tensor's storage lives. Only the CPU holds data today; the CUDA backend adds
+/// device buffers behind the same enum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+/// Type-erased contiguous storage.
+#[derive(Clone, PartialEq)]
+pub enum Data {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    I64(Vec<i64>),
+}
+
+impl Data {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Data::F32(_) => DType::F32,
+            Data::F64(_) => DType::F64,
+            Data::F16(_) => DType::F16,
+            Data::BF16(_) => DType::BF16,
+            Data::I64(_) => DType::I64,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Data::F32(v) => v.len(),
+            Data::F64(v) => v.len(),
+            Data::F16(v) => v.len(),
+            Data::BF16(v) => v.len(),
+            Data::I64(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The raw little-endian bytes, as safetensors stores them.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Data::F32(v) => bytemuck::cast_slice(v),
+            Data::F64(v) => bytemuck::cast_slice(v),
+            Data::F16(v) => bytemuck::cast_slice(v),
+            Data::BF16(v) => bytemuck::cast_slice(v),
+            Data::I64(v) => bytemuck::cast_slice(v),
+        }
+    }
+
+    fn zeros(dtype: DType, len: usize) -> Data {
+        match dtype {
+            DType::F32 => Data::F32(vec![0.0; len]),
+            DType::F64 => Data::F64(vec![0.0; len]),
+            DType::F16 => Data::F16(vec![f16::ZERO; len]),
+            DType::BF16 => Data::BF16(vec![bf16::ZERO; len]),
+            DType::I64 => Data::I64(vec![0; len]),
+        }
+    }
+}
+
+/// A dense, contiguous, row-major tensor.
+#[derive(Clone, PartialEq)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    data: Data,
+}
+
+impl Tensor {
+    /// Builds a tensor from owned values; fails if `values.len()` is not the product of `shape`.
+    pub fn from_vec<T: Element>(shape: &[usize], values: Vec<T>) -> Result<Tensor> {
+        Tensor::from_data(shape, T::into_data(values))
+    }
+
+    pub fn from_data(shape: &[usize], data: Data) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        if numel != data.len() {
+            return Err(TensorError::shape(
+                "from_data",
+                format!("shape {shape:?} holds {numel} elements but {} were given", data.len()),
+            ));
+        }
+        Ok(Tensor { shape: shape.to_vec(), data })
+    }
+
+    pub fn zeros(shape: &[usize], dtype: DType) -> Tensor {
+        let numel = shape.iter().product();
+        Tensor { shape: shape.to_vec(), data: Data::zeros(dtype, numel) }
+    }
+
+    pub fn full<T: Element>(shape: &[usize], value: T) -> Tensor {
+        let numel = shape.iter().product();
+        Tensor { shape: shape.to_vec(), data: T::into_data(vec![value; numel]) }
+    }
+
+    pub fn scalar<T: Element>(value: T) -> Tensor {
+        Tensor::full(&[], value)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// Size of dimension `d`; negative values count from the end.
+    pub fn dim(&self, d: isize) -> usize {
+        let i = if d < 0 { self.shape.len() as isize + d } else { d };
+        self.shape[i as usize]
+    }
+
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+
+    pub fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    pub fn data(&self) -> &Data {
+        &self.data
+    }
+
+    pub fn into_data(self) -> Data {
+        self.data
+    }
+
+    /// Borrows the elements as `T`; an error names the dtype actually held.
+    pub fn values<T: Element>(&self) -> Result<&[T]> {
+        T::slice(&self.data).ok_or(TensorError::DType { op: "values", dtype: self.dtype() })
+    }
+
+    pub fn values_mut<T: Element>(&mut self) -> Result<&mut [T]> {
+        let dtype = self.dtype();
+        T::slice_mut(&mut self.data).ok_or(TensorError::DType { op: "values_mut", dtype })
+    }
+
+    /// Copies the elements out as `T`, converting from whatever dtype is held.
+    pub fn to_vec<T: Element>(&self) -> Vec<T> {
+        match T::slice(&self.data) {
+            Some(v) => v.to_vec(),
+            None => self.to_dtype(T::DTYPE).into_vec(),
+        }
+    }
+
+    fn into_vec<T: Element>(self) -> Vec<T> {
+        match T::slice(&self.data) {
+            Some(_) => match (self.data, T::DTYPE) {
+                (Data::F32(v), DType::F32) => bytemuck::cast_vec(v),
+                (Data::F64(v), DType::F64) => bytemuck::cast_vec(v),
+                (Data::F16(v), DType::F16) => bytemuck::cast_vec(v),
+                (Data::BF16(v), DType::BF16) => bytemuck::cast_vec(v),
+                (Data::I64(v), DType::I64) => bytemuck::cast_vec(v),
+                _ => unreachable!("slice() matched the variant"),
+            },
+            None => self.to_vec(),
+        }
+    }
+
+    /// Converts element type; half types widen exactly, narrowing rounds to nearest.
+    pub fn to_dtype(&self, dtype: DType) -> Tensor {
+        if dtype == self.dtype() {
+            return self.clone();
+        }
+        fn convert<S: Element, D: Element>(src: &[S]) -> Vec<D> {
+            src.iter().map(|&x| D::from_f64(x.to_f64())).collect()
+        }
+        fn to<D: Element>(data: &Data) -> Vec<D> {
+            match data {
+                Data::F32(v) => convert(v),
+                Data::F64(v) => convert(v),
+                Data::F16(v) => convert(v),
+                Data::BF16(v) => convert(v),
+                Data::I64(v) => convert(v),
+            }
+        }
+        let data = match dtype {
+            DType::F32 => Data::F32(to(&self.data)),
+            DType::F64 => Data::F64(to(&self.data)),
+            DType::F16 => Data::F16(to(&self.data)),
+            DType::BF16 => Data::BF16(to(&self.data)),
+            DType::I64 => Data::I64(to(&self.data)),
+        };
+        Tensor { shape: self.shape.clone(), data }
+    }
+
+    /// Same storage, new shape of the same element count.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        if numel != self.numel() {
+            return Err(TensorError::shape(
+                "reshape",
+                format!("cannot view {:?} ({} elements) as {shape:?}", self.shape, self.numel()),
+            ));
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor({:?}, {:?})", self.shape, self.dtype())
+    }
+}
