@@ -13,6 +13,7 @@ mod float;
 pub mod ops;
 pub mod safetensors;
 mod tensor;
+pub mod threads;
 
 pub use dtype::{DType, Element};
 pub use error::{Result, TensorError};

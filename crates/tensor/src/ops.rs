@@ -16,7 +16,6 @@ macro_rules! dispatch_float {
         }
     };
 }
-pub(crate) use dispatch_float;
 
 fn same_dtype(op: &'static str, tensors: &[&Tensor]) -> Result<DType> {
     let dtype = tensors[0].dtype();
@@ -243,4 +242,195 @@ pub fn l2_normalize(x: &Tensor) -> Result<(Tensor, Tensor)> {
         return Err(TensorError::shape("l2_normalize", "scalar input"));
     }
     dispatch_float!("l2_normalize", x.dtype(), run(x))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward ops. Each takes what its forward saved plus the upstream gradient `dy` and returns
+// freshly allocated input gradients.
+
+/// `(dA, dB)` of `C = op(A)·op(B)` for 2-D or batched operands, shapes as in [`matmul`].
+pub fn matmul_backward(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, dc: &Tensor) -> Result<(Tensor, Tensor)> {
+    // dA = dC·op(B)ᵀ (stored transposed back if A was), dB = op(A)ᵀ·dC likewise.
+    let da = if trans_a { matmul(b, dc, trans_b, true)? } else { matmul(dc, b, false, !trans_b)? };
+    let db = if trans_b { matmul(dc, a, true, trans_a)? } else { matmul(a, dc, !trans_a, false)? };
+    Ok((da, db))
+}
+
+/// Gradients of [`linear`]: `dx = dy·W`, `dW = dyᵀ·x`, `db = Σ_rows dy`.
+pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    fn run<F: Float>(x: &Tensor, w: &Tensor, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        let (out_f, in_f) = (w.dim(0), w.dim(1));
+        let rows = x.numel() / in_f;
+        let dxv = if need_dx {
+            let mut dx = Tensor::zeros(x.shape(), F::DTYPE);
+            let s = GemmShape { m: rows, n: in_f, k: out_f, trans_a: false, trans_b: false };
+            cpu::gemm::gemm(s, dy.values::<F>()?, w.values::<F>()?, dx.values_mut::<F>()?, F::ZERO);
+            Some(dx)
+        } else {
+            None
+        };
+        let mut dw = Tensor::zeros(w.shape(), F::DTYPE);
+        let s = GemmShape { m: out_f, n: in_f, k: rows, trans_a: true, trans_b: false };
+        cpu::gemm::gemm(s, dy.values::<F>()?, x.values::<F>()?, dw.values_mut::<F>()?, F::ZERO);
+        let mut db = Tensor::zeros(&[out_f], F::DTYPE);
+        cpu::elementwise::bias_backward(out_f, dy.values::<F>()?, db.values_mut::<F>()?);
+        Ok((dxv, dw, db))
+    }
+    same_dtype("linear_backward", &[x, w, dy])?;
+    dispatch_float!("linear_backward", x.dtype(), run(x, w, dy, need_dx))
+}
+
+pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    fn run<F: Float>(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        let mut dx = Tensor::zeros(x.shape(), F::DTYPE);
+        cpu::activation::gelu_backward(x.values::<F>()?, dy.values::<F>()?, dx.values_mut::<F>()?);
+        Ok(dx)
+    }
+    expect_shape("gelu_backward", "dy", dy, x.shape())?;
+    dispatch_float!("gelu_backward", x.dtype(), run(x, dy))
+}
+
+/// `(dx, dgamma, dbeta)` of [`layernorm`] from its saved statistics.
+pub fn layernorm_backward(
+    x: &Tensor,
+    gamma: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    fn run<F: Float>(x: &Tensor, gamma: &Tensor, mean: &Tensor, rstd: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let cols = gamma.numel();
+        let s = LayerNormShape { rows: x.numel() / cols.max(1), cols, eps: 0.0 };
+        let mut dx = Tensor::zeros(x.shape(), F::DTYPE);
+        let mut dgamma = Tensor::zeros(gamma.shape(), F::DTYPE);
+        let mut dbeta = Tensor::zeros(gamma.shape(), F::DTYPE);
+        cpu::layernorm::layernorm_backward(
+            &s,
+            x.values::<F>()?,
+            gamma.values::<F>()?,
+            mean.values::<F>()?,
+            rstd.values::<F>()?,
+            dy.values::<F>()?,
+            dx.values_mut::<F>()?,
+            dgamma.values_mut::<F>()?,
+            dbeta.values_mut::<F>()?,
+        );
+        Ok((dx, dgamma, dbeta))
+    }
+    expect_shape("layernorm_backward", "dy", dy, x.shape())?;
+    dispatch_float!("layernorm_backward", x.dtype(), run(x, gamma, mean, rstd, dy))
+}
+
+/// `(dq, dk, dv)` of [`attention`], recomputing probabilities from the saved `lse`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    heads: usize,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    #[allow(clippy::too_many_arguments)]
+    fn run<F: Float>(
+        s: AttentionShape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let mut dq = Tensor::zeros(q.shape(), F::DTYPE);
+        let mut dk = Tensor::zeros(q.shape(), F::DTYPE);
+        let mut dv = Tensor::zeros(q.shape(), F::DTYPE);
+        cpu::attention::attention_backward(
+            &s,
+            q.values::<F>()?,
+            k.values::<F>()?,
+            v.values::<F>()?,
+            mask.values::<F>()?,
+            out.values::<F>()?,
+            lse.values::<F>()?,
+            dout.values::<F>()?,
+            dq.values_mut::<F>()?,
+            dk.values_mut::<F>()?,
+            dv.values_mut::<F>()?,
+        );
+        Ok((dq, dk, dv))
+    }
+    let s = attention_shape(q, k, v, mask, heads)?;
+    expect_shape("attention_backward", "dout", dout, q.shape())?;
+    dispatch_float!("attention_backward", q.dtype(), run(s, q, k, v, mask, out, lse, dout))
+}
+
+/// Scatter-add of `dout` (`[ids.len(), dim]`) into a zero gradient of the `[vocab, dim]` table.
+pub fn embedding_backward(table_shape: &[usize], ids: &[usize], dout: &Tensor) -> Result<Tensor> {
+    fn run<F: Float>(table_shape: &[usize], ids: &[usize], dout: &Tensor) -> Result<Tensor> {
+        let mut dtable = Tensor::zeros(table_shape, F::DTYPE);
+        cpu::embedding::embedding_backward(table_shape[1], ids, dout.values::<F>()?, dtable.values_mut::<F>()?);
+        Ok(dtable)
+    }
+    expect_shape("embedding_backward", "dout", dout, &[ids.len(), table_shape[1]])?;
+    dispatch_float!("embedding_backward", dout.dtype(), run(table_shape, ids, dout))
+}
+
+pub fn mean_pool_backward(mask: &Tensor, x_shape: &[usize], dout: &Tensor) -> Result<Tensor> {
+    fn run<F: Float>(mask: &Tensor, x_shape: &[usize], dout: &Tensor) -> Result<Tensor> {
+        let mut dx = Tensor::zeros(x_shape, F::DTYPE);
+        cpu::pooling::mean_pool_backward(x_shape[1], x_shape[2], mask.values::<F>()?, dout.values::<F>()?, dx.values_mut::<F>()?);
+        Ok(dx)
+    }
+    expect_shape("mean_pool_backward", "dout", dout, &[x_shape[0], x_shape[2]])?;
+    dispatch_float!("mean_pool_backward", dout.dtype(), run(mask, x_shape, dout))
+}
+
+pub fn l2_normalize_backward(y: &Tensor, norms: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    fn run<F: Float>(y: &Tensor, norms: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        let mut dx = Tensor::zeros(y.shape(), F::DTYPE);
+        cpu::pooling::l2_normalize_backward(y.dim(-1), y.values::<F>()?, norms.values::<F>()?, dy.values::<F>()?, dx.values_mut::<F>()?);
+        Ok(dx)
+    }
+    expect_shape("l2_normalize_backward", "dy", dy, y.shape())?;
+    dispatch_float!("l2_normalize_backward", y.dtype(), run(y, norms, dy))
+}
+
+/// Mean softmax cross-entropy of `logits` `[rows, classes]` against class indices.
+/// Returns `(loss, probs)`; `probs` is what the backward needs.
+pub fn cross_entropy(logits: &Tensor, targets: &[usize]) -> Result<(f64, Tensor)> {
+    fn run<F: Float>(logits: &Tensor, targets: &[usize]) -> Result<(f64, Tensor)> {
+        let mut probs = Tensor::zeros(logits.shape(), F::DTYPE);
+        let loss = cpu::softmax::cross_entropy_forward(logits.dim(1), logits.values::<F>()?, targets, probs.values_mut::<F>()?);
+        Ok((loss.to_f64(), probs))
+    }
+    if logits.rank() != 2 || logits.dim(0) != targets.len() || targets.is_empty() {
+        return Err(TensorError::shape(
+            "cross_entropy",
+            format!("logits {:?} against {} targets", logits.shape(), targets.len()),
+        ));
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t >= logits.dim(1)) {
+        return Err(TensorError::shape("cross_entropy", format!("target class {bad} but only {} classes", logits.dim(1))));
+    }
+    dispatch_float!("cross_entropy", logits.dtype(), run(logits, targets))
+}
+
+pub fn cross_entropy_backward(probs: &Tensor, targets: &[usize], dloss: f64) -> Result<Tensor> {
+    fn run<F: Float>(probs: &Tensor, targets: &[usize], dloss: f64) -> Result<Tensor> {
+        let mut d = Tensor::zeros(probs.shape(), F::DTYPE);
+        cpu::softmax::cross_entropy_backward(probs.dim(1), probs.values::<F>()?, targets, F::from_f64(dloss), d.values_mut::<F>()?);
+        Ok(d)
+    }
+    dispatch_float!("cross_entropy_backward", probs.dtype(), run(probs, targets, dloss))
+}
+
+/// Sum of all elements, accumulated in f64.
+pub fn sum(x: &Tensor) -> Result<f64> {
+    fn run<F: Float>(x: &Tensor) -> Result<f64> {
+        Ok(x.values::<F>()?.iter().map(|v| v.to_f64()).sum())
+    }
+    dispatch_float!("sum", x.dtype(), run(x))
 }

@@ -4,7 +4,9 @@
 //! `trans_b`). The transposed variants are what backward passes need: `dX = dY·W` and
 //! `dW = dYᵀ·X` for a linear layer `Y = X·Wᵀ`.
 
-use crate::Float;
+use crate::cpu::simd::{dispatch, Isa, Portable, Simd};
+use crate::cpu::{as_f32, as_f32_mut};
+use crate::{threads, Float};
 
 /// Operand layout of one GEMM call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,12 +21,20 @@ pub struct GemmShape {
 impl GemmShape {
     #[inline]
     fn a_index(&self, i: usize, p: usize) -> usize {
-        if self.trans_a { p * self.m + i } else { i * self.k + p }
+        if self.trans_a {
+            p * self.m + i
+        } else {
+            i * self.k + p
+        }
     }
 
     #[inline]
     fn b_index(&self, p: usize, j: usize) -> usize {
-        if self.trans_b { j * self.k + p } else { p * self.n + j }
+        if self.trans_b {
+            j * self.k + p
+        } else {
+            p * self.n + j
+        }
     }
 }
 
@@ -40,26 +50,641 @@ pub fn gemm_reference<F: Float>(s: GemmShape, a: &[F], b: &[F], c: &mut [F], bet
                 acc += a[s.a_index(i, p)] * b[s.b_index(p, j)];
             }
             let out = &mut c[i * s.n + j];
-            *out = if beta == F::ZERO { acc } else { beta * *out + acc };
+            *out = if beta == F::ZERO {
+                acc
+            } else {
+                beta * *out + acc
+            };
         }
     }
 }
 
 /// `C = op(A)·op(B) + beta·C`, dispatching `f32` to the fast kernel.
 pub fn gemm<F: Float>(s: GemmShape, a: &[F], b: &[F], c: &mut [F], beta: F) {
-    gemm_reference(s, a, b, c, beta)
+    match (as_f32(a), as_f32(b), as_f32_mut(c)) {
+        (Some(a), Some(b), Some(c)) => gemm_with_isa(Isa::best(), s, a, b, c, beta.to_f64() as f32),
+        _ => gemm_reference(s, a, b, c, beta),
+    }
 }
 
 /// `batch` independent GEMMs over consecutive `m×k`, `k×n`, `m×n` blocks.
 pub fn gemm_batched<F: Float>(batch: usize, s: GemmShape, a: &[F], b: &[F], c: &mut [F], beta: F) {
-    let (sa, sb, sc) = (s.m * s.k, s.k * s.n, s.m * s.n);
-    for i in 0..batch {
-        gemm(
-            s,
-            &a[i * sa..(i + 1) * sa],
-            &b[i * sb..(i + 1) * sb],
-            &mut c[i * sc..(i + 1) * sc],
-            beta,
-        );
+    match (as_f32(a), as_f32(b), as_f32_mut(c)) {
+        (Some(a), Some(b), Some(c)) => {
+            gemm_batched_with_isa(Isa::best(), batch, s, a, b, c, beta.to_f64() as f32)
+        }
+        _ => {
+            let (sa, sb, sc) = (s.m * s.k, s.k * s.n, s.m * s.n);
+            for i in 0..batch {
+                gemm_reference(
+                    s,
+                    &a[i * sa..(i + 1) * sa],
+                    &b[i * sb..(i + 1) * sb],
+                    &mut c[i * sc..(i + 1) * sc],
+                    beta,
+                );
+            }
+        }
     }
+}
+
+/// The fast `f32` GEMM on a given ISA, using [`threads::num_threads`] threads.
+pub fn gemm_with_isa(isa: Isa, s: GemmShape, a: &[f32], b: &[f32], c: &mut [f32], beta: f32) {
+    assert_eq!(a.len(), s.m * s.k, "gemm: A has wrong length");
+    assert_eq!(b.len(), s.k * s.n, "gemm: B has wrong length");
+    assert_eq!(c.len(), s.m * s.n, "gemm: C has wrong length");
+    isa.assert_supported();
+    gemm_f32(isa, threads::num_threads(), s, a, b, c, beta);
+}
+
+/// [`gemm_batched`] on a given ISA. Small matrices are spread over threads one whole GEMM per
+/// task; large ones run one after another, each using all threads.
+pub fn gemm_batched_with_isa(
+    isa: Isa,
+    batch: usize,
+    s: GemmShape,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    beta: f32,
+) {
+    let (sa, sb, sc) = (s.m * s.k, s.k * s.n, s.m * s.n);
+    assert_eq!(a.len(), batch * sa, "gemm_batched: A has wrong length");
+    assert_eq!(b.len(), batch * sb, "gemm_batched: B has wrong length");
+    assert_eq!(c.len(), batch * sc, "gemm_batched: C has wrong length");
+    isa.assert_supported();
+    let threads = threads::num_threads();
+    if batch > 1 && threads > 1 && s.m * s.n * s.k < THREADED_MIN_WORK && sc > 0 {
+        let items: Vec<_> = c.chunks_mut(sc).enumerate().collect();
+        threads::parallel_each(items, |(i, c)| {
+            gemm_f32(
+                isa,
+                1,
+                s,
+                &a[i * sa..(i + 1) * sa],
+                &b[i * sb..(i + 1) * sb],
+                c,
+                beta,
+            )
+        });
+    } else {
+        for i in 0..batch {
+            let c = &mut c[i * sc..(i + 1) * sc];
+            gemm_f32(
+                isa,
+                threads,
+                s,
+                &a[i * sa..(i + 1) * sa],
+                &b[i * sb..(i + 1) * sb],
+                c,
+                beta,
+            );
+        }
+    }
+}
+
+/// Below this many multiply-adds a GEMM runs on one thread: waking workers would cost more.
+const THREADED_MIN_WORK: usize = 1 << 18;
+/// `x·Wᵀ` with at most this many rows of `x` skips packing (see [`direct_nt_body`]).
+const DIRECT_NT_MAX_M: usize = 8;
+
+/// Register tile and cache blocking of the packed path for one ISA. `MR×NR` is the micro-kernel's
+/// tile of C (kept in registers); a `KC×NR` panel of B stays in L1 while the `MC×KC` block of A
+/// streams from L2; the `KC×NC` block of B is shared by all `MC` blocks.
+#[derive(Clone, Copy)]
+struct Blocking {
+    mr: usize,
+    nr: usize,
+    mc: usize,
+    kc: usize,
+    nc: usize,
+}
+
+/// KC keeps a `KC×NR` B panel plus a `KC×MR` A panel inside a 48 KiB L1d (AVX-512: 24 + 10.5
+/// KiB); MC·KC·4 bytes of A (~260 KiB) sit well inside L2.
+fn blocking(isa: Isa) -> Blocking {
+    match isa {
+        Isa::Avx512 => Blocking {
+            mr: AVX512_MR,
+            nr: AVX512_NV * 16,
+            mc: AVX512_MR * 24,
+            kc: 192,
+            nc: 3072,
+        },
+        Isa::Avx2Fma => Blocking {
+            mr: AVX2_MR,
+            nr: AVX2_NV * 8,
+            mc: AVX2_MR * 40,
+            kc: 256,
+            nc: 3072,
+        },
+        Isa::Portable => Blocking {
+            mr: PORTABLE_MR,
+            nr: PORTABLE_NV * 8,
+            mc: PORTABLE_MR * 32,
+            kc: 256,
+            nc: 2048,
+        },
+    }
+}
+
+/// 14×32: 28 accumulators + 2 B vectors + 1 broadcast fill 31 of the 32 zmm registers.
+const AVX512_MR: usize = 14;
+const AVX512_NV: usize = 2;
+/// 6×16: 12 accumulators + 2 B vectors + 1 broadcast fill 15 of the 16 ymm registers.
+const AVX2_MR: usize = 6;
+const AVX2_NV: usize = 2;
+const PORTABLE_MR: usize = 4;
+const PORTABLE_NV: usize = 2;
+/// Scratch tile for edge blocks; at least the largest `MR×NR`.
+const MAX_TILE: usize = 512;
+
+/// The GEMM micro-kernel for one ISA's tile shape.
+trait GemmKernel: Simd {
+    /// # Safety
+    /// As [`micro_kernel`].
+    unsafe fn tile(
+        self,
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        beta: f32,
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+impl GemmKernel for crate::cpu::simd::Avx512 {
+    #[inline(always)]
+    unsafe fn tile(
+        self,
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        beta: f32,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { micro_kernel::<Self, AVX512_MR, AVX512_NV>(self, kc, a, b, c, ldc, beta) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl GemmKernel for crate::cpu::simd::Avx2 {
+    #[inline(always)]
+    unsafe fn tile(
+        self,
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        beta: f32,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { micro_kernel::<Self, AVX2_MR, AVX2_NV>(self, kc, a, b, c, ldc, beta) }
+    }
+}
+
+impl GemmKernel for Portable {
+    #[inline(always)]
+    unsafe fn tile(
+        self,
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        beta: f32,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { micro_kernel::<Self, PORTABLE_MR, PORTABLE_NV>(self, kc, a, b, c, ldc, beta) }
+    }
+}
+
+/// `C[..MR, ..NV·LANES] = A_panel·B_panel + beta·C` (beta = 0 overwrites, ignoring what C held).
+/// `a` is a packed `kc×MR` panel (MR values per step of k), `b` a packed `kc×NR` panel.
+///
+/// # Safety
+/// `a` must hold `kc·MR` floats, `b` `kc·NR`, and `c` must be valid for an `MR×NR` tile with row
+/// stride `ldc`, not accessed by anyone else meanwhile.
+#[inline(always)]
+unsafe fn micro_kernel<S: Simd, const MR: usize, const NV: usize>(
+    s: S,
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    beta: f32,
+) {
+    let nr = NV * S::LANES;
+    let mut acc = [[s.zero(); NV]; MR];
+    let mut bv = [s.zero(); NV];
+    for p in 0..kc {
+        // SAFETY: p < kc, so every offset stays inside the panels.
+        unsafe {
+            for (v, bv) in bv.iter_mut().enumerate() {
+                *bv = s.load_ptr(b.add(p * nr + v * S::LANES));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av = s.splat(*a.add(p * MR + r));
+                for v in 0..NV {
+                    acc[v] = s.mul_add(av, bv[v], acc[v]);
+                }
+            }
+        }
+    }
+    let beta_v = s.splat(beta);
+    for (r, acc) in acc.iter().enumerate() {
+        for (v, &acc) in acc.iter().enumerate() {
+            // SAFETY: inside the tile the caller vouched for.
+            unsafe {
+                let cp = c.add(r * ldc + v * S::LANES);
+                let out = if beta == 0.0 {
+                    acc
+                } else {
+                    s.mul_add(beta_v, s.load_ptr(cp), acc)
+                };
+                s.store_ptr(cp, out);
+            }
+        }
+    }
+}
+
+/// Raw pointer to C, shared by tasks that write disjoint tiles of it.
+#[derive(Clone, Copy)]
+struct TilePtr(*mut f32);
+// SAFETY: every task writes a disjoint set of C's elements (see `packed`/`direct_nt`), and the
+// pointer does not outlive the `&mut [f32]` it came from (tasks finish before `parallel_for`
+// returns).
+unsafe impl Send for TilePtr {}
+unsafe impl Sync for TilePtr {}
+
+/// The f32 GEMM on `threads` threads; shapes already checked.
+fn gemm_f32(
+    isa: Isa,
+    threads: usize,
+    s: GemmShape,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    beta: f32,
+) {
+    if s.m == 0 || s.n == 0 {
+        return;
+    }
+    if s.k == 0 {
+        c.iter_mut()
+            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { beta * *x });
+        return;
+    }
+    let threads = if s.m * s.n * s.k < THREADED_MIN_WORK {
+        1
+    } else {
+        threads
+    };
+    if !s.trans_a && s.trans_b && s.m <= DIRECT_NT_MAX_M {
+        direct_nt(isa, threads, s, a, b, c, beta);
+    } else {
+        packed(isa, threads, s, a, b, c, beta);
+    }
+}
+
+/// Splits `len` into `parts` ranges whose starts are multiples of `unit`.
+fn split_range(len: usize, parts: usize, unit: usize, part: usize) -> std::ops::Range<usize> {
+    let per = len.div_ceil(unit).div_ceil(parts) * unit;
+    (part * per).min(len)..((part + 1) * per).min(len)
+}
+
+/// Picks a `tm×tn` grid of threads over C minimising the largest task: its multiply-adds (at
+/// ~one vector FMA per cycle) plus the elements it packs (about one per cycle).
+fn thread_grid(threads: usize, m: usize, n: usize, k: usize, bl: Blocking) -> (usize, usize) {
+    let lanes = (bl.nr / 2).max(1) as f64;
+    let cost = |tm: usize, tn: usize| {
+        let rows = m.div_ceil(bl.mr).div_ceil(tm) * bl.mr;
+        let cols = n.div_ceil(bl.nr).div_ceil(tn) * bl.nr;
+        let rows = rows.min(m) as f64;
+        let cols = cols.min(n) as f64;
+        let k = k as f64;
+        rows * cols * k / lanes + (rows * cols.div_euclid(bl.nc as f64).max(1.0) + cols) * k
+    };
+    (1..=threads)
+        .filter(|&tm| threads.is_multiple_of(tm))
+        .map(|tm| (tm, threads / tm))
+        .min_by(|&(am, an), &(bm, bn)| cost(am, an).total_cmp(&cost(bm, bn)))
+        .unwrap_or((1, 1))
+}
+
+/// The packed (BLIS-style) path, with C split over a grid of threads.
+fn packed(isa: Isa, threads: usize, s: GemmShape, a: &[f32], b: &[f32], c: &mut [f32], beta: f32) {
+    let bl = blocking(isa);
+    let (tm, tn) = thread_grid(threads, s.m, s.n, s.k, bl);
+    let c = TilePtr(c.as_mut_ptr());
+    threads::parallel_for(tm * tn, |task| {
+        let rows = split_range(s.m, tm, bl.mr, task / tn);
+        let cols = split_range(s.n, tn, bl.nr, task % tn);
+        if rows.is_empty() || cols.is_empty() {
+            return;
+        }
+        with_pack_buffers(bl, |a_buf, b_buf| {
+            dispatch!(isa, |simd,
+                            s: GemmShape,
+                            a: &[f32],
+                            b: &[f32],
+                            c: TilePtr,
+                            beta: f32,
+                            rows: std::ops::Range<usize>,
+                            cols: std::ops::Range<usize>,
+                            bl: Blocking,
+                            a_buf: &mut [f32],
+                            b_buf: &mut [f32]|
+             -> () {
+                // SAFETY: `rows×cols` is this task's own block of C (tasks tile C disjointly).
+                unsafe { packed_block(simd, s, a, b, c, beta, rows, cols, bl, a_buf, b_buf) }
+            })
+        });
+    });
+}
+
+thread_local! {
+    /// Packing buffers, reused across calls on this thread.
+    static PACK_BUFFERS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Lends 64-byte-aligned buffers for a packed `MC×KC` block of A and `KC×NC` block of B.
+fn with_pack_buffers<R>(bl: Blocking, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    const ALIGN_SLACK: usize = 16;
+    let a_len = bl.mc.div_ceil(bl.mr) * bl.mr * bl.kc;
+    let b_len = bl.nc.div_ceil(bl.nr) * bl.nr * bl.kc;
+    let run = |bufs: &mut (Vec<f32>, Vec<f32>)| {
+        for (buf, len) in [(&mut bufs.0, a_len), (&mut bufs.1, b_len)] {
+            if buf.len() < len + ALIGN_SLACK {
+                buf.resize(len + ALIGN_SLACK, 0.0);
+            }
+        }
+        let (a, b) = (&mut bufs.0, &mut bufs.1);
+        let a_off = a.as_ptr().align_offset(64).min(ALIGN_SLACK);
+        let b_off = b.as_ptr().align_offset(64).min(ALIGN_SLACK);
+        f(&mut a[a_off..a_off + a_len], &mut b[b_off..b_off + b_len])
+    };
+    PACK_BUFFERS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut bufs) => run(&mut bufs),
+        // Re-entered on this thread (cannot happen today, but stay correct if it does).
+        Err(_) => run(&mut (Vec::new(), Vec::new())),
+    })
+}
+
+/// Computes the `rows×cols` block of C: loops over NC columns, KC depth, MC rows, packing as it
+/// goes, then the micro-kernel over every `MR×NR` tile.
+///
+/// # Safety
+/// `c` must point to the caller's `m×n` C, of which this call may write exactly `rows×cols`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn packed_block<S: GemmKernel>(
+    simd: S,
+    s: GemmShape,
+    a: &[f32],
+    b: &[f32],
+    c: TilePtr,
+    beta: f32,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    bl: Blocking,
+    a_buf: &mut [f32],
+    b_buf: &mut [f32],
+) {
+    let (mr, nr) = (bl.mr, bl.nr);
+    let mut tile = [0.0f32; MAX_TILE];
+    for jc in cols.clone().step_by(bl.nc) {
+        let nc = bl.nc.min(cols.end - jc);
+        for pc in (0..s.k).step_by(bl.kc) {
+            let kc = bl.kc.min(s.k - pc);
+            pack_b(s, b, pc, kc, jc, nc, nr, b_buf);
+            // Later depth blocks accumulate onto what the first one wrote.
+            let beta = if pc == 0 { beta } else { 1.0 };
+            for ic in rows.clone().step_by(bl.mc) {
+                let mc = bl.mc.min(rows.end - ic);
+                pack_a(s, a, ic, mc, pc, kc, mr, a_buf);
+                for jr in (0..nc).step_by(nr) {
+                    let b_panel = b_buf[jr * kc..].as_ptr();
+                    for ir in (0..mc).step_by(mr) {
+                        let a_panel = a_buf[ir * kc..].as_ptr();
+                        let (tile_rows, tile_cols) = (mr.min(mc - ir), nr.min(nc - jr));
+                        // SAFETY: (ic + ir, jc + jr) is inside rows×cols, which the caller owns.
+                        let cp = unsafe { c.0.add((ic + ir) * s.n + jc + jr) };
+                        if tile_rows == mr && tile_cols == nr {
+                            // SAFETY: a full tile; the panels hold kc·mr and kc·nr floats.
+                            unsafe { simd.tile(kc, a_panel, b_panel, cp, s.n, beta) };
+                        } else {
+                            // SAFETY: `tile` holds mr·nr ≤ MAX_TILE floats with row stride nr.
+                            unsafe { simd.tile(kc, a_panel, b_panel, tile.as_mut_ptr(), nr, 0.0) };
+                            for r in 0..tile_rows {
+                                for j in 0..tile_cols {
+                                    // SAFETY: r < tile_rows, j < tile_cols keeps us inside C's block.
+                                    unsafe {
+                                        let out = cp.add(r * s.n + j);
+                                        let acc = tile[r * nr + j];
+                                        *out = if beta == 0.0 { acc } else { beta * *out + acc };
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs `A[ic..ic+mc, pc..pc+kc]` as `mr`-row panels, each `kc` steps of `mr` values, padding
+/// missing rows with zeros.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pack_a(
+    s: GemmShape,
+    a: &[f32],
+    ic: usize,
+    mc: usize,
+    pc: usize,
+    kc: usize,
+    mr: usize,
+    dst: &mut [f32],
+) {
+    for (panel, i0) in (0..mc).step_by(mr).enumerate() {
+        let dst = &mut dst[panel * mr * kc..(panel + 1) * mr * kc];
+        let rows = mr.min(mc - i0);
+        if s.trans_a {
+            for (p, d) in dst.chunks_exact_mut(mr).enumerate() {
+                let src = &a[(pc + p) * s.m + ic + i0..][..rows];
+                d[..rows].copy_from_slice(src);
+                d[rows..].fill(0.0);
+            }
+        } else {
+            for r in 0..mr {
+                if r < rows {
+                    let src = &a[(ic + i0 + r) * s.k + pc..][..kc];
+                    for (p, &v) in src.iter().enumerate() {
+                        dst[p * mr + r] = v;
+                    }
+                } else {
+                    (0..kc).for_each(|p| dst[p * mr + r] = 0.0);
+                }
+            }
+        }
+    }
+}
+
+/// Packs `B[pc..pc+kc, jc..jc+nc]` as `nr`-column panels, each `kc` steps of `nr` values,
+/// padding missing columns with zeros.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pack_b(
+    s: GemmShape,
+    b: &[f32],
+    pc: usize,
+    kc: usize,
+    jc: usize,
+    nc: usize,
+    nr: usize,
+    dst: &mut [f32],
+) {
+    for (panel, j0) in (0..nc).step_by(nr).enumerate() {
+        let dst = &mut dst[panel * nr * kc..(panel + 1) * nr * kc];
+        let cols = nr.min(nc - j0);
+        if s.trans_b {
+            for j in 0..nr {
+                if j < cols {
+                    let src = &b[(jc + j0 + j) * s.k + pc..][..kc];
+                    for (p, &v) in src.iter().enumerate() {
+                        dst[p * nr + j] = v;
+                    }
+                } else {
+                    (0..kc).for_each(|p| dst[p * nr + j] = 0.0);
+                }
+            }
+        } else {
+            for (p, d) in dst.chunks_exact_mut(nr).enumerate() {
+                let src = &b[(pc + p) * s.n + jc + j0..][..cols];
+                d[..cols].copy_from_slice(src);
+                d[cols..].fill(0.0);
+            }
+        }
+    }
+}
+
+/// `x·Wᵀ` for a handful of rows: every `C[i, j]` is a dot product of two contiguous rows, so
+/// reading `W` in place beats packing it. Threads split the columns.
+fn direct_nt(
+    isa: Isa,
+    threads: usize,
+    s: GemmShape,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    beta: f32,
+) {
+    const COLS_PER_TASK: usize = 64;
+    let tasks = if threads > 1 {
+        s.n.div_ceil(COLS_PER_TASK).min(threads * 4)
+    } else {
+        1
+    };
+    let c = TilePtr(c.as_mut_ptr());
+    threads::parallel_for(tasks, |task| {
+        let cols = split_range(s.n, tasks, 4, task);
+        dispatch!(isa, |simd,
+                        s: GemmShape,
+                        a: &[f32],
+                        b: &[f32],
+                        c: TilePtr,
+                        beta: f32,
+                        cols: std::ops::Range<usize>|
+         -> () {
+            // SAFETY: each task writes only its own columns of C.
+            unsafe { direct_nt_body(simd, s, a, b, c, beta, cols) }
+        });
+    });
+}
+
+/// # Safety
+/// `c` must point to the caller's `m×n` C, of which this call may write the columns `cols`.
+#[inline(always)]
+unsafe fn direct_nt_body<S: Simd>(
+    simd: S,
+    s: GemmShape,
+    a: &[f32],
+    b: &[f32],
+    c: TilePtr,
+    beta: f32,
+    cols: std::ops::Range<usize>,
+) {
+    let mut i = 0;
+    while i < s.m {
+        // SAFETY: forwarded; each call covers rows i.. of the caller's columns.
+        i += unsafe {
+            match s.m - i {
+                1 => direct_nt_rows::<S, 1>(simd, s, a, b, c, beta, i, cols.clone()),
+                2 => direct_nt_rows::<S, 2>(simd, s, a, b, c, beta, i, cols.clone()),
+                3 => direct_nt_rows::<S, 3>(simd, s, a, b, c, beta, i, cols.clone()),
+                _ => direct_nt_rows::<S, 4>(simd, s, a, b, c, beta, i, cols.clone()),
+            }
+        };
+    }
+}
+
+/// `R` rows of C from row `i0`, four columns at a time (the last group re-reads its final
+/// column in the unused slots rather than branching). Returns `R`.
+///
+/// # Safety
+/// As [`direct_nt_body`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn direct_nt_rows<S: Simd, const R: usize>(
+    simd: S,
+    s: GemmShape,
+    a: &[f32],
+    b: &[f32],
+    c: TilePtr,
+    beta: f32,
+    i0: usize,
+    cols: std::ops::Range<usize>,
+) -> usize {
+    let k = s.k;
+    let a_rows: [&[f32]; R] = std::array::from_fn(|r| &a[(i0 + r) * k..(i0 + r + 1) * k]);
+    for j0 in cols.clone().step_by(4) {
+        let js: [usize; 4] = std::array::from_fn(|q| (j0 + q).min(cols.end - 1));
+        let b_rows: [&[f32]; 4] = std::array::from_fn(|q| &b[js[q] * k..(js[q] + 1) * k]);
+        let mut acc = [[simd.zero(); 4]; R];
+        let mut p = 0;
+        while p < k {
+            let bv: [S::V; 4] = [
+                simd.load_or(&b_rows[0][p..], 0.0),
+                simd.load_or(&b_rows[1][p..], 0.0),
+                simd.load_or(&b_rows[2][p..], 0.0),
+                simd.load_or(&b_rows[3][p..], 0.0),
+            ];
+            for r in 0..R {
+                let av = simd.load_or(&a_rows[r][p..], 0.0);
+                for q in 0..4 {
+                    acc[r][q] = simd.mul_add(av, bv[q], acc[r][q]);
+                }
+            }
+            p += S::LANES;
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (q, &acc) in acc.iter().enumerate().take(cols.end - j0) {
+                let dot = simd.reduce_sum(acc);
+                // SAFETY: row i0 + r < m and column j0 + q is in this task's `cols`.
+                unsafe {
+                    let out = c.0.add((i0 + r) * s.n + j0 + q);
+                    *out = if beta == 0.0 { dot } else { beta * *out + dot };
+                }
+            }
+        }
+    }
+    R
 }

@@ -1,7 +1,9 @@
 //! Layer normalisation over the last dimension: `y = (x − μ)·rstd·γ + β`, `rstd = 1/√(σ² + ε)`.
 //! The forward saves `μ` and `rstd` per row; the backward uses them instead of recomputing.
 
-use crate::Float;
+use crate::cpu::simd::{dispatch, Isa, Simd};
+use crate::cpu::{as_f32, as_f32_mut, task_len};
+use crate::{threads, Float};
 
 pub struct LayerNormShape {
     pub rows: usize,
@@ -84,7 +86,17 @@ pub fn layernorm_forward<F: Float>(
     mean: &mut [F],
     rstd: &mut [F],
 ) {
-    layernorm_forward_reference(s, x, gamma, beta, y, mean, rstd)
+    match (as_f32(x), as_f32(gamma), as_f32(beta)) {
+        (Some(x), Some(gamma), Some(beta)) => {
+            let (y, mean, rstd) = (
+                as_f32_mut(y).unwrap(),
+                as_f32_mut(mean).unwrap(),
+                as_f32_mut(rstd).unwrap(),
+            );
+            layernorm_forward_with_isa(Isa::best(), s, x, gamma, beta, y, mean, rstd)
+        }
+        _ => layernorm_forward_reference(s, x, gamma, beta, y, mean, rstd),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -99,5 +111,241 @@ pub fn layernorm_backward<F: Float>(
     dgamma: &mut [F],
     dbeta: &mut [F],
 ) {
-    layernorm_backward_reference(s, x, gamma, mean, rstd, dy, dx, dgamma, dbeta)
+    match (
+        as_f32(x),
+        as_f32(gamma),
+        as_f32(mean),
+        as_f32(rstd),
+        as_f32(dy),
+    ) {
+        (Some(x), Some(gamma), Some(mean), Some(rstd), Some(dy)) => {
+            let (dx, dgamma, dbeta) = (
+                as_f32_mut(dx).unwrap(),
+                as_f32_mut(dgamma).unwrap(),
+                as_f32_mut(dbeta).unwrap(),
+            );
+            layernorm_backward_with_isa(Isa::best(), s, x, gamma, mean, rstd, dy, dx, dgamma, dbeta)
+        }
+        _ => layernorm_backward_reference(s, x, gamma, mean, rstd, dy, dx, dgamma, dbeta),
+    }
+}
+
+/// Elements per task below which rows are not split over threads.
+const MIN_ELEMS_PER_TASK: usize = 1 << 14;
+
+fn rows_per_task(s: &LayerNormShape) -> usize {
+    task_len(s.rows, MIN_ELEMS_PER_TASK.div_ceil(s.cols.max(1)))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward_with_isa(
+    isa: Isa,
+    s: &LayerNormShape,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    y: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
+    let (rows, cols) = (s.rows, s.cols);
+    assert!(
+        x.len() == rows * cols && y.len() == rows * cols,
+        "layernorm: x or y has wrong length"
+    );
+    assert!(
+        gamma.len() == cols && beta.len() == cols,
+        "layernorm: gamma or beta has wrong length"
+    );
+    assert!(
+        mean.len() == rows && rstd.len() == rows,
+        "layernorm: mean or rstd has wrong length"
+    );
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let eps = s.eps as f32;
+    let per = rows_per_task(s);
+    let items: Vec<_> = x
+        .chunks(per * cols)
+        .zip(y.chunks_mut(per * cols))
+        .zip(mean.chunks_mut(per))
+        .zip(rstd.chunks_mut(per))
+        .collect();
+    threads::parallel_each(items, |(((x, y), mean), rstd)| {
+        dispatch!(isa, |simd,
+                        cols: usize,
+                        eps: f32,
+                        x: &[f32],
+                        gamma: &[f32],
+                        beta: &[f32],
+                        y: &mut [f32],
+                        mean: &mut [f32],
+                        rstd: &mut [f32]|
+         -> () {
+            forward_rows(simd, cols, eps, x, gamma, beta, y, mean, rstd)
+        })
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn forward_rows<S: Simd>(
+    simd: S,
+    cols: usize,
+    eps: f32,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    y: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
+    let inv_n = 1.0 / cols as f32;
+    for (((x, y), mean), rstd) in x
+        .chunks_exact(cols)
+        .zip(y.chunks_exact_mut(cols))
+        .zip(mean)
+        .zip(rstd)
+    {
+        let mut sum = simd.zero();
+        for c in (0..cols).step_by(S::LANES) {
+            sum = simd.add(sum, simd.load_or(&x[c..], 0.0));
+        }
+        let mu = simd.reduce_sum(sum) * inv_n;
+        let mu_v = simd.splat(mu);
+        // Two passes (centre, then square) as the reference does: no cancellation.
+        let mut sq = simd.zero();
+        for c in (0..cols).step_by(S::LANES) {
+            let d = simd.sub(simd.load_or(&x[c..], mu), mu_v);
+            sq = simd.mul_add(d, d, sq);
+        }
+        let rs = 1.0 / (simd.reduce_sum(sq) * inv_n + eps).sqrt();
+        let rs_v = simd.splat(rs);
+        for c in (0..cols).step_by(S::LANES) {
+            let xhat = simd.mul(simd.sub(simd.load_or(&x[c..], 0.0), mu_v), rs_v);
+            let out = simd.mul_add(
+                xhat,
+                simd.load_or(&gamma[c..], 0.0),
+                simd.load_or(&beta[c..], 0.0),
+            );
+            simd.store_or(&mut y[c..], out);
+        }
+        *mean = mu;
+        *rstd = rs;
+    }
+}
+
+/// Rows are split over tasks; each task sums its rows' `dgamma`/`dbeta` contributions into its
+/// own scratch, and the scratches are added into the outputs at the end.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward_with_isa(
+    isa: Isa,
+    s: &LayerNormShape,
+    x: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let (rows, cols) = (s.rows, s.cols);
+    assert!(
+        x.len() == rows * cols && dy.len() == rows * cols && dx.len() == rows * cols,
+        "layernorm_backward: x, dy or dx has wrong length"
+    );
+    assert!(
+        gamma.len() == cols && dgamma.len() == cols && dbeta.len() == cols,
+        "layernorm_backward: gamma, dgamma or dbeta has wrong length"
+    );
+    assert!(
+        mean.len() == rows && rstd.len() == rows,
+        "layernorm_backward: mean or rstd has wrong length"
+    );
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let per = rows_per_task(s);
+    let mut partials = vec![0.0f32; rows.div_ceil(per) * 2 * cols];
+    let items: Vec<_> = x
+        .chunks(per * cols)
+        .zip(dy.chunks(per * cols))
+        .zip(dx.chunks_mut(per * cols))
+        .zip(mean.chunks(per).zip(rstd.chunks(per)))
+        .zip(partials.chunks_mut(2 * cols))
+        .collect();
+    threads::parallel_each(items, |((((x, dy), dx), (mean, rstd)), partial)| {
+        let (pgamma, pbeta) = partial.split_at_mut(cols);
+        dispatch!(isa, |simd,
+                        cols: usize,
+                        x: &[f32],
+                        gamma: &[f32],
+                        mean: &[f32],
+                        rstd: &[f32],
+                        dy: &[f32],
+                        dx: &mut [f32],
+                        pgamma: &mut [f32],
+                        pbeta: &mut [f32]|
+         -> () {
+            backward_rows(simd, cols, x, gamma, mean, rstd, dy, dx, pgamma, pbeta)
+        })
+    });
+    for partial in partials.chunks_exact(2 * cols) {
+        for ((g, b), (pg, pb)) in dgamma
+            .iter_mut()
+            .zip(dbeta.iter_mut())
+            .zip(partial[..cols].iter().zip(&partial[cols..]))
+        {
+            *g += pg;
+            *b += pb;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn backward_rows<S: Simd>(
+    simd: S,
+    cols: usize,
+    x: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let inv_n = 1.0 / cols as f32;
+    let rows = x
+        .chunks_exact(cols)
+        .zip(dy.chunks_exact(cols))
+        .zip(dx.chunks_exact_mut(cols));
+    for (((x, dy), dx), (&mu, &rs)) in rows.zip(mean.iter().zip(rstd)) {
+        let (mu_v, rs_v) = (simd.splat(mu), simd.splat(rs));
+        let (mut sum_dxhat, mut sum_dxhat_xhat) = (simd.zero(), simd.zero());
+        for c in (0..cols).step_by(S::LANES) {
+            // Tail lanes load dy = 0, so they add nothing to the sums.
+            let g = simd.load_or(&dy[c..], 0.0);
+            let xhat = simd.mul(simd.sub(simd.load_or(&x[c..], 0.0), mu_v), rs_v);
+            let dxhat = simd.mul(g, simd.load_or(&gamma[c..], 0.0));
+            sum_dxhat = simd.add(sum_dxhat, dxhat);
+            sum_dxhat_xhat = simd.mul_add(dxhat, xhat, sum_dxhat_xhat);
+            let dg = simd.mul_add(g, xhat, simd.load_or(&dgamma[c..], 0.0));
+            simd.store_or(&mut dgamma[c..], dg);
+            let db = simd.add(g, simd.load_or(&dbeta[c..], 0.0));
+            simd.store_or(&mut dbeta[c..], db);
+        }
+        let m1 = simd.splat(simd.reduce_sum(sum_dxhat) * inv_n);
+        let m2 = simd.splat(simd.reduce_sum(sum_dxhat_xhat) * inv_n);
+        for c in (0..cols).step_by(S::LANES) {
+            let xhat = simd.mul(simd.sub(simd.load_or(&x[c..], 0.0), mu_v), rs_v);
+            let dxhat = simd.mul(simd.load_or(&dy[c..], 0.0), simd.load_or(&gamma[c..], 0.0));
+            // rstd·(dxhat − m1 − xhat·m2)
+            let inner = simd.sub(simd.sub(dxhat, m1), simd.mul(xhat, m2));
+            simd.store_or(&mut dx[c..], simd.mul(rs_v, inner));
+        }
+    }
 }

@@ -12,6 +12,7 @@ pub mod embedding;
 pub mod gemm;
 pub mod layernorm;
 pub mod pooling;
+pub mod simd;
 pub mod softmax;
 
 use crate::{DType, Float};
@@ -24,4 +25,16 @@ pub(crate) fn as_f32<F: Float>(x: &[F]) -> Option<&[f32]> {
 
 pub(crate) fn as_f32_mut<F: Float>(x: &mut [F]) -> Option<&mut [f32]> {
     (F::DTYPE == DType::F32).then(|| bytemuck::cast_slice_mut(x))
+}
+
+/// How many of `len` items to give each parallel task: everything in one task when there is
+/// too little work (fewer than two tasks of `min_per_task`) or one thread, otherwise up to four
+/// tasks per thread so that uneven progress evens out. Multiples of 16 keep vector loops whole.
+pub(crate) fn task_len(len: usize, min_per_task: usize) -> usize {
+    let threads = crate::threads::num_threads();
+    if threads <= 1 || len < 2 * min_per_task.max(1) {
+        return len.max(1);
+    }
+    let tasks = (len / min_per_task.max(1)).clamp(2, threads * 4);
+    len.div_ceil(tasks).next_multiple_of(16)
 }

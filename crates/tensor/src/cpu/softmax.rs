@@ -1,6 +1,8 @@
 //! Row softmax and softmax cross-entropy, each with its backward.
 
-use crate::Float;
+use crate::cpu::simd::{dispatch, dot, exp, Isa, Simd};
+use crate::cpu::{as_f32, as_f32_mut, task_len};
+use crate::{threads, Float};
 
 /// Numerically stable softmax of each `cols`-wide row.
 pub fn softmax_forward_reference<F: Float>(cols: usize, x: &[F], y: &mut [F]) {
@@ -19,7 +21,11 @@ pub fn softmax_forward_reference<F: Float>(cols: usize, x: &[F], y: &mut [F]) {
 
 /// `dx = y ∘ (dy − Σ dy∘y)` per row.
 pub fn softmax_backward_reference<F: Float>(cols: usize, y: &[F], dy: &[F], dx: &mut [F]) {
-    for ((yr, dyr), dxr) in y.chunks_exact(cols).zip(dy.chunks_exact(cols)).zip(dx.chunks_exact_mut(cols)) {
+    for ((yr, dyr), dxr) in y
+        .chunks_exact(cols)
+        .zip(dy.chunks_exact(cols))
+        .zip(dx.chunks_exact_mut(cols))
+    {
         let mut dot = F::ZERO;
         for (&y, &dy) in yr.iter().zip(dyr) {
             dot += y * dy;
@@ -31,16 +37,121 @@ pub fn softmax_backward_reference<F: Float>(cols: usize, y: &[F], dy: &[F], dx: 
 }
 
 pub fn softmax_forward<F: Float>(cols: usize, x: &[F], y: &mut [F]) {
-    softmax_forward_reference(cols, x, y)
+    match (as_f32(x), as_f32_mut(y)) {
+        (Some(x), Some(y)) => softmax_forward_with_isa(Isa::best(), cols, x, y),
+        _ => softmax_forward_reference(cols, x, y),
+    }
 }
 
 pub fn softmax_backward<F: Float>(cols: usize, y: &[F], dy: &[F], dx: &mut [F]) {
-    softmax_backward_reference(cols, y, dy, dx)
+    match (as_f32(y), as_f32(dy), as_f32_mut(dx)) {
+        (Some(y), Some(dy), Some(dx)) => softmax_backward_with_isa(Isa::best(), cols, y, dy, dx),
+        _ => softmax_backward_reference(cols, y, dy, dx),
+    }
+}
+
+/// Elements per task below which rows are not split over threads.
+const MIN_ELEMS_PER_TASK: usize = 1 << 14;
+
+/// Row-aligned chunk length (in elements) for splitting `len` elements of `cols`-wide rows.
+fn chunk_elems(cols: usize, len: usize) -> usize {
+    task_len(len / cols, MIN_ELEMS_PER_TASK.div_ceil(cols)) * cols
+}
+
+pub fn softmax_forward_with_isa(isa: Isa, cols: usize, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "softmax: x and y differ in length");
+    if cols == 0 || x.is_empty() {
+        return;
+    }
+    assert_eq!(
+        x.len() % cols,
+        0,
+        "softmax: length is not a whole number of rows"
+    );
+    let chunk = chunk_elems(cols, x.len());
+    let items: Vec<_> = x.chunks(chunk).zip(y.chunks_mut(chunk)).collect();
+    threads::parallel_each(items, |(x, y)| {
+        dispatch!(isa, |s, cols: usize, x: &[f32], y: &mut [f32]| -> () {
+            forward_rows(s, cols, x, y)
+        })
+    });
+}
+
+pub fn softmax_backward_with_isa(isa: Isa, cols: usize, y: &[f32], dy: &[f32], dx: &mut [f32]) {
+    assert!(
+        y.len() == dy.len() && y.len() == dx.len(),
+        "softmax_backward: lengths differ"
+    );
+    if cols == 0 || y.is_empty() {
+        return;
+    }
+    assert_eq!(
+        y.len() % cols,
+        0,
+        "softmax_backward: length is not a whole number of rows"
+    );
+    let chunk = chunk_elems(cols, y.len());
+    let items: Vec<_> = y
+        .chunks(chunk)
+        .zip(dy.chunks(chunk))
+        .zip(dx.chunks_mut(chunk))
+        .collect();
+    threads::parallel_each(items, |((y, dy), dx)| {
+        dispatch!(isa, |s,
+                        cols: usize,
+                        y: &[f32],
+                        dy: &[f32],
+                        dx: &mut [f32]|
+         -> () { backward_rows(s, cols, y, dy, dx) })
+    });
+}
+
+#[inline(always)]
+fn forward_rows<S: Simd>(s: S, cols: usize, x: &[f32], y: &mut [f32]) {
+    for (x, y) in x.chunks_exact(cols).zip(y.chunks_exact_mut(cols)) {
+        let mut max = s.splat(f32::NEG_INFINITY);
+        for c in (0..cols).step_by(S::LANES) {
+            max = s.max(s.load_or(&x[c..], f32::NEG_INFINITY), max);
+        }
+        let max = s.splat(s.reduce_max(max));
+        // Tail lanes load −∞ and so add exp(−∞) = 0 to the sum.
+        let mut sum = s.zero();
+        for c in (0..cols).step_by(S::LANES) {
+            let e = exp(s, s.sub(s.load_or(&x[c..], f32::NEG_INFINITY), max));
+            sum = s.add(sum, e);
+            s.store_or(&mut y[c..], e);
+        }
+        let inv = 1.0 / s.reduce_sum(sum);
+        for c in (0..cols).step_by(S::LANES) {
+            let v = s.mul(s.load_or(&y[c..], 0.0), s.splat(inv));
+            s.store_or(&mut y[c..], v);
+        }
+    }
+}
+
+#[inline(always)]
+fn backward_rows<S: Simd>(s: S, cols: usize, y: &[f32], dy: &[f32], dx: &mut [f32]) {
+    for ((y, dy), dx) in y
+        .chunks_exact(cols)
+        .zip(dy.chunks_exact(cols))
+        .zip(dx.chunks_exact_mut(cols))
+    {
+        let dot = s.splat(dot(s, y, dy));
+        for c in (0..cols).step_by(S::LANES) {
+            let (yv, g) = (s.load_or(&y[c..], 0.0), s.load_or(&dy[c..], 0.0));
+            s.store_or(&mut dx[c..], s.mul(yv, s.sub(g, dot)));
+        }
+    }
 }
 
 /// Mean over rows of `−log softmax(logits)[target]`. Writes the softmax into `probs` (saved for
 /// the backward) and returns the loss. Targets must be `< cols` (checked by `ops`).
-pub fn cross_entropy_forward<F: Float>(cols: usize, logits: &[F], targets: &[usize], probs: &mut [F]) -> F {
+pub fn cross_entropy_forward<F: Float>(
+    cols: usize,
+    logits: &[F],
+    targets: &[usize],
+    probs: &mut [F],
+) -> F {
     softmax_forward(cols, logits, probs);
     let mut loss = F::ZERO;
     for (row, &t) in probs.chunks_exact(cols).zip(targets) {
@@ -50,9 +161,19 @@ pub fn cross_entropy_forward<F: Float>(cols: usize, logits: &[F], targets: &[usi
 }
 
 /// `dlogits = dloss · (softmax − onehot(target)) / rows`.
-pub fn cross_entropy_backward<F: Float>(cols: usize, probs: &[F], targets: &[usize], dloss: F, dlogits: &mut [F]) {
+pub fn cross_entropy_backward<F: Float>(
+    cols: usize,
+    probs: &[F],
+    targets: &[usize],
+    dloss: F,
+    dlogits: &mut [F],
+) {
     let scale = dloss / F::from_usize(targets.len());
-    for ((p, d), &t) in probs.chunks_exact(cols).zip(dlogits.chunks_exact_mut(cols)).zip(targets) {
+    for ((p, d), &t) in probs
+        .chunks_exact(cols)
+        .zip(dlogits.chunks_exact_mut(cols))
+        .zip(targets)
+    {
         for (d, &p) in d.iter_mut().zip(p) {
             *d = p * scale;
         }

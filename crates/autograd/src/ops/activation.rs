@@ -1,0 +1,71 @@
+use scalpel_tensor::{ops as tops, DType, Tensor};
+
+use crate::{AutogradError, Backward, Result, Var};
+
+struct Gelu;
+
+impl Backward for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu"
+    }
+
+    fn backward(&self, inputs: &[Var], _: &Tensor, grad: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(tops::gelu_backward(inputs[0].value(), grad)?)])
+    }
+}
+
+/// GELU, exact erf form.
+pub fn gelu(x: &Var) -> Result<Var> {
+    Ok(Var::from_op(tops::gelu(x.value())?, Gelu, vec![x.clone()]))
+}
+
+/// The kept-element scale `1/(1−p)` or 0, per element. Counter-based (a hash of seed and
+/// element index), so the mask does not depend on thread scheduling or on the device.
+fn dropout_mask(len: usize, p: f64, seed: u64) -> Vec<f64> {
+    let keep = 1.0 / (1.0 - p);
+    (0..len as u64)
+        .map(|i| {
+            let u = (splitmix64(seed ^ splitmix64(i)) >> 11) as f64 / (1u64 << 53) as f64;
+            if u < p { 0.0 } else { keep }
+        })
+        .collect()
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn apply_mask(x: &Tensor, mask: &[f64]) -> Result<Tensor> {
+    let values: Vec<f64> = x.to_vec::<f64>().iter().zip(mask).map(|(v, m)| v * m).collect();
+    Ok(Tensor::from_vec(x.shape(), values)?.to_dtype(x.dtype()))
+}
+
+struct Dropout {
+    mask: Vec<f64>,
+}
+
+impl Backward for Dropout {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+
+    fn backward(&self, _: &[Var], _: &Tensor, grad: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(apply_mask(grad, &self.mask)?)])
+    }
+}
+
+/// Inverted dropout with probability `p`; identity (and no node) when `p == 0`.
+pub fn dropout(x: &Var, p: f64, seed: u64) -> Result<Var> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(AutogradError::Graph(format!("dropout probability {p} is outside [0, 1)")));
+    }
+    if p == 0.0 || x.value().dtype() == DType::I64 {
+        return Ok(x.clone());
+    }
+    let mask = dropout_mask(x.value().numel(), p, seed);
+    let y = apply_mask(x.value(), &mask)?;
+    Ok(Var::from_op(y, Dropout { mask }, vec![x.clone()]))
+}

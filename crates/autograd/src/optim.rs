@@ -1,0 +1,1 @@
+//! Optimisers (filled in with the training issue).

@@ -1,0 +1,35 @@
+//! `scalpel-cuda`: scalpel's CUDA backend.
+//!
+//! The kernels are plain CUDA C++ in the workspace's `kernels/` folder, one file per family.
+//! They run two ways behind one host code path ([`Runtime`]):
+//!
+//! * on a GPU through the CUDA driver, compiled at run time by NVRTC ([`nvrtc`]) with the PTX
+//!   cached on disk;
+//! * on the CPU through the emulator ([`Runtime::emulator`]): the same sources compiled as host
+//!   C++ against a small shim (`emu/shim.h`), so every kernel is tested on machines without a GPU.
+//!
+//! [`ops`] holds the host-side operations (shape checks, grid sizes, launches by name),
+//! [`check`] compares every kernel with the CPU references of `scalpel-tensor`, and [`report`]
+//! gathers compile results, register and spill counts and those comparisons into the
+//! `scalpel kernels` report.
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("kernel argument marshalling assumes a little-endian host");
+
+pub mod check;
+mod driver;
+mod emulator;
+mod error;
+pub mod nvrtc;
+pub mod ops;
+mod probe;
+pub mod report;
+mod runtime;
+mod sources;
+mod toolkit;
+
+pub use error::{CudaError, Result};
+pub use probe::{probe, Probe};
+pub use runtime::{DeviceBuffer, DeviceElement, KernelArg, LaunchConfig, Runtime};
+pub use sources::{kernel_files, KernelFile};
+pub use toolkit::Toolkit;

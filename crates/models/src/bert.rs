@@ -1,0 +1,287 @@
+//! BERT-family encoders (BERT, MiniLM, ...): config, checked weight loading, and the forward.
+//!
+//! The forward is written once against autograd [`Var`]s. With frozen (constant) weights and
+//! constant inputs it records no graph and is the inference path; with trainable parameters it
+//! records exactly the fused ops whose backward the training loop needs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::Deserialize;
+use scalpel_autograd::{ops, Params, Var};
+use scalpel_tensor::{safetensors, DType, Tensor};
+
+use crate::error::read_json;
+use crate::tokenizer::Batch;
+use crate::{ModelError, Result};
+
+/// The fields of a Hugging Face BERT `config.json` that the forward depends on.
+#[derive(Clone, Debug, Deserialize)]
+pub struct BertConfig {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub hidden_dropout_prob: f64,
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+
+impl BertConfig {
+    /// Parses and checks a config; `raw` is kept by [`Bert`] so rewrites preserve unknown fields.
+    pub fn from_json(raw: &serde_json::Value, path: &Path) -> Result<BertConfig> {
+        let bad = |detail: String| ModelError::Config { path: path.to_owned(), detail };
+        let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        let architectures: Vec<&str> = raw
+            .get("architectures")
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        let is_bert = model_type == "bert" || (model_type.is_empty() && architectures.iter().any(|a| a.starts_with("Bert")));
+        if !is_bert {
+            let found = if model_type.is_empty() { format!("architectures {architectures:?}") } else { format!("model_type `{model_type}`") };
+            return Err(bad(format!("unknown architecture ({found}): scalpel supports BERT-family encoders (model_type \"bert\")")));
+        }
+        let config: BertConfig = serde_json::from_value(raw.clone()).map_err(|e| bad(format!("not a BERT config: {e}")))?;
+        if config.hidden_act != "gelu" {
+            return Err(bad(format!("hidden_act `{}` is not supported (only the erf form `gelu`)", config.hidden_act)));
+        }
+        if let Some(p) = config.position_embedding_type.as_deref().filter(|p| *p != "absolute") {
+            return Err(bad(format!("position_embedding_type `{p}` is not supported (only `absolute`)")));
+        }
+        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+            return Err(bad(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                config.hidden_size, config.num_attention_heads
+            )));
+        }
+        Ok(config)
+    }
+
+    /// Every tensor the forward reads, with the shape this config implies (names without prefix).
+    pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let mut out = vec![
+            ("embeddings.word_embeddings.weight".to_string(), vec![self.vocab_size, h]),
+            ("embeddings.position_embeddings.weight".to_string(), vec![self.max_position_embeddings, h]),
+            ("embeddings.token_type_embeddings.weight".to_string(), vec![self.type_vocab_size, h]),
+            ("embeddings.LayerNorm.weight".to_string(), vec![h]),
+            ("embeddings.LayerNorm.bias".to_string(), vec![h]),
+        ];
+        for l in 0..self.num_hidden_layers {
+            for (suffix, shape) in layer_tensor_shapes(h, i) {
+                out.push((format!("encoder.layer.{l}.{suffix}"), shape));
+            }
+        }
+        out
+    }
+}
+
+/// The tensors of one encoder layer (suffixes after `encoder.layer.N.`) and their shapes.
+fn layer_tensor_shapes(h: usize, i: usize) -> Vec<(&'static str, Vec<usize>)> {
+    vec![
+        ("attention.self.query.weight", vec![h, h]),
+        ("attention.self.query.bias", vec![h]),
+        ("attention.self.key.weight", vec![h, h]),
+        ("attention.self.key.bias", vec![h]),
+        ("attention.self.value.weight", vec![h, h]),
+        ("attention.self.value.bias", vec![h]),
+        ("attention.output.dense.weight", vec![h, h]),
+        ("attention.output.dense.bias", vec![h]),
+        ("attention.output.LayerNorm.weight", vec![h]),
+        ("attention.output.LayerNorm.bias", vec![h]),
+        ("intermediate.dense.weight", vec![i, h]),
+        ("intermediate.dense.bias", vec![i]),
+        ("output.dense.weight", vec![h, i]),
+        ("output.dense.bias", vec![h]),
+        ("output.LayerNorm.weight", vec![h]),
+        ("output.LayerNorm.bias", vec![h]),
+    ]
+}
+
+/// Encoder layer indices present among tensor names (after the prefix).
+pub fn layer_indices<'a>(names: impl Iterator<Item = &'a str>, prefix: &str) -> BTreeSet<usize> {
+    let head = format!("{prefix}encoder.layer.");
+    names
+        .filter_map(|n| n.strip_prefix(head.as_str()))
+        .filter_map(|rest| rest.split('.').next()?.parse().ok())
+        .collect()
+}
+
+/// Training-time behaviour of the forward.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForwardOptions {
+    /// Dropout on embeddings and on each sub-layer output (hidden dropout). Attention-probability
+    /// dropout is not applied: the fused attention op never materialises the probabilities.
+    pub dropout: f64,
+    /// Seed of this forward's dropout masks.
+    pub seed: u64,
+}
+
+/// A loaded BERT encoder.
+#[derive(Clone)]
+pub struct Bert {
+    pub config: BertConfig,
+    /// The `config.json` as read, so a rewritten config keeps every field it had.
+    pub raw_config: serde_json::Value,
+    /// `""` for MiniLM-style names, `"bert."` for checkpoints of `BertFor*` heads.
+    pub prefix: String,
+    /// Every tensor of the checkpoint (float ones as f32), including ones the encoder does not
+    /// read (pooler, `position_ids`), so that a saved model loses nothing.
+    pub params: Params,
+}
+
+impl Bert {
+    /// Loads `dir/config.json` and `dir/model.safetensors`.
+    pub fn load(dir: &Path) -> Result<Bert> {
+        let config_path = dir.join("config.json");
+        let raw: serde_json::Value = read_json(&config_path)?;
+        let weights_path = dir.join("model.safetensors");
+        if !weights_path.exists() {
+            return Err(ModelError::Input(format!(
+                "{}: not found (scalpel reads weights from model.safetensors)",
+                weights_path.display()
+            )));
+        }
+        let file = safetensors::load(&weights_path)?;
+        Bert::from_parts(raw, file.tensors, &config_path, &weights_path)
+    }
+
+    /// Checks that `tensors` are exactly what `raw` describes and builds the model.
+    pub fn from_parts(raw: serde_json::Value, tensors: BTreeMap<String, Tensor>, config_path: &Path, weights_path: &Path) -> Result<Bert> {
+        let config = BertConfig::from_json(&raw, config_path)?;
+        let prefix = ["", "bert."]
+            .into_iter()
+            .find(|p| tensors.contains_key(&format!("{p}embeddings.word_embeddings.weight")))
+            .ok_or_else(|| ModelError::MissingTensor { path: weights_path.to_owned(), name: "embeddings.word_embeddings.weight".into() })?
+            .to_string();
+        let present = layer_indices(tensors.keys().map(String::as_str), &prefix);
+        let expected: BTreeSet<usize> = (0..config.num_hidden_layers).collect();
+        if present != expected {
+            return Err(ModelError::Config {
+                path: config_path.to_owned(),
+                detail: format!(
+                    "num_hidden_layers is {} but {} holds encoder layers {:?}",
+                    config.num_hidden_layers,
+                    weights_path.display(),
+                    present
+                ),
+            });
+        }
+        for (name, shape) in config.expected_tensors() {
+            let full = format!("{prefix}{name}");
+            let t = tensors.get(&full).ok_or_else(|| ModelError::MissingTensor { path: weights_path.to_owned(), name: full.clone() })?;
+            if t.shape() != shape.as_slice() {
+                return Err(ModelError::TensorShape { path: weights_path.to_owned(), name: full, expected: shape, actual: t.shape().to_vec() });
+            }
+        }
+        let tensors = tensors
+            .into_iter()
+            .map(|(n, t)| {
+                let t = if t.dtype().is_float() && t.dtype() != DType::F32 { t.to_dtype(DType::F32) } else { t };
+                (n, t)
+            })
+            .collect();
+        Ok(Bert { config, raw_config: raw, prefix, params: Params::from_tensors(tensors) })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.config.num_hidden_layers
+    }
+
+    fn p(&self, name: &str) -> Result<&Var> {
+        Ok(self.params.get(&format!("{}{name}", self.prefix))?)
+    }
+
+    fn layer_p(&self, layer: usize, name: &str) -> Result<&Var> {
+        self.p(&format!("encoder.layer.{layer}.{name}"))
+    }
+
+    /// Last hidden state, `[batch, seq, hidden]`.
+    pub fn forward(&self, batch: &Batch, opts: &ForwardOptions) -> Result<Var> {
+        Ok(self.forward_hidden_states(batch, opts)?.pop().expect("embeddings output is always present"))
+    }
+
+    /// The embedding output followed by every layer's output: `num_layers + 1` states.
+    pub fn forward_hidden_states(&self, batch: &Batch, opts: &ForwardOptions) -> Result<Vec<Var>> {
+        let c = &self.config;
+        if batch.seq > c.max_position_embeddings {
+            return Err(ModelError::Input(format!(
+                "sequence of {} tokens exceeds max_position_embeddings {}",
+                batch.seq, c.max_position_embeddings
+            )));
+        }
+        let shape = [batch.batch, batch.seq];
+        let positions: Vec<usize> = (0..batch.batch).flat_map(|_| 0..batch.seq).collect();
+        let token_types = vec![0usize; positions.len()];
+        let mut x = ops::embedding(self.p("embeddings.word_embeddings.weight")?, &batch.ids, &shape)?;
+        x = ops::add(&x, &ops::embedding(self.p("embeddings.position_embeddings.weight")?, &positions, &shape)?)?;
+        x = ops::add(&x, &ops::embedding(self.p("embeddings.token_type_embeddings.weight")?, &token_types, &shape)?)?;
+        x = ops::layernorm(&x, self.p("embeddings.LayerNorm.weight")?, self.p("embeddings.LayerNorm.bias")?, c.layer_norm_eps)?;
+        let mut dropout_site = 0u64;
+        let mut dropout = |v: &Var| {
+            dropout_site += 1;
+            ops::dropout(v, opts.dropout, opts.seed.wrapping_mul(0x9E37_79B9).wrapping_add(dropout_site))
+        };
+        x = dropout(&x)?;
+        let mask = Var::constant(batch.mask.clone());
+        let mut states = vec![x.clone()];
+        for l in 0..c.num_hidden_layers {
+            let lin = |x: &Var, name: &str| -> Result<Var> {
+                Ok(ops::linear(x, self.layer_p(l, &format!("{name}.weight"))?, Some(self.layer_p(l, &format!("{name}.bias"))?))?)
+            };
+            let q = lin(&x, "attention.self.query")?;
+            let k = lin(&x, "attention.self.key")?;
+            let v = lin(&x, "attention.self.value")?;
+            let a = ops::attention(&q, &k, &v, &mask, c.num_attention_heads)?;
+            let a = dropout(&lin(&a, "attention.output.dense")?)?;
+            x = ops::layernorm(
+                &ops::add(&a, &x)?,
+                self.layer_p(l, "attention.output.LayerNorm.weight")?,
+                self.layer_p(l, "attention.output.LayerNorm.bias")?,
+                c.layer_norm_eps,
+            )?;
+            let h = ops::gelu(&lin(&x, "intermediate.dense")?)?;
+            let h = dropout(&lin(&h, "output.dense")?)?;
+            x = ops::layernorm(
+                &ops::add(&h, &x)?,
+                self.layer_p(l, "output.LayerNorm.weight")?,
+                self.layer_p(l, "output.LayerNorm.bias")?,
+                c.layer_norm_eps,
+            )?;
+            states.push(x.clone());
+        }
+        Ok(states)
+    }
+
+    /// Parameter count and forward FLOPs per token of each encoder layer at sequence length `seq`
+    /// (a multiply-add counts as two FLOPs; attention scores and the weighted sum grow with `seq`).
+    pub fn layer_cost(&self, seq: usize) -> (usize, usize) {
+        let (h, i) = (self.config.hidden_size, self.config.intermediate_size);
+        let params: usize = layer_tensor_shapes(h, i).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        let flops = 2 * (4 * h * h + 2 * h * i) + 2 * 2 * seq * h;
+        (params, flops)
+    }
+
+}

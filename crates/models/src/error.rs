@@ -1,0 +1,36 @@
+use std::path::PathBuf;
+
+/// What can go wrong turning a folder on disk into a runnable model. Each variant names the file,
+/// tensor or setting at fault, so a user can fix the input without reading code.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Tensor(#[from] scalpel_tensor::TensorError),
+    #[error(transparent)]
+    Autograd(#[from] scalpel_autograd::AutogradError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {detail}")]
+    Json { path: PathBuf, detail: String },
+    #[error("{path}: {detail}")]
+    Config { path: PathBuf, detail: String },
+    #[error("{path}: tensor `{name}` is missing (the config needs it)")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor `{name}` has shape {actual:?}, the config implies {expected:?}")]
+    TensorShape { path: PathBuf, name: String, expected: Vec<usize>, actual: Vec<usize> },
+    #[error("tokenizer {path}: {detail}")]
+    Tokenizer { path: PathBuf, detail: String },
+    #[error("{0}")]
+    Input(String),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_owned(), source })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.to_owned(), detail: e.to_string() })
+}

@@ -1,0 +1,70 @@
+mod embed;
+mod inspect;
+mod similarity;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+
+/// Any error a command reports: printed as one line naming the problem.
+pub type CliResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+#[derive(Parser)]
+#[command(name = "scalpel", version, about = "Load, score, cut and heal transformer encoders")]
+pub struct Cli {
+    /// Worker threads for the CPU kernels (default: SCALPEL_THREADS, else all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Embed each line of a text file; writes JSON lines {"text", "embedding"} in input order.
+    Embed(embed::Args),
+    /// Print the architecture: every layer with its parameters and FLOPs per token.
+    Inspect(inspect::Args),
+    /// Print the cosine-similarity matrix of the sentence embeddings of a text file's lines.
+    Similarity(similarity::Args),
+}
+
+pub fn run(cli: Cli) -> CliResult {
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            return Err("--threads must be at least 1".into());
+        }
+        scalpel::tensor::threads::set_num_threads(n);
+    }
+    match cli.command {
+        Command::Embed(a) => embed::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Similarity(a) => similarity::run(a),
+    }
+}
+
+/// The lines of a UTF-8 text file, without line terminators (a final newline adds no line).
+pub fn read_lines(path: &Path) -> CliResult<Vec<String>> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let line = e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
+        format!("{}: not valid UTF-8 text (first bad byte on line {line})", path.display())
+    })?;
+    Ok(text.lines().map(|l| l.strip_suffix('\r').unwrap_or(l).to_string()).collect())
+}
+
+/// Writes `contents` to `path` through a temporary file and a rename, so an interrupted run never
+/// leaves a half-written output, and refuses to overwrite any of `inputs`.
+pub fn write_atomically(path: &Path, contents: &[u8], inputs: &[&Path]) -> CliResult {
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    if inputs.iter().any(|i| canonical(i).is_some() && canonical(i) == canonical(path)) {
+        return Err(format!("{}: refusing to overwrite an input file", path.display()).into());
+    }
+    let tmp = PathBuf::from(format!("{}.tmp-{}", path.display(), std::process::id()));
+    std::fs::write(&tmp, contents).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("{}: {e}", path.display())
+    })?;
+    Ok(())
+}

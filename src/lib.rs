@@ -1,0 +1,11 @@
+//! scalpel: a from-scratch tensor engine for model surgery.
+//!
+//! The library is the stack of crates below, re-exported so one dependency brings it all:
+//! [`tensor`] (tensors, kernels, safetensors) → [`autograd`] (fused differentiable ops, AdamW)
+//! → [`models`] (BERT, tokenizer, sentence pooling) → [`surgery`] (score, cut, heal, evaluate).
+//! The `scalpel` binary (`src/main.rs`) is a thin command-line layer over them.
+
+pub use scalpel_autograd as autograd;
+pub use scalpel_models as models;
+pub use scalpel_surgery as surgery;
+pub use scalpel_tensor as tensor;
