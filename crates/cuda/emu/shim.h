@@ -131,25 +131,13 @@ template <class T>
 inline T atomicAdd(T* address, T value) {
     return std::atomic_ref<T>(*address).fetch_add(value);
 }
-template <class T>
-inline T atomicExch(T* address, T value) {
-    return std::atomic_ref<T>(*address).exchange(value);
-}
 
 // Device math that host C++ lacks.
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-inline float __expf(float x) { return std::exp(x); }
-inline float __logf(float x) { return std::log(x); }
-inline float __fdividef(float a, float b) { return a / b; }
 inline float __int_as_float(int x) {
     float f;
     std::memcpy(&f, &x, 4);
     return f;
-}
-inline int __float_as_int(float x) {
-    int i;
-    std::memcpy(&i, &x, 4);
-    return i;
 }
 using std::max;
 using std::min;

@@ -84,7 +84,7 @@ impl Toolkit {
         }
     }
 
-    /// The headers the kernels include, each with whether an include folder holds it.
+    /// The headers the kernels include that no include folder holds.
     pub fn missing_headers(&self) -> Vec<&'static str> {
         ["cuda_fp16.h", "cuda_bf16.h", "mma.h", "crt/mma.h"]
             .into_iter()

@@ -122,6 +122,24 @@ fn correct_collectives_with_exited_threads_pass() {
 }
 
 #[test]
+fn warp_votes_follow_cuda() {
+    let rt = Runtime::emulator();
+    let out = rt.zeros::<u32>(4 * 64).unwrap();
+    // SAFETY: planted_votes_ok(unsigned* out), four entries per thread.
+    unsafe {
+        rt.launch(
+            "planted_votes_ok",
+            LaunchConfig::linear(1, 64),
+            &[out.arg()],
+        )
+    }
+    .unwrap();
+    for votes in out.to_host().unwrap().chunks(4) {
+        assert_eq!(votes, [0x4924_9249, 1, 1, 0]);
+    }
+}
+
+#[test]
 fn unknown_kernel_is_an_error() {
     let rt = Runtime::emulator();
     // SAFETY: nothing runs.

@@ -102,3 +102,13 @@ extern "C" __global__ void planted_collectives_ok(int live, float* out) {
     __syncthreads();
     out[threadIdx.x] = sums[(threadIdx.x + 32) % live];
 }
+
+// Correct warp votes: out[4 t .. 4 t + 4] = ballot(lane % 3 == 0), all(lane < 32), any(lane == 5),
+// all(lane < 5).
+extern "C" __global__ void planted_votes_ok(unsigned* out) {
+    int lane = threadIdx.x % 32;
+    out[4 * threadIdx.x] = __ballot_sync(0xffffffffu, lane % 3 == 0);
+    out[4 * threadIdx.x + 1] = __all_sync(0xffffffffu, lane < 32);
+    out[4 * threadIdx.x + 2] = __any_sync(0xffffffffu, lane == 5);
+    out[4 * threadIdx.x + 3] = __all_sync(0xffffffffu, lane < 5);
+}
