@@ -15,14 +15,25 @@ fn encoder() -> SentenceEncoder {
 #[test]
 fn token_ids_equal_pytorch_exactly() {
     let enc = encoder();
-    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("minilm/tokens.json")).unwrap()).unwrap();
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("minilm/tokens.json")).unwrap())
+            .unwrap();
     let expected: Vec<Vec<u32>> = serde_json::from_value(fixture["tokens"].clone()).unwrap();
     let sentences = fixture_sentences();
     assert_eq!(sentences.len(), expected.len());
     for (i, (s, want)) in sentences.iter().zip(&expected).enumerate() {
-        assert_eq!(&enc.tokenizer.encode(s).unwrap(), want, "line {} ({s:?})", i + 1);
+        assert_eq!(
+            &enc.tokenizer.encode(s).unwrap(),
+            want,
+            "line {} ({s:?})",
+            i + 1
+        );
     }
-    assert_eq!(expected.last().unwrap().len(), 256, "the long line is truncated to max_seq_length");
+    assert_eq!(
+        expected.last().unwrap().len(),
+        256,
+        "the long line is truncated to max_seq_length"
+    );
 }
 
 #[test]
@@ -30,12 +41,23 @@ fn last_hidden_state_matches_pytorch_within_1e4() {
     let enc = encoder();
     let fx = load_fixture("minilm/hidden.safetensors");
     for j in 0..4 {
-        let ids: Vec<u32> = fx[&format!("ids.{j}")].to_vec::<i64>().iter().map(|&i| i as u32).collect();
+        let ids: Vec<u32> = fx[&format!("ids.{j}")]
+            .to_vec::<i64>()
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
         let want = &fx[&format!("hidden.{j}")];
-        let hidden = enc.bert.forward(&Batch::from_ids(&[ids.clone()]), &ForwardOptions::default()).unwrap();
+        let hidden = enc
+            .bert
+            .forward(&Batch::from_ids(&[ids.clone()]), &ForwardOptions::default())
+            .unwrap();
         assert_eq!(hidden.shape(), &[1, ids.len(), 384]);
         let diff = max_abs_diff(&hidden.value().to_vec::<f32>(), &want.to_vec::<f32>());
-        assert!(diff <= 1e-4, "sentence {j} ({} tokens): max |Δ| = {diff:e} > 1e-4", ids.len());
+        assert!(
+            diff <= 1e-4,
+            "sentence {j} ({} tokens): max |Δ| = {diff:e} > 1e-4",
+            ids.len()
+        );
     }
 }
 
@@ -45,7 +67,11 @@ fn pooled_embeddings_match_sentence_transformers() {
     let sentences = fixture_sentences();
     let want = load_fixture("minilm/embeddings.safetensors")["embeddings"].to_vec::<f32>();
     let got = enc.embed(&sentences, 8).unwrap().to_vec::<f32>();
-    for (i, (a, b)) in got.chunks_exact(384).zip(want.chunks_exact(384)).enumerate() {
+    for (i, (a, b)) in got
+        .chunks_exact(384)
+        .zip(want.chunks_exact(384))
+        .enumerate()
+    {
         let cos = cosine(a, b);
         assert!(cos >= 0.99999, "line {}: cosine {cos} < 0.99999", i + 1);
     }
@@ -56,11 +82,17 @@ fn padding_in_a_mixed_batch_does_not_change_embeddings() {
     let enc = encoder();
     // Very different lengths, including the truncated 256-token line, in one padded batch.
     let sentences = fixture_sentences();
-    let picked: Vec<&String> = [0usize, 40, 41, 43, 23].iter().map(|&i| &sentences[i]).collect();
+    let picked: Vec<&String> = [0usize, 40, 41, 43, 23]
+        .iter()
+        .map(|&i| &sentences[i])
+        .collect();
     let together = enc.embed(&picked, picked.len()).unwrap().to_vec::<f32>();
     for (i, s) in picked.iter().enumerate() {
         let alone = enc.embed(&[s], 1).unwrap().to_vec::<f32>();
         let diff = max_abs_diff(&together[i * 384..(i + 1) * 384], &alone);
-        assert!(diff <= 1e-5, "sentence {i}: padded vs alone max |Δ| = {diff:e}");
+        assert!(
+            diff <= 1e-5,
+            "sentence {i}: padded vs alone max |Δ| = {diff:e}"
+        );
     }
 }

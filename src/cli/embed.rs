@@ -34,6 +34,11 @@ pub fn run(a: Args) -> CliResult {
     }
     write_atomically(&a.output, out.as_bytes(), &[&a.input, &a.model])?;
     let secs = started.elapsed().as_secs_f64();
-    eprintln!("embedded {} sentences in {secs:.2} s ({:.1} sentences/s) -> {}", lines.len(), lines.len() as f64 / secs, a.output.display());
+    eprintln!(
+        "embedded {} sentences in {secs:.2} s ({:.1} sentences/s) -> {}",
+        lines.len(),
+        lines.len() as f64 / secs,
+        a.output.display()
+    );
     Ok(())
 }

@@ -19,9 +19,15 @@ pub struct Args {
 pub fn run(a: Args) -> CliResult {
     let bert = Bert::load(&a.model)?;
     let c = &bert.config;
-    let total_params: usize = bert.params.iter().filter(|(_, v)| v.value().dtype().is_float()).map(|(_, v)| v.value().numel()).sum();
+    let total_params: usize = bert
+        .params
+        .iter()
+        .filter(|(_, v)| v.value().dtype().is_float())
+        .map(|(_, v)| v.value().numel())
+        .sum();
     let (layer_params, layer_flops) = bert.layer_cost(a.seq);
-    let embedding_params = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size + 2) * c.hidden_size;
+    let embedding_params =
+        (c.vocab_size + c.max_position_embeddings + c.type_vocab_size + 2) * c.hidden_size;
     // Per token: three lookups, the adds and the LayerNorm are negligible next to a layer.
     let layers: Vec<_> = (0..bert.num_layers()).map(|l| json!({"index": l, "name": format!("encoder.layer.{l}"), "params": layer_params, "flops_per_token": layer_flops})).collect();
     let encoder_flops = layer_flops * bert.num_layers();
@@ -36,11 +42,28 @@ pub fn run(a: Args) -> CliResult {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("BERT encoder: {} layers, hidden {}, {} heads, intermediate {}, vocab {}", c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size, c.vocab_size);
-    println!("{:<20} {:>12} {:>18}", "layer", "params", format!("FLOPs/token@{}", a.seq));
+    println!(
+        "BERT encoder: {} layers, hidden {}, {} heads, intermediate {}, vocab {}",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.intermediate_size,
+        c.vocab_size
+    );
+    println!(
+        "{:<20} {:>12} {:>18}",
+        "layer",
+        "params",
+        format!("FLOPs/token@{}", a.seq)
+    );
     println!("{:<20} {:>12} {:>18}", "embeddings", embedding_params, "-");
     for l in 0..bert.num_layers() {
-        println!("{:<20} {:>12} {:>18}", format!("encoder.layer.{l}"), layer_params, layer_flops);
+        println!(
+            "{:<20} {:>12} {:>18}",
+            format!("encoder.layer.{l}"),
+            layer_params,
+            layer_flops
+        );
     }
     println!("{:<20} {:>12} {:>18}", "total", total_params, encoder_flops);
     Ok(())

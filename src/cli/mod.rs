@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 pub type CliResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 #[derive(Parser)]
-#[command(name = "scalpel", version, about = "Load, score, cut and heal transformer encoders")]
+#[command(
+    name = "scalpel",
+    version,
+    about = "Load, score, cut and heal transformer encoders"
+)]
 pub struct Cli {
     /// Worker threads for the CPU kernels (default: SCALPEL_THREADS, else all cores).
     #[arg(long, global = true)]
@@ -47,17 +51,30 @@ pub fn run(cli: Cli) -> CliResult {
 pub fn read_lines(path: &Path) -> CliResult<Vec<String>> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let text = String::from_utf8(bytes).map_err(|e| {
-        let line = e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
-        format!("{}: not valid UTF-8 text (first bad byte on line {line})", path.display())
+        let line = e.as_bytes()[..e.utf8_error().valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1;
+        format!(
+            "{}: not valid UTF-8 text (first bad byte on line {line})",
+            path.display()
+        )
     })?;
-    Ok(text.lines().map(|l| l.strip_suffix('\r').unwrap_or(l).to_string()).collect())
+    Ok(text
+        .lines()
+        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
+        .collect())
 }
 
 /// Writes `contents` to `path` through a temporary file and a rename, so an interrupted run never
 /// leaves a half-written output, and refuses to overwrite any of `inputs`.
 pub fn write_atomically(path: &Path, contents: &[u8], inputs: &[&Path]) -> CliResult {
     let canonical = |p: &Path| std::fs::canonicalize(p).ok();
-    if inputs.iter().any(|i| canonical(i).is_some() && canonical(i) == canonical(path)) {
+    if inputs
+        .iter()
+        .any(|i| canonical(i).is_some() && canonical(i) == canonical(path))
+    {
         return Err(format!("{}: refusing to overwrite an input file", path.display()).into());
     }
     let tmp = PathBuf::from(format!("{}.tmp-{}", path.display(), std::process::id()));

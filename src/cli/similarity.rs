@@ -18,7 +18,11 @@ pub fn run(a: Args) -> CliResult {
     let encoder = SentenceEncoder::load(&a.model)?;
     let emb = encoder.embed(&lines, 32)?;
     let dim = emb.dim(-1);
-    let rows: Vec<Vec<f64>> = emb.to_vec::<f64>().chunks_exact(dim).map(<[f64]>::to_vec).collect();
+    let rows: Vec<Vec<f64>> = emb
+        .to_vec::<f64>()
+        .chunks_exact(dim)
+        .map(<[f64]>::to_vec)
+        .collect();
     let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
     for (i, text) in lines.iter().enumerate() {
         println!("[{i}] {text}");

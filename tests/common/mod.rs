@@ -12,8 +12,14 @@ pub fn repo() -> PathBuf {
 /// The real all-MiniLM-L6-v2, fetched by `scripts/fetch_model.sh` (CI runs it before the tests).
 /// A missing model is a failure with instructions, never a skip.
 pub fn minilm_dir() -> PathBuf {
-    let dir = std::env::var_os("SCALPEL_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("models/all-MiniLM-L6-v2"));
-    assert!(dir.join("model.safetensors").exists(), "{} has no model: run scripts/fetch_model.sh first", dir.display());
+    let dir = std::env::var_os("SCALPEL_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("models/all-MiniLM-L6-v2"));
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} has no model: run scripts/fetch_model.sh first",
+        dir.display()
+    );
     dir
 }
 
@@ -22,11 +28,17 @@ pub fn fixture(rel: &str) -> PathBuf {
 }
 
 pub fn load_fixture(rel: &str) -> std::collections::BTreeMap<String, Tensor> {
-    safetensors::load(&fixture(rel)).unwrap_or_else(|e| panic!("fixture {rel}: {e}")).tensors
+    safetensors::load(&fixture(rel))
+        .unwrap_or_else(|e| panic!("fixture {rel}: {e}"))
+        .tensors
 }
 
 pub fn fixture_sentences() -> Vec<String> {
-    std::fs::read_to_string(fixture("minilm/sentences.txt")).unwrap().lines().map(str::to_string).collect()
+    std::fs::read_to_string(fixture("minilm/sentences.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 /// A scratch directory unique to one test, under Cargo's target tmp dir.
@@ -54,7 +66,10 @@ pub fn copy_model(src: &std::path::Path, dest: &std::path::Path) {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {

@@ -1,1 +1,240 @@
-//! Optimisers (filled in with the training issue).
+//! Adam and AdamW with PyTorch's semantics, global-norm gradient clipping, learning-rate
+//! schedules, parameter groups and saveable state.
+//!
+//! Per parameter, at its step `t` (counted from 1):
+//! ```text
+//! AdamW: p ← p·(1 − lr·wd)            Adam: g ← g + wd·p
+//! m ← β₁m + (1−β₁)g      v ← β₂v + (1−β₂)g²
+//! p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)      (ε outside the square root)
+//! ```
+//! Parameters without a gradient this step (unreached or frozen) are skipped entirely and have no
+//! state, as in PyTorch.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use scalpel_tensor::{safetensors, DType, Float, Tensor};
+
+use crate::{AutogradError, Gradients, Params, Result};
+
+/// Which weight decay rule applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decay {
+    /// AdamW: decay the weights directly, decoupled from the gradient statistics.
+    Decoupled,
+    /// Adam: add `wd·p` to the gradient (L2 regularisation).
+    L2,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdamConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub decay: Decay,
+}
+
+impl AdamConfig {
+    /// PyTorch's `AdamW` defaults with the given weight decay.
+    pub fn adamw(weight_decay: f64) -> AdamConfig {
+        AdamConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            decay: Decay::Decoupled,
+        }
+    }
+
+    /// PyTorch's `Adam` defaults with the given (L2) weight decay.
+    pub fn adam(weight_decay: f64) -> AdamConfig {
+        AdamConfig {
+            decay: Decay::L2,
+            ..AdamConfig::adamw(weight_decay)
+        }
+    }
+}
+
+/// The default parameter groups: no weight decay on biases and LayerNorm parameters.
+pub fn decays_by_default(name: &str) -> bool {
+    !(name.contains("bias") || name.contains("LayerNorm"))
+}
+
+struct Moments {
+    step: u64,
+    m: Tensor,
+    v: Tensor,
+}
+
+/// Adam / AdamW over named parameters.
+pub struct Adam {
+    pub config: AdamConfig,
+    state: BTreeMap<String, Moments>,
+    decays: Box<dyn Fn(&str) -> bool + Send + Sync>,
+}
+
+impl Adam {
+    /// `decays(name)` selects the parameter group with weight decay; the rest get none.
+    pub fn new(config: AdamConfig, decays: impl Fn(&str) -> bool + Send + Sync + 'static) -> Adam {
+        Adam {
+            config,
+            state: BTreeMap::new(),
+            decays: Box::new(decays),
+        }
+    }
+
+    /// Applies one update at learning rate `lr` to every parameter that has a gradient.
+    pub fn step(&mut self, params: &mut Params, grads: &Gradients, lr: f64) -> Result<()> {
+        for (name, var) in params.iter_mut() {
+            let Some(grad) = grads.get(var) else { continue };
+            let wd = if (self.decays)(name) {
+                self.config.weight_decay
+            } else {
+                0.0
+            };
+            let moments = self
+                .state
+                .entry(name.to_string())
+                .or_insert_with(|| Moments {
+                    step: 0,
+                    m: Tensor::zeros(grad.shape(), grad.dtype()),
+                    v: Tensor::zeros(grad.shape(), grad.dtype()),
+                });
+            moments.step += 1;
+            let p = var.value_mut()?;
+            match p.dtype() {
+                DType::F32 => update::<f32>(&self.config, lr, wd, moments, p, grad)?,
+                DType::F64 => update::<f64>(&self.config, lr, wd, moments, p, grad)?,
+                dtype => {
+                    return Err(AutogradError::Optim(format!(
+                        "parameter `{name}` has non-float dtype {dtype:?}"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of parameters that have optimiser state (frozen ones never do).
+    pub fn state_len(&self) -> usize {
+        self.state.len()
+    }
+
+    /// Saves the moments and step counts (safetensors: `NAME.m`, `NAME.v`, `NAME.step`).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors = BTreeMap::new();
+        for (name, s) in &self.state {
+            tensors.insert(format!("{name}.m"), s.m.clone());
+            tensors.insert(format!("{name}.v"), s.v.clone());
+            tensors.insert(format!("{name}.step"), Tensor::scalar(s.step as i64));
+        }
+        Ok(safetensors::save(path, &tensors, &BTreeMap::new())?)
+    }
+
+    /// Restores state written by [`Adam::save`], replacing any current state.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let mut tensors = safetensors::load(path)?.tensors;
+        let names: Vec<String> = tensors
+            .keys()
+            .filter_map(|k| k.strip_suffix(".step"))
+            .map(str::to_string)
+            .collect();
+        let mut state = BTreeMap::new();
+        for name in names {
+            let mut take = |suffix: &str| {
+                tensors.remove(&format!("{name}{suffix}")).ok_or_else(|| {
+                    AutogradError::Optim(format!("{}: `{name}{suffix}` is missing", path.display()))
+                })
+            };
+            let step = take(".step")?.to_vec::<i64>()[0] as u64;
+            state.insert(
+                name.clone(),
+                Moments {
+                    step,
+                    m: take(".m")?,
+                    v: take(".v")?,
+                },
+            );
+        }
+        self.state = state;
+        Ok(())
+    }
+}
+
+fn update<F: Float>(
+    c: &AdamConfig,
+    lr: f64,
+    wd: f64,
+    s: &mut Moments,
+    p: &mut Tensor,
+    g: &Tensor,
+) -> Result<()> {
+    let (b1, b2) = (c.beta1, c.beta2);
+    let t = s.step as i32;
+    let step_size = F::from_f64(lr / (1.0 - b1.powi(t)));
+    let bc2_sqrt = F::from_f64((1.0 - b2.powi(t)).sqrt());
+    let (b1f, b2f, eps) = (F::from_f64(b1), F::from_f64(b2), F::from_f64(c.eps));
+    let (one_b1, one_b2) = (F::from_f64(1.0 - b1), F::from_f64(1.0 - b2));
+    let decoupled_keep = F::from_f64(1.0 - lr * wd);
+    let l2 = F::from_f64(if c.decay == Decay::L2 { wd } else { 0.0 });
+    let g = g.values::<F>()?;
+    let m = s.m.values_mut::<F>()?;
+    let v = s.v.values_mut::<F>()?;
+    let p = p.values_mut::<F>()?;
+    for i in 0..p.len() {
+        let gi = g[i] + l2 * p[i];
+        if c.decay == Decay::Decoupled && wd != 0.0 {
+            p[i] *= decoupled_keep;
+        }
+        m[i] = b1f * m[i] + one_b1 * gi;
+        v[i] = b2f * v[i] + one_b2 * gi * gi;
+        p[i] -= step_size * m[i] / (v[i].sqrt() / bc2_sqrt + eps);
+    }
+    Ok(())
+}
+
+/// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before
+/// clipping (PyTorch's `clip_grad_norm_`, including its 1e-6 guard).
+pub fn clip_grad_norm(grads: &mut Gradients, params: &Params, max_norm: f64) -> Result<f64> {
+    let mut total = 0.0;
+    for (_, var) in params.iter() {
+        if let Some(g) = grads.get(var) {
+            total += g.to_vec::<f64>().iter().map(|x| x * x).sum::<f64>();
+        }
+    }
+    let norm = total.sqrt();
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for (_, var) in params.iter() {
+            if let Some(g) = grads.get_mut(var) {
+                *g = scalpel_tensor::ops::scale(g, coef)?;
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// Learning-rate schedules: linear warm-up from 0, then constant or a decay to 0 at `total`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+impl Schedule {
+    /// Learning rate for 1-based `step` of `total`.
+    pub fn lr(self, base: f64, step: usize, warmup: usize, total: usize) -> f64 {
+        if step <= warmup && warmup > 0 {
+            return base * step as f64 / warmup as f64;
+        }
+        let span = total.saturating_sub(warmup).max(1) as f64;
+        let progress = ((step - warmup) as f64 / span).min(1.0);
+        match self {
+            Schedule::Constant => base,
+            Schedule::Linear => base * (1.0 - progress),
+            Schedule::Cosine => base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        }
+    }
+}

@@ -19,7 +19,11 @@ impl Params {
         let entries = tensors
             .into_iter()
             .map(|(name, t)| {
-                let var = if t.dtype().is_float() { Var::parameter(t) } else { Var::constant(t) };
+                let var = if t.dtype().is_float() {
+                    Var::parameter(t)
+                } else {
+                    Var::constant(t)
+                };
                 (name, var)
             })
             .collect();
@@ -27,7 +31,9 @@ impl Params {
     }
 
     pub fn get(&self, name: &str) -> Result<&Var> {
-        self.entries.get(name).ok_or_else(|| AutogradError::Graph(format!("no parameter named `{name}`")))
+        self.entries
+            .get(name)
+            .ok_or_else(|| AutogradError::Graph(format!("no parameter named `{name}`")))
     }
 
     pub fn get_mut(&mut self, name: &str) -> Option<&mut Var> {
@@ -97,6 +103,9 @@ impl Params {
 
     /// Snapshot of the values, e.g. for saving.
     pub fn to_tensors(&self) -> BTreeMap<String, Tensor> {
-        self.entries.iter().map(|(n, v)| (n.clone(), v.value().clone())).collect()
+        self.entries
+            .iter()
+            .map(|(n, v)| (n.clone(), v.value().clone()))
+            .collect()
     }
 }

@@ -10,7 +10,13 @@ use crate::{AutogradError, Result};
 /// inputs (`None` where `needs[i]` is false, so frozen inputs cost no work).
 pub trait Backward: Send + Sync {
     fn name(&self) -> &'static str;
-    fn backward(&self, inputs: &[Var], output: &Tensor, grad: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>>;
+    fn backward(
+        &self,
+        inputs: &[Var],
+        output: &Tensor,
+        grad: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>>;
 }
 
 struct Node {
@@ -33,7 +39,12 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 impl Var {
     fn new(value: Tensor, requires_grad: bool, node: Option<Node>) -> Var {
-        Var(Arc::new(VarInner { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), value, requires_grad, node }))
+        Var(Arc::new(VarInner {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            value,
+            requires_grad,
+            node,
+        }))
     }
 
     /// A leaf that never receives a gradient (inputs, frozen weights).
@@ -49,7 +60,14 @@ impl Var {
     /// Records the result of an op. The node is kept only if some input needs a gradient.
     pub fn from_op(value: Tensor, op: impl Backward + 'static, inputs: Vec<Var>) -> Var {
         if inputs.iter().any(Var::requires_grad) {
-            Var::new(value, true, Some(Node { op: Box::new(op), inputs }))
+            Var::new(
+                value,
+                true,
+                Some(Node {
+                    op: Box::new(op),
+                    inputs,
+                }),
+            )
         } else {
             Var::constant(value)
         }
@@ -75,12 +93,19 @@ impl Var {
     /// live graph still shares it, so a recorded graph never sees its inputs change.
     pub fn value_mut(&mut self) -> Result<&mut Tensor> {
         if self.0.node.is_some() {
-            return Err(AutogradError::Graph("only leaf variables can be updated in place".into()));
+            return Err(AutogradError::Graph(
+                "only leaf variables can be updated in place".into(),
+            ));
         }
         if Arc::get_mut(&mut self.0).is_none() {
             // Keep the identity: gradients and optimiser state are keyed by it.
             let inner = &self.0;
-            let copy = VarInner { id: inner.id, value: inner.value.clone(), requires_grad: inner.requires_grad, node: None };
+            let copy = VarInner {
+                id: inner.id,
+                value: inner.value.clone(),
+                requires_grad: inner.requires_grad,
+                node: None,
+            };
             self.0 = Arc::new(copy);
         }
         Ok(&mut Arc::get_mut(&mut self.0).expect("unique after copy").value)
@@ -97,10 +122,15 @@ impl Var {
         }
         let order = self.topological_order();
         let mut grads: HashMap<u64, Tensor> = HashMap::new();
-        grads.insert(self.id(), Tensor::full(self.shape(), 1.0f64).to_dtype(self.value().dtype()));
+        grads.insert(
+            self.id(),
+            Tensor::full(self.shape(), 1.0f64).to_dtype(self.value().dtype()),
+        );
         let mut leaves = HashMap::new();
         for var in order.iter().rev() {
-            let Some(grad) = grads.remove(&var.id()) else { continue };
+            let Some(grad) = grads.remove(&var.id()) else {
+                continue;
+            };
             let Some(node) = &var.0.node else {
                 leaves.insert(var.id(), grad);
                 continue;
@@ -161,6 +191,10 @@ pub struct Gradients(HashMap<u64, Tensor>);
 impl Gradients {
     pub fn get(&self, var: &Var) -> Option<&Tensor> {
         self.0.get(&var.id())
+    }
+
+    pub fn get_mut(&mut self, var: &Var) -> Option<&mut Tensor> {
+        self.0.get_mut(&var.id())
     }
 
     pub fn remove(&mut self, var: &Var) -> Option<Tensor> {

@@ -116,12 +116,12 @@ pub fn scale(rt: &Runtime, alpha: f32, x: &mut DeviceBuffer<f32>) -> Result<()> 
 }
 
 fn rows_of(what: &str, len: usize, cols: usize) -> Result<usize> {
-    if cols == 0 || len % cols != 0 {
-        return Err(CudaError::Shape(format!(
+    match len.checked_div(cols) {
+        Some(rows) if rows * cols == len => Ok(rows),
+        _ => Err(CudaError::Shape(format!(
             "{what} has {len} elements, not a whole number of {cols}-wide rows"
-        )));
+        ))),
     }
-    Ok(len / cols)
 }
 
 /// Adds the `cols`-wide `bias` to every row of `x`.

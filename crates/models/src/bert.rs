@@ -7,9 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use serde::Deserialize;
 use scalpel_autograd::{ops, Params, Var};
 use scalpel_tensor::{safetensors, DType, Tensor};
+use serde::Deserialize;
 
 use crate::error::read_json;
 use crate::tokenizer::Batch;
@@ -51,24 +51,42 @@ fn default_eps() -> f64 {
 impl BertConfig {
     /// Parses and checks a config; `raw` is kept by [`Bert`] so rewrites preserve unknown fields.
     pub fn from_json(raw: &serde_json::Value, path: &Path) -> Result<BertConfig> {
-        let bad = |detail: String| ModelError::Config { path: path.to_owned(), detail };
+        let bad = |detail: String| ModelError::Config {
+            path: path.to_owned(),
+            detail,
+        };
         let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
         let architectures: Vec<&str> = raw
             .get("architectures")
             .and_then(|v| v.as_array())
             .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
             .unwrap_or_default();
-        let is_bert = model_type == "bert" || (model_type.is_empty() && architectures.iter().any(|a| a.starts_with("Bert")));
+        let is_bert = model_type == "bert"
+            || (model_type.is_empty() && architectures.iter().any(|a| a.starts_with("Bert")));
         if !is_bert {
-            let found = if model_type.is_empty() { format!("architectures {architectures:?}") } else { format!("model_type `{model_type}`") };
+            let found = if model_type.is_empty() {
+                format!("architectures {architectures:?}")
+            } else {
+                format!("model_type `{model_type}`")
+            };
             return Err(bad(format!("unknown architecture ({found}): scalpel supports BERT-family encoders (model_type \"bert\")")));
         }
-        let config: BertConfig = serde_json::from_value(raw.clone()).map_err(|e| bad(format!("not a BERT config: {e}")))?;
+        let config: BertConfig = serde_json::from_value(raw.clone())
+            .map_err(|e| bad(format!("not a BERT config: {e}")))?;
         if config.hidden_act != "gelu" {
-            return Err(bad(format!("hidden_act `{}` is not supported (only the erf form `gelu`)", config.hidden_act)));
+            return Err(bad(format!(
+                "hidden_act `{}` is not supported (only the erf form `gelu`)",
+                config.hidden_act
+            )));
         }
-        if let Some(p) = config.position_embedding_type.as_deref().filter(|p| *p != "absolute") {
-            return Err(bad(format!("position_embedding_type `{p}` is not supported (only `absolute`)")));
+        if let Some(p) = config
+            .position_embedding_type
+            .as_deref()
+            .filter(|p| *p != "absolute")
+        {
+            return Err(bad(format!(
+                "position_embedding_type `{p}` is not supported (only `absolute`)"
+            )));
         }
         if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
             return Err(bad(format!(
@@ -83,9 +101,18 @@ impl BertConfig {
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
         let (h, i) = (self.hidden_size, self.intermediate_size);
         let mut out = vec![
-            ("embeddings.word_embeddings.weight".to_string(), vec![self.vocab_size, h]),
-            ("embeddings.position_embeddings.weight".to_string(), vec![self.max_position_embeddings, h]),
-            ("embeddings.token_type_embeddings.weight".to_string(), vec![self.type_vocab_size, h]),
+            (
+                "embeddings.word_embeddings.weight".to_string(),
+                vec![self.vocab_size, h],
+            ),
+            (
+                "embeddings.position_embeddings.weight".to_string(),
+                vec![self.max_position_embeddings, h],
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".to_string(),
+                vec![self.type_vocab_size, h],
+            ),
             ("embeddings.LayerNorm.weight".to_string(), vec![h]),
             ("embeddings.LayerNorm.bias".to_string(), vec![h]),
         ];
@@ -169,12 +196,20 @@ impl Bert {
     }
 
     /// Checks that `tensors` are exactly what `raw` describes and builds the model.
-    pub fn from_parts(raw: serde_json::Value, tensors: BTreeMap<String, Tensor>, config_path: &Path, weights_path: &Path) -> Result<Bert> {
+    pub fn from_parts(
+        raw: serde_json::Value,
+        tensors: BTreeMap<String, Tensor>,
+        config_path: &Path,
+        weights_path: &Path,
+    ) -> Result<Bert> {
         let config = BertConfig::from_json(&raw, config_path)?;
         let prefix = ["", "bert."]
             .into_iter()
             .find(|p| tensors.contains_key(&format!("{p}embeddings.word_embeddings.weight")))
-            .ok_or_else(|| ModelError::MissingTensor { path: weights_path.to_owned(), name: "embeddings.word_embeddings.weight".into() })?
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: weights_path.to_owned(),
+                name: "embeddings.word_embeddings.weight".into(),
+            })?
             .to_string();
         let present = layer_indices(tensors.keys().map(String::as_str), &prefix);
         let expected: BTreeSet<usize> = (0..config.num_hidden_layers).collect();
@@ -191,19 +226,38 @@ impl Bert {
         }
         for (name, shape) in config.expected_tensors() {
             let full = format!("{prefix}{name}");
-            let t = tensors.get(&full).ok_or_else(|| ModelError::MissingTensor { path: weights_path.to_owned(), name: full.clone() })?;
+            let t = tensors
+                .get(&full)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    path: weights_path.to_owned(),
+                    name: full.clone(),
+                })?;
             if t.shape() != shape.as_slice() {
-                return Err(ModelError::TensorShape { path: weights_path.to_owned(), name: full, expected: shape, actual: t.shape().to_vec() });
+                return Err(ModelError::TensorShape {
+                    path: weights_path.to_owned(),
+                    name: full,
+                    expected: shape,
+                    actual: t.shape().to_vec(),
+                });
             }
         }
         let tensors = tensors
             .into_iter()
             .map(|(n, t)| {
-                let t = if t.dtype().is_float() && t.dtype() != DType::F32 { t.to_dtype(DType::F32) } else { t };
+                let t = if t.dtype().is_float() && t.dtype() != DType::F32 {
+                    t.to_dtype(DType::F32)
+                } else {
+                    t
+                };
                 (n, t)
             })
             .collect();
-        Ok(Bert { config, raw_config: raw, prefix, params: Params::from_tensors(tensors) })
+        Ok(Bert {
+            config,
+            raw_config: raw,
+            prefix,
+            params: Params::from_tensors(tensors),
+        })
     }
 
     pub fn num_layers(&self) -> usize {
@@ -220,7 +274,10 @@ impl Bert {
 
     /// Last hidden state, `[batch, seq, hidden]`.
     pub fn forward(&self, batch: &Batch, opts: &ForwardOptions) -> Result<Var> {
-        Ok(self.forward_hidden_states(batch, opts)?.pop().expect("embeddings output is always present"))
+        Ok(self
+            .forward_hidden_states(batch, opts)?
+            .pop()
+            .expect("embeddings output is always present"))
     }
 
     /// The embedding output followed by every layer's output: `num_layers + 1` states.
@@ -235,21 +292,54 @@ impl Bert {
         let shape = [batch.batch, batch.seq];
         let positions: Vec<usize> = (0..batch.batch).flat_map(|_| 0..batch.seq).collect();
         let token_types = vec![0usize; positions.len()];
-        let mut x = ops::embedding(self.p("embeddings.word_embeddings.weight")?, &batch.ids, &shape)?;
-        x = ops::add(&x, &ops::embedding(self.p("embeddings.position_embeddings.weight")?, &positions, &shape)?)?;
-        x = ops::add(&x, &ops::embedding(self.p("embeddings.token_type_embeddings.weight")?, &token_types, &shape)?)?;
-        x = ops::layernorm(&x, self.p("embeddings.LayerNorm.weight")?, self.p("embeddings.LayerNorm.bias")?, c.layer_norm_eps)?;
+        let mut x = ops::embedding(
+            self.p("embeddings.word_embeddings.weight")?,
+            &batch.ids,
+            &shape,
+        )?;
+        x = ops::add(
+            &x,
+            &ops::embedding(
+                self.p("embeddings.position_embeddings.weight")?,
+                &positions,
+                &shape,
+            )?,
+        )?;
+        x = ops::add(
+            &x,
+            &ops::embedding(
+                self.p("embeddings.token_type_embeddings.weight")?,
+                &token_types,
+                &shape,
+            )?,
+        )?;
+        x = ops::layernorm(
+            &x,
+            self.p("embeddings.LayerNorm.weight")?,
+            self.p("embeddings.LayerNorm.bias")?,
+            c.layer_norm_eps,
+        )?;
         let mut dropout_site = 0u64;
         let mut dropout = |v: &Var| {
             dropout_site += 1;
-            ops::dropout(v, opts.dropout, opts.seed.wrapping_mul(0x9E37_79B9).wrapping_add(dropout_site))
+            ops::dropout(
+                v,
+                opts.dropout,
+                opts.seed
+                    .wrapping_mul(0x9E37_79B9)
+                    .wrapping_add(dropout_site),
+            )
         };
         x = dropout(&x)?;
         let mask = Var::constant(batch.mask.clone());
         let mut states = vec![x.clone()];
         for l in 0..c.num_hidden_layers {
             let lin = |x: &Var, name: &str| -> Result<Var> {
-                Ok(ops::linear(x, self.layer_p(l, &format!("{name}.weight"))?, Some(self.layer_p(l, &format!("{name}.bias"))?))?)
+                Ok(ops::linear(
+                    x,
+                    self.layer_p(l, &format!("{name}.weight"))?,
+                    Some(self.layer_p(l, &format!("{name}.bias"))?),
+                )?)
             };
             let q = lin(&x, "attention.self.query")?;
             let k = lin(&x, "attention.self.key")?;
@@ -279,9 +369,11 @@ impl Bert {
     /// (a multiply-add counts as two FLOPs; attention scores and the weighted sum grow with `seq`).
     pub fn layer_cost(&self, seq: usize) -> (usize, usize) {
         let (h, i) = (self.config.hidden_size, self.config.intermediate_size);
-        let params: usize = layer_tensor_shapes(h, i).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        let params: usize = layer_tensor_shapes(h, i)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
         let flops = 2 * (4 * h * h + 2 * h * i) + 2 * 2 * seq * h;
         (params, flops)
     }
-
 }

@@ -21,7 +21,12 @@ pub enum ModelError {
     #[error("{path}: tensor `{name}` is missing (the config needs it)")]
     MissingTensor { path: PathBuf, name: String },
     #[error("{path}: tensor `{name}` has shape {actual:?}, the config implies {expected:?}")]
-    TensorShape { path: PathBuf, name: String, expected: Vec<usize>, actual: Vec<usize> },
+    TensorShape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
     #[error("tokenizer {path}: {detail}")]
     Tokenizer { path: PathBuf, detail: String },
     #[error("{0}")]
@@ -31,6 +36,12 @@ pub enum ModelError {
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_owned(), source })?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.to_owned(), detail: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Json {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })
 }

@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use scalpel_autograd::{ops, Var};
 use scalpel_tensor::{DType, Tensor};
+use serde::Deserialize;
 
 use crate::bert::{Bert, ForwardOptions};
 use crate::error::read_json;
@@ -67,16 +67,30 @@ impl SentenceConfig {
             }
         }
         let sbert_path = dir.join("sentence_bert_config.json");
-        let declared = if sbert_path.exists() { read_json::<SentenceBertConfig>(&sbert_path)?.max_seq_length } else { None };
+        let declared = if sbert_path.exists() {
+            read_json::<SentenceBertConfig>(&sbert_path)?.max_seq_length
+        } else {
+            None
+        };
         let limit = bert.config.max_position_embeddings;
-        Ok(SentenceConfig { max_seq_length: declared.unwrap_or(limit).min(limit), normalize })
+        Ok(SentenceConfig {
+            max_seq_length: declared.unwrap_or(limit).min(limit),
+            normalize,
+        })
     }
 }
 
 fn check_pooling(path: &Path) -> Result<()> {
     let p: PoolingConfig = read_json(path)?;
-    if !p.pooling_mode_mean_tokens || p.pooling_mode_cls_token || p.pooling_mode_max_tokens || p.pooling_mode_mean_sqrt_len_tokens {
-        return Err(ModelError::Config { path: path.to_owned(), detail: "only mean pooling (pooling_mode_mean_tokens alone) is supported".into() });
+    if !p.pooling_mode_mean_tokens
+        || p.pooling_mode_cls_token
+        || p.pooling_mode_max_tokens
+        || p.pooling_mode_mean_sqrt_len_tokens
+    {
+        return Err(ModelError::Config {
+            path: path.to_owned(),
+            detail: "only mean pooling (pooling_mode_mean_tokens alone) is supported".into(),
+        });
     }
     Ok(())
 }
@@ -92,14 +106,22 @@ pub struct SentenceEncoder {
 impl SentenceEncoder {
     pub fn load(dir: &Path) -> Result<SentenceEncoder> {
         if !dir.is_dir() {
-            return Err(ModelError::Input(format!("{}: no such model directory", dir.display())));
+            return Err(ModelError::Input(format!(
+                "{}: no such model directory",
+                dir.display()
+            )));
         }
         let mut bert = Bert::load(dir)?;
         // Inference by default: constant weights record no graph. Training thaws what it trains.
         bert.params.freeze(|_| true);
         let config = SentenceConfig::load(dir, &bert)?;
         let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"), config.max_seq_length)?;
-        Ok(SentenceEncoder { bert, tokenizer, config, dir: dir.to_owned() })
+        Ok(SentenceEncoder {
+            bert,
+            tokenizer,
+            config,
+            dir: dir.to_owned(),
+        })
     }
 
     /// Pooled (and, if configured, normalised) embeddings of a batch: `[batch, hidden]`.
@@ -112,7 +134,11 @@ impl SentenceEncoder {
     /// Mean pooling over real tokens, then L2 normalisation if the checkpoint asks for it.
     pub fn pool(&self, hidden: &Var, batch: &Batch) -> Result<Var> {
         let pooled = ops::mean_pool(hidden, &Var::constant(batch.mask.clone()))?;
-        Ok(if self.config.normalize { ops::l2_normalize(&pooled)? } else { pooled })
+        Ok(if self.config.normalize {
+            ops::l2_normalize(&pooled)?
+        } else {
+            pooled
+        })
     }
 
     /// Embeds `texts` in batches of `batch_size` and returns `[texts.len(), hidden]` in input
@@ -120,7 +146,10 @@ impl SentenceEncoder {
     /// never changes a sentence's embedding.
     pub fn embed<S: AsRef<str>>(&self, texts: &[S], batch_size: usize) -> Result<Tensor> {
         let hidden = self.bert.config.hidden_size;
-        let ids = texts.iter().map(|t| self.tokenizer.encode(t.as_ref())).collect::<Result<Vec<_>>>()?;
+        let ids = texts
+            .iter()
+            .map(|t| self.tokenizer.encode(t.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
         let mut out = vec![0f32; texts.len() * hidden];

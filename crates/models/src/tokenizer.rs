@@ -15,16 +15,27 @@ pub struct TextTokenizer {
 
 impl TextTokenizer {
     pub fn load(path: &Path, max_seq_length: usize) -> Result<TextTokenizer> {
-        let err = |detail: String| ModelError::Tokenizer { path: path.to_owned(), detail };
+        let err = |detail: String| ModelError::Tokenizer {
+            path: path.to_owned(),
+            detail,
+        };
         if !path.exists() {
-            return Err(err("not found (scalpel needs the checkpoint's tokenizer.json)".into()));
+            return Err(err(
+                "not found (scalpel needs the checkpoint's tokenizer.json)".into(),
+            ));
         }
         let mut inner = Tokenizer::from_file(path).map_err(|e| err(format!("unreadable: {e}")))?;
         inner
-            .with_truncation(Some(TruncationParams { max_length: max_seq_length, ..Default::default() }))
+            .with_truncation(Some(TruncationParams {
+                max_length: max_seq_length,
+                ..Default::default()
+            }))
             .map_err(|e| err(format!("cannot set truncation: {e}")))?;
         inner.with_padding(None);
-        Ok(TextTokenizer { inner, path: path.to_owned() })
+        Ok(TextTokenizer {
+            inner,
+            path: path.to_owned(),
+        })
     }
 
     /// Token ids with special tokens (`[CLS] … [SEP]`), truncated to `max_seq_length`.
@@ -32,12 +43,18 @@ impl TextTokenizer {
         let enc = self
             .inner
             .encode(text, true)
-            .map_err(|e| ModelError::Tokenizer { path: self.path.clone(), detail: format!("cannot encode {text:?}: {e}") })?;
+            .map_err(|e| ModelError::Tokenizer {
+                path: self.path.clone(),
+                detail: format!("cannot encode {text:?}: {e}"),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn batch<S: AsRef<str>>(&self, texts: &[S]) -> Result<Batch> {
-        let ids = texts.iter().map(|t| self.encode(t.as_ref())).collect::<Result<Vec<_>>>()?;
+        let ids = texts
+            .iter()
+            .map(|t| self.encode(t.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Batch::from_ids(&ids))
     }
 
@@ -69,7 +86,13 @@ impl Batch {
                 mask[b * seq + t] = 1.0;
             }
         }
-        let mask = Tensor::from_vec(&[sequences.len(), seq], mask).expect("mask length is batch·seq");
-        Batch { ids, mask, batch: sequences.len(), seq }
+        let mask =
+            Tensor::from_vec(&[sequences.len(), seq], mask).expect("mask length is batch·seq");
+        Batch {
+            ids,
+            mask,
+            batch: sequences.len(),
+            seq,
+        }
     }
 }

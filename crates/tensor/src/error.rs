@@ -6,7 +6,10 @@ pub enum TensorError {
     #[error("shape mismatch in {op}: {detail}")]
     Shape { op: &'static str, detail: String },
     #[error("{op} does not support dtype {dtype:?}")]
-    DType { op: &'static str, dtype: crate::DType },
+    DType {
+        op: &'static str,
+        dtype: crate::DType,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -21,6 +24,9 @@ pub type Result<T, E = TensorError> = std::result::Result<T, E>;
 
 impl TensorError {
     pub fn shape(op: &'static str, detail: impl Into<String>) -> Self {
-        TensorError::Shape { op, detail: detail.into() }
+        TensorError::Shape {
+            op,
+            detail: detail.into(),
+        }
     }
 }

@@ -20,14 +20,20 @@ macro_rules! dispatch_float {
 fn same_dtype(op: &'static str, tensors: &[&Tensor]) -> Result<DType> {
     let dtype = tensors[0].dtype();
     if let Some(t) = tensors.iter().find(|t| t.dtype() != dtype) {
-        return Err(TensorError::shape(op, format!("mixed dtypes {dtype:?} and {:?}", t.dtype())));
+        return Err(TensorError::shape(
+            op,
+            format!("mixed dtypes {dtype:?} and {:?}", t.dtype()),
+        ));
     }
     Ok(dtype)
 }
 
 fn expect_shape(op: &'static str, what: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
     if t.shape() != shape {
-        return Err(TensorError::shape(op, format!("{what} has shape {:?}, expected {shape:?}", t.shape())));
+        return Err(TensorError::shape(
+            op,
+            format!("{what} has shape {:?}, expected {shape:?}", t.shape()),
+        ));
     }
     Ok(())
 }
@@ -35,17 +41,37 @@ fn expect_shape(op: &'static str, what: &str, t: &Tensor, shape: &[usize]) -> Re
 /// Splits `[..., rows, cols]` into (batch, rows, cols).
 fn matrix_dims(op: &'static str, t: &Tensor) -> Result<(usize, usize, usize)> {
     if t.rank() < 2 {
-        return Err(TensorError::shape(op, format!("need rank ≥ 2, got {:?}", t.shape())));
+        return Err(TensorError::shape(
+            op,
+            format!("need rank ≥ 2, got {:?}", t.shape()),
+        ));
     }
     let r = t.rank();
-    Ok((t.shape()[..r - 2].iter().product(), t.shape()[r - 2], t.shape()[r - 1]))
+    Ok((
+        t.shape()[..r - 2].iter().product(),
+        t.shape()[r - 2],
+        t.shape()[r - 1],
+    ))
 }
 
 /// Batched `op(a)·op(b)`; leading dimensions must match exactly.
 pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
-    fn run<F: Float>(a: &Tensor, b: &Tensor, batch: usize, s: GemmShape, shape: Vec<usize>) -> Result<Tensor> {
+    fn run<F: Float>(
+        a: &Tensor,
+        b: &Tensor,
+        batch: usize,
+        s: GemmShape,
+        shape: Vec<usize>,
+    ) -> Result<Tensor> {
         let mut c = Tensor::zeros(&shape, F::DTYPE);
-        cpu::gemm::gemm_batched(batch, s, a.values::<F>()?, b.values::<F>()?, c.values_mut::<F>()?, F::ZERO);
+        cpu::gemm::gemm_batched(
+            batch,
+            s,
+            a.values::<F>()?,
+            b.values::<F>()?,
+            c.values_mut::<F>()?,
+            F::ZERO,
+        );
         Ok(c)
     }
     let dtype = same_dtype("matmul", &[a, b])?;
@@ -56,18 +82,37 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
     if ba != bb || k != k2 || a.shape()[..a.rank() - 2] != b.shape()[..b.rank() - 2] {
         return Err(TensorError::shape(
             "matmul",
-            format!("{:?}{} · {:?}{}", a.shape(), if trans_a { "ᵀ" } else { "" }, b.shape(), if trans_b { "ᵀ" } else { "" }),
+            format!(
+                "{:?}{} · {:?}{}",
+                a.shape(),
+                if trans_a { "ᵀ" } else { "" },
+                b.shape(),
+                if trans_b { "ᵀ" } else { "" }
+            ),
         ));
     }
     let mut shape = a.shape()[..a.rank() - 2].to_vec();
     shape.extend([m, n]);
-    let s = GemmShape { m, n, k, trans_a, trans_b };
+    let s = GemmShape {
+        m,
+        n,
+        k,
+        trans_a,
+        trans_b,
+    };
     dispatch_float!("matmul", dtype, run(a, b, ba, s, shape))
 }
 
 /// `y = x·Wᵀ + b` over the last dimension of `x`; `w` is `[out, in]` as PyTorch stores it.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    fn run<F: Float>(x: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: usize, s: GemmShape, shape: Vec<usize>) -> Result<Tensor> {
+    fn run<F: Float>(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        rows: usize,
+        s: GemmShape,
+        shape: Vec<usize>,
+    ) -> Result<Tensor> {
         let mut y = Tensor::zeros(&shape, F::DTYPE);
         let out = y.values_mut::<F>()?;
         cpu::gemm::gemm(s, x.values::<F>()?, w.values::<F>()?, out, F::ZERO);
@@ -79,7 +124,10 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     }
     let dtype = same_dtype("linear", &[x, w])?;
     if w.rank() != 2 || x.rank() == 0 || x.dim(-1) != w.dim(1) {
-        return Err(TensorError::shape("linear", format!("input {:?} against weight {:?}", x.shape(), w.shape())));
+        return Err(TensorError::shape(
+            "linear",
+            format!("input {:?} against weight {:?}", x.shape(), w.shape()),
+        ));
     }
     let (out_f, in_f) = (w.dim(0), w.dim(1));
     if let Some(b) = b {
@@ -89,7 +137,13 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let rows = x.numel() / in_f;
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = out_f;
-    let s = GemmShape { m: rows, n: out_f, k: in_f, trans_a: false, trans_b: true };
+    let s = GemmShape {
+        m: rows,
+        n: out_f,
+        k: in_f,
+        trans_a: false,
+        trans_b: true,
+    };
     dispatch_float!("linear", dtype, run(x, w, b, rows, s, shape))
 }
 
@@ -117,8 +171,18 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
 }
 
 /// LayerNorm over the last dimension. Returns `(y, mean, rstd)`; the statistics are `[rows]`.
-pub fn layernorm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
-    fn run<F: Float>(x: &Tensor, gamma: &Tensor, beta: &Tensor, s: LayerNormShape) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn layernorm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    fn run<F: Float>(
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        s: LayerNormShape,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let mut y = Tensor::zeros(x.shape(), F::DTYPE);
         let mut mean = Tensor::zeros(&[s.rows], F::DTYPE);
         let mut rstd = Tensor::zeros(&[s.rows], F::DTYPE);
@@ -137,7 +201,11 @@ pub fn layernorm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<
     let cols = if x.rank() == 0 { 0 } else { x.dim(-1) };
     expect_shape("layernorm", "gamma", gamma, &[cols])?;
     expect_shape("layernorm", "beta", beta, &[cols])?;
-    let s = LayerNormShape { rows: x.numel() / cols.max(1), cols, eps };
+    let s = LayerNormShape {
+        rows: x.numel() / cols.max(1),
+        cols,
+        eps,
+    };
     dispatch_float!("layernorm", dtype, run(x, gamma, beta, s))
 }
 
@@ -150,10 +218,16 @@ pub fn embedding(table: &Tensor, ids: &[usize]) -> Result<Tensor> {
         Ok(out)
     }
     if table.rank() != 2 {
-        return Err(TensorError::shape("embedding", format!("table must be [vocab, dim], got {:?}", table.shape())));
+        return Err(TensorError::shape(
+            "embedding",
+            format!("table must be [vocab, dim], got {:?}", table.shape()),
+        ));
     }
     if let Some(&bad) = ids.iter().find(|&&i| i >= table.dim(0)) {
-        return Err(TensorError::shape("embedding", format!("id {bad} is outside the table of {} rows", table.dim(0))));
+        return Err(TensorError::shape(
+            "embedding",
+            format!("id {bad} is outside the table of {} rows", table.dim(0)),
+        ));
     }
     dispatch_float!("embedding", table.dtype(), run(table, ids))
 }
@@ -182,8 +256,20 @@ pub fn scale(x: &Tensor, alpha: f64) -> Result<Tensor> {
 
 /// Fused multi-head attention; `q`, `k`, `v` are `[batch, seq, heads·head_dim]`, `mask` is
 /// `[batch, seq]` (1 = token, 0 = padding). Returns `(out, lse)` with `lse` `[batch, heads, seq]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize) -> Result<(Tensor, Tensor)> {
-    fn run<F: Float>(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, s: AttentionShape) -> Result<(Tensor, Tensor)> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    heads: usize,
+) -> Result<(Tensor, Tensor)> {
+    fn run<F: Float>(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        s: AttentionShape,
+    ) -> Result<(Tensor, Tensor)> {
         let mut out = Tensor::zeros(q.shape(), F::DTYPE);
         let mut lse = Tensor::zeros(&[s.batch, s.heads, s.seq], F::DTYPE);
         cpu::attention::attention_forward(
@@ -202,15 +288,29 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize
 }
 
 /// Validates attention operands and derives the shape.
-pub fn attention_shape(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize) -> Result<AttentionShape> {
+pub fn attention_shape(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    heads: usize,
+) -> Result<AttentionShape> {
     same_dtype("attention", &[q, k, v, mask])?;
     if q.rank() != 3 || heads == 0 || q.dim(2) % heads != 0 {
-        return Err(TensorError::shape("attention", format!("q {:?} cannot split into {heads} heads", q.shape())));
+        return Err(TensorError::shape(
+            "attention",
+            format!("q {:?} cannot split into {heads} heads", q.shape()),
+        ));
     }
     expect_shape("attention", "k", k, q.shape())?;
     expect_shape("attention", "v", v, q.shape())?;
     expect_shape("attention", "mask", mask, &q.shape()[..2])?;
-    Ok(AttentionShape { batch: q.dim(0), seq: q.dim(1), heads, head_dim: q.dim(2) / heads })
+    Ok(AttentionShape {
+        batch: q.dim(0),
+        seq: q.dim(1),
+        heads,
+        head_dim: q.dim(2) / heads,
+    })
 }
 
 /// Mean over the unmasked tokens: `[batch, seq, dim]` × `[batch, seq]` → `[batch, dim]`.
@@ -218,12 +318,21 @@ pub fn mean_pool(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     fn run<F: Float>(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, s, d) = (x.dim(0), x.dim(1), x.dim(2));
         let mut out = Tensor::zeros(&[b, d], F::DTYPE);
-        cpu::pooling::mean_pool_forward(s, d, x.values::<F>()?, mask.values::<F>()?, out.values_mut::<F>()?);
+        cpu::pooling::mean_pool_forward(
+            s,
+            d,
+            x.values::<F>()?,
+            mask.values::<F>()?,
+            out.values_mut::<F>()?,
+        );
         Ok(out)
     }
     let dtype = same_dtype("mean_pool", &[x, mask])?;
     if x.rank() != 3 {
-        return Err(TensorError::shape("mean_pool", format!("input must be [batch, seq, dim], got {:?}", x.shape())));
+        return Err(TensorError::shape(
+            "mean_pool",
+            format!("input must be [batch, seq, dim], got {:?}", x.shape()),
+        ));
     }
     expect_shape("mean_pool", "mask", mask, &x.shape()[..2])?;
     dispatch_float!("mean_pool", dtype, run(x, mask))
@@ -235,7 +344,12 @@ pub fn l2_normalize(x: &Tensor) -> Result<(Tensor, Tensor)> {
         let dim = x.dim(-1);
         let mut y = Tensor::zeros(x.shape(), F::DTYPE);
         let mut norms = Tensor::zeros(&[x.numel() / dim.max(1)], F::DTYPE);
-        cpu::pooling::l2_normalize_forward(dim, x.values::<F>()?, y.values_mut::<F>()?, norms.values_mut::<F>()?);
+        cpu::pooling::l2_normalize_forward(
+            dim,
+            x.values::<F>()?,
+            y.values_mut::<F>()?,
+            norms.values_mut::<F>()?,
+        );
         Ok((y, norms))
     }
     if x.rank() == 0 {
@@ -249,29 +363,77 @@ pub fn l2_normalize(x: &Tensor) -> Result<(Tensor, Tensor)> {
 // freshly allocated input gradients.
 
 /// `(dA, dB)` of `C = op(A)·op(B)` for 2-D or batched operands, shapes as in [`matmul`].
-pub fn matmul_backward(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, dc: &Tensor) -> Result<(Tensor, Tensor)> {
+pub fn matmul_backward(
+    a: &Tensor,
+    b: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+    dc: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     // dA = dC·op(B)ᵀ (stored transposed back if A was), dB = op(A)ᵀ·dC likewise.
-    let da = if trans_a { matmul(b, dc, trans_b, true)? } else { matmul(dc, b, false, !trans_b)? };
-    let db = if trans_b { matmul(dc, a, true, trans_a)? } else { matmul(a, dc, !trans_a, false)? };
+    let da = if trans_a {
+        matmul(b, dc, trans_b, true)?
+    } else {
+        matmul(dc, b, false, !trans_b)?
+    };
+    let db = if trans_b {
+        matmul(dc, a, true, trans_a)?
+    } else {
+        matmul(a, dc, !trans_a, false)?
+    };
     Ok((da, db))
 }
 
 /// Gradients of [`linear`]: `dx = dy·W`, `dW = dyᵀ·x`, `db = Σ_rows dy`.
-pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
-    fn run<F: Float>(x: &Tensor, w: &Tensor, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+pub fn linear_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    need_dx: bool,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    fn run<F: Float>(
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let (out_f, in_f) = (w.dim(0), w.dim(1));
         let rows = x.numel() / in_f;
         let dxv = if need_dx {
             let mut dx = Tensor::zeros(x.shape(), F::DTYPE);
-            let s = GemmShape { m: rows, n: in_f, k: out_f, trans_a: false, trans_b: false };
-            cpu::gemm::gemm(s, dy.values::<F>()?, w.values::<F>()?, dx.values_mut::<F>()?, F::ZERO);
+            let s = GemmShape {
+                m: rows,
+                n: in_f,
+                k: out_f,
+                trans_a: false,
+                trans_b: false,
+            };
+            cpu::gemm::gemm(
+                s,
+                dy.values::<F>()?,
+                w.values::<F>()?,
+                dx.values_mut::<F>()?,
+                F::ZERO,
+            );
             Some(dx)
         } else {
             None
         };
         let mut dw = Tensor::zeros(w.shape(), F::DTYPE);
-        let s = GemmShape { m: out_f, n: in_f, k: rows, trans_a: true, trans_b: false };
-        cpu::gemm::gemm(s, dy.values::<F>()?, x.values::<F>()?, dw.values_mut::<F>()?, F::ZERO);
+        let s = GemmShape {
+            m: out_f,
+            n: in_f,
+            k: rows,
+            trans_a: true,
+            trans_b: false,
+        };
+        cpu::gemm::gemm(
+            s,
+            dy.values::<F>()?,
+            x.values::<F>()?,
+            dw.values_mut::<F>()?,
+            F::ZERO,
+        );
         let mut db = Tensor::zeros(&[out_f], F::DTYPE);
         cpu::elementwise::bias_backward(out_f, dy.values::<F>()?, db.values_mut::<F>()?);
         Ok((dxv, dw, db))
@@ -298,9 +460,19 @@ pub fn layernorm_backward(
     rstd: &Tensor,
     dy: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    fn run<F: Float>(x: &Tensor, gamma: &Tensor, mean: &Tensor, rstd: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    fn run<F: Float>(
+        x: &Tensor,
+        gamma: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let cols = gamma.numel();
-        let s = LayerNormShape { rows: x.numel() / cols.max(1), cols, eps: 0.0 };
+        let s = LayerNormShape {
+            rows: x.numel() / cols.max(1),
+            cols,
+            eps: 0.0,
+        };
         let mut dx = Tensor::zeros(x.shape(), F::DTYPE);
         let mut dgamma = Tensor::zeros(gamma.shape(), F::DTYPE);
         let mut dbeta = Tensor::zeros(gamma.shape(), F::DTYPE);
@@ -318,7 +490,11 @@ pub fn layernorm_backward(
         Ok((dx, dgamma, dbeta))
     }
     expect_shape("layernorm_backward", "dy", dy, x.shape())?;
-    dispatch_float!("layernorm_backward", x.dtype(), run(x, gamma, mean, rstd, dy))
+    dispatch_float!(
+        "layernorm_backward",
+        x.dtype(),
+        run(x, gamma, mean, rstd, dy)
+    )
 }
 
 /// `(dq, dk, dv)` of [`attention`], recomputing probabilities from the saved `lse`.
@@ -364,34 +540,69 @@ pub fn attention_backward(
     }
     let s = attention_shape(q, k, v, mask, heads)?;
     expect_shape("attention_backward", "dout", dout, q.shape())?;
-    dispatch_float!("attention_backward", q.dtype(), run(s, q, k, v, mask, out, lse, dout))
+    dispatch_float!(
+        "attention_backward",
+        q.dtype(),
+        run(s, q, k, v, mask, out, lse, dout)
+    )
 }
 
 /// Scatter-add of `dout` (`[ids.len(), dim]`) into a zero gradient of the `[vocab, dim]` table.
 pub fn embedding_backward(table_shape: &[usize], ids: &[usize], dout: &Tensor) -> Result<Tensor> {
     fn run<F: Float>(table_shape: &[usize], ids: &[usize], dout: &Tensor) -> Result<Tensor> {
         let mut dtable = Tensor::zeros(table_shape, F::DTYPE);
-        cpu::embedding::embedding_backward(table_shape[1], ids, dout.values::<F>()?, dtable.values_mut::<F>()?);
+        cpu::embedding::embedding_backward(
+            table_shape[1],
+            ids,
+            dout.values::<F>()?,
+            dtable.values_mut::<F>()?,
+        );
         Ok(dtable)
     }
-    expect_shape("embedding_backward", "dout", dout, &[ids.len(), table_shape[1]])?;
-    dispatch_float!("embedding_backward", dout.dtype(), run(table_shape, ids, dout))
+    expect_shape(
+        "embedding_backward",
+        "dout",
+        dout,
+        &[ids.len(), table_shape[1]],
+    )?;
+    dispatch_float!(
+        "embedding_backward",
+        dout.dtype(),
+        run(table_shape, ids, dout)
+    )
 }
 
 pub fn mean_pool_backward(mask: &Tensor, x_shape: &[usize], dout: &Tensor) -> Result<Tensor> {
     fn run<F: Float>(mask: &Tensor, x_shape: &[usize], dout: &Tensor) -> Result<Tensor> {
         let mut dx = Tensor::zeros(x_shape, F::DTYPE);
-        cpu::pooling::mean_pool_backward(x_shape[1], x_shape[2], mask.values::<F>()?, dout.values::<F>()?, dx.values_mut::<F>()?);
+        cpu::pooling::mean_pool_backward(
+            x_shape[1],
+            x_shape[2],
+            mask.values::<F>()?,
+            dout.values::<F>()?,
+            dx.values_mut::<F>()?,
+        );
         Ok(dx)
     }
-    expect_shape("mean_pool_backward", "dout", dout, &[x_shape[0], x_shape[2]])?;
+    expect_shape(
+        "mean_pool_backward",
+        "dout",
+        dout,
+        &[x_shape[0], x_shape[2]],
+    )?;
     dispatch_float!("mean_pool_backward", dout.dtype(), run(mask, x_shape, dout))
 }
 
 pub fn l2_normalize_backward(y: &Tensor, norms: &Tensor, dy: &Tensor) -> Result<Tensor> {
     fn run<F: Float>(y: &Tensor, norms: &Tensor, dy: &Tensor) -> Result<Tensor> {
         let mut dx = Tensor::zeros(y.shape(), F::DTYPE);
-        cpu::pooling::l2_normalize_backward(y.dim(-1), y.values::<F>()?, norms.values::<F>()?, dy.values::<F>()?, dx.values_mut::<F>()?);
+        cpu::pooling::l2_normalize_backward(
+            y.dim(-1),
+            y.values::<F>()?,
+            norms.values::<F>()?,
+            dy.values::<F>()?,
+            dx.values_mut::<F>()?,
+        );
         Ok(dx)
     }
     expect_shape("l2_normalize_backward", "dy", dy, y.shape())?;
@@ -403,17 +614,29 @@ pub fn l2_normalize_backward(y: &Tensor, norms: &Tensor, dy: &Tensor) -> Result<
 pub fn cross_entropy(logits: &Tensor, targets: &[usize]) -> Result<(f64, Tensor)> {
     fn run<F: Float>(logits: &Tensor, targets: &[usize]) -> Result<(f64, Tensor)> {
         let mut probs = Tensor::zeros(logits.shape(), F::DTYPE);
-        let loss = cpu::softmax::cross_entropy_forward(logits.dim(1), logits.values::<F>()?, targets, probs.values_mut::<F>()?);
+        let loss = cpu::softmax::cross_entropy_forward(
+            logits.dim(1),
+            logits.values::<F>()?,
+            targets,
+            probs.values_mut::<F>()?,
+        );
         Ok((loss.to_f64(), probs))
     }
     if logits.rank() != 2 || logits.dim(0) != targets.len() || targets.is_empty() {
         return Err(TensorError::shape(
             "cross_entropy",
-            format!("logits {:?} against {} targets", logits.shape(), targets.len()),
+            format!(
+                "logits {:?} against {} targets",
+                logits.shape(),
+                targets.len()
+            ),
         ));
     }
     if let Some(&bad) = targets.iter().find(|&&t| t >= logits.dim(1)) {
-        return Err(TensorError::shape("cross_entropy", format!("target class {bad} but only {} classes", logits.dim(1))));
+        return Err(TensorError::shape(
+            "cross_entropy",
+            format!("target class {bad} but only {} classes", logits.dim(1)),
+        ));
     }
     dispatch_float!("cross_entropy", logits.dtype(), run(logits, targets))
 }
@@ -421,10 +644,20 @@ pub fn cross_entropy(logits: &Tensor, targets: &[usize]) -> Result<(f64, Tensor)
 pub fn cross_entropy_backward(probs: &Tensor, targets: &[usize], dloss: f64) -> Result<Tensor> {
     fn run<F: Float>(probs: &Tensor, targets: &[usize], dloss: f64) -> Result<Tensor> {
         let mut d = Tensor::zeros(probs.shape(), F::DTYPE);
-        cpu::softmax::cross_entropy_backward(probs.dim(1), probs.values::<F>()?, targets, F::from_f64(dloss), d.values_mut::<F>()?);
+        cpu::softmax::cross_entropy_backward(
+            probs.dim(1),
+            probs.values::<F>()?,
+            targets,
+            F::from_f64(dloss),
+            d.values_mut::<F>()?,
+        );
         Ok(d)
     }
-    dispatch_float!("cross_entropy_backward", probs.dtype(), run(probs, targets, dloss))
+    dispatch_float!(
+        "cross_entropy_backward",
+        probs.dtype(),
+        run(probs, targets, dloss)
+    )
 }
 
 /// Sum of all elements, accumulated in f64.

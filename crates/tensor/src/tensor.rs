@@ -88,20 +88,32 @@ impl Tensor {
         if numel != data.len() {
             return Err(TensorError::shape(
                 "from_data",
-                format!("shape {shape:?} holds {numel} elements but {} were given", data.len()),
+                format!(
+                    "shape {shape:?} holds {numel} elements but {} were given",
+                    data.len()
+                ),
             ));
         }
-        Ok(Tensor { shape: shape.to_vec(), data })
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            data,
+        })
     }
 
     pub fn zeros(shape: &[usize], dtype: DType) -> Tensor {
         let numel = shape.iter().product();
-        Tensor { shape: shape.to_vec(), data: Data::zeros(dtype, numel) }
+        Tensor {
+            shape: shape.to_vec(),
+            data: Data::zeros(dtype, numel),
+        }
     }
 
     pub fn full<T: Element>(shape: &[usize], value: T) -> Tensor {
         let numel = shape.iter().product();
-        Tensor { shape: shape.to_vec(), data: T::into_data(vec![value; numel]) }
+        Tensor {
+            shape: shape.to_vec(),
+            data: T::into_data(vec![value; numel]),
+        }
     }
 
     pub fn scalar<T: Element>(value: T) -> Tensor {
@@ -118,7 +130,11 @@ impl Tensor {
 
     /// Size of dimension `d`; negative values count from the end.
     pub fn dim(&self, d: isize) -> usize {
-        let i = if d < 0 { self.shape.len() as isize + d } else { d };
+        let i = if d < 0 {
+            self.shape.len() as isize + d
+        } else {
+            d
+        };
         self.shape[i as usize]
     }
 
@@ -144,12 +160,18 @@ impl Tensor {
 
     /// Borrows the elements as `T`; an error names the dtype actually held.
     pub fn values<T: Element>(&self) -> Result<&[T]> {
-        T::slice(&self.data).ok_or(TensorError::DType { op: "values", dtype: self.dtype() })
+        T::slice(&self.data).ok_or(TensorError::DType {
+            op: "values",
+            dtype: self.dtype(),
+        })
     }
 
     pub fn values_mut<T: Element>(&mut self) -> Result<&mut [T]> {
         let dtype = self.dtype();
-        T::slice_mut(&mut self.data).ok_or(TensorError::DType { op: "values_mut", dtype })
+        T::slice_mut(&mut self.data).ok_or(TensorError::DType {
+            op: "values_mut",
+            dtype,
+        })
     }
 
     /// Copies the elements out as `T`, converting from whatever dtype is held.
@@ -198,7 +220,10 @@ impl Tensor {
             DType::BF16 => Data::BF16(to(&self.data)),
             DType::I64 => Data::I64(to(&self.data)),
         };
-        Tensor { shape: self.shape.clone(), data }
+        Tensor {
+            shape: self.shape.clone(),
+            data,
+        }
     }
 
     /// Same storage, new shape of the same element count.
@@ -207,7 +232,11 @@ impl Tensor {
         if numel != self.numel() {
             return Err(TensorError::shape(
                 "reshape",
-                format!("cannot view {:?} ({} elements) as {shape:?}", self.shape, self.numel()),
+                format!(
+                    "cannot view {:?} ({} elements) as {shape:?}",
+                    self.shape,
+                    self.numel()
+                ),
             ));
         }
         self.shape = shape.to_vec();

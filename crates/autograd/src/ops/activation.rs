@@ -9,7 +9,13 @@ impl Backward for Gelu {
         "gelu"
     }
 
-    fn backward(&self, inputs: &[Var], _: &Tensor, grad: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    fn backward(
+        &self,
+        inputs: &[Var],
+        _: &Tensor,
+        grad: &Tensor,
+        _: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
         Ok(vec![Some(tops::gelu_backward(inputs[0].value(), grad)?)])
     }
 }
@@ -26,7 +32,11 @@ fn dropout_mask(len: usize, p: f64, seed: u64) -> Vec<f64> {
     (0..len as u64)
         .map(|i| {
             let u = (splitmix64(seed ^ splitmix64(i)) >> 11) as f64 / (1u64 << 53) as f64;
-            if u < p { 0.0 } else { keep }
+            if u < p {
+                0.0
+            } else {
+                keep
+            }
         })
         .collect()
 }
@@ -39,7 +49,12 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 fn apply_mask(x: &Tensor, mask: &[f64]) -> Result<Tensor> {
-    let values: Vec<f64> = x.to_vec::<f64>().iter().zip(mask).map(|(v, m)| v * m).collect();
+    let values: Vec<f64> = x
+        .to_vec::<f64>()
+        .iter()
+        .zip(mask)
+        .map(|(v, m)| v * m)
+        .collect();
     Ok(Tensor::from_vec(x.shape(), values)?.to_dtype(x.dtype()))
 }
 
@@ -52,7 +67,13 @@ impl Backward for Dropout {
         "dropout"
     }
 
-    fn backward(&self, _: &[Var], _: &Tensor, grad: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    fn backward(
+        &self,
+        _: &[Var],
+        _: &Tensor,
+        grad: &Tensor,
+        _: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
         Ok(vec![Some(apply_mask(grad, &self.mask)?)])
     }
 }
@@ -60,7 +81,9 @@ impl Backward for Dropout {
 /// Inverted dropout with probability `p`; identity (and no node) when `p == 0`.
 pub fn dropout(x: &Var, p: f64, seed: u64) -> Result<Var> {
     if !(0.0..1.0).contains(&p) {
-        return Err(AutogradError::Graph(format!("dropout probability {p} is outside [0, 1)")));
+        return Err(AutogradError::Graph(format!(
+            "dropout probability {p} is outside [0, 1)"
+        )));
     }
     if p == 0.0 || x.value().dtype() == DType::I64 {
         return Ok(x.clone());

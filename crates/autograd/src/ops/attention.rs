@@ -12,11 +12,32 @@ impl Backward for Attention {
         "attention"
     }
 
-    fn backward(&self, inputs: &[Var], out: &Tensor, grad: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        let [q, k, v, mask] = inputs else { unreachable!("attention has four inputs") };
-        let (dq, dk, dv) =
-            tops::attention_backward(q.value(), k.value(), v.value(), mask.value(), self.heads, out, &self.lse, grad)?;
-        Ok(vec![needs[0].then_some(dq), needs[1].then_some(dk), needs[2].then_some(dv), None])
+    fn backward(
+        &self,
+        inputs: &[Var],
+        out: &Tensor,
+        grad: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let [q, k, v, mask] = inputs else {
+            unreachable!("attention has four inputs")
+        };
+        let (dq, dk, dv) = tops::attention_backward(
+            q.value(),
+            k.value(),
+            v.value(),
+            mask.value(),
+            self.heads,
+            out,
+            &self.lse,
+            grad,
+        )?;
+        Ok(vec![
+            needs[0].then_some(dq),
+            needs[1].then_some(dk),
+            needs[2].then_some(dv),
+            None,
+        ])
     }
 }
 
@@ -25,5 +46,9 @@ impl Backward for Attention {
 /// constant `[batch, seq]` of 1 (token) / 0 (padding). Only the per-row log-sum-exp is saved.
 pub fn attention(q: &Var, k: &Var, v: &Var, mask: &Var, heads: usize) -> Result<Var> {
     let (out, lse) = tops::attention(q.value(), k.value(), v.value(), mask.value(), heads)?;
-    Ok(Var::from_op(out, Attention { heads, lse }, vec![q.clone(), k.clone(), v.clone(), mask.clone()]))
+    Ok(Var::from_op(
+        out,
+        Attention { heads, lse },
+        vec![q.clone(), k.clone(), v.clone(), mask.clone()],
+    ))
 }

@@ -11,10 +11,20 @@ impl Backward for Embedding {
         "embedding"
     }
 
-    fn backward(&self, inputs: &[Var], _: &Tensor, grad: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    fn backward(
+        &self,
+        inputs: &[Var],
+        _: &Tensor,
+        grad: &Tensor,
+        _: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
         let dim = inputs[0].shape()[1];
         let flat = grad.clone().reshape(&[self.ids.len(), dim])?;
-        Ok(vec![Some(tops::embedding_backward(inputs[0].shape(), &self.ids, &flat)?)])
+        Ok(vec![Some(tops::embedding_backward(
+            inputs[0].shape(),
+            &self.ids,
+            &flat,
+        )?)])
     }
 }
 
@@ -23,5 +33,9 @@ pub fn embedding(table: &Var, ids: &[usize], id_shape: &[usize]) -> Result<Var> 
     let mut shape = id_shape.to_vec();
     shape.push(table.shape()[1]);
     let out = tops::embedding(table.value(), ids)?.reshape(&shape)?;
-    Ok(Var::from_op(out, Embedding { ids: ids.to_vec() }, vec![table.clone()]))
+    Ok(Var::from_op(
+        out,
+        Embedding { ids: ids.to_vec() },
+        vec![table.clone()],
+    ))
 }

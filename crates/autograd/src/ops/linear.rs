@@ -11,7 +11,13 @@ impl Backward for Linear {
         "linear"
     }
 
-    fn backward(&self, inputs: &[Var], _: &Tensor, grad: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    fn backward(
+        &self,
+        inputs: &[Var],
+        _: &Tensor,
+        grad: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
         let (x, w) = (inputs[0].value(), inputs[1].value());
         let (dx, dw, db) = tops::linear_backward(x, w, grad, needs[0])?;
         let mut out = vec![dx, needs[1].then_some(dw)];
@@ -27,7 +33,13 @@ pub fn linear(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     let y = tops::linear(x.value(), w.value(), b.map(Var::value))?;
     let mut inputs = vec![x.clone(), w.clone()];
     inputs.extend(b.cloned());
-    Ok(Var::from_op(y, Linear { has_bias: b.is_some() }, inputs))
+    Ok(Var::from_op(
+        y,
+        Linear {
+            has_bias: b.is_some(),
+        },
+        inputs,
+    ))
 }
 
 struct MatMul {
@@ -40,8 +52,20 @@ impl Backward for MatMul {
         "matmul"
     }
 
-    fn backward(&self, inputs: &[Var], _: &Tensor, grad: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        let (da, db) = tops::matmul_backward(inputs[0].value(), inputs[1].value(), self.trans_a, self.trans_b, grad)?;
+    fn backward(
+        &self,
+        inputs: &[Var],
+        _: &Tensor,
+        grad: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let (da, db) = tops::matmul_backward(
+            inputs[0].value(),
+            inputs[1].value(),
+            self.trans_a,
+            self.trans_b,
+            grad,
+        )?;
         Ok(vec![needs[0].then_some(da), needs[1].then_some(db)])
     }
 }
@@ -49,5 +73,9 @@ impl Backward for MatMul {
 /// Batched `op(a)·op(b)`.
 pub fn matmul(a: &Var, b: &Var, trans_a: bool, trans_b: bool) -> Result<Var> {
     let c = tops::matmul(a.value(), b.value(), trans_a, trans_b)?;
-    Ok(Var::from_op(c, MatMul { trans_a, trans_b }, vec![a.clone(), b.clone()]))
+    Ok(Var::from_op(
+        c,
+        MatMul { trans_a, trans_b },
+        vec![a.clone(), b.clone()],
+    ))
 }

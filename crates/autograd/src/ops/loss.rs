@@ -7,7 +7,11 @@ use crate::{AutogradError, Backward, Result, Var};
 
 fn check_pair(op: &str, s: &Var, t: &Var) -> Result<()> {
     if s.shape() != t.shape() || s.shape().is_empty() {
-        return Err(AutogradError::Graph(format!("{op}: prediction {:?} and target {:?} differ", s.shape(), t.shape())));
+        return Err(AutogradError::Graph(format!(
+            "{op}: prediction {:?} and target {:?} differ",
+            s.shape(),
+            t.shape()
+        )));
     }
     Ok(())
 }
@@ -22,7 +26,11 @@ fn from_f64(shape: &[usize], values: Vec<f64>, like: &Tensor) -> Result<Tensor> 
 
 /// Gradients w.r.t. both operands from `ds` (the target's is `-ds`: both losses are odd in s−t
 /// or symmetric in roles as handled by each op).
-fn pair_grads(needs: &[bool], ds: Tensor, dt: impl FnOnce() -> Result<Tensor>) -> Result<Vec<Option<Tensor>>> {
+fn pair_grads(
+    needs: &[bool],
+    ds: Tensor,
+    dt: impl FnOnce() -> Result<Tensor>,
+) -> Result<Vec<Option<Tensor>>> {
     let dt = if needs[1] { Some(dt()?) } else { None };
     Ok(vec![needs[0].then_some(ds), dt])
 }
@@ -34,12 +42,25 @@ impl Backward for Mse {
         "mse_loss"
     }
 
-    fn backward(&self, inputs: &[Var], _: &Tensor, grad: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    fn backward(
+        &self,
+        inputs: &[Var],
+        _: &Tensor,
+        grad: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
         let (s, t) = (inputs[0].value(), inputs[1].value());
         let g = grad.to_vec::<f64>()[0] * 2.0 / s.numel() as f64;
-        let diff: Vec<f64> = s.to_vec::<f64>().iter().zip(t.to_vec::<f64>()).map(|(a, b)| g * (a - b)).collect();
+        let diff: Vec<f64> = s
+            .to_vec::<f64>()
+            .iter()
+            .zip(t.to_vec::<f64>())
+            .map(|(a, b)| g * (a - b))
+            .collect();
         let ds = from_f64(s.shape(), diff.clone(), s)?;
-        pair_grads(needs, ds, || from_f64(s.shape(), diff.iter().map(|d| -d).collect(), s))
+        pair_grads(needs, ds, || {
+            from_f64(s.shape(), diff.iter().map(|d| -d).collect(), s)
+        })
     }
 }
 
@@ -47,9 +68,19 @@ impl Backward for Mse {
 pub fn mse_loss(s: &Var, t: &Var) -> Result<Var> {
     check_pair("mse_loss", s, t)?;
     let n = s.value().numel() as f64;
-    let loss: f64 =
-        s.value().to_vec::<f64>().iter().zip(t.value().to_vec::<f64>()).map(|(a, b)| (a - b) * (a - b)).sum::<f64>() / n;
-    Ok(Var::from_op(scalar_like(loss, s.value()), Mse, vec![s.clone(), t.clone()]))
+    let loss: f64 = s
+        .value()
+        .to_vec::<f64>()
+        .iter()
+        .zip(t.value().to_vec::<f64>())
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        / n;
+    Ok(Var::from_op(
+        scalar_like(loss, s.value()),
+        Mse,
+        vec![s.clone(), t.clone()],
+    ))
 }
 
 /// Per row: `(cos, ‖s‖, ‖t‖)`.
@@ -74,7 +105,13 @@ impl Backward for Cosine {
         "cosine_loss"
     }
 
-    fn backward(&self, inputs: &[Var], _: &Tensor, grad: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    fn backward(
+        &self,
+        inputs: &[Var],
+        _: &Tensor,
+        grad: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
         let (s, t) = (inputs[0].value(), inputs[1].value());
         let dim = s.dim(-1);
         let rows = row_cosines(s, t);
@@ -82,15 +119,23 @@ impl Backward for Cosine {
         // d cos(a, b)/da = b/(‖a‖‖b‖) − cos·a/‖a‖².
         let d_first = |a: &[f64], b: &[f64], swap: bool| -> Vec<f64> {
             let mut out = Vec::with_capacity(a.len());
-            for ((ra, rb), &(cos, na, nb)) in a.chunks_exact(dim).zip(b.chunks_exact(dim)).zip(&rows) {
+            for ((ra, rb), &(cos, na, nb)) in
+                a.chunks_exact(dim).zip(b.chunks_exact(dim)).zip(&rows)
+            {
                 let (na, nb) = if swap { (nb, na) } else { (na, nb) };
-                out.extend(ra.iter().zip(rb).map(|(x, y)| g * (y / (na * nb) - cos * x / (na * na))));
+                out.extend(
+                    ra.iter()
+                        .zip(rb)
+                        .map(|(x, y)| g * (y / (na * nb) - cos * x / (na * na))),
+                );
             }
             out
         };
         let (sv, tv) = (s.to_vec::<f64>(), t.to_vec::<f64>());
         let ds = from_f64(s.shape(), d_first(&sv, &tv, false), s)?;
-        pair_grads(needs, ds, || from_f64(s.shape(), d_first(&tv, &sv, true), s))
+        pair_grads(needs, ds, || {
+            from_f64(s.shape(), d_first(&tv, &sv, true), s)
+        })
     }
 }
 
@@ -99,7 +144,11 @@ pub fn cosine_loss(s: &Var, t: &Var) -> Result<Var> {
     check_pair("cosine_loss", s, t)?;
     let rows = row_cosines(s.value(), t.value());
     let loss = rows.iter().map(|(c, _, _)| 1.0 - c).sum::<f64>() / rows.len() as f64;
-    Ok(Var::from_op(scalar_like(loss, s.value()), Cosine, vec![s.clone(), t.clone()]))
+    Ok(Var::from_op(
+        scalar_like(loss, s.value()),
+        Cosine,
+        vec![s.clone(), t.clone()],
+    ))
 }
 
 struct CrossEntropy {
@@ -112,14 +161,31 @@ impl Backward for CrossEntropy {
         "cross_entropy"
     }
 
-    fn backward(&self, _: &[Var], _: &Tensor, grad: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(tops::cross_entropy_backward(&self.probs, &self.targets, grad.to_vec::<f64>()[0])?)])
+    fn backward(
+        &self,
+        _: &[Var],
+        _: &Tensor,
+        grad: &Tensor,
+        _: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(tops::cross_entropy_backward(
+            &self.probs,
+            &self.targets,
+            grad.to_vec::<f64>()[0],
+        )?)])
     }
 }
 
 /// Mean softmax cross-entropy of `logits` `[rows, classes]` against class indices.
 pub fn cross_entropy(logits: &Var, targets: &[usize]) -> Result<Var> {
     let (loss, probs) = tops::cross_entropy(logits.value(), targets)?;
-    let op = CrossEntropy { targets: targets.to_vec(), probs };
-    Ok(Var::from_op(scalar_like(loss, logits.value()), op, vec![logits.clone()]))
+    let op = CrossEntropy {
+        targets: targets.to_vec(),
+        probs,
+    };
+    Ok(Var::from_op(
+        scalar_like(loss, logits.value()),
+        op,
+        vec![logits.clone()],
+    ))
 }

@@ -9,14 +9,31 @@ impl Backward for MeanPool {
         "mean_pool"
     }
 
-    fn backward(&self, inputs: &[Var], _: &Tensor, grad: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(tops::mean_pool_backward(inputs[1].value(), inputs[0].shape(), grad)?), None])
+    fn backward(
+        &self,
+        inputs: &[Var],
+        _: &Tensor,
+        grad: &Tensor,
+        _: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![
+            Some(tops::mean_pool_backward(
+                inputs[1].value(),
+                inputs[0].shape(),
+                grad,
+            )?),
+            None,
+        ])
     }
 }
 
 /// Mean over unmasked tokens: `[batch, seq, dim]`, constant mask `[batch, seq]` → `[batch, dim]`.
 pub fn mean_pool(x: &Var, mask: &Var) -> Result<Var> {
-    Ok(Var::from_op(tops::mean_pool(x.value(), mask.value())?, MeanPool, vec![x.clone(), mask.clone()]))
+    Ok(Var::from_op(
+        tops::mean_pool(x.value(), mask.value())?,
+        MeanPool,
+        vec![x.clone(), mask.clone()],
+    ))
 }
 
 struct L2Normalize {
@@ -28,8 +45,18 @@ impl Backward for L2Normalize {
         "l2_normalize"
     }
 
-    fn backward(&self, _: &[Var], out: &Tensor, grad: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(tops::l2_normalize_backward(out, &self.norms, grad)?)])
+    fn backward(
+        &self,
+        _: &[Var],
+        out: &Tensor,
+        grad: &Tensor,
+        _: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(tops::l2_normalize_backward(
+            out,
+            &self.norms,
+            grad,
+        )?)])
     }
 }
 
