@@ -6,6 +6,7 @@
 //! The `scalpel` binary (`src/main.rs`) is a thin command-line layer over them.
 
 pub use scalpel_autograd as autograd;
+pub use scalpel_cuda as cuda;
 pub use scalpel_models as models;
 pub use scalpel_surgery as surgery;
 pub use scalpel_tensor as tensor;

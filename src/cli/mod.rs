@@ -1,5 +1,8 @@
+mod cut;
 mod embed;
+mod heal;
 mod inspect;
+mod kernels;
 mod similarity;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +34,12 @@ enum Command {
     Inspect(inspect::Args),
     /// Print the cosine-similarity matrix of the sentence embeddings of a text file's lines.
     Similarity(similarity::Args),
+    /// Remove encoder layers and write a complete, renumbered checkpoint.
+    Cut(cut::Args),
+    /// Retrain a cut model by distilling the teacher's sentence embeddings (AdamW).
+    Heal(heal::Args),
+    /// Compile every CUDA kernel with NVRTC and check each on the CPU emulator.
+    Kernels(kernels::Args),
 }
 
 pub fn run(cli: Cli) -> CliResult {
@@ -44,6 +53,9 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Embed(a) => embed::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Similarity(a) => similarity::run(a),
+        Command::Cut(a) => cut::run(a),
+        Command::Heal(a) => heal::run(a),
+        Command::Kernels(a) => kernels::run(a),
     }
 }
 

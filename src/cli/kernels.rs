@@ -1,0 +1,24 @@
+use scalpel::cuda::report::kernels_report;
+
+use super::CliResult;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    json: bool,
+}
+
+/// Compiles every kernel through NVRTC (where it can be loaded), runs each on the emulator
+/// against the CPU backend, and fails if any kernel fails.
+pub fn run(a: Args) -> CliResult {
+    let report = kernels_report();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_table());
+    }
+    if !report.all_pass() {
+        return Err("at least one kernel failed (see the table)".into());
+    }
+    Ok(())
+}

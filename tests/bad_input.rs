@@ -1,0 +1,327 @@
+//! Bad input gets a clear error naming the problem: never a panic, never silent initialisation,
+//! never a lost file. Uses a tiny random BERT written to a scratch folder.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use scalpel::models::bert::Bert;
+use scalpel::models::sentence::SentenceEncoder;
+use scalpel::tensor::{safetensors, Tensor};
+use serde_json::json;
+
+fn tiny_config(layers: usize) -> serde_json::Value {
+    json!({
+        "architectures": ["BertModel"], "model_type": "bert", "vocab_size": 50, "hidden_size": 8,
+        "num_hidden_layers": layers, "num_attention_heads": 2, "intermediate_size": 16,
+        "hidden_act": "gelu", "max_position_embeddings": 16, "type_vocab_size": 2, "layer_norm_eps": 1e-12
+    })
+}
+
+/// Writes a consistent tiny model and returns its folder; `edit` may change the tensors first.
+fn tiny_model(name: &str, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) -> PathBuf {
+    let dir = scratch(name);
+    let config = tiny_config(2);
+    let parsed =
+        scalpel::models::bert::BertConfig::from_json(&config, Path::new("config.json")).unwrap();
+    let mut tensors = BTreeMap::new();
+    for (i, (name, shape)) in parsed.expected_tensors().into_iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let values = (0..n)
+            .map(|j| ((i * 31 + j * 17) % 23) as f32 / 23.0 - 0.5)
+            .collect();
+        tensors.insert(name, Tensor::from_vec(&shape, values).unwrap());
+    }
+    edit(&mut tensors);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    safetensors::save(&dir.join("model.safetensors"), &tensors, &BTreeMap::new()).unwrap();
+    dir
+}
+
+fn set_config(dir: &Path, key: &str, value: serde_json::Value) {
+    let mut config = tiny_config(2);
+    config[key] = value;
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+}
+
+fn load_error(dir: &Path) -> String {
+    match Bert::load(dir) {
+        Ok(_) => panic!("{} loaded but should not", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Runs the binary, expecting failure without a panic; returns stderr.
+fn scalpel_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_scalpel"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "scalpel {args:?} succeeded but should fail"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "scalpel {args:?} panicked:\n{stderr}"
+    );
+    stderr
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn consistent_tiny_model_loads() {
+    let dir = tiny_model("tiny_ok", |_| {});
+    assert_eq!(Bert::load(&dir).unwrap().num_layers(), 2);
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = tiny_model("tiny_missing", |t| {
+        t.remove("encoder.layer.1.output.dense.weight");
+    });
+    let err = load_error(&dir);
+    assert!(
+        err.contains("encoder.layer.1.output.dense.weight") && err.contains("missing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn tensor_shape_disagreeing_with_config_is_named() {
+    let dir = tiny_model("tiny_shape", |t| {
+        t.insert(
+            "encoder.layer.0.intermediate.dense.weight".into(),
+            Tensor::zeros(&[15, 8], scalpel::tensor::DType::F32),
+        );
+    });
+    let err = load_error(&dir);
+    assert!(
+        err.contains("encoder.layer.0.intermediate.dense.weight") && err.contains("[16, 8]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn layer_count_disagreeing_with_tensors_is_an_error() {
+    let dir = tiny_model("tiny_layers", |_| {});
+    set_config(&dir, "num_hidden_layers", json!(3));
+    let err = load_error(&dir);
+    assert!(
+        err.contains("num_hidden_layers is 3") && err.contains("{0, 1}"),
+        "{err}"
+    );
+    set_config(&dir, "num_hidden_layers", json!(1));
+    assert!(load_error(&dir).contains("num_hidden_layers is 1"));
+}
+
+#[test]
+fn unknown_architecture_is_named() {
+    let dir = tiny_model("tiny_arch", |_| {});
+    set_config(&dir, "model_type", json!("gpt2"));
+    let err = load_error(&dir);
+    assert!(
+        err.contains("unknown architecture") && err.contains("gpt2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_weights_file_names_the_file() {
+    let dir = tiny_model("tiny_truncated", |_| {});
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("model.safetensors"), "{err}");
+}
+
+#[test]
+fn missing_or_unreadable_tokenizer_is_named() {
+    let dir = tiny_model("tiny_tokenizer", |_| {});
+    let err = SentenceEncoder::load(&dir)
+        .err()
+        .expect("no tokenizer.json")
+        .to_string();
+    assert!(
+        err.contains("tokenizer.json") && err.contains("not found"),
+        "{err}"
+    );
+    std::fs::write(dir.join("tokenizer.json"), "{ this is not a tokenizer").unwrap();
+    let err = SentenceEncoder::load(&dir)
+        .err()
+        .expect("garbage tokenizer.json")
+        .to_string();
+    assert!(
+        err.contains("tokenizer.json") && err.contains("unreadable"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_model_path_is_named() {
+    let err = scalpel_fails(&["inspect", "--model", "/nonexistent/model"]);
+    assert!(err.contains("/nonexistent/model"), "{err}");
+}
+
+#[test]
+fn input_that_is_not_utf8_is_rejected_with_its_line() {
+    let dir = scratch("not_utf8");
+    let input = dir.join("in.txt");
+    std::fs::write(&input, b"fine line\nbad \xff byte\n").unwrap();
+    let err = scalpel_fails(&[
+        "embed",
+        "--model",
+        s(&minilm_dir()),
+        "--input",
+        s(&input),
+        "--output",
+        s(&dir.join("out.jsonl")),
+    ]);
+    assert!(
+        err.contains("not valid UTF-8") && err.contains("line 2"),
+        "{err}"
+    );
+    assert!(!dir.join("out.jsonl").exists(), "no output on failure");
+}
+
+#[test]
+fn cut_refuses_bad_requests() {
+    let model = tiny_model("tiny_cut", |_| {});
+    let out = scratch("tiny_cut_out").join("cut");
+    let err = scalpel_fails(&[
+        "cut",
+        "--model",
+        s(&model),
+        "--output",
+        s(&out),
+        "--drop",
+        "0,1",
+    ]);
+    assert!(err.contains("every encoder layer"), "{err}");
+    let err = scalpel_fails(&[
+        "cut",
+        "--model",
+        s(&model),
+        "--output",
+        s(&out),
+        "--drop",
+        "7",
+    ]);
+    assert!(err.contains("layer 7 is out of range"), "{err}");
+    let err = scalpel_fails(&[
+        "cut",
+        "--model",
+        s(&model),
+        "--output",
+        s(&out),
+        "--drop",
+        "1",
+        "--keep",
+        "0",
+    ]);
+    assert!(err.contains("--keep") || err.contains("--drop"), "{err}");
+    let err = scalpel_fails(&[
+        "cut",
+        "--model",
+        s(&model),
+        "--output",
+        s(&model),
+        "--drop",
+        "1",
+    ]);
+    assert!(err.contains("refusing to write"), "{err}");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep-me.txt"), "user data").unwrap();
+    let err = scalpel_fails(&[
+        "cut",
+        "--model",
+        s(&model),
+        "--output",
+        s(&out),
+        "--drop",
+        "1",
+    ]);
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep-me.txt")).unwrap(),
+        "user data"
+    );
+}
+
+#[test]
+fn cut_renumbers_layers_and_rewrites_the_config() {
+    let model = tiny_model("tiny_cut_ok", |_| {});
+    let out = scratch("tiny_cut_ok_out").join("cut");
+    let status = Command::new(env!("CARGO_BIN_EXE_scalpel"))
+        .args([
+            "cut",
+            "--model",
+            s(&model),
+            "--output",
+            s(&out),
+            "--drop",
+            "0",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cut = Bert::load(&out).unwrap();
+    let original = Bert::load(&model).unwrap();
+    assert_eq!(cut.num_layers(), 1);
+    // The kept layer (old 1) is now layer 0, values untouched.
+    for suffix in ["attention.self.query.weight", "output.LayerNorm.bias"] {
+        let new = cut
+            .params
+            .get(&format!("encoder.layer.0.{suffix}"))
+            .unwrap()
+            .value()
+            .to_vec::<f32>();
+        let old = original
+            .params
+            .get(&format!("encoder.layer.1.{suffix}"))
+            .unwrap()
+            .value()
+            .to_vec::<f32>();
+        assert_eq!(new, old, "{suffix}");
+    }
+    assert!(!cut
+        .params
+        .contains("encoder.layer.1.attention.self.query.weight"));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("surgery.json")).unwrap()).unwrap();
+    assert_eq!(record["removed"], json!([0]));
+}
+
+#[test]
+fn heal_rejects_empty_data() {
+    let dir = scratch("heal_empty");
+    let data = dir.join("empty.txt");
+    std::fs::write(&data, "\n  \n").unwrap();
+    let m = minilm_dir();
+    let err = scalpel_fails(&[
+        "heal",
+        "--student",
+        s(&m),
+        "--teacher",
+        s(&m),
+        "--data",
+        s(&data),
+        "--output",
+        s(&dir.join("out")),
+    ]);
+    assert!(
+        err.contains("empty.txt") && err.contains("no sentences"),
+        "{err}"
+    );
+}
