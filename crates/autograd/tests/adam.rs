@@ -15,7 +15,10 @@ fn quadratic(params: &Params, target: &[f64]) -> Var {
 
 fn params(values: &[f64]) -> Params {
     let mut map = BTreeMap::new();
-    map.insert("w".to_string(), Tensor::from_vec(&[values.len()], values.to_vec()).unwrap());
+    map.insert(
+        "w".to_string(),
+        Tensor::from_vec(&[values.len()], values.to_vec()).unwrap(),
+    );
     Params::from_tensors(map)
 }
 
@@ -31,7 +34,11 @@ fn first_adamw_step_equals_the_hand_computed_update() {
         // Step 1: m̂ = g, v̂ = g², so the Adam part is lr·g/(|g| + ε) after decoupled decay.
         let g = 2.0 * (p0[i] - c[i]);
         let want = p0[i] * (1.0 - lr * wd) - lr * g / (g.abs() + 1e-8);
-        assert!((got[i] - want).abs() < 1e-12, "element {i}: {} vs {want}", got[i]);
+        assert!(
+            (got[i] - want).abs() < 1e-12,
+            "element {i}: {} vs {want}",
+            got[i]
+        );
     }
 }
 
@@ -66,8 +73,14 @@ fn adam_reaches_the_optimum_of_a_quadratic() {
 #[test]
 fn frozen_parameters_get_no_state_and_stay_bit_identical() {
     let mut map = BTreeMap::new();
-    map.insert("a".to_string(), Tensor::from_vec(&[2], vec![1.0f64, 2.0]).unwrap());
-    map.insert("b".to_string(), Tensor::from_vec(&[2], vec![3.0f64, -1.0]).unwrap());
+    map.insert(
+        "a".to_string(),
+        Tensor::from_vec(&[2], vec![1.0f64, 2.0]).unwrap(),
+    );
+    map.insert(
+        "b".to_string(),
+        Tensor::from_vec(&[2], vec![3.0f64, -1.0]).unwrap(),
+    );
     let mut ps = Params::from_tensors(map);
     assert_eq!(ps.freeze(|n| n == "b"), 1);
     let before = ps.get("b").unwrap().value().clone();
@@ -76,7 +89,10 @@ fn frozen_parameters_get_no_state_and_stay_bit_identical() {
         let sum = ops::add(ps.get("a").unwrap(), ps.get("b").unwrap()).unwrap();
         let zero = Var::constant(Tensor::zeros(&[2], scalpel_tensor::DType::F64));
         let grads = ops::mse_loss(&sum, &zero).unwrap().backward().unwrap();
-        assert!(grads.get(ps.get("b").unwrap()).is_none(), "no gradient work for a frozen parameter");
+        assert!(
+            grads.get(ps.get("b").unwrap()).is_none(),
+            "no gradient work for a frozen parameter"
+        );
         adam.step(&mut ps, &grads, 0.1).unwrap();
     }
     assert_eq!(ps.get("b").unwrap().value(), &before);
@@ -90,7 +106,8 @@ fn optimiser_state_round_trips_and_continues_identically() {
     let run = |resume_at: Option<usize>| {
         let mut ps = params(&[0.0, 0.0]);
         let mut adam = Adam::new(AdamConfig::adamw(0.01), |_| true);
-        let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("adam_state.safetensors");
+        let path =
+            std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("adam_state.safetensors");
         for step in 0..6 {
             if Some(step) == resume_at {
                 adam.save(&path).unwrap();
