@@ -34,6 +34,11 @@ struct uint3 {
 struct dim3 {
     unsigned int x = 1, y = 1, z = 1;
 };
+// CUDA's built-in vector type for 16-byte loads and stores (same size and alignment).
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 extern thread_local uint3 threadIdx;
 extern thread_local uint3 blockIdx;

@@ -6,6 +6,9 @@
 //! where a sum cancels to near zero).
 
 use half::{bf16, f16};
+use scalpel_tensor::cpu::attention::{
+    attention_backward_reference, attention_forward_reference, AttentionShape,
+};
 use scalpel_tensor::cpu::gemm::{gemm_reference, GemmShape};
 use scalpel_tensor::cpu::layernorm::{
     layernorm_backward_reference, layernorm_forward_reference, LayerNormShape,
@@ -13,7 +16,7 @@ use scalpel_tensor::cpu::layernorm::{
 use scalpel_tensor::cpu::{activation, elementwise, embedding, pooling, softmax};
 use serde::Serialize;
 
-use crate::ops::{self, HalfElement};
+use crate::ops::{self, AdamStep, HalfElement, WeightDecay};
 use crate::{Result, Runtime};
 
 /// f32 kernels against f64 references.
@@ -595,6 +598,238 @@ pub fn pooling(rt: &Runtime, batch: usize, seq: usize, dim: usize) -> Result<Vec
     ])
 }
 
+/// [`max_rel_error`] over the finite references; infinite references (`lse = −∞` of fully
+/// masked rows) must be matched exactly.
+fn max_rel_error_finite(got: &[f32], want: &[f64]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let (finite, infinite): (Vec<_>, Vec<_>) =
+        got.iter().zip(want).partition(|(_, w)| w.is_finite());
+    if infinite.iter().any(|&(&g, &w)| g as f64 != w) {
+        return f64::INFINITY;
+    }
+    let (got, want): (Vec<f32>, Vec<f64>) = finite.into_iter().unzip();
+    max_rel_error(&got, &want)
+}
+
+/// Key-padding mask with every case the kernels distinguish: batch entries cycle through no
+/// padding, the last third padded, and all padding (fully masked rows: zero output, −∞ lse).
+fn attention_mask(batch: usize, seq: usize) -> Vec<f32> {
+    (0..batch * seq)
+        .map(|i| {
+            let (b, t) = (i / seq, i % seq);
+            match b % 3 {
+                0 => 1.0,
+                1 if t < seq - seq / 3 => 1.0,
+                _ => 0.0,
+            }
+        })
+        .collect()
+}
+
+/// Fused attention forward (out and lse) and backward (dQ; dK and dV) against the f64
+/// references. The backward runs on the reference's `out` and `lse`, so it is checked on its own.
+pub fn attention(rt: &Runtime, s: AttentionShape) -> Result<Vec<KernelCheck>> {
+    let case = format!(
+        "batch={} seq={} heads={} head_dim={}, padded and fully masked rows",
+        s.batch, s.seq, s.heads, s.head_dim
+    );
+    let n = s.batch * s.seq * s.width();
+    let rows = s.batch * s.heads * s.seq;
+    let mut rng = Inputs::new(12);
+    let (q, k, v) = (
+        rng.uniform(n, -2.0, 2.0),
+        rng.uniform(n, -2.0, 2.0),
+        rng.uniform(n, -2.0, 2.0),
+    );
+    let dout = rng.uniform(n, -1.0, 1.0);
+    let mask = attention_mask(s.batch, s.seq);
+    let (dq_in, dk_in, dv_in, dmask) = (
+        rt.upload(&q)?,
+        rt.upload(&k)?,
+        rt.upload(&v)?,
+        rt.upload(&mask)?,
+    );
+
+    let (mut out, mut lse) = (
+        rt.upload(&vec![f32::NAN; n])?,
+        rt.upload(&vec![f32::NAN; rows])?,
+    );
+    ops::attention_forward(rt, &s, &dq_in, &dk_in, &dv_in, &dmask, &mut out, &mut lse)?;
+    let (mut want_out, mut want_lse) = (vec![0.0; n], vec![0.0; rows]);
+    attention_forward_reference(
+        &s,
+        &wide(&q),
+        &wide(&k),
+        &wide(&v),
+        &wide(&mask),
+        &mut want_out,
+        &mut want_lse,
+    );
+    let forward = worst(&[
+        max_rel_error(&out.to_host()?, &want_out),
+        max_rel_error_finite(&lse.to_host()?, &want_lse),
+    ]);
+
+    let (out32, lse32) = (narrow(&want_out), narrow(&want_lse));
+    let (mut dq, mut dk, mut dv) = (
+        rt.upload(&vec![f32::NAN; n])?,
+        rt.upload(&vec![f32::NAN; n])?,
+        rt.upload(&vec![f32::NAN; n])?,
+    );
+    ops::attention_backward(
+        rt,
+        &s,
+        &dq_in,
+        &dk_in,
+        &dv_in,
+        &dmask,
+        &rt.upload(&out32)?,
+        &rt.upload(&lse32)?,
+        &rt.upload(&dout)?,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+    )?;
+    let (mut want_dq, mut want_dk, mut want_dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    attention_backward_reference(
+        &s,
+        &wide(&q),
+        &wide(&k),
+        &wide(&v),
+        &wide(&mask),
+        &wide(&out32),
+        &wide(&lse32),
+        &wide(&dout),
+        &mut want_dq,
+        &mut want_dk,
+        &mut want_dv,
+    );
+    Ok(vec![
+        check(
+            "attention_forward_f32",
+            case.clone(),
+            forward,
+            F32_TOLERANCE,
+        ),
+        check(
+            "attention_backward_dq_f32",
+            case.clone(),
+            max_rel_error(&dq.to_host()?, &want_dq),
+            F32_TOLERANCE,
+        ),
+        check(
+            "attention_backward_dkdv_f32",
+            case,
+            worst(&[
+                max_rel_error(&dk.to_host()?, &want_dk),
+                max_rel_error(&dv.to_host()?, &want_dv),
+            ]),
+            F32_TOLERANCE,
+        ),
+    ])
+}
+
+/// optim.rs's `update` in f64: the scalars as it computes them, the same operation order.
+fn adam_reference(c: &AdamStep, p: &mut [f64], g: &[f64], m: &mut [f64], v: &mut [f64]) {
+    let (b1, b2, t) = (c.beta1, c.beta2, c.step as i32);
+    let step_size = c.lr / (1.0 - b1.powi(t));
+    let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
+    let decoupled = c.decay == WeightDecay::Decoupled;
+    let l2 = if decoupled { 0.0 } else { c.weight_decay };
+    for i in 0..p.len() {
+        let gi = g[i] + l2 * p[i];
+        if decoupled && c.weight_decay != 0.0 {
+            p[i] *= 1.0 - c.lr * c.weight_decay;
+        }
+        m[i] = b1 * m[i] + (1.0 - b1) * gi;
+        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+        p[i] -= step_size * m[i] / (v[i].sqrt() / bc2_sqrt + c.eps);
+    }
+}
+
+/// Three Adam steps (bias corrections at t = 1, 2, 3) with decoupled decay and with L2 decay.
+/// The parameters are compared as the change `p − p₀`, so an error in the update is not hidden
+/// by the parameter's own size.
+pub fn adam(rt: &Runtime, n: usize) -> Result<Vec<KernelCheck>> {
+    let mut rng = Inputs::new(13);
+    let p0 = rng.uniform(n, -1.0, 1.0);
+    let grads: Vec<Vec<f32>> = (0..3).map(|_| rng.uniform(n, -0.5, 0.5)).collect();
+    let mut errors = Vec::new();
+    for decay in [WeightDecay::Decoupled, WeightDecay::L2] {
+        let (mut p, mut m, mut v) = (rt.upload(&p0)?, rt.zeros(n)?, rt.zeros(n)?);
+        let (mut want_p, mut want_m, mut want_v) = (wide(&p0), vec![0.0; n], vec![0.0; n]);
+        for (t, g) in grads.iter().enumerate() {
+            let c = AdamStep {
+                lr: 0.05,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                decay,
+                step: t as u32 + 1,
+            };
+            ops::adam_step(rt, &c, &mut p, &rt.upload(g)?, &mut m, &mut v)?;
+            adam_reference(&c, &mut want_p, &wide(g), &mut want_m, &mut want_v);
+        }
+        let change: Vec<f64> = want_p.iter().zip(&p0).map(|(w, &x)| w - x as f64).collect();
+        let got_change: Vec<f32> = p.to_host()?.iter().zip(&p0).map(|(g, x)| g - x).collect();
+        errors.push(max_rel_error(&got_change, &change));
+        errors.push(max_rel_error(&m.to_host()?, &want_m));
+        errors.push(max_rel_error(&v.to_host()?, &want_v));
+    }
+    Ok(vec![check(
+        "adamw_step_f32",
+        format!("n={n}, 3 steps, decoupled and L2 decay"),
+        worst(&errors),
+        F32_TOLERANCE,
+    )])
+}
+
+/// Both passes of the sum of squares, at each length in `lens`.
+pub fn sum_of_squares(rt: &Runtime, lens: &[usize]) -> Result<Vec<KernelCheck>> {
+    let mut rng = Inputs::new(14);
+    let mut errors = Vec::new();
+    for &n in lens {
+        let x = rng.uniform(n, -3.0, 3.0);
+        let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+        errors.push(max_rel_error(
+            &[ops::sum_of_squares(rt, &rt.upload(&x)?)?],
+            &[want],
+        ));
+    }
+    let case = format!("n in {lens:?}");
+    let error = worst(&errors);
+    Ok(vec![
+        check(
+            "sum_squares_partial_f32",
+            case.clone(),
+            error,
+            F32_TOLERANCE,
+        ),
+        check("sum_partials_f32", case, error, F32_TOLERANCE),
+    ])
+}
+
+/// The standard attention checks: ragged sequences, head dims needing 2 lanes per row.
+pub fn attention_shapes() -> Vec<AttentionShape> {
+    vec![
+        AttentionShape {
+            batch: 3,
+            seq: 37,
+            heads: 3,
+            head_dim: 32,
+        },
+        AttentionShape {
+            batch: 2,
+            seq: 70,
+            heads: 3,
+            head_dim: 20,
+        },
+    ]
+}
+
 /// Shapes of the standard GEMM checks: every transpose combination at ragged sizes, with and
 /// without accumulation into C.
 pub fn gemm_shapes() -> Vec<(GemmShape, f32)> {
@@ -640,5 +875,10 @@ pub fn all(rt: &Runtime) -> Result<Vec<KernelCheck>> {
     out.extend(cross_entropy(rt, 13, 150)?);
     out.extend(embedding(rt, 23, 41, 37)?);
     out.extend(pooling(rt, 5, 11, 45)?);
+    for s in attention_shapes() {
+        out.extend(attention(rt, s)?);
+    }
+    out.extend(adam(rt, 1037)?);
+    out.extend(sum_of_squares(rt, &[1, 257, 5_003])?);
     Ok(out)
 }

@@ -3,6 +3,7 @@
 //! `scalpel_tensor::cpu` (overwrite vs accumulate included); sizes must fit the kernels' `int`.
 
 use half::{bf16, f16};
+use scalpel_tensor::cpu::attention::AttentionShape;
 use scalpel_tensor::cpu::gemm::GemmShape;
 use scalpel_tensor::cpu::layernorm::LayerNormShape;
 
@@ -666,4 +667,291 @@ pub fn l2_normalize_backward(
     ];
     // SAFETY: l2_normalize_backward_f32(int rows, int dim, y, norms, dy, dx), lengths checked.
     unsafe { rt.launch("l2_normalize_backward_f32", warp_per_row(rows), &args) }
+}
+
+/// Threads per block of the attention kernels (`BLOCK_THREADS` in attention.cu).
+const ATTENTION_THREADS: u32 = 128;
+/// Rows of the streamed operand staged per shared-memory tile (`TILE_ROWS` in attention.cu).
+const ATTENTION_TILE_ROWS: u32 = 32;
+/// Head dims each lane of a row's lane group owns (`4 * LANE_CHUNKS` in attention.cu).
+const ATTENTION_DIMS_PER_LANE: usize = 16;
+/// The largest lane group, so head_dim ≤ 64: wider heads would need over 48 KiB of shared
+/// memory per block (an opt-in the launch path does not make).
+const ATTENTION_MAX_GROUP: usize = 4;
+
+/// Lanes per row for `head_dim`, and the launch: one block per (row tile, head, batch). Shared
+/// memory per staged row (`AttentionShared`): two tiles of `4·group` float4 chunks, one partial
+/// sum per thread, and `stats_per_row` floats (key bias, or lse and delta).
+fn attention_launch(s: &AttentionShape, stats_per_row: u32) -> Result<(KernelArg, LaunchConfig)> {
+    let group = s
+        .head_dim
+        .div_ceil(ATTENTION_DIMS_PER_LANE)
+        .next_power_of_two();
+    if group > ATTENTION_MAX_GROUP {
+        return Err(CudaError::Shape(format!(
+            "attention head_dim {} is over the kernels' {}",
+            s.head_dim,
+            ATTENTION_DIMS_PER_LANE * ATTENTION_MAX_GROUP
+        )));
+    }
+    let rows_per_block = ATTENTION_THREADS as usize / group;
+    let lane_row_bytes = (ATTENTION_DIMS_PER_LANE * 4) as u32;
+    let config = LaunchConfig {
+        grid: [
+            div_ceil(s.seq, rows_per_block),
+            u32::try_from(s.heads).map_err(|_| CudaError::Shape("too many heads".into()))?,
+            u32::try_from(s.batch).map_err(|_| CudaError::Shape("batch too large".into()))?,
+        ],
+        block: [ATTENTION_THREADS, 1, 1],
+        shared_bytes: ATTENTION_TILE_ROWS
+            * (2 * group as u32 * lane_row_bytes + 4 * ATTENTION_THREADS + 4 * stats_per_row),
+    };
+    Ok((int("group", group)?, config))
+}
+
+fn attention_lengths(
+    rt: &Runtime,
+    s: &AttentionShape,
+    tensors: &[(&str, &DeviceBuffer<f32>)],
+    mask: &DeviceBuffer<f32>,
+    lse: &DeviceBuffer<f32>,
+) -> Result<()> {
+    for (what, t) in tensors {
+        expect_len(rt, what, t, s.batch * s.seq * s.width())?;
+    }
+    expect_len(rt, "mask", mask, s.batch * s.seq)?;
+    expect_len(rt, "lse", lse, s.batch * s.heads * s.seq)?;
+    int("batch·seq·width", s.batch * s.seq * s.width())?;
+    Ok(())
+}
+
+fn attention_common(s: &AttentionShape) -> Result<[KernelArg; 4]> {
+    Ok([
+        int("seq", s.seq)?,
+        int("heads", s.heads)?,
+        int("head_dim", s.head_dim)?,
+        KernelArg::F32(1.0 / (s.head_dim as f32).sqrt()),
+    ])
+}
+
+/// Fused attention forward: `q`, `k`, `v`, `out` are `[batch, seq, heads·head_dim]`, `mask`
+/// `[batch, seq]` (1 token, 0 padding); saves `lse` (`[batch, heads, seq]`) for the backward.
+/// Rows whose keys are all padding get zero output and `lse = −∞`. `head_dim` ≤ 64.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    rt: &Runtime,
+    s: &AttentionShape,
+    q: &DeviceBuffer<f32>,
+    k: &DeviceBuffer<f32>,
+    v: &DeviceBuffer<f32>,
+    mask: &DeviceBuffer<f32>,
+    out: &mut DeviceBuffer<f32>,
+    lse: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    attention_lengths(
+        rt,
+        s,
+        &[("q", q), ("k", k), ("v", v), ("out", out)],
+        mask,
+        lse,
+    )?;
+    if s.batch * s.seq * s.heads == 0 {
+        return Ok(());
+    }
+    let (group, config) = attention_launch(s, 1)?;
+    let [seq, heads, head_dim, scale] = attention_common(s)?;
+    let args = [
+        seq,
+        heads,
+        head_dim,
+        group,
+        scale,
+        q.arg(),
+        k.arg(),
+        v.arg(),
+        mask.arg(),
+        out.arg(),
+        lse.arg(),
+    ];
+    // SAFETY: attention_forward_f32(seq, heads, head_dim, group, scale, q, k, v, mask, out, lse),
+    // lengths checked, grid and shared memory from attention_launch.
+    unsafe { rt.launch("attention_forward_f32", config, &args) }
+}
+
+/// Gradients of [`attention_forward`] from its saved `out` and `lse`; overwrites `dq`, `dk`,
+/// `dv`. Deterministic (no atomics): a dQ kernel per query tile, then a dK/dV kernel per key tile.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    rt: &Runtime,
+    s: &AttentionShape,
+    q: &DeviceBuffer<f32>,
+    k: &DeviceBuffer<f32>,
+    v: &DeviceBuffer<f32>,
+    mask: &DeviceBuffer<f32>,
+    out: &DeviceBuffer<f32>,
+    lse: &DeviceBuffer<f32>,
+    dout: &DeviceBuffer<f32>,
+    dq: &mut DeviceBuffer<f32>,
+    dk: &mut DeviceBuffer<f32>,
+    dv: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    attention_lengths(
+        rt,
+        s,
+        &[
+            ("q", q),
+            ("k", k),
+            ("v", v),
+            ("out", out),
+            ("dout", dout),
+            ("dq", dq),
+            ("dk", dk),
+            ("dv", dv),
+        ],
+        mask,
+        lse,
+    )?;
+    if s.batch * s.seq * s.heads == 0 {
+        return Ok(());
+    }
+    let delta = rt.zeros::<f32>(lse.len())?;
+    let [seq, heads, head_dim, scale] = attention_common(s)?;
+    let (group, config) = attention_launch(s, 1)?;
+    let args = [
+        seq,
+        heads,
+        head_dim,
+        group,
+        scale,
+        q.arg(),
+        k.arg(),
+        v.arg(),
+        mask.arg(),
+        out.arg(),
+        lse.arg(),
+        dout.arg(),
+        dq.arg(),
+        delta.arg(),
+    ];
+    // SAFETY: attention_backward_dq_f32(seq, heads, head_dim, group, scale, q, k, v, mask, out,
+    // lse, dout, dq, delta), lengths checked (delta has lse's), launch from attention_launch.
+    unsafe { rt.launch("attention_backward_dq_f32", config, &args)? };
+    let (group, config) = attention_launch(s, 2)?;
+    let args = [
+        seq,
+        heads,
+        head_dim,
+        group,
+        scale,
+        q.arg(),
+        k.arg(),
+        v.arg(),
+        mask.arg(),
+        lse.arg(),
+        delta.arg(),
+        dout.arg(),
+        dk.arg(),
+        dv.arg(),
+    ];
+    // SAFETY: attention_backward_dkdv_f32(seq, heads, head_dim, group, scale, q, k, v, mask, lse,
+    // delta, dout, dk, dv), lengths checked, launch from attention_launch.
+    unsafe { rt.launch("attention_backward_dkdv_f32", config, &args) }
+}
+
+/// How an Adam step applies weight decay (crates/autograd/src/optim.rs `Decay`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightDecay {
+    /// AdamW: `p *= 1 − lr·wd` before the update.
+    Decoupled,
+    /// Adam with L2: `g += wd·p`.
+    L2,
+}
+
+/// The hyper-parameters of one Adam step; `step` is 1-based.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub decay: WeightDecay,
+    pub step: u32,
+}
+
+/// One fused Adam/AdamW step over flat buffers, exactly as optim.rs's `update`: updates `params`
+/// and the moments `m`, `v` in place from `grads`.
+pub fn adam_step(
+    rt: &Runtime,
+    c: &AdamStep,
+    params: &mut DeviceBuffer<f32>,
+    grads: &DeviceBuffer<f32>,
+    m: &mut DeviceBuffer<f32>,
+    v: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let n = params.len();
+    expect_len(rt, "params", params, n)?;
+    expect_len(rt, "grads", grads, n)?;
+    expect_len(rt, "m", m, n)?;
+    expect_len(rt, "v", v, n)?;
+    if c.step == 0 {
+        return Err(CudaError::Shape("Adam steps count from 1".into()));
+    }
+    let t = c.step as i32;
+    let decoupled = c.decay == WeightDecay::Decoupled;
+    let f = |x: f64| KernelArg::F32(x as f32);
+    let args = [
+        int("n", n)?,
+        f(c.lr / (1.0 - c.beta1.powi(t))),
+        f((1.0 - c.beta2.powi(t)).sqrt()),
+        f(c.beta1),
+        f(c.beta2),
+        f(1.0 - c.beta1),
+        f(1.0 - c.beta2),
+        f(c.eps),
+        f(if decoupled {
+            1.0 - c.lr * c.weight_decay
+        } else {
+            1.0
+        }),
+        f(if decoupled { 0.0 } else { c.weight_decay }),
+        params.arg(),
+        grads.arg(),
+        m.arg(),
+        v.arg(),
+    ];
+    // SAFETY: adamw_step_f32(int n, 9 floats, float* p, const float* g, float* m, float* v),
+    // lengths checked.
+    unsafe { rt.launch("adamw_step_f32", grid_stride(n), &args) }
+}
+
+/// Blocks of the first sum-of-squares pass: enough to fill an H100, few enough for one block
+/// to finish.
+const MAX_REDUCTION_BLOCKS: usize = 1024;
+
+/// `Σ x²` over the whole buffer (for global-norm gradient clipping), deterministic for a given
+/// length: per-block partial sums, then one block sums them.
+pub fn sum_of_squares(rt: &Runtime, x: &DeviceBuffer<f32>) -> Result<f32> {
+    x.check_runtime(rt)?;
+    let n = x.len();
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, MAX_REDUCTION_BLOCKS);
+    let (partial, total) = (rt.zeros::<f32>(blocks)?, rt.zeros::<f32>(1)?);
+    // SAFETY: sum_squares_partial_f32(int n, const float* x, float* partial), one partial per
+    // block of BLOCK threads.
+    unsafe {
+        rt.launch(
+            "sum_squares_partial_f32",
+            LaunchConfig::linear(blocks as u32, BLOCK),
+            &[int("n", n)?, x.arg(), partial.arg()],
+        )?
+    };
+    // SAFETY: sum_partials_f32(int count, const float* partial, float* out), one block.
+    unsafe {
+        rt.launch(
+            "sum_partials_f32",
+            LaunchConfig::linear(1, BLOCK),
+            &[int("count", blocks)?, partial.arg(), total.arg()],
+        )?
+    };
+    Ok(total.to_host()?[0])
 }

@@ -1,4 +1,6 @@
-//! The `scalpel kernels` report covers every kernel and serialises.
+//! The `scalpel kernels` report covers every kernel and serialises. This is also the one run of
+//! every standard emulator check (`check::all`): tests/emulator_kernels.rs holds only the cases
+//! beyond it.
 
 use scalpel_cuda::kernel_files;
 use scalpel_cuda::report::kernels_report;
