@@ -1,35 +1,63 @@
 #!/usr/bin/env bash
-# The main job end to end on the default model: fetch all-MiniLM-L6-v2, inspect it, embed a handful
-# of sentences, cut it from 6 to 4 layers, heal the cut model by distillation on STS text, and
-# compare the similarity matrices before and after. Outputs go to runs/ (git-ignored).
+# The main job end to end on the default model (all-MiniLM-L6-v2, 6 layers):
+#   score every layer on calibration pairs -> cut 6 -> KEEP layers automatically -> heal by
+#   distillation on STS 2012-2014 + SICK text -> evaluate on STS 2015 (never seen in healing)
+#   -> a before/after table (layers, parameters, latency, STS Spearman, teacher cosine) and the
+#   layer-score report.
+# Outputs go to runs/pipeline/ (git-ignored). Knobs: KEEP (4), METRIC (drop-loss), HEAL_MINUTES (8),
+# THREADS (all cores), STS_DIR (../shared/data/sts).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 model=models/all-MiniLM-L6-v2
 out=runs/pipeline
-steps=${STEPS:-60}
+keep=${KEEP:-4}
+metric=${METRIC:-drop-loss}
+minutes=${HEAL_MINUTES:-8}
 sts=${STS_DIR:-../shared/data/sts}
+threads=${THREADS:-$(nproc)}
 
 scripts/fetch_model.sh "$model"
 cargo build --release --quiet
-scalpel=target/release/scalpel
+scalpel="target/release/scalpel --threads $threads"
 mkdir -p "$out"
 
-echo "== inspect"
-$scalpel inspect --model "$model"
-echo "== similarity, full model"
-$scalpel similarity --model "$model" --input examples/sentences.txt
+heal_data=("$sts"/semeval-201[234]/*.tsv "$sts"/sick2014/SICK_*.txt)
+eval_data=("$sts"/semeval-2015/*.tsv)
+calibration=("$sts"/sick2014/SICK_trial.txt "$sts"/semeval-2014/*.tsv)
 
-echo "== cut 6 -> 4 layers (drop 4,5)"
-$scalpel cut --model "$model" --drop 4,5 --output "$out/cut" --force
+echo "== score: which layers matter (report: $out/layer_scores.html)"
+$scalpel score --model "$model" --data "${calibration[@]}" --samples 256 \
+    --target-layers "$keep" --report "$out/layer_scores.html"
 
-# Healing text: both sentences of every STS 2012 pair, one per line.
-cut -f2,3 "$sts"/semeval-2012/*.tsv | tr '\t' '\n' | awk 'NF' > "$out/heal.txt"
-echo "== heal: $steps AdamW steps distilling the full model's embeddings into the cut one"
-$scalpel heal --student "$out/cut" --teacher "$model" --data "$out/heal.txt" --output "$out/healed" \
-    --steps "$steps" --batch-size 32 --lr 1e-4 --loss mse --force --log "$out/heal_log.jsonl"
+echo "== cut 6 -> $keep layers, chosen by $metric"
+$scalpel cut --model "$model" --auto "$keep" --metric "$metric" --data "${calibration[@]}" \
+    --samples 256 --output "$out/cut" --force > /dev/null
+python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print("removed layers", s["removed"], "-", s["reason"])' "$out/cut/surgery.json"
 
-echo "== similarity, cut (before healing)"
-$scalpel similarity --model "$out/cut" --input examples/sentences.txt
-echo "== similarity, healed"
-$scalpel similarity --model "$out/healed" --input examples/sentences.txt
+echo "== heal: $minutes minutes of MSE distillation from the full model"
+$scalpel heal --student "$out/cut" --teacher "$model" --data "${heal_data[@]}" --output "$out/healed" \
+    --minutes "$minutes" --batch-size 32 --lr 2e-4 --warmup 50 --loss mse --force
+
+echo "== evaluate on STS 2015"
+row() { # name dir
+    $scalpel eval --model "$2" --sts "${eval_data[@]}" --teacher "$model" --json > "$out/eval_$1.json"
+    $scalpel inspect --model "$2" --json > "$out/inspect_$1.json"
+    $scalpel bench forward --model "$2" --batch 1 --seq 32 --runs 20 --json > "$out/latency_$1.json"
+}
+row teacher "$model"
+row cut "$out/cut"
+row healed "$out/healed"
+
+python3 - "$out" <<'EOF'
+import json, sys
+out = sys.argv[1]
+load = lambda kind, name: json.load(open(f"{out}/{kind}_{name}.json"))
+teacher = load("eval", "teacher")["mean_spearman"]
+print(f"\n{'model':<10} {'layers':>6} {'params':>12} {'latency b1xs32':>15} {'STS15 Spearman':>15} {'% teacher':>10} {'teacher cos':>12}")
+for name in ["teacher", "cut", "healed"]:
+    e, i, l = load("eval", name), load("inspect", name), load("latency", name)
+    print(f"{name:<10} {i['num_layers']:>6} {i['total_params']:>12,} {1000 * l['median_s']:>12.2f} ms "
+          f"{e['mean_spearman']:>15.2f} {100 * e['mean_spearman'] / teacher:>9.1f}% {e['teacher_cosine']:>12.4f}")
+print(f"\nlayer scores: {out}/layer_scores.html   healed model: {out}/healed")
+EOF

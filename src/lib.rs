@@ -5,6 +5,8 @@
 //! → [`models`] (BERT, tokenizer, sentence pooling) → [`surgery`] (score, cut, heal, evaluate).
 //! The `scalpel` binary (`src/main.rs`) is a thin command-line layer over them.
 
+pub mod bench;
+
 pub use scalpel_autograd as autograd;
 pub use scalpel_cuda as cuda;
 pub use scalpel_models as models;

@@ -325,3 +325,68 @@ fn heal_rejects_empty_data() {
         "{err}"
     );
 }
+
+#[test]
+fn heal_names_the_malformed_tsv_line() {
+    let dir = scratch("heal_bad_tsv");
+    let data = dir.join("pairs.tsv");
+    std::fs::write(
+        &data,
+        "4.0\tA man plays.\tA man is playing.\n3.0\tonly one sentence\n",
+    )
+    .unwrap();
+    let m = minilm_dir();
+    let err = scalpel_fails(&[
+        "heal",
+        "--student",
+        s(&m),
+        "--teacher",
+        s(&m),
+        "--data",
+        s(&data),
+        "--output",
+        s(&dir.join("out")),
+    ]);
+    assert!(
+        err.contains("pairs.tsv:2") && err.contains("found 2 fields"),
+        "{err}"
+    );
+    assert!(!dir.join("out").exists());
+}
+
+#[test]
+fn heal_refuses_a_teacher_that_cannot_be_compared() {
+    let student = SentenceEncoder::load(&minilm_dir()).unwrap();
+    // Hidden size: the tiny model (hidden 8) with the real tokenizer.
+    let tiny = tiny_model("tiny_teacher", |_| {});
+    std::fs::copy(
+        minilm_dir().join("tokenizer.json"),
+        tiny.join("tokenizer.json"),
+    )
+    .unwrap();
+    let small = SentenceEncoder::load(&tiny).unwrap();
+    let err = scalpel::surgery::heal::check_compatible(&student, &small)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("hidden size 8") && err.contains("384"),
+        "{err}"
+    );
+    // Tokenizer: the real model with one vocabulary entry renamed.
+    let dir = scratch("other_tokenizer");
+    let mut json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(minilm_dir().join("tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+    let id = vocab.remove("hello").unwrap();
+    vocab.insert("hallo".into(), id);
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    let mut other = SentenceEncoder::load(&minilm_dir()).unwrap();
+    other.tokenizer = scalpel::models::tokenizer::TextTokenizer::load(&path, 256).unwrap();
+    let err = scalpel::surgery::heal::check_compatible(&student, &other)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tokenizers differ"), "{err}");
+}

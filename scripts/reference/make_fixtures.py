@@ -464,6 +464,118 @@ def make_heal(model_dir, sentences, out_dir):
 
 
 # ---------------------------------------------------------------------------------------------
+# Surgery: layer scores and STS evaluation
+# ---------------------------------------------------------------------------------------------
+
+SURGERY = {"batch_size": 8, "grad_pairs": 16, "contrastive_scale": 20.0,
+           "eval_files": ["semeval-2015/images.test.tsv", "semeval-2015/answers-students.test.tsv",
+                          "semeval-2015/headlines.test.tsv", "semeval-2015/belief.test.tsv",
+                          "semeval-2015/answers-forums.test.tsv"]}
+
+
+def token_metric(states, mask, span, f):
+    """Per start layer l: mean over real tokens of f(cos(h_l, h_{l+span}))."""
+    real = mask.bool()
+    out = []
+    for l in range(len(states) - span):
+        c = F.cosine_similarity(states[l].double(), states[l + span].double(), dim=-1)[real]
+        out.append(f(c.clamp(-1, 1)))
+    return out
+
+
+def make_surgery(model_dir, sentences, sts_dir, out_dir):
+    import scipy.stats
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    bs = SURGERY["batch_size"]
+    data = sentences[:40]
+    layers = model.config.num_hidden_layers
+
+    # Block influence and angular distance, summed over every real token of every batch.
+    sums = {"block_influence": torch.zeros(layers, dtype=torch.float64),
+            "angular_span1": torch.zeros(layers, dtype=torch.float64),
+            "angular_span2": torch.zeros(layers - 1, dtype=torch.float64)}
+    tokens = 0
+    with torch.no_grad():
+        for k in range(0, len(data), bs):
+            feats = tok(data[k:k + bs], padding=True, truncation=True, max_length=MAX_SEQ_LEN, return_tensors="pt")
+            states = model(**feats, output_hidden_states=True).hidden_states
+            mask = feats["attention_mask"]
+            tokens += int(mask.sum())
+            for key, span, f in [("block_influence", 1, lambda c: (1 - c).sum()),
+                                 ("angular_span1", 1, lambda c: (torch.arccos(c) / math.pi).sum()),
+                                 ("angular_span2", 2, lambda c: (torch.arccos(c) / math.pi).sum())]:
+                sums[key] += torch.stack(token_metric(states, mask, span, f))
+    scores = {k: (v / tokens).tolist() for k, v in sums.items()}
+
+    # drop-loss: MSE of the sentence embeddings with one layer removed against the full model's.
+    def embed(m):
+        outs = []
+        with torch.no_grad():
+            for k in range(0, len(data), bs):
+                feats = tok(data[k:k + bs], padding=True, truncation=True, max_length=MAX_SEQ_LEN, return_tensors="pt")
+                outs.append(mean_pool_normalize(m(**feats).last_hidden_state, feats["attention_mask"]))
+        return torch.cat(outs).double()
+    full = embed(model)
+    drop = []
+    all_layers = model.encoder.layer
+    for removed in range(layers):
+        model.encoder.layer = torch.nn.ModuleList([all_layers[i] for i in range(layers) if i != removed])
+        drop.append(((embed(model) - full) ** 2).mean().item())
+    model.encoder.layer = all_layers
+    scores["drop_loss"] = drop
+
+    # grad-norm: MultipleNegativesRankingLoss (scale 20, in-batch negatives) on SICK entailment pairs.
+    pairs = []
+    for line in (sts_dir / "sick2014/SICK_trial.txt").read_text(encoding="utf-8").splitlines()[1:]:
+        f = line.split("\t")
+        if f[4].strip() == "ENTAILMENT":
+            pairs.append([f[1], f[2]])
+        if len(pairs) == SURGERY["grad_pairs"]:
+            break
+    norms = torch.zeros(layers, dtype=torch.float64)
+    batches = 0
+    for k in range(0, len(pairs), bs):
+        chunk = pairs[k:k + bs]
+        model.zero_grad(set_to_none=True)
+        emb = []
+        for side in range(2):
+            feats = tok([p[side] for p in chunk], padding=True, truncation=True, max_length=MAX_SEQ_LEN, return_tensors="pt")
+            emb.append(mean_pool_normalize(model(**feats).last_hidden_state, feats["attention_mask"]))
+        logits = SURGERY["contrastive_scale"] * F.normalize(emb[0], dim=1) @ F.normalize(emb[1], dim=1).T
+        F.cross_entropy(logits, torch.arange(len(chunk))).backward()
+        for l, layer in enumerate(model.encoder.layer):
+            norms[l] += math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in layer.parameters()))
+        batches += 1
+    scores["grad_norm"] = (norms / batches).tolist()
+
+    # STS evaluation with sentence-transformers and scipy, the protocol of GUIDE section 4.
+    st = SentenceTransformer(str(model_dir), device="cpu")
+    evaluation = {}
+    for rel in SURGERY["eval_files"]:
+        scored = [l.split("\t") for l in (sts_dir / rel).read_text(encoding="utf-8").splitlines()]
+        scored = [(float(f[0]), f[1], f[2]) for f in scored if f[0].strip()]
+        a = st.encode([x[1] for x in scored], batch_size=64, convert_to_tensor=True)
+        b = st.encode([x[2] for x in scored], batch_size=64, convert_to_tensor=True)
+        cos = F.cosine_similarity(a, b).tolist()
+        evaluation[rel] = {"pairs": len(scored),
+                           "spearman": 100 * scipy.stats.spearmanr(cos, [x[0] for x in scored]).statistic}
+        print(f"[surgery] {rel}: {evaluation[rel]}")
+
+    # Spearman with ties, for the rank code alone.
+    g = np.random.default_rng(7)
+    x = g.integers(0, 6, 50).astype(float)
+    y = x + g.normal(0, 2, 50).round(0)
+    ties = {"x": x.tolist(), "y": y.tolist(), "spearman": scipy.stats.spearmanr(x, y).statistic}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "scores.json").write_text(json.dumps({
+        "sentences": "tests/fixtures/minilm/sentences.txt, first 40 lines, batches of 8 in file order",
+        "pairs": pairs, "scores": scores, "evaluation": evaluation, "spearman_ties": ties,
+        "recipe": SURGERY, "versions": versions()}, indent=2) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -472,14 +584,14 @@ def main():
     ap.add_argument("--sts", default="../shared/data/sts", help="STS data folder (repo-relative or absolute)")
     ap.add_argument("--out", default="tests/fixtures", help="output folder (repo-relative or absolute)")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--only", choices=["minilm", "ops", "heal"], action="append",
+    ap.add_argument("--only", choices=["minilm", "ops", "heal", "surgery"], action="append",
                     help="generate only these parts (repeatable); heal needs minilm/sentences.txt")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    parts = set(args.only or ["minilm", "ops", "heal"])
+    parts = set(args.only or ["minilm", "ops", "heal", "surgery"])
 
     out = Path(args.out) if Path(args.out).is_absolute() else REPO / args.out
     sts = Path(args.sts) if Path(args.sts).is_absolute() else REPO / args.sts
@@ -487,13 +599,15 @@ def main():
 
     if "ops" in parts:
         make_ops(out / "ops", args.seed)
-    if parts & {"minilm", "heal"}:
+    if parts & {"minilm", "heal", "surgery"}:
         model_dir = resolve_model_dir(args.model)
         print(f"model: {model_dir}")
         if "minilm" in parts:
             sentences, _ = make_minilm(model_dir, sts, out / "minilm")
         else:
             sentences = (out / "minilm" / "sentences.txt").read_text(encoding="utf-8").splitlines()
+        if "surgery" in parts:
+            make_surgery(model_dir, sentences, sts, out / "surgery")
         if "heal" in parts:
             losses = make_heal(model_dir, sentences, out / "heal")
             if losses[-1] >= losses[0]:  # batches differ per step, so only a warning

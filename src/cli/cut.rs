@@ -5,6 +5,7 @@ use scalpel::surgery::checkpoint::{check_output, write_model};
 use scalpel::surgery::cut::{keep_layers, parse_layer_list, LayerSelection};
 use serde_json::json;
 
+use super::score::{MetricArg, Scoring};
 use super::CliResult;
 
 #[derive(clap::Args)]
@@ -22,29 +23,53 @@ pub struct Args {
     #[arg(long, conflicts_with = "truncate")]
     keep: Option<String>,
     /// Keep the first K layers.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "auto")]
     truncate: Option<usize>,
+    /// Keep the K layers the metric ranks highest on --data.
+    #[arg(long, conflicts_with_all = ["drop", "keep"], requires = "data")]
+    auto: Option<usize>,
+    #[command(flatten)]
+    scoring: Scoring,
+    /// The metric `--auto` ranks layers by.
+    #[arg(long, value_enum, default_value_t = MetricArg::DropLoss)]
+    metric: MetricArg,
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
 }
 
 pub fn run(a: Args) -> CliResult {
-    let selection = match (&a.drop, &a.keep, a.truncate) {
-        (Some(d), None, None) => LayerSelection::Drop(parse_layer_list(d)?),
-        (None, Some(k), None) => LayerSelection::Keep(parse_layer_list(k)?),
-        (None, None, Some(k)) => LayerSelection::Truncate(k),
-        _ => {
-            return Err(
-                "say which layers to remove with exactly one of --drop, --keep or --truncate"
-                    .into(),
-            )
-        }
+    if a.metric == MetricArg::All {
+        return Err("--metric all cannot choose layers: name one metric for --auto".into());
+    }
+    let explicit = match (&a.drop, &a.keep, a.truncate, a.auto) {
+        (Some(d), None, None, None) => Some(LayerSelection::Drop(parse_layer_list(d)?)),
+        (None, Some(k), None, None) => Some(LayerSelection::Keep(parse_layer_list(k)?)),
+        (None, None, Some(k), None) => Some(LayerSelection::Truncate(k)),
+        (None, None, None, Some(_)) => None,
+        _ => return Err(
+            "say which layers to remove with exactly one of --drop, --keep, --truncate or --auto"
+                .into(),
+        ),
     };
     check_output(&a.model, &a.output, a.force)?;
     let bert = Bert::load(&a.model)?;
     let total = bert.num_layers();
-    let kept = selection.kept(total)?;
+    let (kept, reason, scores) = match explicit {
+        Some(selection) => (selection.kept(total)?, format!("{selection:?}"), None),
+        None => {
+            let k = a.auto.expect("matched above");
+            let report = a.scoring.run(&a.model, a.metric, Some(k))?;
+            let scores = &report.metrics[0];
+            let keep = scores.keep.clone().expect("a target was given");
+            print!("{}", report.to_table());
+            let reason = format!(
+                "auto: the {k} layers {} ranks highest",
+                scores.metric.name()
+            );
+            (keep, reason, Some(report))
+        }
+    };
     let removed: Vec<usize> = (0..total).filter(|i| !kept.contains(i)).collect();
     let cut = keep_layers(&bert, &kept)?;
     let record = json!({
@@ -52,7 +77,8 @@ pub fn run(a: Args) -> CliResult {
         "source_layers": total,
         "kept": kept,
         "removed": removed,
-        "reason": format!("{selection:?}"),
+        "reason": reason,
+        "scores": scores,
     });
     let record = serde_json::to_vec_pretty(&record)?;
     write_model(

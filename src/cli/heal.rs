@@ -1,44 +1,64 @@
-use std::io::Write;
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
+use indicatif::{ProgressBar, ProgressStyle};
 use scalpel::autograd::optim::Schedule;
 use scalpel::models::sentence::SentenceEncoder;
-use scalpel::surgery::checkpoint::{check_output, write_model};
-use scalpel::surgery::data::read_sentences;
-use scalpel::surgery::heal::{heal, DistillLoss, HealOptions};
+use scalpel::surgery::checkpoint::check_output;
+use scalpel::surgery::data::{read_pairs, read_positive_pairs, read_training_text, PairFile};
+use scalpel::surgery::heal::{
+    heal, Budget, Checkpointing, DistillLoss, HealEvent, HealOptions, HealRun, TrainerState,
+    TrainingData,
+};
+use serde::{Deserialize, Serialize};
 
 use super::CliResult;
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, ValueEnum, Serialize, Deserialize)]
 enum LossArg {
     Mse,
     Cosine,
+    /// In-batch contrastive loss on positive pairs (needs STS/SICK pair files as --data).
+    Contrastive,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, ValueEnum, Serialize, Deserialize)]
 enum ScheduleArg {
     Constant,
     Linear,
     Cosine,
 }
 
-#[derive(clap::Args)]
+/// The arguments that define a run; saved in each checkpoint so `--resume DIR` alone continues it.
+#[derive(clap::Args, Serialize, Deserialize)]
 pub struct Args {
     /// The model to train (e.g. the output of `scalpel cut`); never modified.
+    #[arg(long, required_unless_present = "resume")]
+    student: Option<PathBuf>,
+    /// The reference model whose sentence embeddings the student learns to reproduce (needed
+    /// for the mse and cosine losses).
     #[arg(long)]
-    student: PathBuf,
-    /// The reference model whose sentence embeddings the student learns to reproduce.
+    teacher: Option<PathBuf>,
+    /// Training data: a text file with one sentence per line, or STS (.tsv) / SICK pair files
+    /// (both sentences of each pair are used). Repeatable.
+    #[arg(long, required_unless_present = "resume")]
+    data: Vec<PathBuf>,
+    /// Where the healed model (and every checkpoint) is written.
+    #[arg(long, required_unless_present = "resume")]
+    output: Option<PathBuf>,
+    /// Stop after this many steps.
     #[arg(long)]
-    teacher: PathBuf,
-    /// Text file, one sentence per line.
+    steps: Option<usize>,
+    /// Stop after this many passes over the data (one pass if no limit is given at all).
     #[arg(long)]
-    data: PathBuf,
-    /// Where the healed model is written.
+    epochs: Option<usize>,
+    /// Stop after this many minutes of training.
     #[arg(long)]
-    output: PathBuf,
-    #[arg(long, default_value_t = 100)]
-    steps: usize,
+    minutes: Option<f64>,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     #[arg(long, default_value_t = 1e-4)]
@@ -69,19 +89,84 @@ pub struct Args {
     /// Clip the global gradient norm to this value.
     #[arg(long)]
     clip: Option<f64>,
+    /// STS/SICK file to evaluate on (Spearman ×100). Repeatable.
+    #[arg(long)]
+    eval: Vec<PathBuf>,
+    /// Evaluate every N steps (and always at the end).
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Save a checkpoint to --output every N steps (atomically: a complete model plus optimiser
+    /// and trainer state).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Continue the run saved in this checkpoint folder, exactly as if it had not stopped.
+    #[arg(long)]
+    #[serde(skip)]
+    resume: Option<PathBuf>,
     /// Also write the training log (JSON lines) here.
     #[arg(long)]
     log: Option<PathBuf>,
     /// Replace an existing output directory.
     #[arg(long)]
+    #[serde(skip)]
     force: bool,
 }
 
 pub fn run(a: Args) -> CliResult {
-    check_output(&a.student, &a.output, a.force)?;
-    let sentences = read_sentences(&a.data)?;
-    let mut student = SentenceEncoder::load(&a.student)?;
-    let teacher = SentenceEncoder::load(&a.teacher)?;
+    let (a, student_dir, saved) = match &a.resume {
+        None => {
+            let student = a.student.clone().expect("clap requires --student");
+            let output = a.output.as_deref().expect("clap requires --output");
+            check_output(&student, output, a.force)?;
+            (a, student, None)
+        }
+        Some(dir) => {
+            let saved = TrainerState::load(dir)?;
+            if saved.finished {
+                return Err(format!("{}: this run already finished", dir.display()).into());
+            }
+            let mut args: Args = serde_json::from_value(saved.invocation.clone())
+                .map_err(|e| format!("{}: unreadable saved arguments: {e}", dir.display()))?;
+            // Where the run continues: its own checkpoint folder unless told otherwise.
+            if let Some(output) = &a.output {
+                if output != dir {
+                    check_output(dir, output, a.force)?;
+                }
+                args.output = Some(output.clone());
+            }
+            // A new time or step limit extends (or shortens) the run; nothing else may change.
+            if a.steps.is_some() || a.epochs.is_some() || a.minutes.is_some() {
+                (args.steps, args.epochs, args.minutes) = (a.steps, a.epochs, a.minutes);
+            }
+            args.resume = Some(dir.clone());
+            (args, dir.clone(), Some(saved))
+        }
+    };
+    let output = a.output.clone().expect("set above");
+    let data = match a.loss {
+        LossArg::Contrastive => TrainingData::Pairs(read_positive_pairs(&a.data)?),
+        LossArg::Mse | LossArg::Cosine => TrainingData::Sentences {
+            sentences: read_training_text(&a.data)?,
+            loss: if matches!(a.loss, LossArg::Mse) {
+                DistillLoss::Mse
+            } else {
+                DistillLoss::Cosine
+            },
+        },
+    };
+    let eval: Vec<PairFile> = a
+        .eval
+        .iter()
+        .map(|p| read_pairs(p))
+        .collect::<Result<_, _>>()?;
+    let mut student = SentenceEncoder::load(&student_dir)?;
+    let teacher = match (&a.teacher, &data) {
+        (Some(t), _) => Some(SentenceEncoder::load(t)?),
+        (None, TrainingData::Sentences { .. }) => {
+            return Err("--teacher is required for the mse and cosine (distillation) losses".into())
+        }
+        (None, TrainingData::Pairs(_)) => None,
+    };
     let mut freeze = a.freeze.clone();
     if let Some(layers) = &a.freeze_layers {
         for l in scalpel::surgery::cut::parse_layer_list(layers)? {
@@ -89,14 +174,14 @@ pub fn run(a: Args) -> CliResult {
         }
     }
     let opts = HealOptions {
-        steps: a.steps,
+        budget: Budget {
+            steps: a.steps,
+            epochs: a.epochs,
+            minutes: a.minutes,
+        },
         batch_size: a.batch_size,
         lr: a.lr,
         weight_decay: a.weight_decay,
-        loss: match a.loss {
-            LossArg::Mse => DistillLoss::Mse,
-            LossArg::Cosine => DistillLoss::Cosine,
-        },
         dropout: a.dropout,
         shuffle: !a.no_shuffle,
         seed: a.seed,
@@ -109,29 +194,139 @@ pub fn run(a: Args) -> CliResult {
         warmup: a.warmup,
         clip: a.clip,
     };
-    let mut log_lines = String::new();
-    let log = heal(&mut student, &teacher, &sentences, &opts, |entry| {
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            // A second Ctrl-C while the checkpoint is being written: give up at once.
+            std::process::exit(130);
+        }
         eprintln!(
-            "step {:>5}/{}  loss {:.6e}  lr {:.2e}  {:.1} s",
-            entry.step, a.steps, entry.loss, entry.lr, entry.seconds
+            "\ninterrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort)"
         );
-        Ok(())
     })?;
-    for entry in &log {
-        log_lines.push_str(&serde_json::to_string(entry)?);
-        log_lines.push('\n');
-    }
-    if let Some(path) = &a.log {
-        let mut f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        f.write_all(log_lines.as_bytes())?;
-    }
-    write_model(
-        &student.bert,
-        &a.student,
-        &a.output,
-        a.force,
-        &[("training_log.jsonl", log_lines.into_bytes())],
+
+    let mut progress = Progress::new(&student_dir, &output);
+    let outcome = heal(
+        HealRun {
+            student: &mut student,
+            teacher: teacher.as_ref(),
+            data: &data,
+            opts: &opts,
+            checkpoint: Some(Checkpointing {
+                dir: &output,
+                every: a.checkpoint_every,
+            }),
+            eval: &eval,
+            eval_every: a.eval_every,
+            resume: saved.map(|s| (s, student_dir.as_path())),
+            stop: Some(&stop),
+            invocation: serde_json::to_value(&a)?,
+        },
+        |event| {
+            progress.show(&event);
+            Ok(())
+        },
     )?;
-    println!("healed model -> {}", a.output.display());
+    progress.finish();
+    if let Some(path) = &a.log {
+        let lines: String = outcome
+            .log
+            .iter()
+            .map(|l| serde_json::to_string(l).map(|s| s + "\n"))
+            .collect::<Result<_, _>>()?;
+        super::write_atomically(path, lines.as_bytes(), &[&student_dir])?;
+    }
+    if outcome.interrupted {
+        eprintln!(
+            "stopped at step {}: checkpoint in {}; continue with `scalpel heal --resume {}`",
+            outcome.step,
+            output.display(),
+            output.display()
+        );
+        std::process::exit(130);
+    }
+    println!(
+        "healed model ({} steps) -> {}",
+        outcome.step,
+        output.display()
+    );
     Ok(())
+}
+
+/// A progress bar on a terminal; plain lines (at most one every few seconds) otherwise.
+struct Progress {
+    bar: Option<ProgressBar>,
+    last_line: Option<Instant>,
+}
+
+impl Progress {
+    fn new(student: &Path, output: &Path) -> Progress {
+        eprintln!("healing {} -> {}", student.display(), output.display());
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} step {pos}/{len}  {msg}  elapsed {elapsed_precise}  eta {eta}",
+                )
+                .expect("a valid template"),
+            );
+            bar.enable_steady_tick(Duration::from_millis(500));
+            bar
+        });
+        Progress {
+            bar,
+            last_line: None,
+        }
+    }
+
+    fn show(&mut self, event: &HealEvent) {
+        match event {
+            HealEvent::Step {
+                log,
+                total,
+                sentences_per_second,
+            } => {
+                let msg = format!(
+                    "loss {:.5e}  lr {:.2e}  {sentences_per_second:.1} sentences/s",
+                    log.loss, log.lr
+                );
+                if let Some(bar) = &self.bar {
+                    bar.set_length(total.unwrap_or(log.step + 1) as u64);
+                    bar.set_position(log.step as u64);
+                    bar.set_message(msg);
+                } else if self
+                    .last_line
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+                    || Some(log.step) == *total
+                {
+                    let of = total.map_or(String::new(), |t| format!("/{t}"));
+                    eprintln!("step {}{of}  {msg}  {:.0} s", log.step, log.seconds);
+                    self.last_line = Some(Instant::now());
+                }
+            }
+            HealEvent::Eval { step, report } => self.line(format!(
+                "eval at step {step}: mean Spearman {:.2} over {} files",
+                report.mean_spearman,
+                report.files.len()
+            )),
+            HealEvent::Checkpoint { step, dir } => {
+                self.line(format!("checkpoint at step {step} -> {}", dir.display()))
+            }
+        }
+    }
+
+    fn line(&self, text: String) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }

@@ -4,14 +4,18 @@ use super::CliResult;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Only the kernel files whose name contains this, e.g. `attention`.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 /// Compiles every kernel through NVRTC (where it can be loaded), runs each on the emulator
 /// against the CPU backend, and fails if any kernel fails.
 pub fn run(a: Args) -> CliResult {
-    let report = kernels_report();
+    let report = kernels_report(a.only.as_deref());
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

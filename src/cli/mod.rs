@@ -1,8 +1,12 @@
+mod bench;
 mod cut;
 mod embed;
+mod eval;
 mod heal;
 mod inspect;
 mod kernels;
+mod new_head;
+mod score;
 mod similarity;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +26,16 @@ pub struct Cli {
     /// Worker threads for the CPU kernels (default: SCALPEL_THREADS, else all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Where the ops run: auto (CUDA when a GPU, its driver and NVRTC are present, else the CPU),
+    /// cpu, cuda (an error naming what is missing when unusable), or emu (the CUDA kernels on the
+    /// CPU emulator: slow, for testing the CUDA path without a GPU).
+    #[arg(
+        long,
+        global = true,
+        default_value = "auto",
+        value_name = "auto|cpu|cuda|emu"
+    )]
+    device: scalpel::autograd::device::DeviceKind,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,12 +48,20 @@ enum Command {
     Inspect(inspect::Args),
     /// Print the cosine-similarity matrix of the sentence embeddings of a text file's lines.
     Similarity(similarity::Args),
+    /// Score each layer's importance on calibration data (four metrics) and suggest a cut.
+    Score(score::Args),
     /// Remove encoder layers and write a complete, renumbered checkpoint.
     Cut(cut::Args),
-    /// Retrain a cut model by distilling the teacher's sentence embeddings (AdamW).
+    /// Retrain a cut model (AdamW): distil the teacher's embeddings or fine-tune on pairs.
     Heal(heal::Args),
+    /// Spearman correlation on STS/SICK files, and agreement with a teacher.
+    Eval(eval::Args),
     /// Compile every CUDA kernel with NVRTC and check each on the CPU emulator.
     Kernels(kernels::Args),
+    /// Train a new classification head on sentence-pair embeddings (e.g. SICK entailment).
+    NewHead(new_head::Args),
+    /// Time a workload (GEMM, forward, train step): median/min/max over runs, peak RSS.
+    Bench(bench::Args),
 }
 
 pub fn run(cli: Cli) -> CliResult {
@@ -49,13 +71,20 @@ pub fn run(cli: Cli) -> CliResult {
         }
         scalpel::tensor::threads::set_num_threads(n);
     }
+    let (device, picked) = scalpel::autograd::device::Device::resolve(cli.device)?;
+    eprintln!("device: {picked}");
+    scalpel::autograd::device::set_device(device);
     match cli.command {
         Command::Embed(a) => embed::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Similarity(a) => similarity::run(a),
+        Command::Score(a) => score::run(a),
         Command::Cut(a) => cut::run(a),
         Command::Heal(a) => heal::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Kernels(a) => kernels::run(a),
+        Command::NewHead(a) => new_head::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

@@ -7,8 +7,10 @@
 //! topological order and returns the [`Gradients`] of every leaf that asked for one.
 //!
 //! Every op in [`ops`] is a whole layer-sized step (linear, attention, layernorm, ...) with a
-//! hand-written backward built from the kernels of `scalpel-tensor`.
+//! hand-written backward built from the kernels of `scalpel-tensor`, or, when the [`device`] is
+//! CUDA (a GPU or the emulator), from the kernels of `scalpel-cuda`.
 
+pub mod device;
 pub mod gradcheck;
 pub mod ops;
 pub mod optim;
@@ -27,6 +29,12 @@ pub enum AutogradError {
     Graph(String),
     #[error("optimiser: {0}")]
     Optim(String),
+    /// A CUDA runtime failure (launch, copy, shape the kernels cannot take).
+    #[error(transparent)]
+    Cuda(#[from] scalpel_cuda::CudaError),
+    /// A requested device that cannot be used.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 pub type Result<T, E = AutogradError> = std::result::Result<T, E>;

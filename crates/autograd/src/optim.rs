@@ -13,8 +13,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use scalpel_cuda::{ops as cuda, Runtime};
 use scalpel_tensor::{safetensors, DType, Float, Tensor};
 
+use crate::device::{runtime_for, upload};
 use crate::{AutogradError, Gradients, Params, Result};
 
 /// Which weight decay rule applies.
@@ -103,6 +105,12 @@ impl Adam {
                 });
             moments.step += 1;
             let p = var.value_mut()?;
+            let rt = runtime_for(&[p, grad, &moments.m, &moments.v])
+                .filter(|_| p.shape() == grad.shape() && moments.m.shape() == grad.shape());
+            if let Some(rt) = rt {
+                update_cuda(&rt, &self.config, lr, wd, moments, p, grad)?;
+                continue;
+            }
             match p.dtype() {
                 DType::F32 => update::<f32>(&self.config, lr, wd, moments, p, grad)?,
                 DType::F64 => update::<f64>(&self.config, lr, wd, moments, p, grad)?,
@@ -194,13 +202,49 @@ fn update<F: Float>(
     Ok(())
 }
 
+/// [`update`] as one fused `adamw_step_f32` launch on `rt` (host-resident state: uploaded,
+/// updated, downloaded).
+fn update_cuda(
+    rt: &Runtime,
+    c: &AdamConfig,
+    lr: f64,
+    wd: f64,
+    s: &mut Moments,
+    p: &mut Tensor,
+    g: &Tensor,
+) -> Result<()> {
+    let step = cuda::AdamStep {
+        lr,
+        beta1: c.beta1,
+        beta2: c.beta2,
+        eps: c.eps,
+        weight_decay: wd,
+        decay: match c.decay {
+            Decay::Decoupled => cuda::WeightDecay::Decoupled,
+            Decay::L2 => cuda::WeightDecay::L2,
+        },
+        step: u32::try_from(s.step)
+            .map_err(|_| AutogradError::Optim(format!("step {} is too large", s.step)))?,
+    };
+    let (mut pd, mut md, mut vd) = (upload(rt, p)?, upload(rt, &s.m)?, upload(rt, &s.v)?);
+    cuda::adam_step(rt, &step, &mut pd, &upload(rt, g)?, &mut md, &mut vd)?;
+    p.values_mut::<f32>()?.copy_from_slice(&pd.to_host()?);
+    s.m.values_mut::<f32>()?.copy_from_slice(&md.to_host()?);
+    s.v.values_mut::<f32>()?.copy_from_slice(&vd.to_host()?);
+    Ok(())
+}
+
 /// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before
-/// clipping (PyTorch's `clip_grad_norm_`, including its 1e-6 guard).
+/// clipping (PyTorch's `clip_grad_norm_`, including its 1e-6 guard). On a CUDA device the sums of
+/// squares (one reduction per f32 gradient, added in f64) and the scaling run on the kernels.
 pub fn clip_grad_norm(grads: &mut Gradients, params: &Params, max_norm: f64) -> Result<f64> {
     let mut total = 0.0;
     for (_, var) in params.iter() {
         if let Some(g) = grads.get(var) {
-            total += g.to_vec::<f64>().iter().map(|x| x * x).sum::<f64>();
+            total += match runtime_for(&[g]) {
+                Some(rt) => cuda::sum_of_squares(&rt, &upload(&rt, g)?)? as f64,
+                None => g.to_vec::<f64>().iter().map(|x| x * x).sum::<f64>(),
+            };
         }
     }
     let norm = total.sqrt();
@@ -208,7 +252,10 @@ pub fn clip_grad_norm(grads: &mut Gradients, params: &Params, max_norm: f64) -> 
     if coef < 1.0 {
         for (_, var) in params.iter() {
             if let Some(g) = grads.get_mut(var) {
-                *g = scalpel_tensor::ops::scale(g, coef)?;
+                *g = match runtime_for(&[g]) {
+                    Some(rt) => crate::ops::scale_cuda(&rt, g, coef)?,
+                    None => scalpel_tensor::ops::scale(g, coef)?,
+                };
             }
         }
     }

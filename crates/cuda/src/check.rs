@@ -859,26 +859,47 @@ pub fn gemm_shapes() -> Vec<(GemmShape, f32)> {
     shapes
 }
 
-/// Every check at its standard ragged sizes: what the tests and the `scalpel kernels` report run.
-pub fn all(rt: &Runtime) -> Result<Vec<KernelCheck>> {
+/// Every check at its standard ragged sizes for the kernel files `include` accepts (by file name,
+/// e.g. `"gemm.cu"`): what the tests and the `scalpel kernels` report run.
+pub fn all(rt: &Runtime, include: &dyn Fn(&str) -> bool) -> Result<Vec<KernelCheck>> {
     let mut out = Vec::new();
-    for (s, beta) in gemm_shapes() {
-        out.push(gemm_f32(rt, s, beta)?);
-        out.push(gemm_half::<f16>(rt, s, beta)?);
-        out.push(gemm_half::<bf16>(rt, s, beta)?);
+    if include("gemm.cu") {
+        for (s, beta) in gemm_shapes() {
+            out.push(gemm_f32(rt, s, beta)?);
+            out.push(gemm_half::<f16>(rt, s, beta)?);
+            out.push(gemm_half::<bf16>(rt, s, beta)?);
+        }
     }
-    out.extend(casts(rt, 1031)?);
-    out.extend(elementwise(rt, 37, 45)?);
-    out.extend(gelu(rt, 1037)?);
-    out.extend(layernorm(rt, 19, 77)?);
-    out.extend(softmax(rt, 19, 133)?);
-    out.extend(cross_entropy(rt, 13, 150)?);
-    out.extend(embedding(rt, 23, 41, 37)?);
-    out.extend(pooling(rt, 5, 11, 45)?);
-    for s in attention_shapes() {
-        out.extend(attention(rt, s)?);
+    if include("elementwise.cu") {
+        out.extend(casts(rt, 1031)?);
+        out.extend(elementwise(rt, 37, 45)?);
     }
-    out.extend(adam(rt, 1037)?);
-    out.extend(sum_of_squares(rt, &[1, 257, 5_003])?);
+    if include("gelu.cu") {
+        out.extend(gelu(rt, 1037)?);
+    }
+    if include("layernorm.cu") {
+        out.extend(layernorm(rt, 19, 77)?);
+    }
+    if include("softmax.cu") {
+        out.extend(softmax(rt, 19, 133)?);
+        out.extend(cross_entropy(rt, 13, 150)?);
+    }
+    if include("embedding.cu") {
+        out.extend(embedding(rt, 23, 41, 37)?);
+    }
+    if include("pooling.cu") {
+        out.extend(pooling(rt, 5, 11, 45)?);
+    }
+    if include("attention.cu") {
+        for s in attention_shapes() {
+            out.extend(attention(rt, s)?);
+        }
+    }
+    if include("adamw.cu") {
+        out.extend(adam(rt, 1037)?);
+    }
+    if include("reduce.cu") {
+        out.extend(sum_of_squares(rt, &[1, 257, 5_003])?);
+    }
     Ok(out)
 }

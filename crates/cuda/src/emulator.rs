@@ -35,6 +35,10 @@ impl Backend for Emulator {
         "CPU emulator".into()
     }
 
+    fn is_emulator(&self) -> bool {
+        true
+    }
+
     fn alloc(&self, bytes: usize) -> Result<u64> {
         let layout = Layout::from_size_align(bytes.max(1), ALIGN)
             .map_err(|e| CudaError::Emulator(e.to_string()))?;

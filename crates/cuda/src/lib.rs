@@ -29,7 +29,7 @@ mod sources;
 mod toolkit;
 
 pub use error::{CudaError, Result};
-pub use probe::{probe, Probe};
+pub use probe::{gpu_runtime, probe, Probe};
 pub use runtime::{DeviceBuffer, DeviceElement, KernelArg, LaunchConfig, Runtime};
 pub use sources::{kernel_files, KernelFile};
 pub use toolkit::Toolkit;

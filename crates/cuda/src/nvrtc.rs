@@ -270,11 +270,15 @@ pub struct FileCheck {
 /// Compiles every `kernels/*.cu` for each of `archs` through `cache` (what the GPU backend
 /// loads) and, where ptxas is found, reads registers and spills per kernel. An error only when
 /// NVRTC itself is unavailable; compile failures are reported per file and architecture.
-pub fn compile_check(cache: &PtxCache, archs: &[u32]) -> Result<Vec<FileCheck>> {
+pub fn compile_check(
+    cache: &PtxCache,
+    archs: &[u32],
+    include: &dyn Fn(&str) -> bool,
+) -> Result<Vec<FileCheck>> {
     version()?;
     let ptxas = Toolkit::discover().ptxas;
     let mut files = Vec::new();
-    for file in kernel_files() {
+    for file in kernel_files().iter().filter(|f| include(f.file)) {
         let mut results = Vec::new();
         for &arch in archs {
             let check = match cache.ptx(file, CompileOptions::new(arch)) {

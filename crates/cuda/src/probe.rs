@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::{Runtime, Toolkit};
+use crate::{CudaError, Runtime, Toolkit};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Probe {
@@ -22,6 +22,35 @@ impl Probe {
     pub fn gpu_ready(&self) -> bool {
         self.gpu.is_some()
     }
+}
+
+/// GPU `ordinal`, ready to run the kernels, or one line per missing piece (driver library,
+/// NVRTC, the headers NVRTC needs, the GPU itself). Checks everything before giving up, so the
+/// error names all of what is missing at once. Never panics.
+pub fn gpu_runtime(ordinal: usize) -> std::result::Result<Runtime, Vec<String>> {
+    let mut missing = Vec::new();
+    // SAFETY: only probes for the library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        missing.push(
+            "CUDA driver library (libcuda.so) not found: no NVIDIA driver on this machine".into(),
+        );
+    }
+    if let Err(e) = crate::nvrtc::version() {
+        missing.push(match e {
+            CudaError::Unavailable(why) => why,
+            e => e.to_string(),
+        });
+    }
+    let headers = Toolkit::discover().missing_headers();
+    if !headers.is_empty() {
+        missing.push(format!(
+            "CUDA headers {headers:?} for NVRTC not found: run `eval \"$(scripts/cuda_wheels.sh)\"`"
+        ));
+    }
+    if !missing.is_empty() {
+        return Err(missing);
+    }
+    Runtime::cuda(ordinal).map_err(|e| vec![format!("GPU {ordinal}: {e}")])
 }
 
 pub fn probe() -> Probe {

@@ -11,17 +11,17 @@ use crate::Runtime;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelReport {
-    pub kernel: String,
+    pub name: String,
     pub file: String,
-    /// `None` when NVRTC is unavailable.
-    pub sm_80_ok: Option<bool>,
-    pub sm_90_ok: Option<bool>,
+    /// Whether NVRTC compiled it for that architecture; `None` when NVRTC is unavailable.
+    pub sm_80: Option<bool>,
+    pub sm_90: Option<bool>,
     /// Registers per thread on sm_90, from ptxas.
     pub registers: Option<u32>,
     /// Spill stores plus loads, the most over both architectures, from ptxas.
     pub spill_bytes: Option<u32>,
     /// The largest error over the emulator checks of this kernel; `None` if none covers it.
-    pub emulator_max_rel_error: Option<f64>,
+    pub emu_max_rel_err: Option<f64>,
     pub tolerance: Option<f64>,
     /// Every known result is good: compiled, no spills, within tolerance (and checked at all).
     pub pass: bool,
@@ -52,13 +52,13 @@ impl KernelsReport {
         for k in &self.kernels {
             out += &format!(
                 "{:<32} {:<16} {:>5} {:>5} {:>5} {:>6} {:>10} {:>5}\n",
-                k.kernel,
+                k.name,
                 k.file,
-                yes_no(k.sm_80_ok),
-                yes_no(k.sm_90_ok),
+                yes_no(k.sm_80),
+                yes_no(k.sm_90),
                 opt(k.registers.map(|r| r.to_string())),
                 opt(k.spill_bytes.map(|r| r.to_string())),
-                opt(k.emulator_max_rel_error.map(|e| format!("{e:.2e}"))),
+                opt(k.emu_max_rel_err.map(|e| format!("{e:.2e}"))),
                 if k.pass { "yes" } else { "NO" }
             );
         }
@@ -69,14 +69,16 @@ impl KernelsReport {
     }
 }
 
-/// Builds the report: the NVRTC compile check (when NVRTC is present) and every emulator check.
-pub fn kernels_report() -> KernelsReport {
+/// Builds the report for the kernel files whose name contains `only` (every file when `None`):
+/// the NVRTC compile check (when NVRTC is present) and the emulator checks.
+pub fn kernels_report(only: Option<&str>) -> KernelsReport {
+    let include = |file: &str| only.is_none_or(|o| file.contains(o));
     let mut notes = Vec::new();
     let nvrtc_version = crate::nvrtc::version()
         .ok()
         .map(|(major, minor)| format!("{major}.{minor}"));
     let compiled: Vec<FileCheck> =
-        match compile_check(&PtxCache::default_location(), &CHECKED_ARCHS) {
+        match compile_check(&PtxCache::default_location(), &CHECKED_ARCHS, &include) {
             Ok(files) => files,
             Err(e) => {
                 notes.push(format!("no NVRTC compile check: {e}"));
@@ -97,7 +99,7 @@ pub fn kernels_report() -> KernelsReport {
             notes.push(e.clone());
         }
     }
-    let checks: Vec<KernelCheck> = match crate::check::all(&Runtime::emulator()) {
+    let checks: Vec<KernelCheck> = match crate::check::all(&Runtime::emulator(), &include) {
         Ok(checks) => checks,
         Err(e) => {
             notes.push(format!("emulator checks stopped: {e}"));
@@ -106,7 +108,7 @@ pub fn kernels_report() -> KernelsReport {
     };
 
     let mut kernels = Vec::new();
-    for file in kernel_files() {
+    for file in kernel_files().iter().filter(|f| include(f.file)) {
         let compile = compiled.iter().find(|f| f.file == file.file);
         for &kernel in file.kernels {
             let arch = |a: u32| compile.and_then(|f| f.archs.iter().find(|x| x.arch == a));
@@ -136,13 +138,13 @@ pub fn kernels_report() -> KernelsReport {
                 && CHECKED_ARCHS.iter().all(|&a| ok(a) != Some(false))
                 && spill_bytes.unwrap_or(0) == 0;
             kernels.push(KernelReport {
-                kernel: kernel.to_string(),
-                file: file.file.to_string(),
-                sm_80_ok: ok(80),
-                sm_90_ok: ok(90),
+                name: kernel.to_string(),
+                file: format!("kernels/{}", file.file),
+                sm_80: ok(80),
+                sm_90: ok(90),
                 registers,
                 spill_bytes,
-                emulator_max_rel_error: error,
+                emu_max_rel_err: error,
                 tolerance,
                 pass,
             });

@@ -13,6 +13,10 @@ use crate::{CudaError, Result};
 /// emulator's are host addresses.
 pub(crate) trait Backend: Send + Sync {
     fn name(&self) -> String;
+    /// Device memory is host memory and kernels run on the CPU.
+    fn is_emulator(&self) -> bool {
+        false
+    }
     fn alloc(&self, bytes: usize) -> Result<u64>;
     /// # Safety
     /// `ptr` came from `alloc` on this backend and is not used afterwards.
@@ -120,6 +124,11 @@ impl Runtime {
 
     pub fn name(&self) -> String {
         self.backend.name()
+    }
+
+    /// The CPU emulator rather than a GPU.
+    pub fn is_emulator(&self) -> bool {
+        self.backend.is_emulator()
     }
 
     pub fn zeros<T: DeviceElement>(&self, len: usize) -> Result<DeviceBuffer<T>> {

@@ -8,6 +8,7 @@
 pub mod bert;
 mod error;
 pub mod sentence;
+pub mod sequential;
 pub mod tokenizer;
 
 pub use error::{ModelError, Result};

@@ -8,6 +8,7 @@ use tokenizers::{Tokenizer, TruncationParams};
 use crate::{ModelError, Result};
 
 /// The checkpoint's tokenizer with truncation fixed to the model's `max_seq_length`.
+#[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
     path: PathBuf,

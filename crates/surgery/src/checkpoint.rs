@@ -46,18 +46,38 @@ pub fn write_model(
     extra: &[(&str, Vec<u8>)],
 ) -> Result<()> {
     check_output(source, out, force)?;
+    write_staged(bert, source, out, |staging| {
+        for (name, bytes) in extra {
+            let path = staging.join(name);
+            std::fs::write(&path, bytes).map_err(io_err(&path))?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes `bert` and whatever `add_files` puts into the staging folder to `out`, replacing it.
+/// The caller has checked that `out` may be replaced: training checkpoints replace their own
+/// previous checkpoint, which may also be the `source` a resumed run reads its files from.
+pub fn write_staged(
+    bert: &Bert,
+    source: &Path,
+    out: &Path,
+    add_files: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let staging = sibling(out, "staging");
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(io_err(&staging))?;
     }
-    let result = fill(bert, source, &staging, extra).and_then(|()| swap_into_place(&staging, out));
+    let result = fill(bert, source, &staging)
+        .and_then(|()| add_files(&staging))
+        .and_then(|()| swap_into_place(&staging, out));
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&staging);
     }
     result
 }
 
-fn fill(bert: &Bert, source: &Path, staging: &Path, extra: &[(&str, Vec<u8>)]) -> Result<()> {
+fn fill(bert: &Bert, source: &Path, staging: &Path) -> Result<()> {
     copy_tree(source, staging, true)?;
     let config = serde_json::to_string_pretty(&bert.raw_config).expect("a JSON value serialises");
     let config_path = staging.join("config.json");
@@ -69,10 +89,6 @@ fn fill(bert: &Bert, source: &Path, staging: &Path, extra: &[(&str, Vec<u8>)]) -
         &bert.params.to_tensors(),
         &metadata,
     )?;
-    for (name, bytes) in extra {
-        let path = staging.join(name);
-        std::fs::write(&path, bytes).map_err(io_err(&path))?;
-    }
     Ok(())
 }
 
@@ -102,7 +118,7 @@ fn sibling(path: &Path, tag: &str) -> PathBuf {
 }
 
 /// Copies `from` into a new folder `to`, recursively; at the top level skips the regenerated
-/// files and any earlier surgery or training records.
+/// files (an earlier `surgery.json` is kept: it records where the model came from).
 fn copy_tree(from: &Path, to: &Path, top: bool) -> Result<()> {
     std::fs::create_dir_all(to).map_err(io_err(to))?;
     for entry in std::fs::read_dir(from).map_err(io_err(from))? {

@@ -1,16 +1,149 @@
-//! Training and evaluation text: plain sentence files.
+//! Training and evaluation text: plain sentence files, and sentence-pair files in the SemEval STS
+//! (`score<TAB>sentence1<TAB>sentence2`) and SICK (headed TSV) layouts.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::{io_err, Result, SurgeryError};
+
+/// One sentence pair with whatever gold annotation its file carries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pair {
+    pub first: String,
+    pub second: String,
+    /// Similarity score (STS 0–5, SICK relatedness 1–5); `None` for unscored STS lines.
+    pub score: Option<f64>,
+    /// SICK's entailment judgment (`ENTAILMENT`, `NEUTRAL`, `CONTRADICTION`).
+    pub label: Option<String>,
+}
+
+impl Pair {
+    /// Whether the pair counts as a paraphrase for contrastive training: STS score ≥ 4, or SICK
+    /// entailment.
+    pub fn is_positive(&self) -> bool {
+        match &self.label {
+            Some(label) => label == "ENTAILMENT",
+            None => self.score.is_some_and(|s| s >= 4.0),
+        }
+    }
+}
+
+/// The pairs of one file.
+#[derive(Clone, Debug)]
+pub struct PairFile {
+    pub path: PathBuf,
+    pub pairs: Vec<Pair>,
+}
+
+impl PairFile {
+    /// The pairs with a gold score: what STS evaluation uses.
+    pub fn scored(&self) -> impl Iterator<Item = (&Pair, f64)> {
+        self.pairs.iter().filter_map(|p| p.score.map(|s| (p, s)))
+    }
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        SurgeryError::Invalid(format!("{}:{line}: not valid UTF-8 text", path.display()))
+    })
+}
+
+const SICK_HEADER: &str = "pair_ID\tsentence_A\tsentence_B";
+
+/// Whether `path` holds sentence pairs rather than one sentence per line: a `.tsv` file, or a
+/// file starting with the SICK header.
+pub fn is_pair_file(path: &Path) -> Result<bool> {
+    if path.extension().is_some_and(|e| e == "tsv") {
+        return Ok(true);
+    }
+    Ok(read_text(path)?.starts_with(SICK_HEADER))
+}
+
+/// Reads an STS or SICK file. A line that does not fit the layout is an error naming the file
+/// and line; blank lines are skipped.
+pub fn read_pairs(path: &Path) -> Result<PairFile> {
+    let text = read_text(path)?;
+    let sick = text.starts_with(SICK_HEADER);
+    let bad =
+        |line: usize, why: &str| SurgeryError::Invalid(format!("{}:{line}: {why}", path.display()));
+    let mut pairs = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(usize::from(sick)) {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line.split('\t').collect();
+        let pair = if sick {
+            if fields.len() != 5 {
+                return Err(bad(
+                    i + 1,
+                    &format!(
+                        "expected 5 tab-separated SICK fields, found {}",
+                        fields.len()
+                    ),
+                ));
+            }
+            let score = fields[3].trim().parse::<f64>().map_err(|_| {
+                bad(
+                    i + 1,
+                    &format!("relatedness `{}` is not a number", fields[3]),
+                )
+            })?;
+            Pair {
+                first: fields[1].to_string(),
+                second: fields[2].to_string(),
+                score: Some(score),
+                label: Some(fields[4].trim().to_string()),
+            }
+        } else {
+            if fields.len() != 3 {
+                return Err(bad(
+                    i + 1,
+                    &format!(
+                        "expected `score<TAB>sentence1<TAB>sentence2`, found {} fields",
+                        fields.len()
+                    ),
+                ));
+            }
+            let score = match fields[0].trim() {
+                "" => None,
+                s => Some(
+                    s.parse::<f64>()
+                        .map_err(|_| bad(i + 1, &format!("score `{s}` is not a number")))?,
+                ),
+            };
+            Pair {
+                first: fields[1].to_string(),
+                second: fields[2].to_string(),
+                score,
+                label: None,
+            }
+        };
+        if pair.first.trim().is_empty() || pair.second.trim().is_empty() {
+            return Err(bad(i + 1, "empty sentence"));
+        }
+        pairs.push(pair);
+    }
+    if pairs.is_empty() {
+        return Err(SurgeryError::Invalid(format!(
+            "{}: no sentence pairs (the file is empty or blank)",
+            path.display()
+        )));
+    }
+    Ok(PairFile {
+        path: path.to_owned(),
+        pairs,
+    })
+}
 
 /// Non-blank lines of a UTF-8 text file, one sentence each. An empty or all-blank file is an
 /// error: there would be nothing to train on.
 pub fn read_sentences(path: &Path) -> Result<Vec<String>> {
-    let bytes = std::fs::read(path).map_err(io_err(path))?;
-    let text = String::from_utf8(bytes)
-        .map_err(|_| SurgeryError::Invalid(format!("{}: not valid UTF-8 text", path.display())))?;
-    let lines: Vec<String> = text
+    let lines: Vec<String> = read_text(path)?
         .lines()
         .map(str::trim_end)
         .filter(|l| !l.trim().is_empty())
@@ -23,4 +156,47 @@ pub fn read_sentences(path: &Path) -> Result<Vec<String>> {
         )));
     }
     Ok(lines)
+}
+
+/// Training sentences from several files: both sentences of every pair of a pair file, every
+/// line of a text file, in the order given.
+pub fn read_training_text(paths: &[PathBuf]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for path in paths {
+        if is_pair_file(path)? {
+            for p in read_pairs(path)?.pairs {
+                out.push(p.first);
+                out.push(p.second);
+            }
+        } else {
+            out.extend(read_sentences(path)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Positive pairs (see [`Pair::is_positive`]) from pair files, for contrastive objectives.
+pub fn read_positive_pairs(paths: &[PathBuf]) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for path in paths {
+        if !is_pair_file(path)? {
+            return Err(SurgeryError::Invalid(format!(
+                "{}: a contrastive objective needs sentence pairs (an STS .tsv or SICK file)",
+                path.display()
+            )));
+        }
+        out.extend(
+            read_pairs(path)?
+                .pairs
+                .into_iter()
+                .filter(Pair::is_positive)
+                .map(|p| (p.first, p.second)),
+        );
+    }
+    if out.is_empty() {
+        return Err(SurgeryError::Invalid(
+            "no positive pairs (STS score >= 4 or SICK ENTAILMENT) in the data".into(),
+        ));
+    }
+    Ok(out)
 }

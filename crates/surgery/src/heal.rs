@@ -1,5 +1,8 @@
-//! Healing: distil a cut student towards its teacher's sentence embeddings with AdamW.
+//! Healing: retrain a cut student with AdamW, by distilling its teacher's sentence embeddings
+//! or on a contrastive task, with checkpoints that resume bit-exactly.
 
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use scalpel_autograd::optim::{clip_grad_norm, decays_by_default, Adam, AdamConfig, Schedule};
@@ -8,10 +11,14 @@ use scalpel_models::bert::ForwardOptions;
 use scalpel_models::sentence::SentenceEncoder;
 use scalpel_models::tokenizer::Batch;
 
+use crate::checkpoint::write_staged;
+use crate::data::PairFile;
+use crate::eval::EvalReport;
 use crate::{Result, SurgeryError};
 
 /// How student and teacher embeddings are compared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DistillLoss {
     /// Mean over batch and dimensions of `(s − t)²`.
     Mse,
@@ -19,32 +26,101 @@ pub enum DistillLoss {
     Cosine,
 }
 
-#[derive(Clone, Debug)]
+/// What the student is trained on.
+pub enum TrainingData {
+    /// Distillation: the teacher's embedding of each sentence is the target.
+    Sentences {
+        sentences: Vec<String>,
+        loss: DistillLoss,
+    },
+    /// Fine-tuning on positive pairs with in-batch negatives ([`contrastive_loss`]).
+    Pairs(Vec<(String, String)>),
+}
+
+impl TrainingData {
+    pub fn len(&self) -> usize {
+        match self {
+            TrainingData::Sentences { sentences, .. } => sentences.len(),
+            TrainingData::Pairs(pairs) => pairs.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How long to train: the first limit reached ends the run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Budget {
+    pub steps: Option<usize>,
+    pub epochs: Option<usize>,
+    pub minutes: Option<f64>,
+}
+
+impl Budget {
+    /// The step count the run ends at, if the budget fixes one (the schedule's length). Without
+    /// any limit a run is one epoch.
+    pub fn total_steps(&self, batches_per_epoch: usize) -> Option<usize> {
+        let by_epochs = self.epochs.map(|e| e * batches_per_epoch);
+        match (self.steps, by_epochs, self.minutes) {
+            (Some(s), Some(e), _) => Some(s.min(e)),
+            (Some(s), None, _) | (None, Some(s), _) => Some(s),
+            (None, None, Some(_)) => None,
+            (None, None, None) => Some(batches_per_epoch),
+        }
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct HealOptions {
-    pub steps: usize,
+    pub budget: Budget,
     pub batch_size: usize,
     pub lr: f64,
     pub weight_decay: f64,
-    pub loss: DistillLoss,
     pub dropout: f64,
     pub shuffle: bool,
     pub seed: u64,
     /// Name patterns of parameters to keep frozen (see [`matches_pattern`]).
     pub freeze: Vec<String>,
+    #[serde(with = "schedule_name")]
     pub schedule: Schedule,
     pub warmup: usize,
     /// Clip the global gradient norm to this value.
     pub clip: Option<f64>,
 }
 
+mod schedule_name {
+    use scalpel_autograd::optim::Schedule;
+
+    pub fn serialize<S: serde::Serializer>(s: &Schedule, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_str(match s {
+            Schedule::Constant => "constant",
+            Schedule::Linear => "linear",
+            Schedule::Cosine => "cosine",
+        })
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Schedule, D::Error> {
+        match <String as serde::Deserialize>::deserialize(de)?.as_str() {
+            "constant" => Ok(Schedule::Constant),
+            "linear" => Ok(Schedule::Linear),
+            "cosine" => Ok(Schedule::Cosine),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown schedule `{other}`"
+            ))),
+        }
+    }
+}
+
 /// One line of the training log.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct StepLog {
     pub step: usize,
     /// The batch's loss before this step's update.
     pub loss: f64,
     pub lr: f64,
-    /// Seconds since training started.
+    /// Seconds of training so far (across resumed runs).
     pub seconds: f64,
 }
 
@@ -137,19 +213,211 @@ pub fn check_compatible(student: &SentenceEncoder, teacher: &SentenceEncoder) ->
     Ok(())
 }
 
-/// Trains `student` for `opts.steps` steps and returns the log. `on_step` sees each log line as
-/// it happens (progress display, log file).
+/// In-batch contrastive loss on positive pairs (sentence-transformers'
+/// MultipleNegativesRankingLoss): row i of `anchors` should be most similar to row i of
+/// `positives` among all rows; logits are `scale · cos`.
+pub fn contrastive_loss(anchors: &Var, positives: &Var, scale: f64) -> Result<Var> {
+    let a = ops::l2_normalize(anchors)?;
+    let b = ops::l2_normalize(positives)?;
+    let logits = ops::scale(&ops::matmul(&a, &b, false, true)?, scale)?;
+    let targets: Vec<usize> = (0..anchors.shape()[0]).collect();
+    Ok(ops::cross_entropy(&logits, &targets)?)
+}
+
+/// The similarity scale of [`contrastive_loss`], as sentence-transformers uses.
+pub const CONTRASTIVE_SCALE: f64 = 20.0;
+
+/// Files a training checkpoint holds besides the model.
+pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_STATE_FILE: &str = "optimizer.safetensors";
+pub const TRAINING_LOG_FILE: &str = "training_log.jsonl";
+
+/// Everything besides weights and optimiser moments that continuing a run needs.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TrainerState {
+    /// Steps completed.
+    pub step: usize,
+    /// Training seconds so far.
+    pub seconds: f64,
+    pub options: HealOptions,
+    /// Number and fingerprint of the training examples: a resumed run must see the same data.
+    pub examples: usize,
+    pub data_fingerprint: u64,
+    pub log: Vec<StepLog>,
+    pub finished: bool,
+    /// What the front end needs to restart the run (the CLI keeps its arguments here).
+    pub invocation: serde_json::Value,
+}
+
+impl TrainerState {
+    /// Reads the state of the checkpoint in `dir`.
+    pub fn load(dir: &Path) -> Result<TrainerState> {
+        let path = dir.join(TRAINER_STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            SurgeryError::Invalid(format!(
+                "{}: not a training checkpoint ({e})",
+                path.display()
+            ))
+        })?;
+        serde_json::from_str(&text)
+            .map_err(|e| SurgeryError::Invalid(format!("{}: {e}", path.display())))
+    }
+}
+
+/// What happened during a run, as it happens.
+pub enum HealEvent<'a> {
+    Step {
+        log: &'a StepLog,
+        /// The planned number of steps, when the budget fixes it.
+        total: Option<usize>,
+        sentences_per_second: f64,
+    },
+    Eval {
+        step: usize,
+        report: &'a EvalReport,
+    },
+    Checkpoint {
+        step: usize,
+        dir: &'a Path,
+    },
+}
+
+/// Where and how often a run saves itself.
+pub struct Checkpointing<'a> {
+    /// The checkpoint folder (a complete model plus trainer and optimiser state); the final
+    /// model is written here too.
+    pub dir: &'a Path,
+    pub every: Option<usize>,
+}
+
+/// One training run.
+pub struct HealRun<'a> {
+    pub student: &'a mut SentenceEncoder,
+    /// Required for distillation.
+    pub teacher: Option<&'a SentenceEncoder>,
+    pub data: &'a TrainingData,
+    pub opts: &'a HealOptions,
+    pub checkpoint: Option<Checkpointing<'a>>,
+    pub eval: &'a [PairFile],
+    pub eval_every: Option<usize>,
+    /// Continue from this state; the student must hold the checkpoint's weights and the
+    /// optimiser state is read from `resume_from`.
+    pub resume: Option<(TrainerState, &'a Path)>,
+    /// Set from outside (Ctrl-C) to stop after the current step and save a checkpoint.
+    pub stop: Option<&'a AtomicBool>,
+    pub invocation: serde_json::Value,
+}
+
+#[derive(Debug)]
+pub struct HealOutcome {
+    pub log: Vec<StepLog>,
+    pub step: usize,
+    pub interrupted: bool,
+    pub last_eval: Option<EvalReport>,
+}
+
+/// FNV-1a over the examples: cheap and stable across runs.
+fn fingerprint(data: &TrainingData) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |s: &str| {
+        for b in s.bytes().chain([0xff]) {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    match data {
+        TrainingData::Sentences { sentences, .. } => sentences.iter().for_each(|s| feed(s)),
+        TrainingData::Pairs(pairs) => pairs.iter().for_each(|(a, b)| {
+            feed(a);
+            feed(b)
+        }),
+    }
+    h
+}
+
+/// The loss of one batch (before the update).
+fn batch_loss(
+    student: &SentenceEncoder,
+    teacher: Option<&SentenceEncoder>,
+    data: &TrainingData,
+    indices: &[usize],
+    forward: &ForwardOptions,
+) -> Result<Var> {
+    let batch_of = |texts: Vec<&str>| -> Result<Batch> { Ok(student.tokenizer.batch(&texts)?) };
+    match data {
+        TrainingData::Sentences { sentences, loss } => {
+            let teacher = teacher.ok_or_else(|| {
+                SurgeryError::Invalid("distillation needs a teacher model".into())
+            })?;
+            let batch = batch_of(indices.iter().map(|&i| sentences[i].as_str()).collect())?;
+            let target = Var::constant(
+                teacher
+                    .embed_batch(&batch, &ForwardOptions::default())?
+                    .value()
+                    .clone(),
+            );
+            let prediction = student.embed_batch(&batch, forward)?;
+            Ok(match loss {
+                DistillLoss::Mse => ops::mse_loss(&prediction, &target)?,
+                DistillLoss::Cosine => ops::cosine_loss(&prediction, &target)?,
+            })
+        }
+        TrainingData::Pairs(pairs) => {
+            let first = batch_of(indices.iter().map(|&i| pairs[i].0.as_str()).collect())?;
+            let second = batch_of(indices.iter().map(|&i| pairs[i].1.as_str()).collect())?;
+            let second_forward = ForwardOptions {
+                seed: forward.seed ^ 0x5eed_0f_5ec0_4d,
+                ..*forward
+            };
+            contrastive_loss(
+                &student.embed_batch(&first, forward)?,
+                &student.embed_batch(&second, &second_forward)?,
+                CONTRASTIVE_SCALE,
+            )
+        }
+    }
+}
+
+/// Trains the student until the budget is spent (or `stop` is set), evaluating and saving
+/// checkpoints as asked. Deterministic given the options: a run resumed from a checkpoint
+/// reproduces the uninterrupted run's losses exactly. A NaN or infinite loss or gradient stops
+/// the run with an error before anything is written, so the last checkpoint stays good.
 pub fn heal(
-    student: &mut SentenceEncoder,
-    teacher: &SentenceEncoder,
-    sentences: &[String],
-    opts: &HealOptions,
-    mut on_step: impl FnMut(&StepLog) -> Result<()>,
-) -> Result<Vec<StepLog>> {
-    check_compatible(student, teacher)?;
-    if opts.batch_size == 0 || opts.steps == 0 {
+    run: HealRun,
+    mut on_event: impl FnMut(HealEvent) -> Result<()>,
+) -> Result<HealOutcome> {
+    let HealRun {
+        student,
+        teacher,
+        data,
+        opts,
+        checkpoint,
+        eval,
+        eval_every,
+        resume,
+        stop,
+        invocation,
+    } = run;
+    if let Some(t) = teacher {
+        check_compatible(student, t)?;
+    }
+    if data.is_empty() {
+        return Err(SurgeryError::Invalid("no training examples".into()));
+    }
+    if opts.batch_size == 0 || opts.budget.steps == Some(0) || opts.budget.epochs == Some(0) {
         return Err(SurgeryError::Invalid(
-            "--steps and --batch-size must be at least 1".into(),
+            "--steps, --epochs and --batch-size must be at least 1".into(),
+        ));
+    }
+    if matches!(data, TrainingData::Pairs(_)) && opts.batch_size < 2 {
+        return Err(SurgeryError::Invalid(
+            "the contrastive loss needs --batch-size of at least 2 (in-batch negatives)".into(),
+        ));
+    }
+    let order = BatchOrder::new(data.len(), opts.batch_size, opts.shuffle, opts.seed);
+    let total = opts.budget.total_steps(order.batches_per_epoch());
+    if total.is_none() && opts.schedule != Schedule::Constant {
+        return Err(SurgeryError::Invalid(
+            "a decaying --schedule needs a fixed length: give --steps or --epochs".into(),
         ));
     }
     student
@@ -157,54 +425,160 @@ pub fn heal(
         .params
         .unfreeze(|name| !opts.freeze.iter().any(|p| matches_pattern(p, name)));
     let mut adam = Adam::new(AdamConfig::adamw(opts.weight_decay), decays_by_default);
-    let order = BatchOrder::new(sentences.len(), opts.batch_size, opts.shuffle, opts.seed);
-    let started = Instant::now();
-    let mut log = Vec::with_capacity(opts.steps);
-    for step in 1..=opts.steps {
-        let ids = order
-            .batch(step - 1)
+    let mut state = TrainerState {
+        step: 0,
+        seconds: 0.0,
+        options: opts.clone(),
+        examples: data.len(),
+        data_fingerprint: fingerprint(data),
+        log: Vec::new(),
+        finished: false,
+        invocation,
+    };
+    if let Some((saved, dir)) = resume {
+        if (saved.examples, saved.data_fingerprint) != (state.examples, state.data_fingerprint) {
+            return Err(SurgeryError::Invalid(format!(
+                "{}: the checkpoint was trained on different data ({} examples) than given now ({})",
+                dir.display(),
+                saved.examples,
+                state.examples
+            )));
+        }
+        adam.load(&dir.join(OPTIMIZER_STATE_FILE))?;
+        state.step = saved.step;
+        state.seconds = saved.seconds;
+        state.log = saved.log;
+    }
+    let save = |state: &TrainerState, student: &SentenceEncoder, adam: &Adam| -> Result<()> {
+        let Some(c) = &checkpoint else { return Ok(()) };
+        let log = state
+            .log
             .iter()
-            .map(|&i| student.tokenizer.encode(&sentences[i]))
-            .collect::<Result<Vec<_>, _>>()?;
-        let batch = Batch::from_ids(&ids);
-        let target = Var::constant(
-            teacher
-                .embed_batch(&batch, &ForwardOptions::default())?
-                .value()
-                .clone(),
-        );
+            .map(|l| serde_json::to_string(l).expect("a log line serialises") + "\n")
+            .collect::<String>();
+        let state_json = serde_json::to_vec_pretty(state).expect("trainer state serialises");
+        write_staged(&student.bert, &student.dir, c.dir, |staging| {
+            adam.save(&staging.join(OPTIMIZER_STATE_FILE))?;
+            for (name, bytes) in [
+                (TRAINER_STATE_FILE, state_json),
+                (TRAINING_LOG_FILE, log.into_bytes()),
+            ] {
+                let path = staging.join(name);
+                std::fs::write(&path, bytes).map_err(crate::io_err(&path))?;
+            }
+            Ok(())
+        })
+    };
+    let evaluate = |step: usize,
+                    student: &SentenceEncoder,
+                    on_event: &mut dyn FnMut(HealEvent) -> Result<()>|
+     -> Result<Option<EvalReport>> {
+        if eval.is_empty() {
+            return Ok(None);
+        }
+        let report = crate::eval::evaluate(student, eval, None)?;
+        on_event(HealEvent::Eval {
+            step,
+            report: &report,
+        })?;
+        Ok(Some(report))
+    };
+
+    let started = Instant::now();
+    let prior_seconds = state.seconds;
+    let mut interrupted = false;
+    let mut last_eval = None;
+    let sentences_per_example = if matches!(data, TrainingData::Pairs(_)) {
+        2
+    } else {
+        1
+    };
+    let mut sentences_seen = 0usize;
+    loop {
+        let elapsed = prior_seconds + started.elapsed().as_secs_f64();
+        let out_of_time = opts.budget.minutes.is_some_and(|m| elapsed >= m * 60.0);
+        if total.is_some_and(|t| state.step >= t) || out_of_time {
+            break;
+        }
+        if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            interrupted = true;
+            break;
+        }
+        let step = state.step + 1;
+        let indices = order.batch(step - 1);
         let forward = ForwardOptions {
             dropout: opts.dropout,
             seed: opts.seed.wrapping_add(step as u64),
         };
-        let prediction = student.embed_batch(&batch, &forward)?;
-        let loss = match opts.loss {
-            DistillLoss::Mse => ops::mse_loss(&prediction, &target)?,
-            DistillLoss::Cosine => ops::cosine_loss(&prediction, &target)?,
-        };
+        let loss = batch_loss(student, teacher, data, &indices, &forward)?;
         let loss_value = loss.value().to_vec::<f64>()[0];
         if !loss_value.is_finite() {
             return Err(SurgeryError::Invalid(format!(
-                "loss became {loss_value} at step {step}; stopping (try a lower --lr)"
+                "loss became {loss_value} at step {step}; stopped without saving (the last checkpoint is intact; try a lower --lr)"
             )));
         }
         let mut grads = loss.backward()?;
         // Release the graph so the optimiser updates the weights in place instead of copying.
-        drop((loss, prediction));
-        if let Some(max_norm) = opts.clip {
-            clip_grad_norm(&mut grads, &student.bert.params, max_norm)?;
+        drop(loss);
+        let norm = clip_grad_norm(
+            &mut grads,
+            &student.bert.params,
+            opts.clip.unwrap_or(f64::INFINITY),
+        )?;
+        if !norm.is_finite() {
+            return Err(SurgeryError::Invalid(format!(
+                "gradient norm became {norm} at step {step}; stopped without saving (the last checkpoint is intact; try a lower --lr or --clip)"
+            )));
         }
-        let lr = opts.schedule.lr(opts.lr, step, opts.warmup, opts.steps);
+        let lr = opts
+            .schedule
+            .lr(opts.lr, step, opts.warmup, total.unwrap_or(usize::MAX));
         adam.step(&mut student.bert.params, &grads, lr)?;
-        let entry = StepLog {
+        sentences_seen += indices.len() * sentences_per_example;
+        state.step = step;
+        state.seconds = prior_seconds + started.elapsed().as_secs_f64();
+        state.log.push(StepLog {
             step,
             loss: loss_value,
             lr,
-            seconds: started.elapsed().as_secs_f64(),
-        };
-        on_step(&entry)?;
-        log.push(entry);
+            seconds: state.seconds,
+        });
+        on_event(HealEvent::Step {
+            log: state.log.last().expect("just pushed"),
+            total,
+            sentences_per_second: sentences_seen as f64 / started.elapsed().as_secs_f64(),
+        })?;
+        if eval_every.is_some_and(|n| step % n == 0) {
+            last_eval = evaluate(step, student, &mut on_event)?;
+        }
+        if let Some(c) = checkpoint
+            .as_ref()
+            .filter(|c| c.every.is_some_and(|n| step % n == 0))
+        {
+            save(&state, student, &adam)?;
+            on_event(HealEvent::Checkpoint { step, dir: c.dir })?;
+        }
+    }
+    if !interrupted
+        && last_eval
+            .as_ref()
+            .is_none_or(|_| !eval_every.is_some_and(|n| state.step % n == 0))
+    {
+        last_eval = evaluate(state.step, student, &mut on_event)?;
+    }
+    state.finished = !interrupted;
+    save(&state, student, &adam)?;
+    if let Some(c) = &checkpoint {
+        on_event(HealEvent::Checkpoint {
+            step: state.step,
+            dir: c.dir,
+        })?;
     }
     student.bert.params.freeze(|_| true);
-    Ok(log)
+    Ok(HealOutcome {
+        log: state.log,
+        step: state.step,
+        interrupted,
+        last_eval,
+    })
 }

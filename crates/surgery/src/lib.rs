@@ -2,10 +2,14 @@
 //! a checkpoint the ecosystem loads ([`checkpoint`]), and retrain it ([`heal`]) by distilling
 //! from the original model with our own AdamW.
 
+pub mod chart;
 pub mod checkpoint;
 pub mod cut;
 pub mod data;
+pub mod eval;
+pub mod head;
 pub mod heal;
+pub mod score;
 
 /// Errors of the surgery layer, each naming the input at fault.
 #[derive(Debug, thiserror::Error)]

@@ -1,8 +1,12 @@
+use scalpel_cuda::{ops as cuda, Runtime};
 use scalpel_tensor::{ops as tops, DType, Tensor};
 
+use crate::device::{backward_runtime, download, runtime_for, upload};
 use crate::{AutogradError, Backward, Result, Var};
 
-struct Gelu;
+struct Gelu {
+    rt: Option<Runtime>,
+}
 
 impl Backward for Gelu {
     fn name(&self) -> &'static str {
@@ -16,13 +20,31 @@ impl Backward for Gelu {
         grad: &Tensor,
         _: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(tops::gelu_backward(inputs[0].value(), grad)?)])
+        let x = inputs[0].value();
+        let dx = match backward_runtime(&self.rt, grad) {
+            Some(rt) if grad.shape() == x.shape() => {
+                let mut dx = rt.zeros::<f32>(x.numel())?;
+                cuda::gelu_backward(&rt, &upload(&rt, x)?, &upload(&rt, grad)?, &mut dx)?;
+                download(&dx, x.shape())?
+            }
+            _ => tops::gelu_backward(x, grad)?,
+        };
+        Ok(vec![Some(dx)])
     }
 }
 
 /// GELU, exact erf form.
 pub fn gelu(x: &Var) -> Result<Var> {
-    Ok(Var::from_op(tops::gelu(x.value())?, Gelu, vec![x.clone()]))
+    let rt = runtime_for(&[x.value()]);
+    let y = match &rt {
+        Some(rt) => {
+            let mut y = rt.zeros::<f32>(x.value().numel())?;
+            cuda::gelu_forward(rt, &upload(rt, x.value())?, &mut y)?;
+            download(&y, x.shape())?
+        }
+        None => tops::gelu(x.value())?,
+    };
+    Ok(Var::from_op(y, Gelu { rt }, vec![x.clone()]))
 }
 
 /// The kept-element scale `1/(1−p)` or 0, per element. Counter-based (a hash of seed and
@@ -78,7 +100,8 @@ impl Backward for Dropout {
     }
 }
 
-/// Inverted dropout with probability `p`; identity (and no node) when `p == 0`.
+/// Inverted dropout with probability `p`; identity (and no node) when `p == 0`. Runs on the CPU
+/// on every device (the mask is generated on the host; there is no dropout kernel).
 pub fn dropout(x: &Var, p: f64, seed: u64) -> Result<Var> {
     if !(0.0..1.0).contains(&p) {
         return Err(AutogradError::Graph(format!(

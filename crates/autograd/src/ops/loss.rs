@@ -1,8 +1,12 @@
-//! Scalar losses. They are tiny next to the model (a `[batch, dim]` pair), so they are computed
-//! in f64 on the host whatever the input dtype, and cast back.
+//! Scalar losses. They are tiny next to the model (a `[batch, dim]` pair). On the CPU they are
+//! computed in f64 whatever the input dtype, and cast back. On a CUDA device, MSE runs on the
+//! elementwise and reduction kernels and cross-entropy on its kernels (f32); the cosine loss has
+//! no kernel and runs on the CPU.
 
+use scalpel_cuda::{ops as cuda, DeviceBuffer, Runtime};
 use scalpel_tensor::{ops as tops, Tensor};
 
+use crate::device::{backward_runtime, download, runtime_for, upload, upload_ids};
 use crate::{AutogradError, Backward, Result, Var};
 
 fn check_pair(op: &str, s: &Var, t: &Var) -> Result<()> {
@@ -35,7 +39,16 @@ fn pair_grads(
     Ok(vec![needs[0].then_some(ds), dt])
 }
 
-struct Mse;
+struct Mse {
+    rt: Option<Runtime>,
+}
+
+/// `s − t` on the device.
+fn diff_cuda(rt: &Runtime, s: &Tensor, t: &Tensor) -> Result<DeviceBuffer<f32>> {
+    let mut diff = upload(rt, s)?;
+    cuda::axpy(rt, -1.0, &upload(rt, t)?, &mut diff)?;
+    Ok(diff)
+}
 
 impl Backward for Mse {
     fn name(&self) -> &'static str {
@@ -51,6 +64,16 @@ impl Backward for Mse {
     ) -> Result<Vec<Option<Tensor>>> {
         let (s, t) = (inputs[0].value(), inputs[1].value());
         let g = grad.to_vec::<f64>()[0] * 2.0 / s.numel() as f64;
+        if let Some(rt) = backward_runtime(&self.rt, grad) {
+            let diff = diff_cuda(&rt, s, t)?;
+            let scaled = |alpha: f64| -> Result<Tensor> {
+                let mut d = rt.zeros::<f32>(diff.len())?;
+                cuda::axpy(&rt, alpha as f32, &diff, &mut d)?;
+                download(&d, s.shape())
+            };
+            let ds = scaled(g)?;
+            return pair_grads(needs, ds, || scaled(-g));
+        }
         let diff: Vec<f64> = s
             .to_vec::<f64>()
             .iter()
@@ -68,6 +91,18 @@ impl Backward for Mse {
 pub fn mse_loss(s: &Var, t: &Var) -> Result<Var> {
     check_pair("mse_loss", s, t)?;
     let n = s.value().numel() as f64;
+    let rt = runtime_for(&[s.value(), t.value()]);
+    if let Some(rt) = &rt {
+        let diff = diff_cuda(rt, s.value(), t.value())?;
+        let loss = cuda::sum_of_squares(rt, &diff)? as f64 / n;
+        return Ok(Var::from_op(
+            scalar_like(loss, s.value()),
+            Mse {
+                rt: Some(rt.clone()),
+            },
+            vec![s.clone(), t.clone()],
+        ));
+    }
     let loss: f64 = s
         .value()
         .to_vec::<f64>()
@@ -78,7 +113,7 @@ pub fn mse_loss(s: &Var, t: &Var) -> Result<Var> {
         / n;
     Ok(Var::from_op(
         scalar_like(loss, s.value()),
-        Mse,
+        Mse { rt: None },
         vec![s.clone(), t.clone()],
     ))
 }
@@ -139,7 +174,7 @@ impl Backward for Cosine {
     }
 }
 
-/// Mean over rows of `1 − cos(s_i, t_i)`.
+/// Mean over rows of `1 − cos(s_i, t_i)`. On the CPU on every device (no kernel).
 pub fn cosine_loss(s: &Var, t: &Var) -> Result<Var> {
     check_pair("cosine_loss", s, t)?;
     let rows = row_cosines(s.value(), t.value());
@@ -154,6 +189,7 @@ pub fn cosine_loss(s: &Var, t: &Var) -> Result<Var> {
 struct CrossEntropy {
     targets: Vec<usize>,
     probs: Tensor,
+    rt: Option<Runtime>,
 }
 
 impl Backward for CrossEntropy {
@@ -168,20 +204,50 @@ impl Backward for CrossEntropy {
         grad: &Tensor,
         _: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(tops::cross_entropy_backward(
-            &self.probs,
-            &self.targets,
-            grad.to_vec::<f64>()[0],
-        )?)])
+        let dloss = grad.to_vec::<f64>()[0];
+        Ok(vec![Some(match backward_runtime(&self.rt, grad) {
+            Some(rt) => {
+                let cols = self.probs.dim(1);
+                let mut d = rt.zeros::<f32>(self.probs.numel())?;
+                cuda::cross_entropy_backward(
+                    &rt,
+                    cols,
+                    &upload(&rt, &self.probs)?,
+                    &upload_ids(&rt, &self.targets)?,
+                    dloss as f32,
+                    &mut d,
+                )?;
+                download(&d, self.probs.shape())?
+            }
+            None => tops::cross_entropy_backward(&self.probs, &self.targets, dloss)?,
+        })])
     }
 }
 
 /// Mean softmax cross-entropy of `logits` `[rows, classes]` against class indices.
 pub fn cross_entropy(logits: &Var, targets: &[usize]) -> Result<Var> {
-    let (loss, probs) = tops::cross_entropy(logits.value(), targets)?;
+    let l = logits.value();
+    // Shapes and targets are checked on the host: the kernels do not check the targets.
+    let valid = l.rank() == 2
+        && l.dim(0) == targets.len()
+        && !targets.is_empty()
+        && targets.iter().all(|&t| t < l.dim(1));
+    let rt = runtime_for(&[l]).filter(|_| valid);
+    let (loss, probs) = match &rt {
+        Some(rt) => {
+            let cols = l.dim(1);
+            let mut probs = rt.zeros::<f32>(l.numel())?;
+            let targets = upload_ids(rt, targets)?;
+            let loss =
+                cuda::cross_entropy_forward(rt, cols, &upload(rt, l)?, &targets, &mut probs)?;
+            (loss as f64, download(&probs, l.shape())?)
+        }
+        None => tops::cross_entropy(l, targets)?,
+    };
     let op = CrossEntropy {
         targets: targets.to_vec(),
         probs,
+        rt,
     };
     Ok(Var::from_op(
         scalar_like(loss, logits.value()),

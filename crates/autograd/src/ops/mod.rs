@@ -1,5 +1,6 @@
-//! Differentiable ops, one file per family. Each op computes its forward with the tensor crate,
-//! saves what its backward needs, and records a node only when an input needs a gradient.
+//! Differentiable ops, one file per family. Each op computes its forward with the tensor crate
+//! (or, on a CUDA [`crate::device`], with the kernels of `scalpel-cuda`), saves what its backward
+//! needs and the device it ran on, and records a node only when an input needs a gradient.
 
 mod activation;
 mod attention;
@@ -8,13 +9,16 @@ mod embedding;
 mod linear;
 mod loss;
 mod norm;
+mod pair;
 mod pooling;
 
 pub use activation::{dropout, gelu};
 pub use attention::attention;
+pub(crate) use elementwise::scale_cuda;
 pub use elementwise::{add, reshape, scale};
 pub use embedding::embedding;
 pub use linear::{linear, matmul};
 pub use loss::{cosine_loss, cross_entropy, mse_loss};
 pub use norm::layernorm;
+pub use pair::pair_features;
 pub use pooling::{l2_normalize, mean_pool};

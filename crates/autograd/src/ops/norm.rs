@@ -1,10 +1,14 @@
+use scalpel_cuda::{ops as cuda, Runtime};
+use scalpel_tensor::cpu::layernorm::LayerNormShape;
 use scalpel_tensor::{ops as tops, Tensor};
 
+use crate::device::{backward_runtime, download, runtime_for, upload};
 use crate::{Backward, Result, Var};
 
 struct LayerNorm {
     mean: Tensor,
     rstd: Tensor,
+    rt: Option<Runtime>,
 }
 
 impl Backward for LayerNorm {
@@ -19,13 +23,33 @@ impl Backward for LayerNorm {
         grad: &Tensor,
         needs: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
-        let (dx, dgamma, dbeta) = tops::layernorm_backward(
-            inputs[0].value(),
-            inputs[1].value(),
-            &self.mean,
-            &self.rstd,
-            grad,
-        )?;
+        let (x, gamma) = (inputs[0].value(), inputs[1].value());
+        let (dx, dgamma, dbeta) = match backward_runtime(&self.rt, grad) {
+            Some(rt) if grad.shape() == x.shape() => {
+                let s = shape_of(x, gamma, 0.0);
+                let mut dx = rt.zeros::<f32>(x.numel())?;
+                let mut dgamma = rt.zeros::<f32>(s.cols)?;
+                let mut dbeta = rt.zeros::<f32>(s.cols)?;
+                cuda::layernorm_backward(
+                    &rt,
+                    &s,
+                    &upload(&rt, x)?,
+                    &upload(&rt, gamma)?,
+                    &upload(&rt, &self.mean)?,
+                    &upload(&rt, &self.rstd)?,
+                    &upload(&rt, grad)?,
+                    &mut dx,
+                    &mut dgamma,
+                    &mut dbeta,
+                )?;
+                (
+                    download(&dx, x.shape())?,
+                    download(&dgamma, gamma.shape())?,
+                    download(&dbeta, gamma.shape())?,
+                )
+            }
+            _ => tops::layernorm_backward(x, gamma, &self.mean, &self.rstd, grad)?,
+        };
         Ok(vec![
             needs[0].then_some(dx),
             needs[1].then_some(dgamma),
@@ -34,12 +58,48 @@ impl Backward for LayerNorm {
     }
 }
 
+fn shape_of(x: &Tensor, gamma: &Tensor, eps: f64) -> LayerNormShape {
+    let cols = gamma.numel();
+    LayerNormShape {
+        rows: x.numel() / cols.max(1),
+        cols,
+        eps,
+    }
+}
+
 /// LayerNorm over the last dimension with affine `gamma`, `beta`.
 pub fn layernorm(x: &Var, gamma: &Var, beta: &Var, eps: f64) -> Result<Var> {
-    let (y, mean, rstd) = tops::layernorm(x.value(), gamma.value(), beta.value(), eps)?;
+    let (xt, gt, bt) = (x.value(), gamma.value(), beta.value());
+    let cols = if xt.rank() == 0 { 0 } else { xt.dim(-1) };
+    let shapes_ok = cols > 0 && gt.shape() == [cols] && bt.shape() == [cols];
+    let rt = runtime_for(&[xt, gt, bt]).filter(|_| shapes_ok);
+    let (y, mean, rstd) = match &rt {
+        Some(rt) => {
+            let s = shape_of(xt, gt, eps);
+            let mut y = rt.zeros::<f32>(xt.numel())?;
+            let mut mean = rt.zeros::<f32>(s.rows)?;
+            let mut rstd = rt.zeros::<f32>(s.rows)?;
+            cuda::layernorm_forward(
+                rt,
+                &s,
+                &upload(rt, xt)?,
+                &upload(rt, gt)?,
+                &upload(rt, bt)?,
+                &mut y,
+                &mut mean,
+                &mut rstd,
+            )?;
+            (
+                download(&y, xt.shape())?,
+                download(&mean, &[s.rows])?,
+                download(&rstd, &[s.rows])?,
+            )
+        }
+        None => tops::layernorm(xt, gt, bt, eps)?,
+    };
     Ok(Var::from_op(
         y,
-        LayerNorm { mean, rstd },
+        LayerNorm { mean, rstd, rt },
         vec![x.clone(), gamma.clone(), beta.clone()],
     ))
 }

@@ -1,0 +1,284 @@
+//! Speed and memory measurement behind `scalpel bench` and the criterion benches: wall-clock
+//! statistics over repeated runs, peak resident memory, and the three standard workloads (an f32
+//! GEMM, a MiniLM forward, one training step) built exactly as the PyTorch comparison in
+//! `benches/compare/` builds them.
+
+use std::path::Path;
+use std::time::Instant;
+
+use scalpel_autograd::optim::{decays_by_default, Adam, AdamConfig};
+use scalpel_autograd::{ops, Var};
+use scalpel_models::bert::ForwardOptions;
+use scalpel_models::sentence::SentenceEncoder;
+use scalpel_models::tokenizer::Batch;
+use scalpel_surgery::cut::keep_layers;
+use scalpel_tensor::cpu::gemm::{gemm, GemmShape};
+use scalpel_tensor::Tensor;
+
+/// Any error a workload reports.
+pub type BenchResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+/// Wall-clock seconds of each timed run (warm-up runs excluded), in run order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Timings {
+    pub samples: Vec<f64>,
+}
+
+impl Timings {
+    fn sorted(&self) -> Vec<f64> {
+        let mut s = self.samples.clone();
+        s.sort_by(f64::total_cmp);
+        s
+    }
+
+    /// The median (the mean of the two middle samples for an even count); 0 without samples.
+    pub fn median(&self) -> f64 {
+        let s = self.sorted();
+        match s.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => s[n / 2],
+            n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
+        }
+    }
+
+    pub fn min(&self) -> f64 {
+        self.samples.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+
+    pub fn max(&self) -> f64 {
+        self.samples
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max)
+    }
+
+    pub fn runs(&self) -> usize {
+        self.samples.len()
+    }
+}
+
+/// Runs `f` `warmup` times untimed, then `runs` times timed.
+pub fn measure(
+    warmup: usize,
+    runs: usize,
+    mut f: impl FnMut() -> BenchResult,
+) -> BenchResult<Timings> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        f()?;
+        samples.push(start.elapsed().as_secs_f64());
+    }
+    Ok(Timings { samples })
+}
+
+/// A `kB` field of `/proc/self/status` in MiB (Linux only; `None` elsewhere).
+fn proc_status_mb(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kb: f64 = line[field.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Peak resident set size of this process so far (`VmHWM`), in MiB.
+pub fn peak_rss_mb() -> Option<f64> {
+    proc_status_mb("VmHWM:")
+}
+
+/// Current resident set size (`VmRSS`), in MiB.
+pub fn current_rss_mb() -> Option<f64> {
+    proc_status_mb("VmRSS:")
+}
+
+/// Deterministic pseudo-random f32s in `[-1, 1)` (SplitMix64), so every run sees the same data.
+pub fn synthetic_values(len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Square `n×n` f32 operands and output for `C = A·B`.
+pub struct GemmWorkload {
+    pub n: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+}
+
+impl GemmWorkload {
+    pub fn new(n: usize) -> GemmWorkload {
+        GemmWorkload {
+            n,
+            a: synthetic_values(n * n, 1),
+            b: synthetic_values(n * n, 2),
+            c: vec![0.0; n * n],
+        }
+    }
+
+    /// One `C = A·B` on the current thread count.
+    pub fn run(&mut self) {
+        let n = self.n;
+        let shape = GemmShape {
+            m: n,
+            n,
+            k: n,
+            trans_a: false,
+            trans_b: false,
+        };
+        gemm(shape, &self.a, &self.b, &mut self.c, 0.0);
+    }
+
+    /// Floating-point operations of one run (a multiply-add counts two).
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.n as f64).powi(3)
+    }
+}
+
+/// `[CLS]` id of the BERT uncased vocabulary.
+pub const CLS_ID: u32 = 101;
+/// `[SEP]` id of the BERT uncased vocabulary.
+pub const SEP_ID: u32 = 102;
+
+/// `batch` sequences of exactly `seq` tokens: `[CLS]`, deterministic word ids, `[SEP]`; the mask is
+/// all ones. Token `t` of sequence `b` (`0 < t < seq − 1`) is `1000 + (b·7919 + t·104729) mod 20000`
+/// (`benches/compare/compare.py` builds the same ids).
+pub fn synthetic_batch(batch: usize, seq: usize) -> Batch {
+    let sequences: Vec<Vec<u32>> = (0..batch)
+        .map(|b| {
+            (0..seq)
+                .map(|t| match t {
+                    0 => CLS_ID,
+                    t if t + 1 == seq => SEP_ID,
+                    t => 1000 + ((b * 7919 + t * 104_729) % 20_000) as u32,
+                })
+                .collect()
+        })
+        .collect();
+    Batch::from_ids(&sequences)
+}
+
+/// Inference: pooled sentence embeddings of a synthetic batch with frozen weights.
+pub struct ForwardWorkload {
+    pub encoder: SentenceEncoder,
+    pub batch: Batch,
+}
+
+impl ForwardWorkload {
+    pub fn new(model: &Path, batch: usize, seq: usize) -> BenchResult<ForwardWorkload> {
+        let encoder = SentenceEncoder::load(model)?;
+        check_seq(&encoder, seq)?;
+        Ok(ForwardWorkload {
+            encoder,
+            batch: synthetic_batch(batch, seq),
+        })
+    }
+
+    /// One forward plus pooling; returns the `[batch, hidden]` embeddings.
+    pub fn run(&self) -> BenchResult<Tensor> {
+        let emb = self
+            .encoder
+            .embed_batch(&self.batch, &ForwardOptions::default())?;
+        Ok(emb.value().clone())
+    }
+}
+
+fn check_seq(encoder: &SentenceEncoder, seq: usize) -> BenchResult {
+    let limit = encoder.bert.config.max_position_embeddings;
+    if seq < 2 || seq > limit {
+        return Err(
+            format!("--seq must be between 2 and {limit} (max_position_embeddings)").into(),
+        );
+    }
+    Ok(())
+}
+
+/// Training: forward, pooled embedding, MSE against a fixed target, backward, AdamW over every
+/// parameter the loss reaches (all of them, embeddings included), dropout 0.
+pub struct TrainWorkload {
+    pub encoder: SentenceEncoder,
+    pub batch: Batch,
+    pub target: Var,
+    pub adam: Adam,
+    pub lr: f64,
+    /// Loss of the last step.
+    pub last_loss: f64,
+}
+
+/// Learning rate and weight decay of the benchmark's AdamW (the values `scalpel heal` defaults to
+/// do not matter for speed; these match `benches/compare/compare.py`).
+pub const TRAIN_LR: f64 = 1e-5;
+pub const TRAIN_WEIGHT_DECAY: f64 = 0.01;
+
+impl TrainWorkload {
+    /// Loads the model, removes the `drop` layers in memory (renumbering the rest), and makes
+    /// every float parameter trainable.
+    pub fn new(
+        model: &Path,
+        batch: usize,
+        seq: usize,
+        drop: &[usize],
+    ) -> BenchResult<TrainWorkload> {
+        let mut encoder = SentenceEncoder::load(model)?;
+        check_seq(&encoder, seq)?;
+        if !drop.is_empty() {
+            let total = encoder.bert.num_layers();
+            if let Some(bad) = drop.iter().find(|&&l| l >= total) {
+                return Err(format!("layer {bad} is out of range: the model has {total}").into());
+            }
+            let kept: Vec<usize> = (0..total).filter(|l| !drop.contains(l)).collect();
+            if kept.is_empty() {
+                return Err("--drop would remove every encoder layer".into());
+            }
+            encoder.bert = keep_layers(&encoder.bert, &kept)?;
+        }
+        encoder.bert.params.unfreeze(|_| true);
+        let hidden = encoder.bert.config.hidden_size;
+        let target = Var::constant(Tensor::from_vec(
+            &[batch, hidden],
+            synthetic_target(batch * hidden),
+        )?);
+        Ok(TrainWorkload {
+            encoder,
+            batch: synthetic_batch(batch, seq),
+            target,
+            adam: Adam::new(AdamConfig::adamw(TRAIN_WEIGHT_DECAY), decays_by_default),
+            lr: TRAIN_LR,
+            last_loss: f64::NAN,
+        })
+    }
+
+    /// One optimisation step.
+    pub fn step(&mut self) -> BenchResult {
+        let pred = self
+            .encoder
+            .embed_batch(&self.batch, &ForwardOptions::default())?;
+        let loss = ops::mse_loss(&pred, &self.target)?;
+        self.last_loss = loss.value().to_vec::<f64>()[0];
+        let grads = loss.backward()?;
+        drop((loss, pred));
+        self.adam
+            .step(&mut self.encoder.bert.params, &grads, self.lr)?;
+        Ok(())
+    }
+}
+
+/// The fixed regression target: `0.05·sin(i)` (small, like unit-norm 384-d embeddings).
+pub fn synthetic_target(len: usize) -> Vec<f32> {
+    (0..len).map(|i| 0.05 * (i as f32).sin()).collect()
+}

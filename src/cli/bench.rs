@@ -1,0 +1,181 @@
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use scalpel::bench::{measure, peak_rss_mb, ForwardWorkload, GemmWorkload, Timings, TrainWorkload};
+use scalpel::surgery::cut::parse_layer_list;
+use scalpel::tensor::threads;
+use serde_json::{json, Value};
+
+use super::CliResult;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    workload: Workload,
+}
+
+/// Options every workload shares.
+#[derive(clap::Args)]
+struct Common {
+    /// Timed runs (the statistics are over these).
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// Untimed runs before the timed ones.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Print one JSON object: median_s, min_s, max_s, runs, samples_s and the workload's extras.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Workload {
+    /// f32 `C = A·B` with square N×N operands.
+    Gemm {
+        #[arg(long, default_value_t = 1024)]
+        n: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Inference: forward and pooling of synthetic sequences of exactly SEQ tokens.
+    Forward {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// One training step: forward, pooling, MSE to a fixed target, backward, AdamW on all parameters.
+    Train {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Remove these encoder layers in memory first (e.g. `4,5` for the 4-layer MiniLM).
+        #[arg(long)]
+        drop: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+pub fn run(a: Args) -> CliResult {
+    let threads = threads::num_threads();
+    match a.workload {
+        Workload::Gemm { n, common } => {
+            if n == 0 {
+                return Err("--n must be at least 1".into());
+            }
+            let mut w = GemmWorkload::new(n);
+            let t = measure(common.warmup, runs(&common)?, || {
+                w.run();
+                Ok(())
+            })?;
+            let gflops = w.flops() / t.median() / 1e9;
+            let label = format!("gemm {n}x{n}x{n} f32, {threads} threads");
+            report(
+                &common,
+                &label,
+                &t,
+                json!({"gflops": gflops, "n": n, "threads": threads}),
+                &format!("{gflops:.1} GFLOP/s"),
+            )
+        }
+        Workload::Forward {
+            model,
+            batch,
+            seq,
+            common,
+        } => {
+            check_batch(batch)?;
+            let w = ForwardWorkload::new(&model, batch, seq)?;
+            let t = measure(common.warmup, runs(&common)?, || {
+                w.run()?;
+                Ok(())
+            })?;
+            let label = format!(
+                "forward {} layers, batch {batch} x seq {seq}, {threads} threads",
+                w.encoder.bert.num_layers()
+            );
+            let extra = json!({"batch": batch, "seq": seq, "threads": threads, "layers": w.encoder.bert.num_layers()});
+            report_with_rss(&common, &label, &t, extra)
+        }
+        Workload::Train {
+            model,
+            batch,
+            seq,
+            drop,
+            common,
+        } => {
+            check_batch(batch)?;
+            let drop = match drop {
+                Some(text) => parse_layer_list(&text)?,
+                None => Vec::new(),
+            };
+            let mut w = TrainWorkload::new(&model, batch, seq, &drop)?;
+            let t = measure(common.warmup, runs(&common)?, || w.step())?;
+            if !w.last_loss.is_finite() {
+                return Err(
+                    format!("training produced a non-finite loss ({})", w.last_loss).into(),
+                );
+            }
+            let layers = w.encoder.bert.num_layers();
+            let label =
+                format!("train step {layers} layers, batch {batch} x seq {seq}, {threads} threads");
+            let extra = json!({"batch": batch, "seq": seq, "threads": threads, "layers": layers, "loss": w.last_loss});
+            report_with_rss(&common, &label, &t, extra)
+        }
+    }
+}
+
+fn runs(common: &Common) -> CliResult<usize> {
+    if common.runs == 0 {
+        return Err("--runs must be at least 1".into());
+    }
+    Ok(common.runs)
+}
+
+fn check_batch(batch: usize) -> CliResult {
+    if batch == 0 {
+        return Err("--batch must be at least 1".into());
+    }
+    Ok(())
+}
+
+fn report_with_rss(common: &Common, label: &str, t: &Timings, mut extra: Value) -> CliResult {
+    let rss = peak_rss_mb();
+    extra["peak_rss_mb"] = json!(rss);
+    let line = match rss {
+        Some(mb) => format!("peak RSS {mb:.1} MB"),
+        None => "peak RSS unavailable (no /proc/self/status)".to_string(),
+    };
+    report(common, label, t, extra, &line)
+}
+
+fn report(common: &Common, label: &str, t: &Timings, extra: Value, line: &str) -> CliResult {
+    if common.json {
+        let mut out = json!({
+            "median_s": t.median(), "min_s": t.min(), "max_s": t.max(), "runs": t.runs(),
+            "samples_s": t.samples,
+        });
+        if let (Some(out), Value::Object(extra)) = (out.as_object_mut(), extra) {
+            out.extend(extra);
+        }
+        println!("{out}");
+    } else {
+        println!("{label}: {} runs after {} warm-up", t.runs(), common.warmup);
+        println!(
+            "  median {:.3} ms, min {:.3} ms, max {:.3} ms",
+            t.median() * 1e3,
+            t.min() * 1e3,
+            t.max() * 1e3
+        );
+        println!("  {line}");
+    }
+    Ok(())
+}

@@ -1,0 +1,125 @@
+use std::path::{Path, PathBuf};
+
+use clap::ValueEnum;
+use scalpel::models::sentence::SentenceEncoder;
+use scalpel::surgery::chart::{score_html, score_svg};
+use scalpel::surgery::score::{score_layers, Calibration, Metric, ScoreOptions, ScoreReport};
+
+use super::CliResult;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MetricArg {
+    GradNorm,
+    BlockInfluence,
+    Angular,
+    DropLoss,
+    All,
+}
+
+/// How layers are scored; shared by `score` and `cut --auto`.
+#[derive(clap::Args)]
+pub struct Scoring {
+    /// Calibration data: a text file (one sentence per line) or STS/SICK pair files; the
+    /// gradient metric needs pair files. Repeatable.
+    #[arg(long)]
+    data: Vec<PathBuf>,
+    /// Sentences (and positive pairs) sampled from the data.
+    #[arg(long, default_value_t = 256)]
+    samples: usize,
+    /// Span n of the angular distance between layers l and l+n.
+    #[arg(long, default_value_t = 1)]
+    span: usize,
+    /// Sentences per forward batch (pairs per contrastive batch for grad-norm).
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+}
+
+impl Scoring {
+    /// Scores `model` with `metrics`; `All` skips grad-norm (with a note) when the data has no
+    /// positive pairs.
+    pub fn run(
+        &self,
+        model: &Path,
+        metric: MetricArg,
+        target_layers: Option<usize>,
+    ) -> CliResult<ScoreReport> {
+        if self.data.is_empty() {
+            return Err("--data is required: calibration sentences to score the layers on".into());
+        }
+        let data = Calibration::from_files(&self.data, self.samples)?;
+        let metrics = match metric {
+            MetricArg::GradNorm => vec![Metric::GradNorm],
+            MetricArg::BlockInfluence => vec![Metric::BlockInfluence],
+            MetricArg::Angular => vec![Metric::Angular],
+            MetricArg::DropLoss => vec![Metric::DropLoss],
+            MetricArg::All if data.pairs.is_empty() => {
+                eprintln!("note: no positive pairs in --data (STS .tsv or SICK files): skipping grad-norm");
+                vec![Metric::BlockInfluence, Metric::Angular, Metric::DropLoss]
+            }
+            MetricArg::All => Metric::ALL.to_vec(),
+        };
+        let mut encoder = SentenceEncoder::load(model)?;
+        let opts = ScoreOptions {
+            metrics,
+            span: self.span,
+            batch_size: self.batch_size,
+            target_layers,
+        };
+        Ok(score_layers(&mut encoder, &data, &opts)?)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    scoring: Scoring,
+    #[arg(long, value_enum, default_value_t = MetricArg::All)]
+    metric: MetricArg,
+    /// Suggest which layers to drop to keep K.
+    #[arg(long)]
+    target_layers: Option<usize>,
+    #[arg(long)]
+    json: bool,
+    /// Write a chart: `.svg`, or `.html` (self-contained, with the table).
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+/// Per-layer importance on calibration data, each metric's suggested cut, and a chart.
+pub fn run(a: Args) -> CliResult {
+    if let Some(path) = &a.report {
+        chart_body(path, None, &a.model)?;
+    }
+    let report = a.scoring.run(&a.model, a.metric, a.target_layers)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_table());
+    }
+    if let Some(path) = &a.report {
+        write_chart(path, &report, &a.model)?;
+        eprintln!("chart -> {}", path.display());
+    }
+    Ok(())
+}
+
+pub fn write_chart(path: &Path, report: &ScoreReport, model: &Path) -> CliResult {
+    let body = chart_body(path, Some(report), model)?;
+    super::write_atomically(path, body.as_bytes(), &[model])
+}
+
+/// The chart in the format `path`'s extension names (an error for any other); without a report
+/// only checks the extension, so a bad path fails before the scoring work.
+fn chart_body(path: &Path, report: Option<&ScoreReport>, model: &Path) -> CliResult<String> {
+    let title = format!("Layer scores: {}", model.display());
+    let render = match path.extension().and_then(|e| e.to_str()) {
+        Some("svg") => score_svg,
+        Some("html" | "htm") => score_html,
+        _ => {
+            return Err(format!("{}: the report must end in .svg or .html", path.display()).into())
+        }
+    };
+    Ok(report.map(|r| render(r, &title)).unwrap_or_default())
+}
