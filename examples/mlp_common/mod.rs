@@ -80,7 +80,7 @@ pub fn accuracy(model: &Sequential, d: &Digits, idx: &[usize]) -> Res<f64> {
     let correct = logits
         .chunks_exact(c)
         .zip(idx)
-        .filter(|(row, &i)| {
+        .filter(|&(row, &i)| {
             let best = (0..c).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
             best == d.y[i]
         })

@@ -218,7 +218,7 @@ fn accuracy(
         correct += chunk
             .iter()
             .zip(pred)
-            .filter(|(&i, p)| gold[i] == *p)
+            .filter(|&(&i, p)| gold[i] == p)
             .count();
     }
     Ok(correct as f64 / pairs.pairs.len() as f64)
