@@ -37,15 +37,16 @@ fn train(mut student: Bert, batch: &Batch, target: &Tensor) -> (Vec<f64>, Bert) 
         let loss = ops::mse_loss(&pooled, &target).unwrap();
         losses.push(loss.value().to_vec::<f64>()[0]);
         let mut grads = loss.backward().unwrap();
-        // A limit below the gradient norm, so the scaling runs too.
-        let norm = clip_grad_norm(&mut grads, &student.params, 0.05).unwrap();
-        assert!(norm > 0.05, "gradient norm {norm} would not be clipped");
+        // A limit below the gradient norm (about 5e-3 here), so the scaling runs too.
+        let norm = clip_grad_norm(&mut grads, &student.params, 1e-3).unwrap();
+        assert!(norm > 1e-3, "gradient norm {norm} would not be clipped");
         adam.step(&mut student.params, &grads, 1e-3).unwrap();
     }
     (losses, student)
 }
 
 #[test]
+#[ignore = "over 7 minutes on 2 cores: the emulator runs every CUDA thread of AdamW over 17M parameters; run with --ignored"]
 fn two_training_steps_on_the_emulator_match_the_cpu() {
     let teacher = SentenceEncoder::load(&common::minilm_dir()).unwrap();
     let batch = teacher.tokenizer.batch(&SENTENCES).unwrap();
