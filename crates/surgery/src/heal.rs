@@ -365,7 +365,7 @@ fn batch_loss(
             let first = batch_of(indices.iter().map(|&i| pairs[i].0.as_str()).collect())?;
             let second = batch_of(indices.iter().map(|&i| pairs[i].1.as_str()).collect())?;
             let second_forward = ForwardOptions {
-                seed: forward.seed ^ 0x5eed_0f_5ec0_4d,
+                seed: forward.seed ^ 0x5eed_f5ec_04d0,
                 ..*forward
             };
             contrastive_loss(
@@ -548,12 +548,12 @@ pub fn heal(
             total,
             sentences_per_second: sentences_seen as f64 / started.elapsed().as_secs_f64(),
         })?;
-        if eval_every.is_some_and(|n| step % n == 0) {
+        if eval_every.is_some_and(|n| step.is_multiple_of(n)) {
             last_eval = evaluate(step, student, &mut on_event)?;
         }
         if let Some(c) = checkpoint
             .as_ref()
-            .filter(|c| c.every.is_some_and(|n| step % n == 0))
+            .filter(|c| c.every.is_some_and(|n| step.is_multiple_of(n)))
         {
             save(&state, student, &adam)?;
             on_event(HealEvent::Checkpoint { step, dir: c.dir })?;
@@ -562,7 +562,7 @@ pub fn heal(
     if !interrupted
         && last_eval
             .as_ref()
-            .is_none_or(|_| !eval_every.is_some_and(|n| state.step % n == 0))
+            .is_none_or(|_| !eval_every.is_some_and(|n| state.step.is_multiple_of(n)))
     {
         last_eval = evaluate(state.step, student, &mut on_event)?;
     }

@@ -78,7 +78,7 @@ impl Calibration {
     /// At most `samples` sentences and `samples` pairs, a seeded sample spread over all the data.
     pub fn sample(sentences: &[String], pairs: &[(String, String)], samples: usize) -> Calibration {
         let pick = |len: usize| {
-            let order = BatchOrder::new(len, len.max(1), true, 0x5ca1_9e1);
+            let order = BatchOrder::new(len, len.max(1), true, 0x05ca_19e1);
             if len == 0 {
                 Vec::new()
             } else {

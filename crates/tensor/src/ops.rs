@@ -296,7 +296,7 @@ pub fn attention_shape(
     heads: usize,
 ) -> Result<AttentionShape> {
     same_dtype("attention", &[q, k, v, mask])?;
-    if q.rank() != 3 || heads == 0 || q.dim(2) % heads != 0 {
+    if q.rank() != 3 || heads == 0 || !q.dim(2).is_multiple_of(heads) {
         return Err(TensorError::shape(
             "attention",
             format!("q {:?} cannot split into {heads} heads", q.shape()),
