@@ -22,21 +22,22 @@ cargo build --release --quiet
 scalpel="target/release/scalpel --threads $threads"
 mkdir -p "$out"
 
-heal_data=("$sts"/semeval-201[234]/*.tsv "$sts"/sick2014/SICK_*.txt)
+# --data is repeated once per file.
+heal_data=(); for f in "$sts"/semeval-201[234]/*.tsv "$sts"/sick2014/SICK_*.txt; do heal_data+=(--data "$f"); done
 eval_data=("$sts"/semeval-2015/*.tsv)
-calibration=("$sts"/sick2014/SICK_trial.txt "$sts"/semeval-2014/*.tsv)
+calibration=(); for f in "$sts"/sick2014/SICK_trial.txt "$sts"/semeval-2014/*.tsv; do calibration+=(--data "$f"); done
 
 echo "== score: which layers matter (report: $out/layer_scores.html)"
-$scalpel score --model "$model" --data "${calibration[@]}" --samples 256 \
+$scalpel score --model "$model" "${calibration[@]}" --samples 256 \
     --target-layers "$keep" --report "$out/layer_scores.html"
 
 echo "== cut 6 -> $keep layers, chosen by $metric"
-$scalpel cut --model "$model" --auto "$keep" --metric "$metric" --data "${calibration[@]}" \
+$scalpel cut --model "$model" --auto "$keep" --metric "$metric" "${calibration[@]}" \
     --samples 256 --output "$out/cut" --force > /dev/null
 python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print("removed layers", s["removed"], "-", s["reason"])' "$out/cut/surgery.json"
 
 echo "== heal: $minutes minutes of MSE distillation from the full model"
-$scalpel heal --student "$out/cut" --teacher "$model" --data "${heal_data[@]}" --output "$out/healed" \
+$scalpel heal --student "$out/cut" --teacher "$model" "${heal_data[@]}" --output "$out/healed" \
     --minutes "$minutes" --batch-size 32 --lr 2e-4 --warmup 50 --loss mse --force
 
 echo "== evaluate on STS 2015"

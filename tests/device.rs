@@ -46,7 +46,6 @@ fn train(mut student: Bert, batch: &Batch, target: &Tensor) -> (Vec<f64>, Bert) 
 }
 
 #[test]
-#[ignore = "over 7 minutes on 2 cores: the emulator runs every CUDA thread of AdamW over 17M parameters; run with --ignored"]
 fn two_training_steps_on_the_emulator_match_the_cpu() {
     let teacher = SentenceEncoder::load(&common::minilm_dir()).unwrap();
     let batch = teacher.tokenizer.batch(&SENTENCES).unwrap();

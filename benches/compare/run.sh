@@ -3,11 +3,12 @@
 # RSS. Creates benches/compare/.venv (torch, transformers, onnx, onnxruntime) on first use,
 # exports the model to ONNX once (into the venv folder), then alternates the frameworks and prints a ratio table.
 # Extra arguments go to compare.py (e.g. --rounds 5 --runs 10, --only forward).
+# COMPARE_VENV=DIR uses an existing environment that has those packages instead.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
 here=benches/compare
-venv=$here/.venv
+venv=${COMPARE_VENV:-$here/.venv}
 model=${SCALPEL_MODEL:-models/all-MiniLM-L6-v2}
 
 if ! "$venv/bin/python" -c "import torch, transformers, onnx, onnxruntime" 2>/dev/null; then

@@ -28,7 +28,7 @@ pub struct Cli {
     threads: Option<usize>,
     /// Where the ops run: auto (CUDA when a GPU, its driver and NVRTC are present, else the CPU),
     /// cpu, cuda (an error naming what is missing when unusable), or emu (the CUDA kernels on the
-    /// CPU emulator: slow, for testing the CUDA path without a GPU).
+    /// CPU emulator: for testing the CUDA path without a GPU; scalar, so slow on big shapes).
     #[arg(
         long,
         global = true,

@@ -28,7 +28,7 @@ pub enum DeviceKind {
     Cpu,
     /// A GPU through the CUDA driver; an error when anything it needs is missing.
     Cuda,
-    /// The CUDA kernels on the CPU emulator (slow; for testing the CUDA path without a GPU).
+    /// The CUDA kernels on the CPU emulator (for testing the CUDA path without a GPU; scalar, so slow on big shapes).
     Emu,
 }
 

@@ -74,7 +74,6 @@ fn assert_same_on_emulator(op: &str, inputs: &[Tensor], f: &dyn Fn(&[Var]) -> Re
 }
 
 #[test]
-#[ignore = "minutes on 2 cores: each emulated launch is slow (76 s for the AdamW case); run with --ignored"]
 fn every_op_on_the_emulator_matches_the_cpu() {
     let mut rng = StdRng::seed_from_u64(7);
     let (b, s, h) = (2, 5, 3);
@@ -178,7 +177,6 @@ fn adam_run(device: Device, p0: &[Tensor], g: &[Tensor], max_norm: f64) -> (Vec<
 }
 
 #[test]
-#[ignore = "minutes on 2 cores: each emulated launch is slow (76 s for the AdamW case); run with --ignored"]
 fn adamw_and_clipping_on_the_emulator_match_the_cpu() {
     let mut rng = StdRng::seed_from_u64(11);
     let shapes: [&[usize]; 3] = [&[5, 3], &[1000], &[7]];

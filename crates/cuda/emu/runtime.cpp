@@ -1,26 +1,32 @@
-// The emulator's scheduler: runs a launch block by block, one OS thread (from a reused pool) per
-// CUDA thread, and implements the collectives declared in shim.h.
+// The emulator's scheduler: runs a launch block by block on the calling OS thread, each CUDA
+// thread as a fiber (its own stack, switched in user space), and implements the collectives
+// declared in shim.h.
 //
 // The threads of a block take turns: exactly one runs at a time, until it reaches a collective
-// (`__syncthreads`, a warp operation) or exits, then hands the turn to the next ready thread.
-// Each phase between collectives runs the threads in descending index order. This makes every
-// run deterministic and free of data races on the host, makes a missing `__syncthreads` show up
-// every time (a thread reads shared memory its neighbours have not written yet, still NaN), and
-// turns a deadlock (every live thread waiting at a collective that cannot complete) into an
-// immediate error instead of a hang.
+// (`__syncthreads`, a warp operation) or exits, then yields to the scheduler, which resumes the
+// next ready thread. Each phase between collectives runs the threads in descending index order.
+// This makes every run deterministic and free of data races on the host, makes a missing
+// `__syncthreads` show up every time (a thread reads shared memory its neighbours have not written
+// yet, still NaN), and turns a deadlock (every live thread waiting at a collective that cannot
+// complete) into an immediate error instead of a hang.
+//
+// Why fibers: a thread switch costs a few nanoseconds here against microseconds for an OS-thread
+// hand-off, so a barrier-heavy GEMM or attention launch runs at the speed of its arithmetic.
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
-#include <condition_variable>
 #include <cstdio>
 #include <deque>
-#include <functional>
-#include <memory>
 #include <mutex>
-#include <semaphore>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "shim.h"
+
+#if !(defined(__x86_64__) && defined(__ELF__))
+#include <ucontext.h>
+#endif
 
 thread_local uint3 threadIdx;
 thread_local uint3 blockIdx;
@@ -30,7 +36,107 @@ thread_local dim3 gridDim;
 namespace emu {
 namespace {
 
-// Thrown inside kernel threads to unwind them once the launch has failed.
+// ---- Fibers: a saved context, creation on a given stack, and a switch ------------------------
+
+#if defined(__x86_64__) && defined(__ELF__)
+// Saves the callee-saved registers and the SSE/x87 control words on the current stack, stores the
+// stack pointer in *save, loads `load` and restores the same from there. Everything else is
+// caller-saved under the System V ABI, so the compiler has already spilled it.
+extern "C" void emu_switch(void** save, void* load);
+asm(R"(
+    .text
+    .globl emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+
+struct Context {
+    void* sp = nullptr;
+};
+
+// Lays out a frame that `emu_switch` "returns" from into `entry`, with the stack aligned as if
+// `entry` had been called.
+void make_context(Context& c, char* stack_top, void (*entry)()) {
+    auto* sp = reinterpret_cast<std::uint64_t*>(reinterpret_cast<std::uintptr_t>(stack_top) & ~std::uintptr_t{15});
+    *--sp = 0;                                          // entry's return address: it never returns
+    *--sp = reinterpret_cast<std::uint64_t>(entry);     // popped by emu_switch's `ret`
+    for (int r = 0; r < 6; ++r) *--sp = 0;              // rbp rbx r12 r13 r14 r15
+    std::uint32_t mxcsr;
+    std::uint16_t fpucw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpucw));
+    *--sp = mxcsr | (std::uint64_t{fpucw} << 32);
+    c.sp = sp;
+}
+
+inline void switch_context(Context& from, Context& to) { emu_switch(&from.sp, to.sp); }
+#else
+// Portable fallback: slower (swapcontext saves the signal mask with a system call) but the same.
+struct Context {
+    ucontext_t uc;
+};
+
+constexpr std::size_t kStackBytes = 256 * 1024;
+
+void make_context(Context& c, char* stack_top, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack_top - kStackBytes;
+    c.uc.uc_stack.ss_size = kStackBytes;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+// Fiber stacks, mapped once and reused by every launch: 256 KiB each (wmma fragments hold whole
+// tiles per lane), reserved without backing until touched, with a guard page below each so that
+// an overflow faults instead of corrupting a neighbour.
+class Stacks {
+   public:
+    static constexpr std::size_t kBytes = 256 * 1024;
+
+    char* top(int fiber) {
+        while (static_cast<int>(tops_.size()) <= fiber) {
+            std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+            void* base = mmap(nullptr, kBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                              -1, 0);
+            if (base == MAP_FAILED) return nullptr;
+            mprotect(base, page, PROT_NONE);
+            tops_.push_back(static_cast<char*>(base) + page + kBytes);
+        }
+        return tops_[fiber];
+    }
+
+   private:
+    std::vector<char*> tops_;
+};
+
+// ---- One launch ----------------------------------------------------------------------------
+
+// Thrown inside a fiber to unwind it to its entry once the launch has failed.
 struct Abort {};
 
 std::string where(Site s) { return std::string(s.file) + ":" + std::to_string(s.line); }
@@ -43,30 +149,93 @@ struct Gate {
     Site first{};
 };
 
+class Launch;
+Launch* current_launch = nullptr;
+int thread_rank = 0;  // linear index of the running thread within its block
+
 class Launch {
    public:
-    Launch(dim3 block, std::size_t shared_bytes)
-        : threads_(static_cast<int>(block.x * block.y * block.z)),
+    Launch(const KernelEntry* kernel, void** args, dim3 grid, dim3 block, std::size_t shared_bytes, Stacks& stacks)
+        : kernel_(kernel),
+          args_(args),
+          grid_(grid),
+          block_(block),
+          threads_(static_cast<int>(block.x * block.y * block.z)),
           shared_(shared_bytes + 1),
           warps_((threads_ + 31) / 32),
-          state_(threads_) {
-        for (int t = 0; t < threads_; ++t) turns_.push_back(std::make_unique<std::binary_semaphore>(0));
+          fibers_(threads_),
+          stacks_(stacks) {}
+
+    // Runs every block in order; false (with `error()`) at the first failure.
+    bool run(const std::vector<std::pair<void*, std::size_t>>& statics) {
+        for (unsigned z = 0; z < grid_.z && !failed_; ++z)
+            for (unsigned y = 0; y < grid_.y && !failed_; ++y)
+                for (unsigned x = 0; x < grid_.x && !failed_; ++x) run_block({x, y, z}, statics);
+        return !failed_;
     }
 
-    int threads() const { return threads_; }
+    const std::string& error() const { return error_; }
     void* shared() { return shared_.data(); }
-    bool failed() {
-        std::lock_guard lock(mutex_);
-        return failed_;
-    }
-    std::string error() {
-        std::lock_guard lock(mutex_);
-        return error_;
+
+    // Collectives, called from the running fiber.
+    void syncthreads(Site site) { arrive(block_gate_, site, "__syncthreads"); }
+
+    void syncwarp(unsigned mask, Site site) {
+        Warp& w = warp();
+        check_mask(w, mask, site);
+        arrive(w.gate, site, "warp collective");
     }
 
-    // Resets per-block state and gives the first thread its turn; call before starting threads.
-    void start_block(const std::vector<std::pair<void*, std::size_t>>& statics) {
-        std::lock_guard lock(mutex_);
+    std::uint64_t exchange(unsigned mask, std::uint64_t value, int src, Site site) {
+        Warp& w = warp();
+        check_mask(w, mask, site);
+        w.slots[thread_rank % 32] = value;
+        arrive(w.gate, site, "warp collective");
+        std::uint64_t out = value;
+        if (src >= 0) {
+            if (!((w.live >> src) & 1u)) fail("warp shuffle at " + where(site) + " reads inactive lane " + std::to_string(src));
+            out = w.slots[src];
+        }
+        // No lane may publish its next value before every lane has read this one.
+        arrive(w.gate, site, "warp collective");
+        return out;
+    }
+
+    unsigned ballot(unsigned mask, bool pred, Site site) {
+        Warp& w = warp();
+        check_mask(w, mask, site);
+        w.slots[thread_rank % 32] = pred;
+        arrive(w.gate, site, "warp collective");
+        unsigned out = 0;
+        for (int l = 0; l < 32; ++l)
+            if (((w.live >> l) & 1u) && w.slots[l]) out |= 1u << l;
+        arrive(w.gate, site, "warp collective");
+        return out & mask;
+    }
+
+    // Records the first error and unwinds the running fiber.
+    [[noreturn]] void fail(const std::string& message) {
+        record_failure(message);
+        throw Abort{};
+    }
+
+   private:
+    struct Warp {
+        Gate gate;
+        std::uint64_t slots[32];
+        unsigned live = 0;
+    };
+
+    Warp& warp() { return warps_[thread_rank / 32]; }
+
+    void record_failure(const std::string& message) {
+        if (!failed_) {
+            failed_ = true;
+            error_ = message;
+        }
+    }
+
+    void run_block(uint3 index, const std::vector<std::pair<void*, std::size_t>>& statics) {
         std::memset(shared_.data(), 0xff, shared_.size());
         for (auto [p, n] : statics) std::memset(p, 0xff, n);
         block_gate_ = Gate{threads_, {}, {}};
@@ -77,156 +246,99 @@ class Launch {
         }
         ready_.clear();
         for (int t = threads_ - 1; t >= 0; --t) {
+            char* top = stacks_.top(t);
+            if (!top) return record_failure("cannot map a fiber stack for thread " + std::to_string(t));
+            make_context(fibers_[t], top, fiber_main);
             ready_.push_back(t);
-            state_[t] = State::Ready;
         }
         unfinished_ = threads_;
-        hand_off_locked();
+        blockIdx = index;
+        blockDim = block_;
+        gridDim = grid_;
+        while (!ready_.empty() && !failed_) {
+            int t = ready_.front();
+            ready_.pop_front();
+            resume(t);
+        }
+        if (!failed_ && unfinished_ > 0)
+            record_failure("deadlock: every live thread waits at a collective that cannot complete (block barrier " +
+                           (block_gate_.waiting.empty() ? std::string("empty") : "waited at " + where(block_gate_.first)) +
+                           ")");
     }
 
-    // First thing a kernel thread does: wait for its turn.
-    void begin_thread(int t) { wait_turn(t); }
+    void resume(int t) {
+        thread_rank = t;
+        threadIdx = {t % block_.x, (t / block_.x) % block_.y, t / (block_.x * block_.y)};
+        switch_context(scheduler_, fibers_[t]);
+    }
 
-    void end_thread(int t) {
-        std::lock_guard lock(mutex_);
-        if (failed_) return;
-        state_[t] = State::Done;
+    void yield() { switch_context(fibers_[thread_rank], scheduler_); }
+
+    // Every fiber's body: the kernel, then exit; control never comes back here.
+    static void fiber_main() {
+        Launch& l = *current_launch;
+        try {
+            l.kernel_->launch(l.args_);
+        } catch (const Abort&) {
+        } catch (const std::exception& e) {
+            l.record_failure(std::string("exception in kernel: ") + e.what());
+        }
+        l.exit_thread();
+    }
+
+    [[noreturn]] void exit_thread() {
+        int t = thread_rank;
         --unfinished_;
-        leave_gate_locked(block_gate_);
-        Warp& w = warps_[t / 32];
+        leave_gate(block_gate_);
+        Warp& w = warp();
         w.live &= ~(1u << (t % 32));
-        leave_gate_locked(w.gate);
-        hand_off_locked();
+        leave_gate(w.gate);
+        yield();
+        __builtin_unreachable();
     }
 
-    [[noreturn]] void fail(const std::string& message) {
-        std::lock_guard lock(mutex_);
-        fail_locked(message);
-    }
-
-    void syncthreads(int t, Site site) { arrive(block_gate_, t, site, "__syncthreads"); }
-
-    void syncwarp(int t, unsigned mask, Site site) {
-        Warp& w = warps_[t / 32];
-        check_mask(w, mask, site);
-        arrive(w.gate, t, site, "warp collective");
-    }
-
-    std::uint64_t exchange(int t, unsigned mask, std::uint64_t value, int src, Site site) {
-        Warp& w = warps_[t / 32];
-        check_mask(w, mask, site);
-        w.slots[t % 32] = value;
-        arrive(w.gate, t, site, "warp collective");
-        std::uint64_t out = value;
-        if (src >= 0) {
-            if (!((w.live >> src) & 1u)) fail("warp shuffle at " + where(site) + " reads inactive lane " + std::to_string(src));
-            out = w.slots[src];
+    void arrive(Gate& g, Site site, const char* what) {
+        if (g.waiting.empty()) {
+            g.first = site;
+        } else if (!same_site(g.first, site)) {
+            fail(std::string("divergent ") + what + ": threads of one " + (&g == &block_gate_ ? "block" : "warp") +
+                 " wait at " + where(g.first) + " and at " + where(site));
         }
-        // No lane may publish its next value before every lane has read this one.
-        arrive(w.gate, t, site, "warp collective");
-        return out;
+        g.waiting.push_back(thread_rank);
+        if (static_cast<int>(g.waiting.size()) >= g.expected) release_gate(g);
+        yield();
     }
 
-    unsigned ballot(int t, unsigned mask, bool pred, Site site) {
-        Warp& w = warps_[t / 32];
-        check_mask(w, mask, site);
-        w.slots[t % 32] = pred;
-        arrive(w.gate, t, site, "warp collective");
-        unsigned out = 0;
-        for (int l = 0; l < 32; ++l)
-            if (((w.live >> l) & 1u) && w.slots[l]) out |= 1u << l;
-        arrive(w.gate, t, site, "warp collective");
-        return out & mask;
-    }
-
-   private:
-    enum class State { Ready, Running, Waiting, Done };
-    struct Warp {
-        Gate gate;
-        std::uint64_t slots[32];
-        unsigned live = 0;
-    };
-
-    void wait_turn(int t) {
-        turns_[t]->acquire();
-        std::lock_guard lock(mutex_);
-        if (failed_) throw Abort{};
-    }
-
-    void arrive(Gate& g, int t, Site site, const char* what) {
-        {
-            std::lock_guard lock(mutex_);
-            if (failed_) throw Abort{};
-            if (g.waiting.empty()) {
-                g.first = site;
-            } else if (!same_site(g.first, site)) {
-                fail_locked(std::string("divergent ") + what + ": threads of one " +
-                            (&g == &block_gate_ ? "block" : "warp") + " wait at " + where(g.first) + " and at " +
-                            where(site));
-            }
-            g.waiting.push_back(t);
-            state_[t] = State::Waiting;
-            if (static_cast<int>(g.waiting.size()) >= g.expected) release_gate_locked(g);
-            hand_off_locked();
-        }
-        wait_turn(t);
-    }
-
-    // A thread left (exited): the gate may now be complete for those still waiting.
-    void leave_gate_locked(Gate& g) {
+    // A thread exited: the gate may now be complete for those still waiting.
+    void leave_gate(Gate& g) {
         --g.expected;
-        if (!g.waiting.empty() && static_cast<int>(g.waiting.size()) >= g.expected) release_gate_locked(g);
+        if (!g.waiting.empty() && static_cast<int>(g.waiting.size()) >= g.expected) release_gate(g);
     }
 
-    void release_gate_locked(Gate& g) {
+    void release_gate(Gate& g) {
         std::sort(g.waiting.begin(), g.waiting.end(), std::greater<int>());
         for (int w : g.waiting) {
             ready_.push_back(w);
-            state_[w] = State::Ready;
         }
         g.waiting.clear();
-    }
-
-    void hand_off_locked() {
-        if (!ready_.empty()) {
-            int next = ready_.front();
-            ready_.pop_front();
-            state_[next] = State::Running;
-            turns_[next]->release();
-        } else if (unfinished_ > 0) {
-            fail_locked("deadlock: every live thread waits at a collective that cannot complete (block barrier " +
-                        (block_gate_.waiting.empty() ? std::string("empty") : "waited at " + where(block_gate_.first)) + ")");
-        }
-    }
-
-    // Records the first error and wakes every thread that is not running so that it unwinds.
-    [[noreturn]] void fail_locked(const std::string& message) {
-        if (!failed_) {
-            failed_ = true;
-            error_ = message;
-            for (int t = 0; t < threads_; ++t)
-                if (state_[t] == State::Ready || state_[t] == State::Waiting) {
-                    turns_[t]->release();
-                    state_[t] = State::Done;
-                }
-        }
-        throw Abort{};
     }
 
     // Partial-mask warp operations are outside what the emulator models: every live lane must
     // take part.
     void check_mask(Warp& w, unsigned mask, Site site) {
-        std::lock_guard lock(mutex_);
         if ((mask & w.live) != w.live)
-            fail_locked("warp operation at " + where(site) + " with a mask that leaves out live lanes (unsupported)");
+            fail("warp operation at " + where(site) + " with a mask that leaves out live lanes (unsupported)");
     }
 
+    const KernelEntry* kernel_;
+    void** args_;
+    dim3 grid_, block_;
     int threads_;
     std::vector<unsigned char> shared_;
     std::vector<Warp> warps_;
-    std::vector<State> state_;
-    std::vector<std::unique_ptr<std::binary_semaphore>> turns_;
-    std::mutex mutex_;
+    std::vector<Context> fibers_;
+    Context scheduler_;
+    Stacks& stacks_;
     Gate block_gate_;
     std::deque<int> ready_;
     int unfinished_ = 0;
@@ -234,84 +346,23 @@ class Launch {
     std::string error_;
 };
 
-// Persistent worker threads; `run(n, task)` runs task(0..n) on n of them and waits.
-class Pool {
-   public:
-    ~Pool() {
-        {
-            std::lock_guard lock(mutex_);
-            stopping_ = true;
-            ++generation_;
-        }
-        start_.notify_all();
-        for (auto& t : threads_) t.join();
-    }
-
-    void run(int n, const std::function<void(int)>& task) {
-        std::unique_lock lock(mutex_);
-        while (static_cast<int>(threads_.size()) < n) {
-            int index = static_cast<int>(threads_.size());
-            threads_.emplace_back([this, index] { work(index); });
-        }
-        task_ = &task;
-        active_ = n;
-        remaining_ = n;
-        ++generation_;
-        start_.notify_all();
-        done_.wait(lock, [&] { return remaining_ == 0; });
-        task_ = nullptr;
-    }
-
-   private:
-    void work(int index) {
-        std::unique_lock lock(mutex_);
-        // Created inside run() before it bumped the generation, and first locks after the bump:
-        // take part in that generation.
-        std::uint64_t seen = generation_ - 1;
-        for (;;) {
-            start_.wait(lock, [&] { return generation_ != seen; });
-            seen = generation_;
-            if (stopping_) return;
-            if (index >= active_) continue;
-            const auto* task = task_;
-            lock.unlock();
-            (*task)(index);
-            lock.lock();
-            if (--remaining_ == 0) done_.notify_all();
-        }
-    }
-
-    std::mutex mutex_;
-    std::condition_variable start_, done_;
-    std::vector<std::thread> threads_;
-    const std::function<void(int)>* task_ = nullptr;
-    std::uint64_t generation_ = 0;
-    int active_ = 0;
-    int remaining_ = 0;
-    bool stopping_ = false;
-};
-
-Launch* current_launch = nullptr;
-thread_local int thread_rank = 0;  // linear thread index within the block
-
-std::mutex statics_mutex;
 std::vector<std::pair<void*, std::size_t>> statics;
 
 }  // namespace
 
-void syncthreads(Site site) { current_launch->syncthreads(thread_rank, site); }
-void syncwarp(unsigned mask, Site site) { current_launch->syncwarp(thread_rank, mask, site); }
+void syncthreads(Site site) { current_launch->syncthreads(site); }
+void syncwarp(unsigned mask, Site site) { current_launch->syncwarp(mask, site); }
 std::uint64_t exchange(unsigned mask, std::uint64_t value, int src, Site site) {
-    return current_launch->exchange(thread_rank, mask, value, src, site);
+    return current_launch->exchange(mask, value, src, site);
 }
-unsigned ballot(unsigned mask, bool pred, Site site) { return current_launch->ballot(thread_rank, mask, pred, site); }
+unsigned ballot(unsigned mask, bool pred, Site site) { return current_launch->ballot(mask, pred, site); }
 int lane_id() { return thread_rank % 32; }
 void* dynamic_shared() { return current_launch->shared(); }
 void fail(const char* message) { current_launch->fail(message); }
 
+// Called only under `launch_mutex` (static shared variables register on their kernel's first run).
 void register_static_shared(void* storage, std::size_t bytes) {
     std::memset(storage, 0xff, bytes);
-    std::lock_guard lock(statics_mutex);
     statics.emplace_back(storage, bytes);
 }
 
@@ -320,11 +371,9 @@ const KernelEntry* find_kernel(const char* name);
 }  // namespace emu
 
 namespace {
-std::mutex launch_mutex;  // launches run one at a time: shared memory is process-wide storage
-emu::Pool& pool() {
-    static emu::Pool p;
-    return p;
-}
+// Launches run one at a time: the scheduler state, the fiber stacks and static shared memory are
+// process-wide.
+std::mutex launch_mutex;
 }  // namespace
 
 // Status codes shared with src/emulator.rs.
@@ -345,35 +394,11 @@ extern "C" int emu_launch(const char* name, const unsigned grid[3], const unsign
     if (shared_bytes > 227 * 1024) return report(kBadConfig, "dynamic shared memory over the H100's 227 KiB");
 
     std::lock_guard lock(launch_mutex);
-    emu::Launch launch(b, shared_bytes);
+    static emu::Stacks stacks;
+    emu::Launch launch(kernel, args, g, b, shared_bytes, stacks);
     emu::current_launch = &launch;
-    for (unsigned bz = 0; bz < g.z && !launch.failed(); ++bz)
-        for (unsigned by = 0; by < g.y && !launch.failed(); ++by)
-            for (unsigned bx = 0; bx < g.x && !launch.failed(); ++bx) {
-                {
-                    std::lock_guard statics_lock(emu::statics_mutex);
-                    launch.start_block(emu::statics);
-                }
-                pool().run(launch.threads(), [&](int t) {
-                    emu::thread_rank = t;
-                    threadIdx = {t % b.x, (t / b.x) % b.y, t / (b.x * b.y)};
-                    blockIdx = {bx, by, bz};
-                    blockDim = b;
-                    gridDim = g;
-                    try {
-                        launch.begin_thread(t);
-                        kernel->launch(args);
-                        launch.end_thread(t);
-                    } catch (const emu::Abort&) {
-                    } catch (const std::exception& e) {
-                        try {
-                            launch.fail(std::string("exception in kernel: ") + e.what());
-                        } catch (const emu::Abort&) {
-                        }
-                    }
-                });
-            }
+    bool ok = launch.run(emu::statics);
     emu::current_launch = nullptr;
-    if (launch.failed()) return report(kKernelFault, std::string(name) + ": " + launch.error());
+    if (!ok) return report(kKernelFault, std::string(name) + ": " + launch.error());
     return kOk;
 }

@@ -1,7 +1,7 @@
 // CUDA-on-CPU shim: force-included (`-include shim.h`) into every kernel source compiled for the
 // emulator, so that the very sources NVRTC compiles also run as host C++.
 //
-// Model: one block at a time, one OS thread per CUDA thread. The block's threads rendezvous at
+// Model: one block at a time, one fiber per CUDA thread (emu/runtime.cpp). The block's threads rendezvous at
 // `__syncthreads` (a barrier that records the call site and reports threads arriving from
 // different sites), warp operations exchange values through a per-warp buffer, atomics are
 // `std::atomic_ref`. Shared memory is rewritten by build.rs (`__shared__` declarations become
