@@ -11,7 +11,7 @@ pub struct Args {
     /// The model to evaluate.
     #[arg(long)]
     model: PathBuf,
-    /// STS (.tsv: score, sentence, sentence) or SICK files; only scored pairs count. Repeatable.
+    /// STS (.tsv: score, sentence, sentence) or SICK files; only scored pairs count. Several files: `--sts a b` or repeated flags.
     #[arg(long, required = true, num_args = 1..)]
     sts: Vec<PathBuf>,
     /// Also report the mean cosine between this model's and the teacher's embeddings.

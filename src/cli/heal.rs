@@ -44,8 +44,8 @@ pub struct Args {
     #[arg(long)]
     teacher: Option<PathBuf>,
     /// Training data: a text file with one sentence per line, or STS (.tsv) / SICK pair files
-    /// (both sentences of each pair are used). Repeatable.
-    #[arg(long, required_unless_present = "resume")]
+    /// (both sentences of each pair are used). Several files: `--data a b` or repeated flags.
+    #[arg(long, required_unless_present = "resume", num_args = 1..)]
     data: Vec<PathBuf>,
     /// Where the healed model (and every checkpoint) is written.
     #[arg(long, required_unless_present = "resume")]
@@ -89,8 +89,8 @@ pub struct Args {
     /// Clip the global gradient norm to this value.
     #[arg(long)]
     clip: Option<f64>,
-    /// STS/SICK file to evaluate on (Spearman ×100). Repeatable.
-    #[arg(long)]
+    /// STS/SICK files to evaluate on (Spearman ×100): `--eval a b` or repeated flags.
+    #[arg(long, num_args = 1..)]
     eval: Vec<PathBuf>,
     /// Evaluate every N steps (and always at the end).
     #[arg(long)]

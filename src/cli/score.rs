@@ -20,8 +20,8 @@ pub enum MetricArg {
 #[derive(clap::Args)]
 pub struct Scoring {
     /// Calibration data: a text file (one sentence per line) or STS/SICK pair files; the
-    /// gradient metric needs pair files. Repeatable.
-    #[arg(long)]
+    /// gradient metric needs pair files. Several files: `--data a b` or repeated flags.
+    #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
     /// Sentences (and positive pairs) sampled from the data.
     #[arg(long, default_value_t = 256)]

@@ -89,6 +89,17 @@ impl Var {
         self.0.requires_grad
     }
 
+    /// The value itself, when this is a constant nothing else holds: an op may then overwrite it
+    /// instead of allocating its output (inference). Otherwise hands the variable back.
+    pub fn into_unshared_constant(self) -> std::result::Result<Tensor, Var> {
+        if self.requires_grad() {
+            return Err(self);
+        }
+        Arc::try_unwrap(self.0)
+            .map(|inner| inner.value)
+            .map_err(Var)
+    }
+
     /// Mutable access to a leaf's value (the optimiser's update). Copies the tensor first if a
     /// live graph still shares it, so a recorded graph never sees its inputs change.
     pub fn value_mut(&mut self) -> Result<&mut Tensor> {

@@ -165,6 +165,22 @@ fn gelu(dtype: DType) {
     f.assert_forward("y", y.value());
     let grads = inject(&y, &f.input("dout")).unwrap().backward().unwrap();
     f.assert_grad("dx", grads.get(&x));
+
+    // The consuming variant: on a parameter it records the same op (same gradient); on an
+    // unshared constant it overwrites the input's storage.
+    let y = ops::gelu_in_place(x.clone()).unwrap();
+    f.assert_forward("y", y.value());
+    let grads = inject(&y, &f.input("dout")).unwrap().backward().unwrap();
+    f.assert_grad("dx", grads.get(&x));
+    let constant = Var::constant(f.input("x"));
+    let address = |v: &Var| match dtype {
+        DType::F32 => v.value().values::<f32>().unwrap().as_ptr() as usize,
+        _ => v.value().values::<f64>().unwrap().as_ptr() as usize,
+    };
+    let before = address(&constant);
+    let y = ops::gelu_in_place(constant).unwrap();
+    assert_eq!(address(&y), before, "gelu_in_place copied an unshared constant");
+    f.assert_forward("y", y.value());
 }
 
 fn cross_entropy(dtype: DType) {

@@ -279,13 +279,19 @@ impl Bert {
     /// Last hidden state, `[batch, seq, hidden]`.
     pub fn forward(&self, batch: &Batch, opts: &ForwardOptions) -> Result<Var> {
         Ok(self
-            .forward_hidden_states(batch, opts)?
+            .encode(batch, opts, false)?
             .pop()
-            .expect("embeddings output is always present"))
+            .expect("the last state is always returned"))
     }
 
     /// The embedding output followed by every layer's output: `num_layers + 1` states.
     pub fn forward_hidden_states(&self, batch: &Batch, opts: &ForwardOptions) -> Result<Vec<Var>> {
+        self.encode(batch, opts, true)
+    }
+
+    /// The forward pass; returns every state or only the last (inference then frees each layer's
+    /// input as soon as the layer is done).
+    fn encode(&self, batch: &Batch, opts: &ForwardOptions, all_states: bool) -> Result<Vec<Var>> {
         let c = &self.config;
         if batch.seq > c.max_position_embeddings {
             return Err(ModelError::Input(format!(
@@ -336,8 +342,11 @@ impl Bert {
         };
         x = dropout(&x)?;
         let mask = Var::constant(batch.mask.clone());
-        let mut states = vec![x.clone()];
+        let mut states = Vec::new();
         for l in 0..c.num_hidden_layers {
+            if all_states {
+                states.push(x.clone());
+            }
             let lin = |x: &Var, name: &str| -> Result<Var> {
                 Ok(ops::linear(
                     x,
@@ -356,7 +365,7 @@ impl Bert {
                 self.layer_p(l, "attention.output.LayerNorm.bias")?,
                 c.layer_norm_eps,
             )?;
-            let h = ops::gelu(&lin(&x, "intermediate.dense")?)?;
+            let h = ops::gelu_in_place(lin(&x, "intermediate.dense")?)?;
             let h = dropout(&lin(&h, "output.dense")?)?;
             x = ops::layernorm(
                 &ops::add(&h, &x)?,
@@ -364,8 +373,8 @@ impl Bert {
                 self.layer_p(l, "output.LayerNorm.bias")?,
                 c.layer_norm_eps,
             )?;
-            states.push(x.clone());
         }
+        states.push(x);
         Ok(states)
     }
 

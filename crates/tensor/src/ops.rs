@@ -149,10 +149,16 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 
 /// Elementwise GELU (erf form).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    fn run<F: Float>(x: &Tensor) -> Result<Tensor> {
-        let mut y = Tensor::zeros(x.shape(), F::DTYPE);
-        cpu::activation::gelu_forward(x.values::<F>()?, y.values_mut::<F>()?);
-        Ok(y)
+    let mut y = x.clone();
+    gelu_in_place(&mut y)?;
+    Ok(y)
+}
+
+/// `x ← gelu(x)`: no second buffer (inference).
+pub fn gelu_in_place(x: &mut Tensor) -> Result<()> {
+    fn run<F: Float>(x: &mut Tensor) -> Result<()> {
+        cpu::activation::gelu_forward(x.values_mut::<F>()?);
+        Ok(())
     }
     dispatch_float!("gelu", x.dtype(), run(x))
 }

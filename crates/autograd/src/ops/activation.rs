@@ -47,6 +47,22 @@ pub fn gelu(x: &Var) -> Result<Var> {
     Ok(Var::from_op(y, Gelu { rt }, vec![x.clone()]))
 }
 
+/// GELU that consumes `x`: when no gradient is needed and nothing else holds `x` (inference),
+/// the result overwrites `x`'s storage instead of taking a second activation-sized buffer;
+/// otherwise the same as [`gelu`], gradient included.
+pub fn gelu_in_place(x: Var) -> Result<Var> {
+    if runtime_for(&[x.value()]).is_some() {
+        return gelu(&x);
+    }
+    match x.into_unshared_constant() {
+        Ok(mut value) => {
+            tops::gelu_in_place(&mut value)?;
+            Ok(Var::constant(value))
+        }
+        Err(x) => gelu(&x),
+    }
+}
+
 /// The kept-element scale `1/(1−p)` or 0, per element. Counter-based (a hash of seed and
 /// element index), so the mask does not depend on thread scheduling or on the device.
 fn dropout_mask(len: usize, p: f64, seed: u64) -> Vec<f64> {

@@ -12,7 +12,7 @@ mod norm;
 mod pair;
 mod pooling;
 
-pub use activation::{dropout, gelu};
+pub use activation::{dropout, gelu, gelu_in_place};
 pub use attention::attention;
 pub(crate) use elementwise::scale_cuda;
 pub use elementwise::{add, reshape, scale};

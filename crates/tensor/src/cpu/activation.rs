@@ -8,10 +8,12 @@ const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
 /// 1/√(2π), the standard normal density's constant.
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
-pub fn gelu_forward_reference<F: Float>(x: &[F], y: &mut [F]) {
+/// `x ← gelu(x)`. In place, so that inference can overwrite the linear layer's output instead of
+/// holding a second activation-sized buffer.
+pub fn gelu_forward_reference<F: Float>(x: &mut [F]) {
     let (half, c) = (F::from_f64(0.5), F::from_f64(FRAC_1_SQRT_2));
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y = half * x * (F::ONE + (x * c).erf());
+    for x in x.iter_mut() {
+        *x = half * *x * (F::ONE + (*x * c).erf());
     }
 }
 
@@ -29,10 +31,11 @@ pub fn gelu_backward_reference<F: Float>(x: &[F], dy: &[F], dx: &mut [F]) {
     }
 }
 
-pub fn gelu_forward<F: Float>(x: &[F], y: &mut [F]) {
-    match (as_f32(x), as_f32_mut(y)) {
-        (Some(x), Some(y)) => gelu_forward_with_isa(Isa::best(), x, y),
-        _ => gelu_forward_reference(x, y),
+/// `x ← gelu(x)`.
+pub fn gelu_forward<F: Float>(x: &mut [F]) {
+    match as_f32_mut(x) {
+        Some(x) => gelu_forward_with_isa(Isa::best(), x),
+        None => gelu_forward_reference(x),
     }
 }
 
@@ -46,14 +49,10 @@ pub fn gelu_backward<F: Float>(x: &[F], dy: &[F], dx: &mut [F]) {
 /// Elements per task below which GELU is not worth splitting (≈ 20 µs of work).
 const GELU_MIN_PER_TASK: usize = 1 << 13;
 
-pub fn gelu_forward_with_isa(isa: Isa, x: &[f32], y: &mut [f32]) {
-    assert_eq!(x.len(), y.len(), "gelu: x and y differ in length");
+pub fn gelu_forward_with_isa(isa: Isa, x: &mut [f32]) {
     let chunk = task_len(x.len(), GELU_MIN_PER_TASK);
-    let items: Vec<_> = x.chunks(chunk).zip(y.chunks_mut(chunk)).collect();
-    threads::parallel_each(items, |(x, y)| {
-        dispatch!(isa, |s, x: &[f32], y: &mut [f32]| -> () {
-            gelu_forward_body(s, x, y)
-        })
+    threads::parallel_each(x.chunks_mut(chunk).collect(), |x| {
+        dispatch!(isa, |s, x: &mut [f32]| -> () { gelu_forward_body(s, x) })
     });
 }
 
@@ -76,10 +75,10 @@ pub fn gelu_backward_with_isa(isa: Isa, x: &[f32], dy: &[f32], dx: &mut [f32]) {
 }
 
 #[inline(always)]
-fn gelu_forward_body<S: Simd>(s: S, x: &[f32], y: &mut [f32]) {
+fn gelu_forward_body<S: Simd>(s: S, x: &mut [f32]) {
     for i in (0..x.len()).step_by(S::LANES) {
-        let x = s.load_or(&x[i..], 0.0);
-        s.store_or(&mut y[i..], s.mul(x, normal_cdf(s, x)));
+        let v = s.load_or(&x[i..], 0.0);
+        s.store_or(&mut x[i..], s.mul(v, normal_cdf(s, v)));
     }
 }
 
