@@ -354,25 +354,36 @@ impl Bert {
                     Some(self.layer_p(l, &format!("{name}.bias"))?),
                 )?)
             };
-            let q = lin(&x, "attention.self.query")?;
-            let k = lin(&x, "attention.self.key")?;
-            let v = lin(&x, "attention.self.value")?;
-            let a = ops::attention(&q, &k, &v, &mask, c.num_attention_heads)?;
-            let a = dropout(&lin(&a, "attention.output.dense")?)?;
-            x = ops::layernorm(
-                &ops::add(&a, &x)?,
-                self.layer_p(l, "attention.output.LayerNorm.weight")?,
-                self.layer_p(l, "attention.output.LayerNorm.bias")?,
-                c.layer_norm_eps,
-            )?;
-            let h = ops::gelu_in_place(lin(&x, "intermediate.dense")?)?;
-            let h = dropout(&lin(&h, "output.dense")?)?;
-            x = ops::layernorm(
-                &ops::add(&h, &x)?,
-                self.layer_p(l, "output.LayerNorm.weight")?,
-                self.layer_p(l, "output.LayerNorm.bias")?,
-                c.layer_norm_eps,
-            )?;
+            // Each sub-layer is a block so that its temporaries die as soon as they are consumed
+            // (a shadowed binding would live to the end of the iteration): inference holds one
+            // sub-layer's activations at a time.
+            x = {
+                let projected = {
+                    let q = lin(&x, "attention.self.query")?;
+                    let k = lin(&x, "attention.self.key")?;
+                    let v = lin(&x, "attention.self.value")?;
+                    let attended = ops::attention(&q, &k, &v, &mask, c.num_attention_heads)?;
+                    dropout(&lin(&attended, "attention.output.dense")?)?
+                };
+                ops::layernorm(
+                    &ops::add(&projected, &x)?,
+                    self.layer_p(l, "attention.output.LayerNorm.weight")?,
+                    self.layer_p(l, "attention.output.LayerNorm.bias")?,
+                    c.layer_norm_eps,
+                )?
+            };
+            x = {
+                let projected = {
+                    let inner = ops::gelu_in_place(lin(&x, "intermediate.dense")?)?;
+                    dropout(&lin(&inner, "output.dense")?)?
+                };
+                ops::layernorm(
+                    &ops::add(&projected, &x)?,
+                    self.layer_p(l, "output.LayerNorm.weight")?,
+                    self.layer_p(l, "output.LayerNorm.bias")?,
+                    c.layer_norm_eps,
+                )?
+            };
         }
         states.push(x);
         Ok(states)
