@@ -5,11 +5,13 @@
 //!   reference beside the fast (SIMD, threaded) version.
 //! * [`ops`]: tensor-level entry points that check shapes and dispatch on dtype to the kernels.
 //! * [`safetensors`]: loading and saving named tensors, with errors that name the problem.
+//! * [`heap`]: allocator tuning so freed tensor buffers are reused rather than unmapped.
 
 pub mod cpu;
 mod dtype;
 mod error;
 mod float;
+pub mod heap;
 pub mod ops;
 pub mod safetensors;
 mod tensor;
