@@ -339,3 +339,32 @@ fn all_constant_inputs_record_no_graph() {
     let loss = ops::mse_loss(&y, &Var::constant(random(&[3, 5], 1.0, 212))).unwrap();
     assert!(loss.backward().unwrap().get(&w).is_none());
 }
+
+/// A constant weight is packed once for the CPU GEMM (the inference path); the packing must give
+/// exactly the per-call result, follow the value through `value_mut`, and never be made for a
+/// trainable weight.
+#[test]
+fn constant_linear_weight_packing_follows_its_value() {
+    use scalpel_tensor::{ops as tops, DType};
+    let f32_random = |shape: &[usize], seed| random(shape, 1.0, seed).to_dtype(DType::F32);
+    let x = Var::constant(f32_random(&[3, 5, 40], 11));
+    let mut w = Var::constant(f32_random(&[37, 40], 12));
+    let b = Var::constant(f32_random(&[37], 13));
+    let packed_result = ops::linear(&x, &w, Some(&b)).unwrap();
+    assert!(w.packed_linear_weight().is_some());
+    let per_call = tops::linear(x.value(), w.value(), Some(b.value())).unwrap();
+    assert_eq!(packed_result.value(), &per_call);
+
+    w.value_mut()
+        .unwrap()
+        .values_mut::<f32>()
+        .unwrap()
+        .iter_mut()
+        .for_each(|v| *v = -2.0 * *v + 0.5);
+    let after = ops::linear(&x, &w, Some(&b)).unwrap();
+    let want = tops::linear(x.value(), w.value(), Some(b.value())).unwrap();
+    assert_eq!(after.value(), &want, "a stale packing was used after value_mut");
+
+    let trainable = Var::parameter(w.value().clone());
+    assert!(trainable.packed_linear_weight().is_none());
+}

@@ -3,7 +3,8 @@
 //! Forward ops that save statistics for their backward (`layernorm`, `attention`,
 //! `l2_normalize`) return them alongside the output; inference simply drops them.
 
-use crate::cpu::{self, attention::AttentionShape, gemm::GemmShape, layernorm::LayerNormShape};
+use crate::cpu::gemm::{GemmShape, PackedB};
+use crate::cpu::{self, attention::AttentionShape, layernorm::LayerNormShape};
 use crate::{DType, Float, Result, Tensor, TensorError};
 
 /// Runs a generic implementation for the float compute types and rejects the rest by name.
@@ -105,21 +106,44 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
 
 /// `y = x·Wᵀ + b` over the last dimension of `x`; `w` is `[out, in]` as PyTorch stores it.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_with(x, w, None, b)
+}
+
+/// [`linear`] with `W` also packed in advance ([`PackedB::for_linear`]): the same result
+/// without packing `W` again on every call.
+pub fn linear_prepacked(
+    x: &Tensor,
+    w: &Tensor,
+    packed: &PackedB,
+    b: Option<&Tensor>,
+) -> Result<Tensor> {
+    linear_with(x, w, Some(packed), b)
+}
+
+fn linear_with(
+    x: &Tensor,
+    w: &Tensor,
+    packed: Option<&PackedB>,
+    b: Option<&Tensor>,
+) -> Result<Tensor> {
     fn run<F: Float>(
         x: &Tensor,
         w: &Tensor,
+        packed: Option<&PackedB>,
         b: Option<&Tensor>,
-        rows: usize,
         s: GemmShape,
         shape: Vec<usize>,
     ) -> Result<Tensor> {
         let mut y = Tensor::zeros(&shape, F::DTYPE);
         let out = y.values_mut::<F>()?;
-        cpu::gemm::gemm(s, x.values::<F>()?, w.values::<F>()?, out, F::ZERO);
+        let (x, w) = (x.values::<F>()?, w.values::<F>()?);
+        match packed {
+            Some(packed) => cpu::gemm::gemm_prepacked(s, x, w, packed, out, F::ZERO),
+            None => cpu::gemm::gemm(s, x, w, out, F::ZERO),
+        }
         if let Some(b) = b {
             cpu::elementwise::add_bias(s.n, b.values::<F>()?, out);
         }
-        debug_assert_eq!(out.len(), rows * s.n);
         Ok(y)
     }
     let dtype = same_dtype("linear", &[x, w])?;
@@ -144,7 +168,13 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         trans_a: false,
         trans_b: true,
     };
-    dispatch_float!("linear", dtype, run(x, w, b, rows, s, shape))
+    if packed.is_some_and(|p| !p.matches(&s)) {
+        return Err(TensorError::shape(
+            "linear",
+            format!("the packed weight was not packed from a {:?} weight", w.shape()),
+        ));
+    }
+    dispatch_float!("linear", dtype, run(x, w, packed, b, s, shape))
 }
 
 /// Elementwise GELU (erf form).

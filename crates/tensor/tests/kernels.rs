@@ -81,19 +81,26 @@ fn check_gemm(rng: &mut StdRng, s: GemmShape, beta: f32) {
     let abs = |x: &[f32]| x.iter().map(|v| v.abs() as f64).collect::<Vec<_>>();
     let mut magnitude = vec![0.0; s.m * s.n];
     gemm::gemm_reference(s, &abs(&a), &abs(&b), &mut magnitude, 0.0);
+    let tolerance = |i: usize| {
+        let prior = if beta == 0.0 {
+            0.0
+        } else {
+            (beta * c0[i]).abs() as f64
+        };
+        (s.k as f64 + 2.0) * EPS * magnitude[i] + 2.0 * EPS * prior
+    };
     for_each_config(|isa, ctx| {
         let mut c = c0.clone();
         gemm::gemm_with_isa(isa, s, &a, &b, &mut c, beta);
-        let what = format!("gemm {s:?} beta {beta} ({ctx})");
-        let c0 = &c0;
-        assert_close(&what, &c, &want, |i| {
-            let prior = if beta == 0.0 {
-                0.0
-            } else {
-                (beta * c0[i]).abs() as f64
-            };
-            (s.k as f64 + 2.0) * EPS * magnitude[i] + 2.0 * EPS * prior
-        });
+        assert_close(&format!("gemm {s:?} beta {beta} ({ctx})"), &c, &want, tolerance);
+        // The same product from B packed in advance (the constant-weight path).
+        if !s.trans_a {
+            let packed = gemm::PackedB::new(isa, s.k, s.n, s.trans_b, &b);
+            let mut c = c0.clone();
+            gemm::gemm_prepacked(s, &a, &b, &packed, &mut c, beta);
+            let what = format!("gemm_prepacked {s:?} beta {beta} ({ctx})");
+            assert_close(&what, &c, &want, tolerance);
+        }
     });
 }
 

@@ -42,7 +42,7 @@ pub fn linear(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     let rt = runtime_for(&tensors);
     let y = match &rt {
         Some(rt) => linear_cuda(rt, x.value(), w.value(), b.map(Var::value))?,
-        None => tops::linear(x.value(), w.value(), b.map(Var::value))?,
+        None => linear_cpu(x, w, b)?,
     };
     let mut inputs = vec![x.clone(), w.clone()];
     inputs.extend(b.cloned());
@@ -54,6 +54,23 @@ pub fn linear(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
         },
         inputs,
     ))
+}
+
+/// Inputs of at most this many rows multiply a constant weight from its packing made once
+/// ([`Var::packed_linear_weight`]): for them, packing the weight on every call would cost more
+/// than the product. Larger inputs amortise the per-call packing and keep memory flat (a packed
+/// copy of every weight would add the model's size again).
+const PREPACKED_MAX_ROWS: usize = 512;
+
+fn linear_cpu(x: &Var, w: &Var, b: Option<&Var>) -> Result<Tensor> {
+    let rows = x.value().numel() / x.shape().last().copied().unwrap_or(1).max(1);
+    let packed = (rows <= PREPACKED_MAX_ROWS)
+        .then(|| w.packed_linear_weight())
+        .flatten();
+    Ok(match packed {
+        Some(packed) => tops::linear_prepacked(x.value(), w.value(), packed, b.map(Var::value))?,
+        None => tops::linear(x.value(), w.value(), b.map(Var::value))?,
+    })
 }
 
 fn linear_cuda(rt: &Runtime, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {

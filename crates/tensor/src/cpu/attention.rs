@@ -6,7 +6,8 @@
 //! backward recomputes the probabilities from it instead of storing the `seq×seq` matrix
 //! (the FlashAttention-2 recipe).
 
-use crate::cpu::simd::{axpy, dispatch, dot as dot_simd, exp, Isa, Simd};
+use crate::cpu::gemm::{gemm_on_this_thread, GemmShape};
+use crate::cpu::simd::{dispatch, dot as dot_simd, exp, Isa, Simd};
 use crate::cpu::{as_f32, as_f32_mut};
 use crate::{threads, Float};
 
@@ -211,8 +212,9 @@ pub fn attention_backward<F: Float>(
     }
 }
 
-/// Keys per block of scores: the most scores a task ever holds at once.
-const KEY_BLOCK: usize = 64;
+/// Query rows per block: a task holds the scores of `QUERY_BLOCK` rows against every key (and,
+/// in the backward, their gradients) at a time, never the whole `seq×seq` matrix.
+const QUERY_BLOCK: usize = 64;
 
 fn check_lengths(s: &AttentionShape, tensors: &[&[f32]], mask: &[f32], lse: &[f32]) {
     let n = s.batch * s.seq * s.width();
@@ -244,9 +246,41 @@ fn scatter_heads(s: &AttentionShape, heads: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// One (batch, head) pair per task. Each task streams key blocks with an online softmax (running
-/// max `m` and sum `l`, rescaling the output accumulator when `m` grows), writes its output
-/// head-major into scratch, and the scratch is scattered into `out` afterwards.
+/// Head `h` of batch `b` of `x` gathered into contiguous `[seq, head_dim]` rows, so that every
+/// product below is a plain GEMM.
+fn gather_head(s: &AttentionShape, x: &[f32], b: usize, h: usize) -> Vec<f32> {
+    let d = s.head_dim;
+    let mut rows = Vec::with_capacity(s.seq * d);
+    for t in 0..s.seq {
+        rows.extend_from_slice(&x[s.at(b, t, h)..][..d]);
+    }
+    rows
+}
+
+/// The additive key mask of batch `b`: 0 for tokens, −∞ for padding.
+fn key_bias(s: &AttentionShape, mask: &[f32], b: usize) -> Vec<f32> {
+    mask[b * s.seq..(b + 1) * s.seq]
+        .iter()
+        .map(|&m| if m == 0.0 { f32::NEG_INFINITY } else { 0.0 })
+        .collect()
+}
+
+/// `rows×seq` scores `Q[i0..i0+rows]·Kᵀ` (unscaled) into `scores`.
+fn block_scores(isa: Isa, d: usize, seq: usize, q_rows: &[f32], k: &[f32], scores: &mut [f32]) {
+    let rows = q_rows.len() / d;
+    let shape = GemmShape {
+        m: rows,
+        n: seq,
+        k: d,
+        trans_a: false,
+        trans_b: true,
+    };
+    gemm_on_this_thread(isa, shape, q_rows, k, scores, 0.0);
+}
+
+/// One (batch, head) pair per task. Per block of query rows: the scores against every key (one
+/// GEMM), a masked softmax per row that also yields `lse`, then `O = P·V` (another GEMM). The
+/// output goes head-major into scratch and is scattered into `out` afterwards.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward_with_isa(
     isa: Isa,
@@ -259,6 +293,7 @@ pub fn attention_forward_with_isa(
     lse: &mut [f32],
 ) {
     check_lengths(s, &[q, k, v, out], mask, lse);
+    isa.assert_supported();
     let (seq, d) = (s.seq, s.head_dim);
     if seq == 0 || d == 0 || s.heads == 0 {
         lse.fill(f32::NEG_INFINITY);
@@ -271,166 +306,81 @@ pub fn attention_forward_with_isa(
         .zip(lse.chunks_mut(seq))
         .enumerate()
         .collect();
-    let shape = *s;
     threads::parallel_each(items, |(bh, (head_out, head_lse))| {
-        dispatch!(isa, |simd,
-                        shape: AttentionShape,
-                        bh: usize,
-                        q: &[f32],
-                        k: &[f32],
-                        v: &[f32],
-                        mask: &[f32],
-                        head_out: &mut [f32],
-                        head_lse: &mut [f32]|
-         -> () {
-            forward_head(
-                simd,
-                &shape,
-                bh / shape.heads,
-                bh % shape.heads,
-                q,
-                k,
-                v,
-                mask,
-                head_out,
-                head_lse,
-            )
-        })
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        let (q_h, k_h, v_h) = (
+            gather_head(s, q, b, h),
+            gather_head(s, k, b, h),
+            gather_head(s, v, b, h),
+        );
+        let bias = key_bias(s, mask, b);
+        let bias = bias.as_slice();
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut p = vec![0.0f32; QUERY_BLOCK.min(seq) * seq];
+        for i0 in (0..seq).step_by(QUERY_BLOCK) {
+            let rows = QUERY_BLOCK.min(seq - i0);
+            let p = &mut p[..rows * seq];
+            block_scores(isa, d, seq, &q_h[i0 * d..(i0 + rows) * d], &k_h, p);
+            for (row, lse) in p.chunks_exact_mut(seq).zip(&mut head_lse[i0..i0 + rows]) {
+                *lse = dispatch!(isa, |simd, scale: f32, bias: &[f32], row: &mut [f32]| -> f32 {
+                    softmax_row(simd, scale, bias, row)
+                });
+            }
+            let shape = GemmShape {
+                m: rows,
+                n: d,
+                k: seq,
+                trans_a: false,
+                trans_b: false,
+            };
+            let o = &mut head_out[i0 * d..(i0 + rows) * d];
+            gemm_on_this_thread(isa, shape, p, &v_h, o, 0.0);
+        }
     });
     scatter_heads(s, &heads_out, out);
 }
 
-/// Head `h` of batch `b` of `x` (keys or values) transposed to `[head_dim, seq_pad]`, padding
-/// zero, so that a block of dot products against it is `head_dim` vector FMAs.
-fn transpose_head(s: &AttentionShape, x: &[f32], b: usize, h: usize, seq_pad: usize) -> Vec<f32> {
-    let d = s.head_dim;
-    let mut xt = vec![0.0f32; d * seq_pad];
-    for j in 0..s.seq {
-        for (c, &v) in x[s.at(b, j, h)..][..d].iter().enumerate() {
-            xt[c * seq_pad + j] = v;
-        }
-    }
-    xt
-}
-
-/// The additive key mask of batch `b`: 0 for tokens, −∞ for padding and for `j ≥ seq`.
-fn key_bias(s: &AttentionShape, mask: &[f32], b: usize, seq_pad: usize) -> Vec<f32> {
-    let mut bias = vec![f32::NEG_INFINITY; seq_pad];
-    for (bias, &m) in bias.iter_mut().zip(&mask[b * s.seq..(b + 1) * s.seq]) {
-        *bias = if m == 0.0 { f32::NEG_INFINITY } else { 0.0 };
-    }
-    bias
-}
-
-/// `scores[j - j0] = bias[j] + Σ_c q[c]·kt[c][j]` for the key block starting at `j0`.
+/// Turns one row of raw scores into probabilities `softmax(scale·row + bias)` in place and
+/// returns `lse = log Σ_j exp(scale·row_j + bias_j)`. A row whose keys are all masked becomes
+/// zeros with `lse = −∞`, so its output is zero.
 #[inline(always)]
-fn score_block<S: Simd>(
-    simd: S,
-    q: &[f32],
-    kt: &[f32],
-    bias: &[f32],
-    seq_pad: usize,
-    j0: usize,
-    scores: &mut [f32],
-) {
-    for (g, scores) in scores.chunks_exact_mut(S::LANES).enumerate() {
-        let j = j0 + g * S::LANES;
-        let mut acc = simd.load(&bias[j..]);
-        for (c, &qc) in q.iter().enumerate() {
-            acc = simd.mul_add(simd.splat(qc), simd.load(&kt[c * seq_pad + j..]), acc);
-        }
-        simd.store(scores, acc);
+fn softmax_row<S: Simd>(simd: S, scale: f32, bias: &[f32], row: &mut [f32]) -> f32 {
+    let (n, lanes) = (row.len(), S::LANES);
+    let scale_v = simd.splat(scale);
+    let mut max = simd.splat(f32::NEG_INFINITY);
+    for j in (0..n).step_by(lanes) {
+        let x = simd.mul_add(
+            scale_v,
+            simd.load_or(&row[j..], 0.0),
+            simd.load_or(&bias[j..n], f32::NEG_INFINITY),
+        );
+        simd.store_or(&mut row[j..], x);
+        max = simd.max(x, max);
     }
-}
-
-/// Rounds `seq` up to whole vectors.
-fn padded<S: Simd>(seq: usize) -> usize {
-    seq.div_ceil(S::LANES) * S::LANES
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn forward_head<S: Simd>(
-    simd: S,
-    s: &AttentionShape,
-    b: usize,
-    h: usize,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    mask: &[f32],
-    head_out: &mut [f32],
-    head_lse: &mut [f32],
-) {
-    let (seq, d) = (s.seq, s.head_dim);
-    let seq_pad = padded::<S>(seq);
-    let (kt, bias) = (
-        transpose_head(s, k, b, h, seq_pad),
-        key_bias(s, mask, b, seq_pad),
-    );
-    let scale = 1.0 / (d as f32).sqrt();
-    let mut q_scaled = vec![0.0f32; d];
-    let mut scores = [0.0f32; KEY_BLOCK];
-    for (i, (o, lse)) in head_out
-        .chunks_exact_mut(d)
-        .zip(head_lse.iter_mut())
-        .enumerate()
-    {
-        q_scaled
-            .iter_mut()
-            .zip(&q[s.at(b, i, h)..][..d])
-            .for_each(|(qs, &x)| *qs = x * scale);
-        o.fill(0.0);
-        let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
-        for j0 in (0..seq_pad).step_by(KEY_BLOCK) {
-            let block = KEY_BLOCK.min(seq_pad - j0);
-            let scores = &mut scores[..block];
-            score_block(simd, &q_scaled, &kt, &bias, seq_pad, j0, scores);
-            let mut block_max = simd.splat(f32::NEG_INFINITY);
-            for g in scores.chunks_exact(S::LANES) {
-                block_max = simd.max(simd.load(g), block_max);
-            }
-            let m_new = m.max(simd.reduce_max(block_max));
-            if m_new == f32::NEG_INFINITY {
-                continue; // every key so far is masked
-            }
-            let correction = (m - m_new).exp();
-            l *= correction;
-            scale_in_place(simd, correction, o);
-            let mut sum = simd.zero();
-            for g in scores.chunks_exact_mut(S::LANES) {
-                let p = exp(simd, simd.sub(simd.load(g), simd.splat(m_new)));
-                sum = simd.add(sum, p);
-                simd.store(g, p);
-            }
-            l += simd.reduce_sum(sum);
-            for (j, &p) in (j0..seq.min(j0 + block)).zip(scores.iter()) {
-                if p != 0.0 {
-                    axpy(simd, p, &v[s.at(b, j, h)..][..d], o);
-                }
-            }
-            m = m_new;
-        }
-        if m == f32::NEG_INFINITY {
-            *lse = f32::NEG_INFINITY; // every key is padding: output stays zero
-        } else {
-            scale_in_place(simd, 1.0 / l, o);
-            *lse = m + l.ln();
-        }
+    let m = simd.reduce_max(max);
+    if m == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return f32::NEG_INFINITY;
     }
-}
-
-#[inline(always)]
-fn scale_in_place<S: Simd>(simd: S, alpha: f32, x: &mut [f32]) {
-    let alpha = simd.splat(alpha);
-    for c in (0..x.len()).step_by(S::LANES) {
-        let v = simd.mul(alpha, simd.load_or(&x[c..], 0.0));
-        simd.store_or(&mut x[c..], v);
+    let mut sum = simd.zero();
+    for j in (0..n).step_by(lanes) {
+        let p = exp(simd, simd.sub(simd.load_or(&row[j..], 0.0), simd.splat(m)));
+        simd.store_or(&mut row[j..], p);
+        sum = simd.add(sum, simd.load_or(&row[j..], 0.0));
     }
+    let l = simd.reduce_sum(sum);
+    let inv = simd.splat(1.0 / l);
+    for j in (0..n).step_by(lanes) {
+        let p = simd.mul(inv, simd.load_or(&row[j..], 0.0));
+        simd.store_or(&mut row[j..], p);
+    }
+    m + l.ln()
 }
 
-/// One (batch, head) pair per task, recomputing each probability from `lse` a block of keys at
-/// a time; gradients go to head-major scratch and are scattered afterwards.
+/// One (batch, head) pair per task. Per block of query rows the probabilities are recomputed
+/// from `lse` (scores by one GEMM) alongside `dP = dO·Vᵀ` (another), turned into
+/// `dS = scale·P∘(dP − δ)`, and three GEMMs finish the block: `dV += Pᵀ·dO`, `dK += dSᵀ·Q`,
+/// `dQ = dS·K`. Gradients go to head-major scratch and are scattered afterwards.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_with_isa(
     isa: Isa,
@@ -447,6 +397,7 @@ pub fn attention_backward_with_isa(
     dv: &mut [f32],
 ) {
     check_lengths(s, &[q, k, v, out, dout, dq, dk, dv], mask, lse);
+    isa.assert_supported();
     let (seq, d) = (s.seq, s.head_dim);
     if seq == 0 || d == 0 || s.heads == 0 {
         return;
@@ -461,122 +412,94 @@ pub fn attention_backward_with_isa(
         .zip(gv.chunks_mut(seq * d))
         .enumerate()
         .collect();
-    let shape = *s;
     threads::parallel_each(items, |(bh, ((dq_h, dk_h), dv_h))| {
-        dispatch!(isa, |simd,
-                        shape: AttentionShape,
-                        bh: usize,
-                        q: &[f32],
-                        k: &[f32],
-                        v: &[f32],
-                        mask: &[f32],
-                        out: &[f32],
-                        lse: &[f32],
-                        dout: &[f32],
-                        dq_h: &mut [f32],
-                        dk_h: &mut [f32],
-                        dv_h: &mut [f32]|
-         -> () {
-            let lse = &lse[bh * shape.seq..(bh + 1) * shape.seq];
-            let grads = HeadGrads {
-                dq: dq_h,
-                dk: dk_h,
-                dv: dv_h,
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        let [q_h, k_h, v_h, out_h, dout_h] = [q, k, v, out, dout].map(|x| gather_head(s, x, b, h));
+        let bias = key_bias(s, mask, b);
+        let bias = bias.as_slice();
+        let lse = &lse[bh * seq..(bh + 1) * seq];
+        let scale = 1.0 / (d as f32).sqrt();
+        let block = QUERY_BLOCK.min(seq) * seq;
+        let (mut p, mut ds) = (vec![0.0f32; block], vec![0.0f32; block]);
+        for i0 in (0..seq).step_by(QUERY_BLOCK) {
+            let rows = QUERY_BLOCK.min(seq - i0);
+            let blk = i0 * d..(i0 + rows) * d;
+            let (p, ds) = (&mut p[..rows * seq], &mut ds[..rows * seq]);
+            block_scores(isa, d, seq, &q_h[blk.clone()], &k_h, p);
+            block_scores(isa, d, seq, &dout_h[blk.clone()], &v_h, ds);
+            for (r, (p_row, ds_row)) in p.chunks_exact_mut(seq).zip(ds.chunks_exact_mut(seq)).enumerate() {
+                let i = i0 + r;
+                let (dout_i, out_i) = (&dout_h[i * d..(i + 1) * d], &out_h[i * d..(i + 1) * d]);
+                let lse_i = lse[i];
+                dispatch!(isa, |simd,
+                                scale: f32,
+                                bias: &[f32],
+                                lse_i: f32,
+                                dout_i: &[f32],
+                                out_i: &[f32],
+                                p_row: &mut [f32],
+                                ds_row: &mut [f32]|
+                 -> () {
+                    let delta = dot_simd(simd, dout_i, out_i);
+                    score_grads_row(simd, scale, bias, lse_i, delta, p_row, ds_row)
+                });
+            }
+            // Each key's gradients sum over every query block: the first block overwrites.
+            let beta = if i0 == 0 { 0.0 } else { 1.0 };
+            let keys_from_block = GemmShape {
+                m: seq,
+                n: d,
+                k: rows,
+                trans_a: true,
+                trans_b: false,
             };
-            backward_head(
-                simd,
-                &shape,
-                bh / shape.heads,
-                bh % shape.heads,
-                q,
-                k,
-                v,
-                mask,
-                out,
-                lse,
-                dout,
-                grads,
-            )
-        })
+            gemm_on_this_thread(isa, keys_from_block, p, &dout_h[blk.clone()], dv_h, beta);
+            gemm_on_this_thread(isa, keys_from_block, ds, &q_h[blk.clone()], dk_h, beta);
+            let queries = GemmShape {
+                m: rows,
+                n: d,
+                k: seq,
+                trans_a: false,
+                trans_b: false,
+            };
+            gemm_on_this_thread(isa, queries, ds, &k_h, &mut dq_h[blk], 0.0);
+        }
     });
     scatter_heads(s, &grads[..n], dq);
     scatter_heads(s, &grads[n..2 * n], dk);
     scatter_heads(s, &grads[2 * n..], dv);
 }
 
-/// One head's gradients, `[seq, head_dim]` each.
-struct HeadGrads<'a> {
-    dq: &'a mut [f32],
-    dk: &'a mut [f32],
-    dv: &'a mut [f32],
-}
-
-#[allow(clippy::too_many_arguments)]
+/// For one query row, given raw scores in `p_row` and `dP` in `ds_row`: `p_row` becomes
+/// `P = exp(scale·s + bias − lse)` and `ds_row` becomes `dS = scale·P∘(dP − δ)`, the gradient
+/// with respect to the unscaled scores. A row with `lse = −∞` (every key masked) had a zero
+/// output, so both rows become zero.
 #[inline(always)]
-fn backward_head<S: Simd>(
+fn score_grads_row<S: Simd>(
     simd: S,
-    s: &AttentionShape,
-    b: usize,
-    h: usize,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    mask: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    dout: &[f32],
-    g: HeadGrads,
+    scale: f32,
+    bias: &[f32],
+    lse: f32,
+    delta: f32,
+    p_row: &mut [f32],
+    ds_row: &mut [f32],
 ) {
-    let (seq, d) = (s.seq, s.head_dim);
-    let seq_pad = padded::<S>(seq);
-    let (kt, bias) = (
-        transpose_head(s, k, b, h, seq_pad),
-        key_bias(s, mask, b, seq_pad),
-    );
-    // dP = dO·Vᵀ for a block of keys is computed exactly like the scores.
-    let vt = transpose_head(s, v, b, h, seq_pad);
-    let scale = 1.0 / (d as f32).sqrt();
-    let mut q_scaled = vec![0.0f32; d];
-    let (mut p, mut ds) = ([0.0f32; KEY_BLOCK], [0.0f32; KEY_BLOCK]);
-    let no_bias = vec![0.0f32; seq_pad];
-    for (i, &l) in lse.iter().enumerate() {
-        if l == f32::NEG_INFINITY {
-            continue;
-        }
-        let (qi, oi) = (&q[s.at(b, i, h)..][..d], s.at(b, i, h));
-        let (dout_i, out_i) = (&dout[oi..][..d], &out[oi..][..d]);
-        q_scaled
-            .iter_mut()
-            .zip(qi)
-            .for_each(|(qs, &x)| *qs = x * scale);
-        let delta = simd.splat(dot_simd(simd, dout_i, out_i));
-        for j0 in (0..seq_pad).step_by(KEY_BLOCK) {
-            let block = KEY_BLOCK.min(seq_pad - j0);
-            score_block(simd, &q_scaled, &kt, &bias, seq_pad, j0, &mut p[..block]);
-            score_block(simd, dout_i, &vt, &no_bias, seq_pad, j0, &mut ds[..block]);
-            for (pg, dsg) in p[..block]
-                .chunks_exact_mut(S::LANES)
-                .zip(ds[..block].chunks_exact_mut(S::LANES))
-            {
-                // P = exp(S − lse); dS = c·P∘(dP − δ).
-                let pv = exp(simd, simd.sub(simd.load(pg), simd.splat(l)));
-                let dsv = simd.mul(
-                    simd.mul(pv, simd.sub(simd.load(dsg), delta)),
-                    simd.splat(scale),
-                );
-                simd.store(pg, pv);
-                simd.store(dsg, dsv);
-            }
-            let dq_i = &mut g.dq[i * d..(i + 1) * d];
-            for (j, (&pj, &dsj)) in (j0..seq.min(j0 + block)).zip(p.iter().zip(ds.iter())) {
-                if pj == 0.0 {
-                    continue; // masked key (or underflow): contributes nothing
-                }
-                let kj = &k[s.at(b, j, h)..][..d];
-                axpy(simd, pj, dout_i, &mut g.dv[j * d..(j + 1) * d]);
-                axpy(simd, dsj, kj, dq_i);
-                axpy(simd, dsj, qi, &mut g.dk[j * d..(j + 1) * d]);
-            }
-        }
+    if lse == f32::NEG_INFINITY {
+        p_row.fill(0.0);
+        ds_row.fill(0.0);
+        return;
+    }
+    let n = p_row.len();
+    let (scale_v, lse_v, delta_v) = (simd.splat(scale), simd.splat(lse), simd.splat(delta));
+    for j in (0..n).step_by(S::LANES) {
+        let logit = simd.mul_add(
+            scale_v,
+            simd.load_or(&p_row[j..], 0.0),
+            simd.load_or(&bias[j..n], f32::NEG_INFINITY),
+        );
+        let p = exp(simd, simd.sub(logit, lse_v));
+        let ds = simd.mul(scale_v, simd.mul(p, simd.sub(simd.load_or(&ds_row[j..], 0.0), delta_v)));
+        simd.store_or(&mut p_row[j..], p);
+        simd.store_or(&mut ds_row[j..], ds);
     }
 }

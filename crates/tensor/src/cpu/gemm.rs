@@ -97,6 +97,22 @@ pub fn gemm_with_isa(isa: Isa, s: GemmShape, a: &[f32], b: &[f32], c: &mut [f32]
     gemm_f32(isa, threads::num_threads(), s, a, b, c, beta);
 }
 
+/// The fast `f32` GEMM on the calling thread alone: for kernels that call it from inside one
+/// task of their own parallel loop (attention runs one head per task).
+pub(crate) fn gemm_on_this_thread(
+    isa: Isa,
+    s: GemmShape,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    beta: f32,
+) {
+    debug_assert_eq!(a.len(), s.m * s.k, "gemm: A has wrong length");
+    debug_assert_eq!(b.len(), s.k * s.n, "gemm: B has wrong length");
+    debug_assert_eq!(c.len(), s.m * s.n, "gemm: C has wrong length");
+    gemm_f32(isa, 1, s, a, b, c, beta);
+}
+
 /// [`gemm_batched`] on a given ISA. Small matrices are spread over threads one whole GEMM per
 /// task; large ones run one after another, each using all threads.
 pub fn gemm_batched_with_isa(
@@ -201,6 +217,8 @@ const MAX_TILE: usize = 512;
 
 /// The GEMM micro-kernel for one ISA's tile shape.
 trait GemmKernel: Simd {
+    /// A full `MR×NR` tile.
+    ///
     /// # Safety
     /// As [`micro_kernel`].
     unsafe fn tile(
@@ -212,6 +230,47 @@ trait GemmKernel: Simd {
         ldc: usize,
         beta: f32,
     );
+
+    /// The first `rows < MR` rows of a tile (at least; rounded up to a kernel size), written
+    /// with `beta = 0` into `c` with row stride `ldc`: the last panel of a ragged `m` (with few
+    /// rows, as in batch-1 inference, a full tile would mostly multiply padding).
+    ///
+    /// # Safety
+    /// As [`micro_kernel`], with `c` valid for `MR` rows.
+    unsafe fn partial_tile(
+        self,
+        rows: usize,
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+    );
+}
+
+/// [`GemmKernel::partial_tile`] for a kernel of `MR` rows: rows rounded up to 2, 4, 8 or `MR`.
+///
+/// # Safety
+/// As [`GemmKernel::partial_tile`].
+#[inline(always)]
+unsafe fn partial_tile<S: Simd, const MR: usize, const NV: usize>(
+    s: S,
+    rows: usize,
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    // SAFETY: the packed A panel is MR wide (zero-padded), so any row count up to MR is in it.
+    unsafe {
+        match rows {
+            0..=2 if MR > 2 => micro_kernel::<S, 2, NV>(s, kc, a, MR, b, c, ldc, 0.0),
+            3..=4 if MR > 4 => micro_kernel::<S, 4, NV>(s, kc, a, MR, b, c, ldc, 0.0),
+            5..=8 if MR > 8 => micro_kernel::<S, 8, NV>(s, kc, a, MR, b, c, ldc, 0.0),
+            _ => micro_kernel::<S, MR, NV>(s, kc, a, MR, b, c, ldc, 0.0),
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -227,7 +286,21 @@ impl GemmKernel for crate::cpu::simd::Avx512 {
         beta: f32,
     ) {
         // SAFETY: forwarded from the caller.
-        unsafe { micro_kernel::<Self, AVX512_MR, AVX512_NV>(self, kc, a, b, c, ldc, beta) }
+        unsafe { micro_kernel::<Self, AVX512_MR, AVX512_NV>(self, kc, a, AVX512_MR, b, c, ldc, beta) }
+    }
+
+    #[inline(always)]
+    unsafe fn partial_tile(
+        self,
+        rows: usize,
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { partial_tile::<Self, AVX512_MR, AVX512_NV>(self, rows, kc, a, b, c, ldc) }
     }
 }
 
@@ -244,7 +317,21 @@ impl GemmKernel for crate::cpu::simd::Avx2 {
         beta: f32,
     ) {
         // SAFETY: forwarded from the caller.
-        unsafe { micro_kernel::<Self, AVX2_MR, AVX2_NV>(self, kc, a, b, c, ldc, beta) }
+        unsafe { micro_kernel::<Self, AVX2_MR, AVX2_NV>(self, kc, a, AVX2_MR, b, c, ldc, beta) }
+    }
+
+    #[inline(always)]
+    unsafe fn partial_tile(
+        self,
+        rows: usize,
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { partial_tile::<Self, AVX2_MR, AVX2_NV>(self, rows, kc, a, b, c, ldc) }
     }
 }
 
@@ -260,21 +347,37 @@ impl GemmKernel for Portable {
         beta: f32,
     ) {
         // SAFETY: forwarded from the caller.
-        unsafe { micro_kernel::<Self, PORTABLE_MR, PORTABLE_NV>(self, kc, a, b, c, ldc, beta) }
+        unsafe { micro_kernel::<Self, PORTABLE_MR, PORTABLE_NV>(self, kc, a, PORTABLE_MR, b, c, ldc, beta) }
+    }
+
+    #[inline(always)]
+    unsafe fn partial_tile(
+        self,
+        rows: usize,
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { partial_tile::<Self, PORTABLE_MR, PORTABLE_NV>(self, rows, kc, a, b, c, ldc) }
     }
 }
 
 /// `C[..MR, ..NV·LANES] = A_panel·B_panel + beta·C` (beta = 0 overwrites, ignoring what C held).
-/// `a` is a packed `kc×MR` panel (MR values per step of k), `b` a packed `kc×NR` panel.
+/// `a` is a packed panel of `kc` steps, `a_stride ≥ MR` values per step (the first MR used), `b`
+/// a packed `kc×NR` panel.
 ///
 /// # Safety
-/// `a` must hold `kc·MR` floats, `b` `kc·NR`, and `c` must be valid for an `MR×NR` tile with row
+/// `a` must hold `kc·a_stride` floats, `b` `kc·NR`, and `c` must be valid for an `MR×NR` tile with row
 /// stride `ldc`, not accessed by anyone else meanwhile.
 #[inline(always)]
 unsafe fn micro_kernel<S: Simd, const MR: usize, const NV: usize>(
     s: S,
     kc: usize,
     a: *const f32,
+    a_stride: usize,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -290,7 +393,7 @@ unsafe fn micro_kernel<S: Simd, const MR: usize, const NV: usize>(
                 *bv = s.load_ptr(b.add(p * nr + v * S::LANES));
             }
             for (r, acc) in acc.iter_mut().enumerate() {
-                let av = s.splat(*a.add(p * MR + r));
+                let av = s.splat(*a.add(p * a_stride + r));
                 for v in 0..NV {
                     acc[v] = s.mul_add(av, bv[v], acc[v]);
                 }
@@ -349,7 +452,7 @@ fn gemm_f32(
     if !s.trans_a && s.trans_b && s.m <= DIRECT_NT_MAX_M {
         direct_nt(isa, threads, s, a, b, c, beta);
     } else {
-        packed(isa, threads, s, a, b, c, beta);
+        packed_f32(isa, threads, s, a, BOperand::Raw(b), c, beta);
     }
 }
 
@@ -378,8 +481,25 @@ fn thread_grid(threads: usize, m: usize, n: usize, k: usize, bl: Blocking) -> (u
         .unwrap_or((1, 1))
 }
 
+/// Where the packed path's `B` panels come from.
+#[derive(Clone, Copy)]
+enum BOperand<'a> {
+    /// The caller's `B`, packed block by block into this thread's buffer as the loops reach it.
+    Raw(&'a [f32]),
+    /// Panels packed once in advance.
+    Prepacked(&'a PackedB),
+}
+
 /// The packed (BLIS-style) path, with C split over a grid of threads.
-fn packed(isa: Isa, threads: usize, s: GemmShape, a: &[f32], b: &[f32], c: &mut [f32], beta: f32) {
+fn packed_f32(
+    isa: Isa,
+    threads: usize,
+    s: GemmShape,
+    a: &[f32],
+    b: BOperand<'_>,
+    c: &mut [f32],
+    beta: f32,
+) {
     let bl = blocking(isa);
     let (tm, tn) = thread_grid(threads, s.m, s.n, s.k, bl);
     let c = TilePtr(c.as_mut_ptr());
@@ -393,7 +513,7 @@ fn packed(isa: Isa, threads: usize, s: GemmShape, a: &[f32], b: &[f32], c: &mut 
             dispatch!(isa, |simd,
                             s: GemmShape,
                             a: &[f32],
-                            b: &[f32],
+                            b: BOperand<'_>,
                             c: TilePtr,
                             beta: f32,
                             rows: std::ops::Range<usize>,
@@ -407,6 +527,98 @@ fn packed(isa: Isa, threads: usize, s: GemmShape, a: &[f32], b: &[f32], c: &mut 
             })
         });
     });
+}
+
+/// `B` (logically `k×n`, stored `n×k` when `trans_b`) packed once into the panels the packed
+/// path's micro-kernel reads, for a `B` that many calls share (a constant weight). Packing per
+/// call reads all of `B` and writes it again with a strided transpose every time, which costs
+/// more than the multiply itself when `A` has few rows (batch-1 inference).
+pub struct PackedB {
+    isa: Isa,
+    k: usize,
+    n: usize,
+    trans_b: bool,
+    /// Depth block starting at `pc` (a multiple of KC, `kc` deep): `n_padded·kc` floats from
+    /// `pc·n_padded`, the NR-column panel holding column `j` at `(pc·n_padded) + j·kc`.
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    /// Packs `b` for [`gemm_prepacked`] on `isa`.
+    pub fn new(isa: Isa, k: usize, n: usize, trans_b: bool, b: &[f32]) -> PackedB {
+        assert_eq!(b.len(), k * n, "PackedB: B has wrong length");
+        isa.assert_supported();
+        let bl = blocking(isa);
+        let n_padded = n.div_ceil(bl.nr) * bl.nr;
+        let mut data = vec![0.0f32; n_padded * k];
+        let s = GemmShape {
+            m: 0,
+            n,
+            k,
+            trans_a: false,
+            trans_b,
+        };
+        for pc in (0..k).step_by(bl.kc) {
+            let kc = bl.kc.min(k - pc);
+            pack_b(s, b, pc, kc, 0, n, bl.nr, &mut data[pc * n_padded..]);
+        }
+        PackedB {
+            isa,
+            k,
+            n,
+            trans_b,
+            data,
+        }
+    }
+
+    /// Packs a linear layer's `f32` weight `W` (`[out, in]`, used as `Wᵀ`) on the best ISA.
+    pub fn for_linear(w: &[f32], out_features: usize, in_features: usize) -> PackedB {
+        PackedB::new(Isa::best(), in_features, out_features, true, w)
+    }
+
+    /// Whether this packs the `B` of `s` (same sizes and layout).
+    pub fn matches(&self, s: &GemmShape) -> bool {
+        (self.k, self.n, self.trans_b) == (s.k, s.n, s.trans_b)
+    }
+
+    /// The `kc`-deep block at depth `pc`, from column `jc` (a multiple of NR) on.
+    fn block(&self, pc: usize, kc: usize, jc: usize) -> &[f32] {
+        let n_padded = self.data.len() / self.k.max(1);
+        &self.data[pc * n_padded + jc * kc..]
+    }
+}
+
+/// `C = A·op(B) + beta·C` with `B` also given packed in advance: `f32` multiplies from the
+/// packed panels (same kernel and order as [`gemm`], so the same result); other types, or a
+/// packing that does not match `s`, take [`gemm`].
+pub fn gemm_prepacked<F: Float>(
+    s: GemmShape,
+    a: &[F],
+    b: &[F],
+    packed: &PackedB,
+    c: &mut [F],
+    beta: F,
+) {
+    match (as_f32(a), as_f32_mut(c)) {
+        // A handful of rows against `Bᵀ` takes the direct path, which needs no packing at all.
+        (Some(a), Some(c))
+            if packed.matches(&s) && !s.trans_a && !(s.trans_b && s.m <= DIRECT_NT_MAX_M) =>
+        {
+            assert_eq!(a.len(), s.m * s.k, "gemm: A has wrong length");
+            assert_eq!(c.len(), s.m * s.n, "gemm: C has wrong length");
+            let beta = beta.to_f64() as f32;
+            if s.m == 0 || s.n == 0 || s.k == 0 {
+                return gemm_f32(packed.isa, 1, s, a, as_f32(b).expect("B is f32 like A"), c, beta);
+            }
+            let threads = if s.m * s.n * s.k < THREADED_MIN_WORK {
+                1
+            } else {
+                threads::num_threads()
+            };
+            packed_f32(packed.isa, threads, s, a, BOperand::Prepacked(packed), c, beta);
+        }
+        _ => gemm(s, a, b, c, beta),
+    }
 }
 
 thread_local! {
@@ -448,7 +660,7 @@ unsafe fn packed_block<S: GemmKernel>(
     simd: S,
     s: GemmShape,
     a: &[f32],
-    b: &[f32],
+    b: BOperand<'_>,
     c: TilePtr,
     beta: f32,
     rows: std::ops::Range<usize>,
@@ -463,14 +675,20 @@ unsafe fn packed_block<S: GemmKernel>(
         let nc = bl.nc.min(cols.end - jc);
         for pc in (0..s.k).step_by(bl.kc) {
             let kc = bl.kc.min(s.k - pc);
-            pack_b(s, b, pc, kc, jc, nc, nr, b_buf);
+            let b_block: &[f32] = match b {
+                BOperand::Raw(b) => {
+                    pack_b(s, b, pc, kc, jc, nc, nr, b_buf);
+                    b_buf
+                }
+                BOperand::Prepacked(packed) => packed.block(pc, kc, jc),
+            };
             // Later depth blocks accumulate onto what the first one wrote.
             let beta = if pc == 0 { beta } else { 1.0 };
             for ic in rows.clone().step_by(bl.mc) {
                 let mc = bl.mc.min(rows.end - ic);
                 pack_a(s, a, ic, mc, pc, kc, mr, a_buf);
                 for jr in (0..nc).step_by(nr) {
-                    let b_panel = b_buf[jr * kc..].as_ptr();
+                    let b_panel = b_block[jr * kc..].as_ptr();
                     for ir in (0..mc).step_by(mr) {
                         let a_panel = a_buf[ir * kc..].as_ptr();
                         let (tile_rows, tile_cols) = (mr.min(mc - ir), nr.min(nc - jr));
@@ -481,7 +699,10 @@ unsafe fn packed_block<S: GemmKernel>(
                             unsafe { simd.tile(kc, a_panel, b_panel, cp, s.n, beta) };
                         } else {
                             // SAFETY: `tile` holds mr·nr ≤ MAX_TILE floats with row stride nr.
-                            unsafe { simd.tile(kc, a_panel, b_panel, tile.as_mut_ptr(), nr, 0.0) };
+                            unsafe {
+                                let scratch = tile.as_mut_ptr();
+                                simd.partial_tile(tile_rows, kc, a_panel, b_panel, scratch, nr)
+                            };
                             for r in 0..tile_rows {
                                 for j in 0..tile_cols {
                                     // SAFETY: r < tile_rows, j < tile_cols keeps us inside C's block.
