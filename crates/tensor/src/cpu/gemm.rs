@@ -373,6 +373,7 @@ impl GemmKernel for Portable {
 /// `a` must hold `kc·a_stride` floats, `b` `kc·NR`, and `c` must be valid for an `MR×NR` tile with row
 /// stride `ldc`, not accessed by anyone else meanwhile.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn micro_kernel<S: Simd, const MR: usize, const NV: usize>(
     s: S,
     kc: usize,
