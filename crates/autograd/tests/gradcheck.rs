@@ -363,7 +363,11 @@ fn constant_linear_weight_packing_follows_its_value() {
         .for_each(|v| *v = -2.0 * *v + 0.5);
     let after = ops::linear(&x, &w, Some(&b)).unwrap();
     let want = tops::linear(x.value(), w.value(), Some(b.value())).unwrap();
-    assert_eq!(after.value(), &want, "a stale packing was used after value_mut");
+    assert_eq!(
+        after.value(),
+        &want,
+        "a stale packing was used after value_mut"
+    );
 
     let trainable = Var::parameter(w.value().clone());
     assert!(trainable.packed_linear_weight().is_none());

@@ -179,7 +179,11 @@ fn gelu(dtype: DType) {
     };
     let before = address(&constant);
     let y = ops::gelu_in_place(constant).unwrap();
-    assert_eq!(address(&y), before, "gelu_in_place copied an unshared constant");
+    assert_eq!(
+        address(&y),
+        before,
+        "gelu_in_place copied an unshared constant"
+    );
     f.assert_forward("y", y.value());
 }
 

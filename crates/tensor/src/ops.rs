@@ -171,7 +171,10 @@ fn linear_with(
     if packed.is_some_and(|p| !p.matches(&s)) {
         return Err(TensorError::shape(
             "linear",
-            format!("the packed weight was not packed from a {:?} weight", w.shape()),
+            format!(
+                "the packed weight was not packed from a {:?} weight",
+                w.shape()
+            ),
         ));
     }
     dispatch_float!("linear", dtype, run(x, w, packed, b, s, shape))

@@ -92,7 +92,12 @@ fn check_gemm(rng: &mut StdRng, s: GemmShape, beta: f32) {
     for_each_config(|isa, ctx| {
         let mut c = c0.clone();
         gemm::gemm_with_isa(isa, s, &a, &b, &mut c, beta);
-        assert_close(&format!("gemm {s:?} beta {beta} ({ctx})"), &c, &want, tolerance);
+        assert_close(
+            &format!("gemm {s:?} beta {beta} ({ctx})"),
+            &c,
+            &want,
+            tolerance,
+        );
         // The same product from B packed in advance (the constant-weight path).
         if !s.trans_a {
             let packed = gemm::PackedB::new(isa, s.k, s.n, s.trans_b, &b);

@@ -322,7 +322,11 @@ pub fn attention_forward_with_isa(
             let p = &mut p[..rows * seq];
             block_scores(isa, d, seq, &q_h[i0 * d..(i0 + rows) * d], &k_h, p);
             for (row, lse) in p.chunks_exact_mut(seq).zip(&mut head_lse[i0..i0 + rows]) {
-                *lse = dispatch!(isa, |simd, scale: f32, bias: &[f32], row: &mut [f32]| -> f32 {
+                *lse = dispatch!(isa, |simd,
+                                       scale: f32,
+                                       bias: &[f32],
+                                       row: &mut [f32]|
+                 -> f32 {
                     softmax_row(simd, scale, bias, row)
                 });
             }
@@ -427,7 +431,11 @@ pub fn attention_backward_with_isa(
             let (p, ds) = (&mut p[..rows * seq], &mut ds[..rows * seq]);
             block_scores(isa, d, seq, &q_h[blk.clone()], &k_h, p);
             block_scores(isa, d, seq, &dout_h[blk.clone()], &v_h, ds);
-            for (r, (p_row, ds_row)) in p.chunks_exact_mut(seq).zip(ds.chunks_exact_mut(seq)).enumerate() {
+            for (r, (p_row, ds_row)) in p
+                .chunks_exact_mut(seq)
+                .zip(ds.chunks_exact_mut(seq))
+                .enumerate()
+            {
                 let i = i0 + r;
                 let (dout_i, out_i) = (&dout_h[i * d..(i + 1) * d], &out_h[i * d..(i + 1) * d]);
                 let lse_i = lse[i];
@@ -498,7 +506,10 @@ fn score_grads_row<S: Simd>(
             simd.load_or(&bias[j..n], f32::NEG_INFINITY),
         );
         let p = exp(simd, simd.sub(logit, lse_v));
-        let ds = simd.mul(scale_v, simd.mul(p, simd.sub(simd.load_or(&ds_row[j..], 0.0), delta_v)));
+        let ds = simd.mul(
+            scale_v,
+            simd.mul(p, simd.sub(simd.load_or(&ds_row[j..], 0.0), delta_v)),
+        );
         simd.store_or(&mut p_row[j..], p);
         simd.store_or(&mut ds_row[j..], ds);
     }

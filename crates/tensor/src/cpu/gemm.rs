@@ -286,7 +286,9 @@ impl GemmKernel for crate::cpu::simd::Avx512 {
         beta: f32,
     ) {
         // SAFETY: forwarded from the caller.
-        unsafe { micro_kernel::<Self, AVX512_MR, AVX512_NV>(self, kc, a, AVX512_MR, b, c, ldc, beta) }
+        unsafe {
+            micro_kernel::<Self, AVX512_MR, AVX512_NV>(self, kc, a, AVX512_MR, b, c, ldc, beta)
+        }
     }
 
     #[inline(always)]
@@ -347,7 +349,18 @@ impl GemmKernel for Portable {
         beta: f32,
     ) {
         // SAFETY: forwarded from the caller.
-        unsafe { micro_kernel::<Self, PORTABLE_MR, PORTABLE_NV>(self, kc, a, PORTABLE_MR, b, c, ldc, beta) }
+        unsafe {
+            micro_kernel::<Self, PORTABLE_MR, PORTABLE_NV>(
+                self,
+                kc,
+                a,
+                PORTABLE_MR,
+                b,
+                c,
+                ldc,
+                beta,
+            )
+        }
     }
 
     #[inline(always)]
@@ -609,14 +622,30 @@ pub fn gemm_prepacked<F: Float>(
             assert_eq!(c.len(), s.m * s.n, "gemm: C has wrong length");
             let beta = beta.to_f64() as f32;
             if s.m == 0 || s.n == 0 || s.k == 0 {
-                return gemm_f32(packed.isa, 1, s, a, as_f32(b).expect("B is f32 like A"), c, beta);
+                return gemm_f32(
+                    packed.isa,
+                    1,
+                    s,
+                    a,
+                    as_f32(b).expect("B is f32 like A"),
+                    c,
+                    beta,
+                );
             }
             let threads = if s.m * s.n * s.k < THREADED_MIN_WORK {
                 1
             } else {
                 threads::num_threads()
             };
-            packed_f32(packed.isa, threads, s, a, BOperand::Prepacked(packed), c, beta);
+            packed_f32(
+                packed.isa,
+                threads,
+                s,
+                a,
+                BOperand::Prepacked(packed),
+                c,
+                beta,
+            );
         }
         _ => gemm(s, a, b, c, beta),
     }
