@@ -9,7 +9,7 @@
 use std::any::Any;
 use std::cell::Cell;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 
 /// 0 until first read: then `SCALPEL_THREADS`, else the available parallelism.
@@ -125,6 +125,12 @@ struct Pool {
     job_posted: Condvar,
     job_done: Condvar,
     next_task: AtomicUsize,
+    /// `State::generation` of the latest job, readable without the lock: idle workers spin on it
+    /// briefly before sleeping, because a futex wake-up costs more than a small op (batch-1
+    /// inference runs dozens of short jobs back to back).
+    posted: AtomicU64,
+    /// Workers done with the current job, readable without the lock, for the caller's spin.
+    done: AtomicUsize,
     /// Number of workers spawned so far; grows on demand, never shrinks.
     spawned: Mutex<usize>,
 }
@@ -144,6 +150,8 @@ impl Pool {
             job_posted: Condvar::new(),
             job_done: Condvar::new(),
             next_task: AtomicUsize::new(0),
+            posted: AtomicU64::new(0),
+            done: AtomicUsize::new(0),
             spawned: Mutex::new(0),
         })
     }
@@ -174,6 +182,8 @@ impl Pool {
             st.invited = workers;
             st.finished = 0;
             st.panic = None;
+            self.done.store(0, Ordering::Relaxed);
+            self.posted.store(st.generation, Ordering::Release);
         }
         self.job_posted.notify_all();
 
@@ -182,6 +192,7 @@ impl Pool {
             self.drain(f, n_tasks);
         }));
 
+        spin_until(|| self.done.load(Ordering::Acquire) >= workers);
         let mut st = self.state.lock().unwrap();
         while st.finished < st.invited {
             st = self.job_done.wait(st).unwrap();
@@ -211,6 +222,7 @@ impl Pool {
         IN_POOL_TASK.with(|c| c.set(true));
         let mut seen = 0u64;
         loop {
+            spin_until(|| self.posted.load(Ordering::Acquire) != seen);
             let job = {
                 let mut st = self.state.lock().unwrap();
                 loop {
@@ -233,9 +245,26 @@ impl Pool {
                 st.panic.get_or_insert(payload);
             }
             st.finished += 1;
+            self.done.fetch_add(1, Ordering::Release);
             if st.finished == st.invited {
                 self.job_done.notify_all();
             }
+        }
+    }
+}
+
+/// How long a thread spins for an event before blocking on a condition variable.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// Spins until `ready()` or [`SPIN`] has passed. Only a shortcut: callers re-check under the lock.
+fn spin_until(ready: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !ready() {
+        for _ in 0..64 {
+            std::hint::spin_loop();
+        }
+        if start.elapsed() > SPIN {
+            return;
         }
     }
 }
