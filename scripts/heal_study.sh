@@ -6,7 +6,8 @@
 # batch-1 latency measured. Run it on a quiet machine: the heals are time-budgeted.
 # Outputs: runs/study/<name>/{cut,healed,*.json}, and a table on stdout.
 # Knobs: SCALPEL (binary, default target/release/scalpel), HEAL_MINUTES (15), THREADS (2),
-# STS_DIR (../shared/data/sts), CONFIGS (default "auto4 auto3 auto2 top2").
+# STS_DIR (../shared/data/sts), CONFIGS (default "auto4 auto3 auto2 top2"; `autoK` cuts by drop-loss,
+# `angularK` by angular distance).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -33,6 +34,7 @@ for config in ${CONFIGS:-auto4 auto3 auto2 top2}; do
     dir="$out/$config"
     case $config in
         auto*) how=(--auto "${config#auto}" --metric drop-loss "${calibration[@]}" --samples 256) ;;
+        angular*) how=(--auto "${config#angular}" --metric angular "${calibration[@]}" --samples 256) ;;
         top2) how=(--drop 4,5) ;;
     esac
     echo "== $config: cut ${how[*]:0:2}"
