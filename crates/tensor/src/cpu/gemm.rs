@@ -273,111 +273,55 @@ unsafe fn partial_tile<S: Simd, const MR: usize, const NV: usize>(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-impl GemmKernel for crate::cpu::simd::Avx512 {
-    #[inline(always)]
-    unsafe fn tile(
-        self,
-        kc: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        beta: f32,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            micro_kernel::<Self, AVX512_MR, AVX512_NV>(self, kc, a, AVX512_MR, b, c, ldc, beta)
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn partial_tile(
-        self,
-        rows: usize,
-        kc: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe { partial_tile::<Self, AVX512_MR, AVX512_NV>(self, rows, kc, a, b, c, ldc) }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl GemmKernel for crate::cpu::simd::Avx2 {
-    #[inline(always)]
-    unsafe fn tile(
-        self,
-        kc: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        beta: f32,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe { micro_kernel::<Self, AVX2_MR, AVX2_NV>(self, kc, a, AVX2_MR, b, c, ldc, beta) }
-    }
-
-    #[inline(always)]
-    unsafe fn partial_tile(
-        self,
-        rows: usize,
-        kc: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe { partial_tile::<Self, AVX2_MR, AVX2_NV>(self, rows, kc, a, b, c, ldc) }
-    }
-}
-
-impl GemmKernel for Portable {
-    #[inline(always)]
-    unsafe fn tile(
-        self,
-        kc: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        beta: f32,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            micro_kernel::<Self, PORTABLE_MR, PORTABLE_NV>(
+/// Implements [`GemmKernel`] for an ISA with its `MR×(NV·LANES)` tile.
+macro_rules! gemm_kernel {
+    ($(#[$attr:meta])* $isa:ty, $mr:expr, $nv:expr) => {
+        $(#[$attr])*
+        impl GemmKernel for $isa {
+            #[inline(always)]
+            unsafe fn tile(
                 self,
-                kc,
-                a,
-                PORTABLE_MR,
-                b,
-                c,
-                ldc,
-                beta,
-            )
-        }
-    }
+                kc: usize,
+                a: *const f32,
+                b: *const f32,
+                c: *mut f32,
+                ldc: usize,
+                beta: f32,
+            ) {
+                // SAFETY: forwarded from the caller.
+                unsafe { micro_kernel::<Self, { $mr }, { $nv }>(self, kc, a, $mr, b, c, ldc, beta) }
+            }
 
-    #[inline(always)]
-    unsafe fn partial_tile(
-        self,
-        rows: usize,
-        kc: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe { partial_tile::<Self, PORTABLE_MR, PORTABLE_NV>(self, rows, kc, a, b, c, ldc) }
-    }
+            #[inline(always)]
+            unsafe fn partial_tile(
+                self,
+                rows: usize,
+                kc: usize,
+                a: *const f32,
+                b: *const f32,
+                c: *mut f32,
+                ldc: usize,
+            ) {
+                // SAFETY: forwarded from the caller.
+                unsafe { partial_tile::<Self, { $mr }, { $nv }>(self, rows, kc, a, b, c, ldc) }
+            }
+        }
+    };
 }
 
+gemm_kernel!(
+    #[cfg(target_arch = "x86_64")]
+    crate::cpu::simd::Avx512,
+    AVX512_MR,
+    AVX512_NV
+);
+gemm_kernel!(
+    #[cfg(target_arch = "x86_64")]
+    crate::cpu::simd::Avx2,
+    AVX2_MR,
+    AVX2_NV
+);
+gemm_kernel!(Portable, PORTABLE_MR, PORTABLE_NV);
 /// `C[..MR, ..NV·LANES] = A_panel·B_panel + beta·C` (beta = 0 overwrites, ignoring what C held).
 /// `a` is a packed panel of `kc` steps, `a_stride ≥ MR` values per step (the first MR used), `b`
 /// a packed `kc×NR` panel.
