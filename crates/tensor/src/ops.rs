@@ -134,15 +134,20 @@ fn linear_with(
         s: GemmShape,
         shape: Vec<usize>,
     ) -> Result<Tensor> {
-        let mut y = Tensor::zeros(&shape, F::DTYPE);
+        // The output starts as the bias, one copy per row, and the GEMM accumulates onto it
+        // (beta = 1): that write replaces zero-filling the output, and saves a pass over it.
+        let (mut y, beta) = match b {
+            Some(b) => (
+                Tensor::from_vec(&shape, b.values::<F>()?.repeat(s.m))?,
+                F::ONE,
+            ),
+            None => (Tensor::zeros(&shape, F::DTYPE), F::ZERO),
+        };
         let out = y.values_mut::<F>()?;
         let (x, w) = (x.values::<F>()?, w.values::<F>()?);
         match packed {
-            Some(packed) => cpu::gemm::gemm_prepacked(s, x, w, packed, out, F::ZERO),
-            None => cpu::gemm::gemm(s, x, w, out, F::ZERO),
-        }
-        if let Some(b) = b {
-            cpu::elementwise::add_bias(s.n, b.values::<F>()?, out);
+            Some(packed) => cpu::gemm::gemm_prepacked(s, x, w, packed, out, beta),
+            None => cpu::gemm::gemm(s, x, w, out, beta),
         }
         Ok(y)
     }

@@ -173,6 +173,37 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     fn reduce_sum(self, v: Self::V) -> f32;
     fn reduce_max(self, v: Self::V) -> f32;
 
+    /// Transposes one `LANES×LANES` block: source row `i < rows` is the `LANES` floats at
+    /// `src + i·src_stride`; destination row `j` (`width` floats at `dst + j·dst_stride`) gets
+    /// source column `j`, with zeros past `rows`. GEMM packing is made of these.
+    ///
+    /// # Safety
+    /// `rows ≤ width ≤ LANES`; `src` must be valid for reading the `rows` source rows and `dst`
+    /// for writing the `LANES` destination rows.
+    #[inline(always)]
+    unsafe fn transpose_block(
+        self,
+        src: *const f32,
+        src_stride: usize,
+        rows: usize,
+        dst: *mut f32,
+        dst_stride: usize,
+        width: usize,
+    ) {
+        for j in 0..Self::LANES {
+            for i in 0..width {
+                // SAFETY: inside the rows the caller vouched for.
+                unsafe {
+                    *dst.add(j * dst_stride + i) = if i < rows {
+                        *src.add(i * src_stride + j)
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+
     /// Loads `x[..LANES]`, or fewer lanes padded with `fill` at the end of a slice.
     #[inline(always)]
     fn load_or(self, x: &[f32], fill: f32) -> Self::V {
@@ -324,6 +355,68 @@ mod x86 {
         fn reduce_max(self, v: __m512) -> f32 {
             unsafe { _mm512_reduce_max_ps(v) }
         }
+        /// Four shuffle stages: pairs of rows interleaved, then pairs of pairs (as 64-bit
+        /// elements), then 128-bit lanes twice.
+        #[inline(always)]
+        unsafe fn transpose_block(
+            self,
+            src: *const f32,
+            src_stride: usize,
+            rows: usize,
+            dst: *mut f32,
+            dst_stride: usize,
+            width: usize,
+        ) {
+            unsafe {
+                let r: [__m512; 16] = std::array::from_fn(|i| {
+                    if i < rows {
+                        _mm512_loadu_ps(src.add(i * src_stride))
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                // t[2g], t[2g+1]: rows 2g and 2g+1 interleaved, low and high halves of each lane.
+                let t: [__m512d; 16] = std::array::from_fn(|i| {
+                    let (a, b) = (r[i & !1], r[i | 1]);
+                    _mm512_castps_pd(if i % 2 == 0 {
+                        _mm512_unpacklo_ps(a, b)
+                    } else {
+                        _mm512_unpackhi_ps(a, b)
+                    })
+                });
+                // u[4g + c], lane L: column 4L + c, rows 4g..4g+4.
+                let u: [__m512; 16] = std::array::from_fn(|i| {
+                    let (g, c) = (i / 4, i % 4);
+                    let (a, b) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
+                    _mm512_castpd_ps(if c % 2 == 0 {
+                        _mm512_unpacklo_pd(a, b)
+                    } else {
+                        _mm512_unpackhi_pd(a, b)
+                    })
+                });
+                // v[4h + c] (h: row groups 0-1 or 2-3, low or high lane pair).
+                let v: [__m512; 16] = std::array::from_fn(|i| {
+                    let (h, c) = (i / 4, i % 4);
+                    let (a, b) = (u[8 * (h / 2) + c], u[8 * (h / 2) + 4 + c]);
+                    if h % 2 == 0 {
+                        _mm512_shuffle_f32x4::<0x44>(a, b)
+                    } else {
+                        _mm512_shuffle_f32x4::<0xEE>(a, b)
+                    }
+                });
+                let mask = (1u32 << width).wrapping_sub(1) as u16;
+                for j in 0..16 {
+                    let (lane, c) = (j / 4, j % 4);
+                    let (a, b) = (v[4 * (lane / 2) + c], v[8 + 4 * (lane / 2) + c]);
+                    let col = if lane % 2 == 0 {
+                        _mm512_shuffle_f32x4::<0x88>(a, b)
+                    } else {
+                        _mm512_shuffle_f32x4::<0xDD>(a, b)
+                    };
+                    _mm512_mask_storeu_ps(dst.add(j * dst_stride), mask, col);
+                }
+            }
+        }
     }
 
     // SAFETY (whole impl): as for `Avx512`, with AVX2 and FMA.
@@ -428,6 +521,58 @@ mod x86 {
                 let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
                 let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
                 _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)))
+            }
+        }
+        /// Rows interleaved in pairs, then pairs of pairs, then 128-bit halves exchanged.
+        #[inline(always)]
+        unsafe fn transpose_block(
+            self,
+            src: *const f32,
+            src_stride: usize,
+            rows: usize,
+            dst: *mut f32,
+            dst_stride: usize,
+            width: usize,
+        ) {
+            unsafe {
+                let r: [__m256; 8] = std::array::from_fn(|i| {
+                    if i < rows {
+                        _mm256_loadu_ps(src.add(i * src_stride))
+                    } else {
+                        _mm256_setzero_ps()
+                    }
+                });
+                let t: [__m256d; 8] = std::array::from_fn(|i| {
+                    let (a, b) = (r[i & !1], r[i | 1]);
+                    _mm256_castps_pd(if i % 2 == 0 {
+                        _mm256_unpacklo_ps(a, b)
+                    } else {
+                        _mm256_unpackhi_ps(a, b)
+                    })
+                });
+                // u[4g + c], half L: column 4L + c, rows 4g..4g+4.
+                let u: [__m256; 8] = std::array::from_fn(|i| {
+                    let (g, c) = (i / 4, i % 4);
+                    let (a, b) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
+                    _mm256_castpd_ps(if c % 2 == 0 {
+                        _mm256_unpacklo_pd(a, b)
+                    } else {
+                        _mm256_unpackhi_pd(a, b)
+                    })
+                });
+                let mask = _mm256_cmpgt_epi32(
+                    _mm256_set1_epi32(width as i32),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                );
+                for j in 0..8 {
+                    let (a, b) = (u[j % 4], u[4 + j % 4]);
+                    let col = if j < 4 {
+                        _mm256_permute2f128_ps::<0x20>(a, b)
+                    } else {
+                        _mm256_permute2f128_ps::<0x31>(a, b)
+                    };
+                    _mm256_maskstore_ps(dst.add(j * dst_stride), mask, col);
+                }
             }
         }
     }
@@ -669,4 +814,55 @@ pub(crate) fn scale_into<S: Simd>(s: S, alpha: f32, x: &[f32], y: &mut [f32]) {
 #[inline(always)]
 pub(crate) fn lanes<S: Simd>(_: S) -> usize {
     S::LANES
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every ISA's `transpose_block` against the definition, for each source row count and
+    /// destination width, with strides wider than a block and sentinel-filled destinations so
+    /// that a write outside the block shows.
+    #[test]
+    fn transpose_block_matches_its_definition() {
+        const SENTINEL: f32 = -7.5;
+        for isa in Isa::available() {
+            dispatch!(isa, |s, isa: Isa| -> () {
+                let lanes = lanes(s);
+                let (src_stride, dst_stride) = (lanes + 3, lanes + 5);
+                let src: Vec<f32> = (0..lanes * src_stride).map(|i| i as f32 + 1.0).collect();
+                for width in 1..=lanes {
+                    for rows in 0..=width {
+                        let mut dst = vec![SENTINEL; lanes * dst_stride];
+                        // SAFETY: the source holds `lanes` rows of `src_stride ≥ lanes` floats;
+                        // the destination `lanes` rows of `dst_stride ≥ width` floats.
+                        unsafe {
+                            s.transpose_block(
+                                src.as_ptr(),
+                                src_stride,
+                                rows,
+                                dst.as_mut_ptr(),
+                                dst_stride,
+                                width,
+                            )
+                        };
+                        for j in 0..lanes {
+                            for i in 0..dst_stride {
+                                let want = match i {
+                                    i if i < rows => src[i * src_stride + j],
+                                    i if i < width => 0.0,
+                                    _ => SENTINEL,
+                                };
+                                let got = dst[j * dst_stride + i];
+                                assert_eq!(
+                                    got, want,
+                                    "{isa:?} rows {rows} width {width} at ({j}, {i})"
+                                );
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    }
 }
