@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every test: fetch the model and the NVRTC wheels if absent (both idempotent), run the workspace
-# tests with optimisation on, then the kernel report (NVRTC compile for sm_80/sm_90, ptxas spills,
-# every kernel on the CPU emulator against the CPU backend), which exits non-zero on any failure.
+# tests with optimisation on (Cargo.toml's `opt-test` profile), then the kernel report (NVRTC
+# compile for sm_80/sm_90, ptxas spills, every kernel on the CPU emulator against the CPU backend),
+# which exits non-zero on any failure.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scripts/fetch_model.sh
 eval "$(scripts/cuda_wheels.sh)"
-cargo test --release --workspace
-cargo run --release --quiet -- kernels
+cargo test --profile opt-test --workspace
+cargo run --profile opt-test --quiet -- kernels

@@ -1,7 +1,7 @@
 //! Bad input gets a clear error naming the problem: never a panic, never silent initialisation,
 //! never a lost file. Uses a tiny random BERT written to a scratch folder.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

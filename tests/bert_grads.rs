@@ -1,6 +1,6 @@
 //! Every parameter of a 2-layer BERT receives a non-zero gradient through the fused path.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! agree with the CPU path over two training steps of the real, cut MiniLM; and `--device` on
 //! the command line fails clearly where CUDA is unusable and says what `auto` picked.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Instant;
@@ -54,7 +54,7 @@ fn two_training_steps_on_the_emulator_match_the_cpu() {
         .embed_batch(&batch, &ForwardOptions::default())
         .unwrap();
     let target = target.value().clone();
-    let student = keep_layers(&teacher.bert, &[0, 1, 2, 3]).unwrap();
+    let student = keep_layers(&teacher.bert, &[0, 1]).unwrap();
 
     let start = Instant::now();
     let (cpu_losses, cpu) = with_device(Device::Cpu, || train(student.clone(), &batch, &target));
@@ -94,10 +94,10 @@ fn two_training_steps_on_the_emulator_match_the_cpu() {
         }
         compared += 1;
     }
-    // 5 embedding tensors (position_ids is an integer constant, compared too) + 4 layers × 16.
-    assert!(compared >= 5 + 4 * 16, "{compared} tensors compared");
+    // 5 embedding tensors (position_ids is an integer constant, compared too) + 2 layers × 16.
+    assert!(compared >= 5 + 2 * 16, "{compared} tensors compared");
     assert!(
-        moved >= 5 + 4 * 16,
+        moved >= 5 + 2 * 16,
         "only {moved} tensors changed in training"
     );
 }

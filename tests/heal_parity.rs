@@ -2,7 +2,7 @@
 //! scripts/reference/make_fixtures.py): cut layers 4 and 5 of MiniLM, distil for 5 AdamW steps,
 //! and compare every logged loss and every trained parameter.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -1,7 +1,7 @@
 //! The real all-MiniLM-L6-v2 against PyTorch: token ids, hidden states and pooled embeddings
 //! (fixtures from `scripts/reference/make_fixtures.py`).
 
-mod common;
+use crate::common;
 
 use common::*;
 use scalpel::models::bert::ForwardOptions;

@@ -2,7 +2,7 @@
 //! backbone stays bit-identical, the new head learns well above the majority-class rate, and a
 //! wrong `--labels` is a clear error.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

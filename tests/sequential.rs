@@ -1,7 +1,7 @@
 //! Sequential (MLP) models: JSON/tensor mismatches are errors naming the tensor, save/load is
 //! exact, and freezing the first N parameters keeps them bit-identical while the rest train.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -1,7 +1,7 @@
 //! Layer scores and STS evaluation against the PyTorch / sentence-transformers / scipy reference
 //! (tests/fixtures/surgery/scores.json, from scripts/reference/make_fixtures.py).
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -1,5 +1,4 @@
 //! Shared helpers of the workspace-level tests.
-#![allow(dead_code)] // each test binary uses a different subset
 
 use std::path::PathBuf;
 

@@ -175,6 +175,16 @@ fn layernorm_all_inputs() {
 }
 
 #[test]
+fn pair_features_both_operands() {
+    check(
+        "pair_features",
+        &[random(&[3, 5], 1.0, 15), random(&[3, 5], 1.0, 16)],
+        &[3, 20],
+        |x| ops::pair_features(&x[0], &x[1]),
+    );
+}
+
+#[test]
 fn gelu() {
     let mut values = random(&[5, 7], 4.0, 80).to_vec::<f64>();
     values[..3].copy_from_slice(&[0.0, 1e-3, -1e-3]);

@@ -753,7 +753,7 @@ fn thread_cpu_ns() -> Option<u64> {
 
 /// Throughput of the f32 GEMM at 1024³ with 1 and 2 threads (median of 7 runs; for one thread
 /// also per second of on-CPU time, which a busy machine does not distort). Run with
-/// `cargo test --release -p scalpel-tensor --test kernels -- --ignored --nocapture gemm_gflops`.
+/// `cargo test --release -p scalpel-tensor --test tensor_tests -- --ignored --nocapture gemm_gflops`.
 #[test]
 #[ignore]
 fn gemm_gflops() {

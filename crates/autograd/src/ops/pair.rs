@@ -74,36 +74,3 @@ pub fn pair_features(u: &Var, v: &Var) -> Result<Var> {
         vec![u.clone(), v.clone()],
     ))
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::gradcheck::max_gradient_error;
-    use crate::ops;
-
-    #[test]
-    fn pair_features_gradcheck() {
-        let vals = |seed: u64| -> Vec<f64> {
-            (0..15)
-                .map(|i| (((i as u64 * 7919 + seed * 104_729) % 97) as f64 / 48.5) - 1.0)
-                .collect()
-        };
-        let u = Tensor::from_vec(&[3, 5], vals(1)).unwrap();
-        let v = Tensor::from_vec(&[3, 5], vals(2)).unwrap();
-        let w: Vec<f64> = (0..60)
-            .map(|i| ((i * 13 % 17) as f64 / 8.5) - 1.0)
-            .collect();
-        let w = Tensor::from_vec(&[1, 60], w).unwrap();
-        let err = max_gradient_error(
-            &[u, v],
-            |x| {
-                let f = pair_features(&x[0], &x[1])?;
-                let flat = ops::reshape(&f, &[1, 60])?;
-                ops::linear(&flat, &Var::constant(w.clone()), None)
-            },
-            1e-5,
-        )
-        .unwrap();
-        assert!(err <= 1e-7, "pair_features gradient error {err:e}");
-    }
-}

@@ -1,0 +1,4 @@
+//! The tensor crate's tests: one module per subject, all in one test binary (one link, not one per file).
+
+mod kernels;
+mod safetensors_files;

@@ -1,0 +1,17 @@
+//! The workspace-level tests, one module per subject, built as a single test binary: each file
+//! under `tests/` would otherwise be its own crate linked against the whole workspace (about
+//! 40 MB apiece), and those links dominated the test build.
+//!
+//! Run one subject with `cargo test --release --test scalpel_tests minilm::`.
+
+mod common;
+
+mod bad_input;
+mod bert_grads;
+mod device;
+mod heal_parity;
+mod heal_resume;
+mod minilm;
+mod new_head;
+mod sequential;
+mod surgery_scores;
