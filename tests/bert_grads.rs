@@ -1,7 +1,5 @@
 //! Every parameter of a 2-layer BERT receives a non-zero gradient through the fused path.
 
-use crate::common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -48,21 +48,6 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// Copies a model folder (without following the big weights file unless asked) for tests that
-/// corrupt one file.
-pub fn copy_model(src: &std::path::Path, dest: &std::path::Path) {
-    std::fs::create_dir_all(dest).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        let to = dest.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_model(&entry.path(), &to);
-        } else {
-            std::fs::copy(entry.path(), to).unwrap();
-        }
-    }
-}
-
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
