@@ -9,4 +9,6 @@ cd "$root"
 scripts/fetch_model.sh
 eval "$(scripts/cuda_wheels.sh)"
 cargo test --profile opt-test --workspace
-cargo run --profile opt-test --quiet -- kernels
+# The binary the tests just built: `cargo run` would rebuild the workspace, because the tests
+# compile scalpel-cuda with its test-only planted-kernels feature (never listed in the report).
+"${CARGO_TARGET_DIR:-target}/opt-test/scalpel" kernels
