@@ -113,40 +113,45 @@ pub fn synthetic_values(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Square `n×n` f32 operands and output for `C = A·B`.
+/// f32 operands and output for one `C = op(A)·op(B)` (square `n×n` by default).
 pub struct GemmWorkload {
-    pub n: usize,
+    pub shape: GemmShape,
     a: Vec<f32>,
     b: Vec<f32>,
     c: Vec<f32>,
 }
 
 impl GemmWorkload {
+    /// `C = A·B` with square `n×n` operands.
     pub fn new(n: usize) -> GemmWorkload {
-        GemmWorkload {
-            n,
-            a: synthetic_values(n * n, 1),
-            b: synthetic_values(n * n, 2),
-            c: vec![0.0; n * n],
-        }
-    }
-
-    /// One `C = A·B` on the current thread count.
-    pub fn run(&mut self) {
-        let n = self.n;
-        let shape = GemmShape {
+        GemmWorkload::with_shape(GemmShape {
             m: n,
             n,
             k: n,
             trans_a: false,
             trans_b: false,
-        };
-        gemm(shape, &self.a, &self.b, &mut self.c, 0.0);
+        })
+    }
+
+    /// Any shape and layout, e.g. a linear layer's `x·Wᵀ` (`trans_b`).
+    pub fn with_shape(shape: GemmShape) -> GemmWorkload {
+        GemmWorkload {
+            shape,
+            a: synthetic_values(shape.m * shape.k, 1),
+            b: synthetic_values(shape.k * shape.n, 2),
+            c: vec![0.0; shape.m * shape.n],
+        }
+    }
+
+    /// One GEMM on the current thread count.
+    pub fn run(&mut self) {
+        gemm(self.shape, &self.a, &self.b, &mut self.c, 0.0);
     }
 
     /// Floating-point operations of one run (a multiply-add counts two).
     pub fn flops(&self) -> f64 {
-        2.0 * (self.n as f64).powi(3)
+        let s = self.shape;
+        2.0 * s.m as f64 * s.n as f64 * s.k as f64
     }
 }
 

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use scalpel::bench::{measure, peak_rss_mb, ForwardWorkload, GemmWorkload, Timings, TrainWorkload};
 use scalpel::surgery::cut::parse_layer_list;
+use scalpel::tensor::cpu::gemm::GemmShape;
 use scalpel::tensor::threads;
 use serde_json::{json, Value};
 
@@ -30,10 +31,23 @@ struct Common {
 
 #[derive(Subcommand)]
 enum Workload {
-    /// f32 `C = A·B` with square N×N operands.
+    /// f32 `C = op(A)·op(B)`: square N×N operands unless M or K is given.
     Gemm {
+        /// Columns of C (and, by default, rows of C and the depth).
         #[arg(long, default_value_t = 1024)]
         n: usize,
+        /// Rows of C (default N).
+        #[arg(long)]
+        m: Option<usize>,
+        /// Depth of the product (default N).
+        #[arg(long)]
+        k: Option<usize>,
+        /// A is stored transposed (`k×m`), as in a weight gradient `dYᵀ·X`.
+        #[arg(long)]
+        trans_a: bool,
+        /// B is stored transposed (`n×k`), as in a linear layer's `x·Wᵀ`.
+        #[arg(long)]
+        trans_b: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -67,22 +81,46 @@ enum Workload {
 pub fn run(a: Args) -> CliResult {
     let threads = threads::num_threads();
     match a.workload {
-        Workload::Gemm { n, common } => {
-            if n == 0 {
-                return Err("--n must be at least 1".into());
+        Workload::Gemm {
+            n,
+            m,
+            k,
+            trans_a,
+            trans_b,
+            common,
+        } => {
+            let shape = GemmShape {
+                m: m.unwrap_or(n),
+                n,
+                k: k.unwrap_or(n),
+                trans_a,
+                trans_b,
+            };
+            if shape.m == 0 || shape.n == 0 || shape.k == 0 {
+                return Err("--m, --n and --k must be at least 1".into());
             }
-            let mut w = GemmWorkload::new(n);
+            let mut w = GemmWorkload::with_shape(shape);
             let t = measure(common.warmup, runs(&common)?, || {
                 w.run();
                 Ok(())
             })?;
             let gflops = w.flops() / t.median() / 1e9;
-            let label = format!("gemm {n}x{n}x{n} f32, {threads} threads");
+            let layout = match (trans_a, trans_b) {
+                (false, false) => "",
+                (true, false) => ", Aᵀ",
+                (false, true) => ", Bᵀ",
+                (true, true) => ", Aᵀ Bᵀ",
+            };
+            let label = format!(
+                "gemm {}x{}x{} f32{layout}, {threads} threads",
+                shape.m, shape.n, shape.k
+            );
             report(
                 &common,
                 &label,
                 &t,
-                json!({"gflops": gflops, "n": n, "threads": threads}),
+                json!({"gflops": gflops, "m": shape.m, "n": n, "k": shape.k,
+                       "trans_a": trans_a, "trans_b": trans_b, "threads": threads}),
                 &format!("{gflops:.1} GFLOP/s"),
             )
         }

@@ -134,20 +134,27 @@ fn linear_with(
         s: GemmShape,
         shape: Vec<usize>,
     ) -> Result<Tensor> {
-        // The output starts as the bias, one copy per row, and the GEMM accumulates onto it
-        // (beta = 1): that write replaces zero-filling the output, and saves a pass over it.
-        let (mut y, beta) = match b {
-            Some(b) => (
-                Tensor::from_vec(&shape, b.values::<F>()?.repeat(s.m))?,
-                F::ONE,
-            ),
-            None => (Tensor::zeros(&shape, F::DTYPE), F::ZERO),
-        };
-        let out = y.values_mut::<F>()?;
         let (x, w) = (x.values::<F>()?, w.values::<F>()?);
+        let bias = b.map(|b| b.values::<F>()).transpose()?;
+        // The GEMM stores every output element (beta = 0), adding the bias as it stores each
+        // tile, so an f32 output is not zero-filled first.
+        if let (Some(x), Some(w), Some(bias)) = (
+            cpu::as_f32(x),
+            cpu::as_f32(w),
+            bias.map_or(Some(None), |b| cpu::as_f32(b).map(Some)),
+        ) {
+            let mut out = Vec::with_capacity(s.m * s.n);
+            let uninit = &mut out.spare_capacity_mut()[..s.m * s.n];
+            cpu::gemm::gemm_into_uninit(s, x, w, packed, bias, uninit);
+            // SAFETY: `gemm_into_uninit` initialised all m·n elements.
+            unsafe { out.set_len(s.m * s.n) };
+            return Tensor::from_vec(&shape, out);
+        }
+        let mut y = Tensor::zeros(&shape, F::DTYPE);
+        let out = y.values_mut::<F>()?;
         match packed {
-            Some(packed) => cpu::gemm::gemm_prepacked(s, x, w, packed, out, beta),
-            None => cpu::gemm::gemm(s, x, w, out, beta),
+            Some(packed) => cpu::gemm::gemm_prepacked(s, x, w, packed, bias, out, F::ZERO),
+            None => cpu::gemm::gemm_with_bias(s, x, w, bias, out, F::ZERO),
         }
         Ok(y)
     }

@@ -60,40 +60,44 @@ fn max_abs(x: &[f64]) -> f64 {
 
 // ---------------------------------------------------------------- gemm
 
-/// `C = op(A)·op(B) + beta·C` against the f64 reference, elementwise within
-/// `(k + 2)·ε·(|op(A)|·|op(B)|)_ij + 2ε·|beta·C_ij|`: the classical bound for a length-`k`
-/// dot product, plus the final scale-and-add. With beta = 0, C starts as NaN so that
-/// "overwrite" is checked too.
+/// `C = op(A)·op(B) + beta·C (+ bias)` against the f64 reference, elementwise within
+/// `(k + 2)·ε·(|op(A)|·|op(B)|)_ij + 2ε·|beta·C_ij + bias_j|`: the classical bound for a
+/// length-`k` dot product, plus the final adds. With beta = 0, C starts as NaN so that
+/// "overwrite" is checked too. Odd beta values also add a bias (every ISA's epilogue).
 fn check_gemm(rng: &mut StdRng, s: GemmShape, beta: f32) {
     let a = uniform(rng, s.m * s.k, -1.0, 1.0);
     let b = uniform(rng, s.k * s.n, -1.0, 1.0);
+    let bias = (beta != 1.0).then(|| uniform(rng, s.n, -1.0, 1.0));
     let c0 = if beta == 0.0 {
         vec![f32::NAN; s.m * s.n]
     } else {
         uniform(rng, s.m * s.n, -1.0, 1.0)
     };
-    let mut want = if beta == 0.0 {
-        vec![0.0; s.m * s.n]
-    } else {
-        widen(&c0)
-    };
-    gemm::gemm_reference(s, &widen(&a), &widen(&b), &mut want, beta as f64);
+    // The prior part of C: beta·C + bias, to which the product is added.
+    let prior: Vec<f64> = (0..s.m * s.n)
+        .map(|i| {
+            let scaled = if beta == 0.0 {
+                0.0
+            } else {
+                beta as f64 * c0[i] as f64
+            };
+            scaled + bias.as_ref().map_or(0.0, |bias| bias[i % s.n] as f64)
+        })
+        .collect();
+    let mut want = prior.clone();
+    gemm::gemm_reference(s, &widen(&a), &widen(&b), &mut want, 1.0);
     let abs = |x: &[f32]| x.iter().map(|v| v.abs() as f64).collect::<Vec<_>>();
     let mut magnitude = vec![0.0; s.m * s.n];
     gemm::gemm_reference(s, &abs(&a), &abs(&b), &mut magnitude, 0.0);
-    let tolerance = |i: usize| {
-        let prior = if beta == 0.0 {
-            0.0
-        } else {
-            (beta * c0[i]).abs() as f64
-        };
-        (s.k as f64 + 2.0) * EPS * magnitude[i] + 2.0 * EPS * prior
-    };
+    let tolerance =
+        |i: usize| (s.k as f64 + 2.0) * EPS * magnitude[i] + 2.0 * EPS * prior[i].abs();
+    let bias = bias.as_deref();
+    let with_bias = if bias.is_some() { " + bias" } else { "" };
     for_each_config(|isa, ctx| {
         let mut c = c0.clone();
-        gemm::gemm_with_isa(isa, s, &a, &b, &mut c, beta);
+        gemm::gemm_with_isa(isa, s, &a, &b, bias, &mut c, beta);
         assert_close(
-            &format!("gemm {s:?} beta {beta} ({ctx})"),
+            &format!("gemm {s:?} beta {beta}{with_bias} ({ctx})"),
             &c,
             &want,
             tolerance,
@@ -102,9 +106,18 @@ fn check_gemm(rng: &mut StdRng, s: GemmShape, beta: f32) {
         if !s.trans_a {
             let packed = gemm::PackedB::new(isa, s.k, s.n, s.trans_b, &b);
             let mut c = c0.clone();
-            gemm::gemm_prepacked(s, &a, &b, &packed, &mut c, beta);
-            let what = format!("gemm_prepacked {s:?} beta {beta} ({ctx})");
+            gemm::gemm_prepacked(s, &a, &b, &packed, bias, &mut c, beta);
+            let what = format!("gemm_prepacked {s:?} beta {beta}{with_bias} ({ctx})");
             assert_close(&what, &c, &want, tolerance);
+            // Into a buffer the caller did not initialise (NaN stands in for garbage).
+            if beta == 0.0 {
+                let mut c = vec![std::mem::MaybeUninit::new(f32::NAN); s.m * s.n];
+                gemm::gemm_into_uninit(s, &a, &b, Some(&packed), bias, &mut c);
+                // SAFETY: gemm_into_uninit initialises every element (and they began as NaN).
+                let c: Vec<f32> = c.iter().map(|x| unsafe { x.assume_init() }).collect();
+                let what = format!("gemm_into_uninit {s:?}{with_bias} ({ctx})");
+                assert_close(&what, &c, &want, tolerance);
+            }
         }
     });
 }
@@ -782,7 +795,7 @@ fn gemm_gflops() {
                 let (wall, cpu): (Vec<f64>, Vec<f64>) = (0..7)
                     .map(|_| {
                         let (start, cpu_start) = (std::time::Instant::now(), thread_cpu_ns());
-                        gemm::gemm_with_isa(Isa::best(), s, &a, &b, &mut c, 0.0);
+                        gemm::gemm_with_isa(Isa::best(), s, &a, &b, None, &mut c, 0.0);
                         let cpu = thread_cpu_ns()
                             .zip(cpu_start)
                             .map_or(f64::NAN, |(e, s)| (e - s) as f64 * 1e-9);

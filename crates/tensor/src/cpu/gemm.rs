@@ -1,4 +1,4 @@
-//! General matrix multiply: `C = op(A)·op(B) + beta·C`.
+//! General matrix multiply: `C = op(A)·op(B) + beta·C (+ bias)`.
 //!
 //! `A` is logically `m×k` (stored `k×m` when `trans_a`), `B` is logically `k×n` (stored `n×k` when
 //! `trans_b`). The transposed variants are what backward passes need: `dX = dY·W` and
@@ -7,6 +7,8 @@
 use crate::cpu::simd::{dispatch, Isa, Portable, Simd};
 use crate::cpu::{as_f32, as_f32_mut};
 use crate::{threads, Float};
+use std::mem::MaybeUninit;
+use std::ptr::null;
 
 /// Operand layout of one GEMM call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,9 +63,43 @@ pub fn gemm_reference<F: Float>(s: GemmShape, a: &[F], b: &[F], c: &mut [F], bet
 
 /// `C = op(A)·op(B) + beta·C`, dispatching `f32` to the fast kernel.
 pub fn gemm<F: Float>(s: GemmShape, a: &[F], b: &[F], c: &mut [F], beta: F) {
-    match (as_f32(a), as_f32(b), as_f32_mut(c)) {
-        (Some(a), Some(b), Some(c)) => gemm_with_isa(Isa::best(), s, a, b, c, beta.to_f64() as f32),
-        _ => gemm_reference(s, a, b, c, beta),
+    gemm_with_bias(s, a, b, None, c, beta)
+}
+
+/// `C = op(A)·op(B) + beta·C + bias`, where `bias[j]` (length `n`) is added to every row: a
+/// linear layer's bias, added as the first depth block is stored instead of in a pass of its own.
+pub fn gemm_with_bias<F: Float>(
+    s: GemmShape,
+    a: &[F],
+    b: &[F],
+    bias: Option<&[F]>,
+    c: &mut [F],
+    beta: F,
+) {
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), s.n, "gemm: bias has wrong length");
+    }
+    let bias32 = match bias {
+        None => Some(None),
+        Some(bias) => as_f32(bias).map(Some),
+    };
+    if let (Some(a32), Some(b32), Some(bias32)) = (as_f32(a), as_f32(b), bias32) {
+        if let Some(c32) = as_f32_mut(c) {
+            let beta = beta.to_f64() as f32;
+            return gemm_with_isa(Isa::best(), s, a32, b32, bias32, c32, beta);
+        }
+    }
+    match bias {
+        // C starts as beta·C + bias; the product is then accumulated onto it.
+        Some(bias) => {
+            for row in c.chunks_mut(s.n) {
+                for (x, &b) in row.iter_mut().zip(bias) {
+                    *x = if beta == F::ZERO { b } else { beta * *x + b };
+                }
+            }
+            gemm_reference(s, a, b, c, F::ONE)
+        }
+        None => gemm_reference(s, a, b, c, beta),
     }
 }
 
@@ -88,13 +124,21 @@ pub fn gemm_batched<F: Float>(batch: usize, s: GemmShape, a: &[F], b: &[F], c: &
     }
 }
 
-/// The fast `f32` GEMM on a given ISA, using [`threads::num_threads`] threads.
-pub fn gemm_with_isa(isa: Isa, s: GemmShape, a: &[f32], b: &[f32], c: &mut [f32], beta: f32) {
-    assert_eq!(a.len(), s.m * s.k, "gemm: A has wrong length");
-    assert_eq!(b.len(), s.k * s.n, "gemm: B has wrong length");
-    assert_eq!(c.len(), s.m * s.n, "gemm: C has wrong length");
+/// The fast `f32` [`gemm_with_bias`] on a given ISA, using [`threads::num_threads`] threads.
+pub fn gemm_with_isa(
+    isa: Isa,
+    s: GemmShape,
+    a: &[f32],
+    b: &[f32],
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    beta: f32,
+) {
+    check_operands(s, a, b, bias, c.len());
     isa.assert_supported();
-    gemm_f32(isa, threads::num_threads(), s, a, b, c, beta);
+    let (c, ep) = (TilePtr(c.as_mut_ptr()), Epilogue { beta, bias });
+    // SAFETY: C holds m×n elements (checked above) and is ours alone for the call.
+    unsafe { gemm_f32(isa, threads::num_threads(), s, a, b, c, ep) };
 }
 
 /// The fast `f32` GEMM on the calling thread alone: for kernels that call it from inside one
@@ -109,8 +153,10 @@ pub(crate) fn gemm_on_this_thread(
 ) {
     debug_assert_eq!(a.len(), s.m * s.k, "gemm: A has wrong length");
     debug_assert_eq!(b.len(), s.k * s.n, "gemm: B has wrong length");
-    debug_assert_eq!(c.len(), s.m * s.n, "gemm: C has wrong length");
-    gemm_f32(isa, 1, s, a, b, c, beta);
+    assert_eq!(c.len(), s.m * s.n, "gemm: C has wrong length");
+    let c = TilePtr(c.as_mut_ptr());
+    // SAFETY: C holds m×n elements (checked above) and is ours alone for the call.
+    unsafe { gemm_f32(isa, 1, s, a, b, c, Epilogue::scale(beta)) };
 }
 
 /// [`gemm_batched`] on a given ISA. Small matrices are spread over threads one whole GEMM per
@@ -133,29 +179,52 @@ pub fn gemm_batched_with_isa(
     if batch > 1 && threads > 1 && s.m * s.n * s.k < THREADED_MIN_WORK && sc > 0 {
         let items: Vec<_> = c.chunks_mut(sc).enumerate().collect();
         threads::parallel_each(items, |(i, c)| {
-            gemm_f32(
-                isa,
-                1,
-                s,
-                &a[i * sa..(i + 1) * sa],
-                &b[i * sb..(i + 1) * sb],
-                c,
-                beta,
-            )
+            let (a, b) = (&a[i * sa..(i + 1) * sa], &b[i * sb..(i + 1) * sb]);
+            // SAFETY: each item is its own m×n block of C.
+            unsafe { gemm_f32(isa, 1, s, a, b, TilePtr(c.as_mut_ptr()), Epilogue::scale(beta)) }
         });
     } else {
         for i in 0..batch {
-            let c = &mut c[i * sc..(i + 1) * sc];
-            gemm_f32(
-                isa,
-                threads,
-                s,
-                &a[i * sa..(i + 1) * sa],
-                &b[i * sb..(i + 1) * sb],
-                c,
-                beta,
-            );
+            let c = TilePtr(c[i * sc..(i + 1) * sc].as_mut_ptr());
+            let (a, b) = (&a[i * sa..(i + 1) * sa], &b[i * sb..(i + 1) * sb]);
+            // SAFETY: an m×n block of C, ours alone for the call.
+            unsafe { gemm_f32(isa, threads, s, a, b, c, Epilogue::scale(beta)) };
         }
+    }
+}
+
+/// What C receives besides the product: `C = op(A)·op(B) + beta·C + bias`, `bias[j]` in every
+/// row. Applied when the first depth block is stored; later blocks accumulate onto it.
+#[derive(Clone, Copy)]
+struct Epilogue<'a> {
+    beta: f32,
+    bias: Option<&'a [f32]>,
+}
+
+impl Epilogue<'_> {
+    fn scale(beta: f32) -> Self {
+        Epilogue { beta, bias: None }
+    }
+
+    /// `*out = product + beta·*out + bias[j]` for one element of column `j`.
+    ///
+    /// # Safety
+    /// `out` must be valid for writes, and for reads unless beta = 0 (then it is never read, so
+    /// it may be uninitialised).
+    #[inline(always)]
+    unsafe fn store(&self, out: *mut f32, product: f32, j: usize) {
+        // SAFETY: read only when beta ≠ 0, as the caller allows.
+        let sum = if self.beta == 0.0 {
+            product
+        } else {
+            self.beta * unsafe { *out } + product
+        };
+        let sum = match self.bias {
+            Some(bias) => sum + bias[j],
+            None => sum,
+        };
+        // SAFETY: the caller vouched for `out`.
+        unsafe { *out = sum };
     }
 }
 
@@ -223,6 +292,7 @@ trait GemmKernel: Simd {
     ///
     /// # Safety
     /// As [`micro_kernel`].
+    #[allow(clippy::too_many_arguments)]
     unsafe fn tile(
         self,
         kc: usize,
@@ -231,6 +301,7 @@ trait GemmKernel: Simd {
         c: *mut f32,
         ldc: usize,
         beta: f32,
+        bias: *const f32,
     );
 
     /// The first `rows < MR` rows of a tile (at least; rounded up to a kernel size), written
@@ -267,10 +338,10 @@ unsafe fn partial_tile<S: Simd, const MR: usize, const NV: usize>(
     // SAFETY: the packed A panel is MR wide (zero-padded), so any row count up to MR is in it.
     unsafe {
         match rows {
-            0..=2 if MR > 2 => micro_kernel::<S, 2, NV>(s, kc, a, MR, b, c, ldc, 0.0),
-            3..=4 if MR > 4 => micro_kernel::<S, 4, NV>(s, kc, a, MR, b, c, ldc, 0.0),
-            5..=8 if MR > 8 => micro_kernel::<S, 8, NV>(s, kc, a, MR, b, c, ldc, 0.0),
-            _ => micro_kernel::<S, MR, NV>(s, kc, a, MR, b, c, ldc, 0.0),
+            0..=2 if MR > 2 => micro_kernel::<S, 2, NV>(s, kc, a, MR, b, c, ldc, 0.0, null()),
+            3..=4 if MR > 4 => micro_kernel::<S, 4, NV>(s, kc, a, MR, b, c, ldc, 0.0, null()),
+            5..=8 if MR > 8 => micro_kernel::<S, 8, NV>(s, kc, a, MR, b, c, ldc, 0.0, null()),
+            _ => micro_kernel::<S, MR, NV>(s, kc, a, MR, b, c, ldc, 0.0, null()),
         }
     }
 }
@@ -289,9 +360,12 @@ macro_rules! gemm_kernel {
                 c: *mut f32,
                 ldc: usize,
                 beta: f32,
+                bias: *const f32,
             ) {
                 // SAFETY: forwarded from the caller.
-                unsafe { micro_kernel::<Self, { $mr }, { $nv }>(self, kc, a, $mr, b, c, ldc, beta) }
+                unsafe {
+                    micro_kernel::<Self, { $mr }, { $nv }>(self, kc, a, $mr, b, c, ldc, beta, bias)
+                }
             }
 
             #[inline(always)]
@@ -324,13 +398,14 @@ gemm_kernel!(
     AVX2_NV
 );
 gemm_kernel!(Portable, PORTABLE_MR, PORTABLE_NV);
-/// `C[..MR, ..NV·LANES] = A_panel·B_panel + beta·C` (beta = 0 overwrites, ignoring what C held).
-/// `a` is a packed panel of `kc` steps, `a_stride ≥ MR` values per step (the first MR used), `b`
-/// a packed `kc×NR` panel.
+/// `C[..MR, ..NV·LANES] = A_panel·B_panel + beta·C + bias` (beta = 0 overwrites, ignoring what C
+/// held; a null `bias` adds nothing, otherwise it points to the tile's NR column biases). `a` is a
+/// packed panel of `kc` steps, `a_stride ≥ MR` values per step (the first MR used), `b` a packed
+/// `kc×NR` panel.
 ///
 /// # Safety
-/// `a` must hold `kc·a_stride` floats, `b` `kc·NR`, and `c` must be valid for an `MR×NR` tile with row
-/// stride `ldc`, not accessed by anyone else meanwhile.
+/// `a` must hold `kc·a_stride` floats, `b` `kc·NR`, a non-null `bias` NR, and `c` must be valid for
+/// an `MR×NR` tile with row stride `ldc`, not accessed by anyone else meanwhile.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn micro_kernel<S: Simd, const MR: usize, const NV: usize>(
@@ -342,6 +417,7 @@ unsafe fn micro_kernel<S: Simd, const MR: usize, const NV: usize>(
     c: *mut f32,
     ldc: usize,
     beta: f32,
+    bias: *const f32,
 ) {
     let nr = NV * S::LANES;
     // C's tile is read and written only after the depth loop; fetching it now overlaps its
@@ -369,6 +445,9 @@ unsafe fn micro_kernel<S: Simd, const MR: usize, const NV: usize>(
         }
     }
     let beta_v = s.splat(beta);
+    // SAFETY: a non-null bias holds the tile's NR values.
+    let bias_v: Option<[S::V; NV]> = (!bias.is_null())
+        .then(|| std::array::from_fn(|v| unsafe { s.load_ptr(bias.add(v * S::LANES)) }));
     for (r, acc) in acc.iter().enumerate() {
         for (v, &acc) in acc.iter().enumerate() {
             // SAFETY: inside the tile the caller vouched for.
@@ -379,37 +458,70 @@ unsafe fn micro_kernel<S: Simd, const MR: usize, const NV: usize>(
                 } else {
                     s.mul_add(beta_v, s.load_ptr(cp), acc)
                 };
+                let out = match bias_v {
+                    Some(bias_v) => s.add(out, bias_v[v]),
+                    None => out,
+                };
                 s.store_ptr(cp, out);
             }
         }
     }
 }
 
-/// Raw pointer to C, shared by tasks that write disjoint tiles of it.
+/// Raw pointer to C's `m×n` elements, shared by tasks that write disjoint tiles of it. With
+/// beta = 0, C may start uninitialised: each element is stored before anything reads it.
 #[derive(Clone, Copy)]
 struct TilePtr(*mut f32);
 // SAFETY: every task writes a disjoint set of C's elements (see `packed`/`direct_nt`), and the
-// pointer does not outlive the `&mut [f32]` it came from (tasks finish before `parallel_for`
+// pointer does not outlive the buffer it came from (tasks finish before `parallel_for`
 // returns).
 unsafe impl Send for TilePtr {}
 unsafe impl Sync for TilePtr {}
 
-/// The f32 GEMM on `threads` threads; shapes already checked.
-fn gemm_f32(
+/// The f32 GEMM on `threads` threads, B read as given (`Raw`) or from its packing; A and B
+/// already checked against `s`.
+///
+/// # Safety
+/// `c` must be valid for `m×n` writes (and reads, unless beta = 0) that nothing else makes
+/// during the call.
+unsafe fn gemm_f32(
     isa: Isa,
     threads: usize,
     s: GemmShape,
     a: &[f32],
     b: &[f32],
-    c: &mut [f32],
-    beta: f32,
+    c: TilePtr,
+    ep: Epilogue<'_>,
+) {
+    // SAFETY: forwarded.
+    unsafe { gemm_f32_from(isa, threads, s, a, BOperand::Raw(b), c, ep) }
+}
+
+/// [`gemm_f32`] with B given either way. A packed B is used for the packed path only: a
+/// handful of rows against `Bᵀ` take the direct path, which reads B in place.
+///
+/// # Safety
+/// As [`gemm_f32`]; a `Prepacked` B must match `s`, and `Raw` B must be supplied alongside it
+/// for the direct path.
+unsafe fn gemm_f32_from(
+    isa: Isa,
+    threads: usize,
+    s: GemmShape,
+    a: &[f32],
+    b: BOperand<'_>,
+    c: TilePtr,
+    ep: Epilogue<'_>,
 ) {
     if s.m == 0 || s.n == 0 {
         return;
     }
     if s.k == 0 {
-        c.iter_mut()
-            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { beta * *x });
+        for i in 0..s.m {
+            for j in 0..s.n {
+                // SAFETY: inside C's m×n elements.
+                unsafe { ep.store(c.0.add(i * s.n + j), 0.0, j) };
+            }
+        }
         return;
     }
     let threads = if s.m * s.n * s.k < THREADED_MIN_WORK {
@@ -417,10 +529,15 @@ fn gemm_f32(
     } else {
         threads
     };
-    if !s.trans_a && s.trans_b && s.m <= DIRECT_NT_MAX_M {
-        direct_nt(isa, threads, s, a, b, c, beta);
-    } else {
-        packed_f32(isa, threads, s, a, BOperand::Raw(b), c, beta);
+    match b {
+        BOperand::Raw(raw) | BOperand::Prepacked(_, raw)
+            if !s.trans_a && s.trans_b && s.m <= DIRECT_NT_MAX_M =>
+        {
+            // SAFETY: forwarded.
+            unsafe { direct_nt(isa, threads, s, a, raw, c, ep) }
+        }
+        // SAFETY: forwarded.
+        _ => unsafe { packed_f32(isa, threads, s, a, b, c, ep) },
     }
 }
 
@@ -454,23 +571,25 @@ fn thread_grid(threads: usize, m: usize, n: usize, k: usize, bl: Blocking) -> (u
 enum BOperand<'a> {
     /// The caller's `B`, packed block by block into this thread's buffer as the loops reach it.
     Raw(&'a [f32]),
-    /// Panels packed once in advance.
-    Prepacked(&'a PackedB),
+    /// Panels packed once in advance (with the caller's `B` for the direct path).
+    Prepacked(&'a PackedB, &'a [f32]),
 }
 
 /// The packed (BLIS-style) path, with C split over a grid of threads.
-fn packed_f32(
+///
+/// # Safety
+/// As [`gemm_f32`].
+unsafe fn packed_f32(
     isa: Isa,
     threads: usize,
     s: GemmShape,
     a: &[f32],
     b: BOperand<'_>,
-    c: &mut [f32],
-    beta: f32,
+    c: TilePtr,
+    ep: Epilogue<'_>,
 ) {
     let bl = blocking(isa);
     let (tm, tn) = thread_grid(threads, s.m, s.n, s.k, bl);
-    let c = TilePtr(c.as_mut_ptr());
     threads::parallel_for(tm * tn, |task| {
         let rows = split_range(s.m, tm, bl.mr, task / tn);
         let cols = split_range(s.n, tn, bl.nr, task % tn);
@@ -483,15 +602,16 @@ fn packed_f32(
                             a: &[f32],
                             b: BOperand<'_>,
                             c: TilePtr,
-                            beta: f32,
+                            ep: Epilogue<'_>,
                             rows: std::ops::Range<usize>,
                             cols: std::ops::Range<usize>,
                             bl: Blocking,
                             a_buf: &mut [f32],
                             b_buf: &mut [f32]|
              -> () {
-                // SAFETY: `rows×cols` is this task's own block of C (tasks tile C disjointly).
-                unsafe { packed_block(simd, s, a, b, c, beta, rows, cols, bl, a_buf, b_buf) }
+                // SAFETY: `rows×cols` is this task's own block of C (tasks tile C disjointly),
+                // which the caller lent us.
+                unsafe { packed_block(simd, s, a, b, c, ep, rows, cols, bl, a_buf, b_buf) }
             })
         });
     });
@@ -575,52 +695,73 @@ impl PackedB {
     }
 }
 
-/// `C = A·op(B) + beta·C` with `B` also given packed in advance: `f32` multiplies from the
-/// packed panels (same kernel and order as [`gemm`], so the same result); other types, or a
-/// packing that does not match `s`, take [`gemm`].
+/// [`gemm_with_bias`] with `B` also given packed in advance: `f32` multiplies from the packed
+/// panels (same kernel and order as [`gemm`], so the same result); other types, a transposed
+/// `A`, or a packing that does not match `s` take [`gemm_with_bias`].
 pub fn gemm_prepacked<F: Float>(
     s: GemmShape,
     a: &[F],
     b: &[F],
     packed: &PackedB,
+    bias: Option<&[F]>,
     c: &mut [F],
     beta: F,
 ) {
-    match (as_f32(a), as_f32_mut(c)) {
-        // A handful of rows against `Bᵀ` takes the direct path, which needs no packing at all.
-        (Some(a), Some(c))
-            if packed.matches(&s) && !s.trans_a && !(s.trans_b && s.m <= DIRECT_NT_MAX_M) =>
-        {
-            assert_eq!(a.len(), s.m * s.k, "gemm: A has wrong length");
-            assert_eq!(c.len(), s.m * s.n, "gemm: C has wrong length");
-            let beta = beta.to_f64() as f32;
-            if s.m == 0 || s.n == 0 || s.k == 0 {
-                return gemm_f32(
-                    packed.isa,
-                    1,
-                    s,
-                    a,
-                    as_f32(b).expect("B is f32 like A"),
-                    c,
-                    beta,
-                );
-            }
-            let threads = if s.m * s.n * s.k < THREADED_MIN_WORK {
-                1
-            } else {
-                threads::num_threads()
-            };
-            packed_f32(
-                packed.isa,
-                threads,
-                s,
-                a,
-                BOperand::Prepacked(packed),
-                c,
-                beta,
+    let bias32 = match bias {
+        None => Some(None),
+        Some(bias) => as_f32(bias).map(Some),
+    };
+    let usable = packed.matches(&s) && !s.trans_a;
+    if let (true, Some(a32), Some(b32), Some(bias32)) = (usable, as_f32(a), as_f32(b), bias32) {
+        if let Some(c32) = as_f32_mut(c) {
+            check_operands(s, a32, b32, bias32, c32.len());
+            let c = TilePtr(c32.as_mut_ptr());
+            let (b, ep) = (
+                BOperand::Prepacked(packed, b32),
+                Epilogue {
+                    beta: beta.to_f64() as f32,
+                    bias: bias32,
+                },
             );
+            // SAFETY: C holds m×n elements (checked) and is ours alone for the call.
+            return unsafe { gemm_f32_from(packed.isa, threads::num_threads(), s, a32, b, c, ep) };
         }
-        _ => gemm(s, a, b, c, beta),
+    }
+    gemm_with_bias(s, a, b, bias, c, beta)
+}
+
+/// `C = op(A)·op(B) + bias` into an output that need not be initialised: a fresh buffer would
+/// otherwise be zero-filled only to be overwritten, a pass over memory as long as the product's
+/// own store. On return every element of `c` is initialised. `B` comes from `packed` when that
+/// matches `s` (and `A` is not transposed).
+pub fn gemm_into_uninit(
+    s: GemmShape,
+    a: &[f32],
+    b: &[f32],
+    packed: Option<&PackedB>,
+    bias: Option<&[f32]>,
+    c: &mut [MaybeUninit<f32>],
+) {
+    check_operands(s, a, b, bias, c.len());
+    let (isa, b) = match packed {
+        Some(packed) if packed.matches(&s) && !s.trans_a => {
+            (packed.isa, BOperand::Prepacked(packed, b))
+        }
+        _ => (Isa::best(), BOperand::Raw(b)),
+    };
+    let (c, ep) = (TilePtr(c.as_mut_ptr().cast()), Epilogue { beta: 0.0, bias });
+    // SAFETY: C holds m×n elements (checked) and is ours alone for the call; with beta = 0 each
+    // element is stored before anything reads it.
+    unsafe { gemm_f32_from(isa, threads::num_threads(), s, a, b, c, ep) }
+}
+
+/// Panics unless the operands' lengths agree with `s`.
+fn check_operands(s: GemmShape, a: &[f32], b: &[f32], bias: Option<&[f32]>, c_len: usize) {
+    assert_eq!(a.len(), s.m * s.k, "gemm: A has wrong length");
+    assert_eq!(b.len(), s.k * s.n, "gemm: B has wrong length");
+    assert_eq!(c_len, s.m * s.n, "gemm: C has wrong length");
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), s.n, "gemm: bias has wrong length");
     }
 }
 
@@ -665,7 +806,7 @@ unsafe fn packed_block<S: GemmKernel>(
     a: &[f32],
     b: BOperand<'_>,
     c: TilePtr,
-    beta: f32,
+    ep: Epilogue<'_>,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
     bl: Blocking,
@@ -683,10 +824,10 @@ unsafe fn packed_block<S: GemmKernel>(
                     pack_b(simd, s, b, pc, kc, jc, nc, nr, b_buf);
                     b_buf
                 }
-                BOperand::Prepacked(packed) => packed.block(pc, kc, jc),
+                BOperand::Prepacked(packed, _) => packed.block(pc, kc, jc),
             };
             // Later depth blocks accumulate onto what the first one wrote.
-            let beta = if pc == 0 { beta } else { 1.0 };
+            let ep = if pc == 0 { ep } else { Epilogue::scale(1.0) };
             for ic in rows.clone().step_by(bl.mc) {
                 let mc = bl.mc.min(rows.end - ic);
                 pack_a(simd, s, a, ic, mc, pc, kc, mr, a_buf);
@@ -698,8 +839,10 @@ unsafe fn packed_block<S: GemmKernel>(
                         // SAFETY: (ic + ir, jc + jr) is inside rows×cols, which the caller owns.
                         let cp = unsafe { c.0.add((ic + ir) * s.n + jc + jr) };
                         if tile_rows == mr && tile_cols == nr {
-                            // SAFETY: a full tile; the panels hold kc·mr and kc·nr floats.
-                            unsafe { simd.tile(kc, a_panel, b_panel, cp, s.n, beta) };
+                            let bias = ep.bias.map_or(null(), |b| b[jc + jr..].as_ptr());
+                            // SAFETY: a full tile; the panels hold kc·mr and kc·nr floats, the
+                            // bias (if any) the tile's nr columns.
+                            unsafe { simd.tile(kc, a_panel, b_panel, cp, s.n, ep.beta, bias) };
                         } else {
                             // SAFETY: `tile` holds mr·nr ≤ MAX_TILE floats with row stride nr.
                             unsafe {
@@ -709,11 +852,7 @@ unsafe fn packed_block<S: GemmKernel>(
                             for r in 0..tile_rows {
                                 for j in 0..tile_cols {
                                     // SAFETY: r < tile_rows, j < tile_cols keeps us inside C's block.
-                                    unsafe {
-                                        let out = cp.add(r * s.n + j);
-                                        let acc = tile[r * nr + j];
-                                        *out = if beta == 0.0 { acc } else { beta * *out + acc };
-                                    }
+                                    unsafe { ep.store(cp.add(r * s.n + j), tile[r * nr + j], jc + jr + j) };
                                 }
                             }
                         }
@@ -878,14 +1017,17 @@ fn pack_transposing<S: Simd>(
 
 /// `x·Wᵀ` for a handful of rows: every `C[i, j]` is a dot product of two contiguous rows, so
 /// reading `W` in place beats packing it. Threads split the columns.
-fn direct_nt(
+///
+/// # Safety
+/// As [`gemm_f32`].
+unsafe fn direct_nt(
     isa: Isa,
     threads: usize,
     s: GemmShape,
     a: &[f32],
     b: &[f32],
-    c: &mut [f32],
-    beta: f32,
+    c: TilePtr,
+    ep: Epilogue<'_>,
 ) {
     const COLS_PER_TASK: usize = 64;
     let tasks = if threads > 1 {
@@ -893,7 +1035,6 @@ fn direct_nt(
     } else {
         1
     };
-    let c = TilePtr(c.as_mut_ptr());
     threads::parallel_for(tasks, |task| {
         let cols = split_range(s.n, tasks, 4, task);
         dispatch!(isa, |simd,
@@ -901,11 +1042,11 @@ fn direct_nt(
                         a: &[f32],
                         b: &[f32],
                         c: TilePtr,
-                        beta: f32,
+                        ep: Epilogue<'_>,
                         cols: std::ops::Range<usize>|
          -> () {
             // SAFETY: each task writes only its own columns of C.
-            unsafe { direct_nt_body(simd, s, a, b, c, beta, cols) }
+            unsafe { direct_nt_body(simd, s, a, b, c, ep, cols) }
         });
     });
 }
@@ -919,7 +1060,7 @@ unsafe fn direct_nt_body<S: Simd>(
     a: &[f32],
     b: &[f32],
     c: TilePtr,
-    beta: f32,
+    ep: Epilogue<'_>,
     cols: std::ops::Range<usize>,
 ) {
     let mut i = 0;
@@ -927,10 +1068,10 @@ unsafe fn direct_nt_body<S: Simd>(
         // SAFETY: forwarded; each call covers rows i.. of the caller's columns.
         i += unsafe {
             match s.m - i {
-                1 => direct_nt_rows::<S, 1>(simd, s, a, b, c, beta, i, cols.clone()),
-                2 => direct_nt_rows::<S, 2>(simd, s, a, b, c, beta, i, cols.clone()),
-                3 => direct_nt_rows::<S, 3>(simd, s, a, b, c, beta, i, cols.clone()),
-                _ => direct_nt_rows::<S, 4>(simd, s, a, b, c, beta, i, cols.clone()),
+                1 => direct_nt_rows::<S, 1>(simd, s, a, b, c, ep, i, cols.clone()),
+                2 => direct_nt_rows::<S, 2>(simd, s, a, b, c, ep, i, cols.clone()),
+                3 => direct_nt_rows::<S, 3>(simd, s, a, b, c, ep, i, cols.clone()),
+                _ => direct_nt_rows::<S, 4>(simd, s, a, b, c, ep, i, cols.clone()),
             }
         };
     }
@@ -949,7 +1090,7 @@ unsafe fn direct_nt_rows<S: Simd, const R: usize>(
     a: &[f32],
     b: &[f32],
     c: TilePtr,
-    beta: f32,
+    ep: Epilogue<'_>,
     i0: usize,
     cols: std::ops::Range<usize>,
 ) -> usize {
@@ -979,10 +1120,7 @@ unsafe fn direct_nt_rows<S: Simd, const R: usize>(
             for (q, &acc) in acc.iter().enumerate().take(cols.end - j0) {
                 let dot = simd.reduce_sum(acc);
                 // SAFETY: row i0 + r < m and column j0 + q is in this task's `cols`.
-                unsafe {
-                    let out = c.0.add((i0 + r) * s.n + j0 + q);
-                    *out = if beta == 0.0 { dot } else { beta * *out + dot };
-                }
+                unsafe { ep.store(c.0.add((i0 + r) * s.n + j0 + q), dot, j0 + q) };
             }
         }
     }
