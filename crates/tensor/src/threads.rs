@@ -116,6 +116,11 @@ struct State {
     invited: usize,
     finished: usize,
     panic: Option<Box<dyn Any + Send>>,
+    /// Workers blocked on `job_posted`, and whether the caller is blocked on `job_done`: a
+    /// notification is a system call, made only when someone is asleep to receive it (spinning
+    /// threads see the atomics instead).
+    sleeping_workers: usize,
+    caller_sleeping: bool,
 }
 
 struct Pool {
@@ -146,6 +151,8 @@ impl Pool {
                 invited: 0,
                 finished: 0,
                 panic: None,
+                sleeping_workers: 0,
+                caller_sleeping: false,
             }),
             job_posted: Condvar::new(),
             job_done: Condvar::new(),
@@ -172,7 +179,7 @@ impl Pool {
     fn run(&'static self, workers: usize, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         self.ensure_workers(workers);
         self.next_task.store(0, Ordering::Relaxed);
-        {
+        let wake_workers = {
             let mut st = self.state.lock().unwrap();
             st.generation += 1;
             // SAFETY: only erases the lifetime; `f` outlives the job because we wait below for
@@ -184,8 +191,11 @@ impl Pool {
             st.panic = None;
             self.done.store(0, Ordering::Relaxed);
             self.posted.store(st.generation, Ordering::Release);
+            st.sleeping_workers > 0
+        };
+        if wake_workers {
+            self.job_posted.notify_all();
         }
-        self.job_posted.notify_all();
 
         let own = panic::catch_unwind(AssertUnwindSafe(|| {
             let _flag = InPoolTask::enter();
@@ -195,7 +205,9 @@ impl Pool {
         spin_until(|| self.done.load(Ordering::Acquire) >= workers);
         let mut st = self.state.lock().unwrap();
         while st.finished < st.invited {
+            st.caller_sleeping = true;
             st = self.job_done.wait(st).unwrap();
+            st.caller_sleeping = false;
         }
         st.job = None;
         let worker_panic = st.panic.take();
@@ -234,7 +246,9 @@ impl Pool {
                             }
                         }
                     }
+                    st.sleeping_workers += 1;
                     st = self.job_posted.wait(st).unwrap();
+                    st.sleeping_workers -= 1;
                 }
             };
             // SAFETY: the caller keeps the closure alive until we report `finished` below.
@@ -246,7 +260,7 @@ impl Pool {
             }
             st.finished += 1;
             self.done.fetch_add(1, Ordering::Release);
-            if st.finished == st.invited {
+            if st.finished == st.invited && st.caller_sleeping {
                 self.job_done.notify_all();
             }
         }
