@@ -174,6 +174,55 @@ fn layernorm_all_inputs() {
     }
 }
 
+/// With gradients wanted, the residual form differentiates through every input.
+#[test]
+fn add_layernorm_all_inputs() {
+    let shape = &[3usize, 7][..];
+    let inputs = [
+        random(shape, 2.0, 73),
+        random(shape, 1.0, 74),
+        random(&[7], 1.5, 75),
+        random(&[7], 1.0, 76),
+    ];
+    check("add_layernorm", &inputs, shape, |v| {
+        ops::add_layernorm(v[0].clone(), &v[1], &v[2], &v[3], 1e-5)
+    });
+}
+
+/// Inference (every input constant) takes the in-place pass; its values are those of the
+/// differentiable composition.
+#[test]
+fn add_layernorm_in_place_matches_the_composition() {
+    let (x, r) = (random(&[5, 33], 2.0, 77), random(&[5, 33], 1.0, 78));
+    let (g, b) = (random(&[33], 1.5, 79), random(&[33], 1.0, 80));
+    let composed = ops::layernorm(
+        &ops::add(&Var::parameter(x.clone()), &Var::constant(r.clone())).unwrap(),
+        &Var::constant(g.clone()),
+        &Var::constant(b.clone()),
+        1e-12,
+    )
+    .unwrap();
+    let fused = ops::add_layernorm(
+        Var::constant(x),
+        &Var::constant(r),
+        &Var::constant(g),
+        &Var::constant(b),
+        1e-12,
+    )
+    .unwrap();
+    assert!(!fused.requires_grad(), "inference recorded a graph");
+    let (want, got) = (
+        composed.value().values::<f64>().unwrap(),
+        fused.value().values::<f64>().unwrap(),
+    );
+    for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        assert!(
+            (w - g).abs() <= 1e-12 * (1.0 + w.abs()),
+            "element {i}: {g} vs {w}"
+        );
+    }
+}
+
 #[test]
 fn pair_features_both_operands() {
     check(

@@ -365,8 +365,9 @@ impl Bert {
                     let attended = ops::attention(&q, &k, &v, &mask, c.num_attention_heads)?;
                     dropout(&lin(&attended, "attention.output.dense")?)?
                 };
-                ops::layernorm(
-                    &ops::add(&projected, &x)?,
+                ops::add_layernorm(
+                    projected,
+                    &x,
                     self.layer_p(l, "attention.output.LayerNorm.weight")?,
                     self.layer_p(l, "attention.output.LayerNorm.bias")?,
                     c.layer_norm_eps,
@@ -377,8 +378,9 @@ impl Bert {
                     let inner = ops::gelu_in_place(lin(&x, "intermediate.dense")?)?;
                     dropout(&lin(&inner, "output.dense")?)?
                 };
-                ops::layernorm(
-                    &ops::add(&projected, &x)?,
+                ops::add_layernorm(
+                    projected,
+                    &x,
                     self.layer_p(l, "output.LayerNorm.weight")?,
                     self.layer_p(l, "output.LayerNorm.bias")?,
                     c.layer_norm_eps,

@@ -55,6 +55,35 @@ fn matrix_dims(op: &'static str, t: &Tensor) -> Result<(usize, usize, usize)> {
     ))
 }
 
+/// `op(A)·op(B) + bias` (B possibly packed) as a new tensor of `shape`. The GEMM stores every
+/// element (beta = 0), so an `f32` result goes straight into an uninitialised buffer rather than
+/// one zero-filled first, which would be a pass over memory as long as the product's own store.
+fn gemm_new<F: Float>(
+    s: GemmShape,
+    a: &[F],
+    b: &[F],
+    packed: Option<&PackedB>,
+    bias: Option<&[F]>,
+    shape: &[usize],
+) -> Result<Tensor> {
+    let bias32 = bias.map_or(Some(None), |b| cpu::as_f32(b).map(Some));
+    if let (Some(a), Some(b), Some(bias)) = (cpu::as_f32(a), cpu::as_f32(b), bias32) {
+        let mut out = Vec::with_capacity(s.m * s.n);
+        let uninit = &mut out.spare_capacity_mut()[..s.m * s.n];
+        cpu::gemm::gemm_into_uninit(s, a, b, packed, bias, uninit);
+        // SAFETY: `gemm_into_uninit` initialised all m·n elements.
+        unsafe { out.set_len(s.m * s.n) };
+        return Tensor::from_vec(shape, out);
+    }
+    let mut c = Tensor::zeros(shape, F::DTYPE);
+    let out = c.values_mut::<F>()?;
+    match packed {
+        Some(packed) => cpu::gemm::gemm_prepacked(s, a, b, packed, bias, out, F::ZERO),
+        None => cpu::gemm::gemm_with_bias(s, a, b, bias, out, F::ZERO),
+    }
+    Ok(c)
+}
+
 /// Batched `op(a)·op(b)`; leading dimensions must match exactly.
 pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
     fn run<F: Float>(
@@ -136,27 +165,7 @@ fn linear_with(
     ) -> Result<Tensor> {
         let (x, w) = (x.values::<F>()?, w.values::<F>()?);
         let bias = b.map(|b| b.values::<F>()).transpose()?;
-        // The GEMM stores every output element (beta = 0), adding the bias as it stores each
-        // tile, so an f32 output is not zero-filled first.
-        if let (Some(x), Some(w), Some(bias)) = (
-            cpu::as_f32(x),
-            cpu::as_f32(w),
-            bias.map_or(Some(None), |b| cpu::as_f32(b).map(Some)),
-        ) {
-            let mut out = Vec::with_capacity(s.m * s.n);
-            let uninit = &mut out.spare_capacity_mut()[..s.m * s.n];
-            cpu::gemm::gemm_into_uninit(s, x, w, packed, bias, uninit);
-            // SAFETY: `gemm_into_uninit` initialised all m·n elements.
-            unsafe { out.set_len(s.m * s.n) };
-            return Tensor::from_vec(&shape, out);
-        }
-        let mut y = Tensor::zeros(&shape, F::DTYPE);
-        let out = y.values_mut::<F>()?;
-        match packed {
-            Some(packed) => cpu::gemm::gemm_prepacked(s, x, w, packed, bias, out, F::ZERO),
-            None => cpu::gemm::gemm_with_bias(s, x, w, bias, out, F::ZERO),
-        }
-        Ok(y)
+        gemm_new(s, x, w, packed, bias, &shape)
     }
     let dtype = same_dtype("linear", &[x, w])?;
     if w.rank() != 2 || x.rank() == 0 || x.dim(-1) != w.dim(1) {
@@ -450,8 +459,9 @@ pub fn linear_backward(
     ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let (out_f, in_f) = (w.dim(0), w.dim(1));
         let rows = x.numel() / in_f;
+        let (xv, wv, dyv) = (x.values::<F>()?, w.values::<F>()?, dy.values::<F>()?);
+        // dX = dY·W
         let dxv = if need_dx {
-            let mut dx = Tensor::zeros(x.shape(), F::DTYPE);
             let s = GemmShape {
                 m: rows,
                 n: in_f,
@@ -459,18 +469,11 @@ pub fn linear_backward(
                 trans_a: false,
                 trans_b: false,
             };
-            cpu::gemm::gemm(
-                s,
-                dy.values::<F>()?,
-                w.values::<F>()?,
-                dx.values_mut::<F>()?,
-                F::ZERO,
-            );
-            Some(dx)
+            Some(gemm_new(s, dyv, wv, None, None, x.shape())?)
         } else {
             None
         };
-        let mut dw = Tensor::zeros(w.shape(), F::DTYPE);
+        // dW = dYᵀ·X
         let s = GemmShape {
             m: out_f,
             n: in_f,
@@ -478,13 +481,7 @@ pub fn linear_backward(
             trans_a: true,
             trans_b: false,
         };
-        cpu::gemm::gemm(
-            s,
-            dy.values::<F>()?,
-            x.values::<F>()?,
-            dw.values_mut::<F>()?,
-            F::ZERO,
-        );
+        let dw = gemm_new(s, dyv, xv, None, None, w.shape())?;
         let mut db = Tensor::zeros(&[out_f], F::DTYPE);
         cpu::elementwise::bias_backward(out_f, dy.values::<F>()?, db.values_mut::<F>()?);
         Ok((dxv, dw, db))
@@ -501,6 +498,44 @@ pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     }
     expect_shape("gelu_backward", "dy", dy, x.shape())?;
     dispatch_float!("gelu_backward", x.dtype(), run(x, dy))
+}
+
+/// `x ← LayerNorm(x + residual)` in place, keeping no statistics: a transformer block's residual
+/// and normalisation at inference, in one pass over `x`.
+pub fn add_layernorm_in_place(
+    x: &mut Tensor,
+    residual: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<()> {
+    fn run<F: Float>(
+        x: &mut Tensor,
+        residual: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        s: LayerNormShape,
+    ) -> Result<()> {
+        cpu::layernorm::add_layernorm_forward(
+            &s,
+            x.values_mut::<F>()?,
+            residual.values::<F>()?,
+            gamma.values::<F>()?,
+            beta.values::<F>()?,
+        );
+        Ok(())
+    }
+    let dtype = same_dtype("add_layernorm", &[x, residual, gamma, beta])?;
+    expect_shape("add_layernorm", "residual", residual, x.shape())?;
+    let cols = if x.rank() == 0 { 0 } else { x.dim(-1) };
+    expect_shape("add_layernorm", "gamma", gamma, &[cols])?;
+    expect_shape("add_layernorm", "beta", beta, &[cols])?;
+    let s = LayerNormShape {
+        rows: x.numel() / cols.max(1),
+        cols,
+        eps,
+    };
+    dispatch_float!("add_layernorm", dtype, run(x, residual, gamma, beta, s))
 }
 
 /// `(dx, dgamma, dbeta)` of [`layernorm`] from its saved statistics.

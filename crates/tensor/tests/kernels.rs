@@ -89,8 +89,7 @@ fn check_gemm(rng: &mut StdRng, s: GemmShape, beta: f32) {
     let abs = |x: &[f32]| x.iter().map(|v| v.abs() as f64).collect::<Vec<_>>();
     let mut magnitude = vec![0.0; s.m * s.n];
     gemm::gemm_reference(s, &abs(&a), &abs(&b), &mut magnitude, 0.0);
-    let tolerance =
-        |i: usize| (s.k as f64 + 2.0) * EPS * magnitude[i] + 2.0 * EPS * prior[i].abs();
+    let tolerance = |i: usize| (s.k as f64 + 2.0) * EPS * magnitude[i] + 2.0 * EPS * prior[i].abs();
     let bias = bias.as_deref();
     let with_bias = if bias.is_some() { " + bias" } else { "" };
     for_each_config(|isa, ctx| {
@@ -353,6 +352,52 @@ fn layernorm_forward_matches_reference() {
                     });
                 });
             }
+        }
+    }
+}
+
+/// The inference form `x ← LayerNorm(x + r)` in place, against the f64 reference of the add
+/// and the normalisation.
+#[test]
+fn add_layernorm_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(22);
+    for rows in ROW_SIZES {
+        for cols in COL_SIZES {
+            let s = LayerNormShape {
+                rows,
+                cols,
+                eps: 1e-12,
+            };
+            let x = uniform(&mut rng, rows * cols, -2.0, 3.0);
+            let residual = uniform(&mut rng, rows * cols, -1.0, 1.0);
+            let gamma = uniform(&mut rng, cols, 0.5, 1.5);
+            let beta = uniform(&mut rng, cols, -0.5, 0.5);
+            let (g64, b64) = (widen(&gamma), widen(&beta));
+            let mut want = widen(&x);
+            layernorm::add_layernorm_forward_reference(
+                &s,
+                &mut want,
+                &widen(&residual),
+                &g64,
+                &b64,
+            );
+            // As for layernorm, plus the rounding of the sum itself.
+            let bound = (cols as f64 + 10.0) * EPS;
+            for_each_config(|isa, ctx| {
+                let mut got = x.clone();
+                layernorm::add_layernorm_forward_with_isa(
+                    isa, &s, &mut got, &residual, &gamma, &beta,
+                );
+                assert_close(
+                    &format!("add_layernorm {rows}×{cols} ({ctx})"),
+                    &got,
+                    &want,
+                    |i| {
+                        let c = i % cols;
+                        bound * (g64[c].abs() * (cols as f64).sqrt() + b64[c].abs() + 1.0)
+                    },
+                );
+            });
         }
     }
 }

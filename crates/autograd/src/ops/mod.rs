@@ -19,6 +19,6 @@ pub use elementwise::{add, reshape, scale};
 pub use embedding::embedding;
 pub use linear::{linear, matmul};
 pub use loss::{cosine_loss, cross_entropy, mse_loss};
-pub use norm::layernorm;
+pub use norm::{add_layernorm, layernorm};
 pub use pair::pair_features;
 pub use pooling::{l2_normalize, mean_pool};

@@ -3,6 +3,7 @@ use scalpel_tensor::cpu::layernorm::LayerNormShape;
 use scalpel_tensor::{ops as tops, Tensor};
 
 use crate::device::{backward_runtime, download, runtime_for, upload};
+use crate::ops::add;
 use crate::{Backward, Result, Var};
 
 struct LayerNorm {
@@ -102,4 +103,27 @@ pub fn layernorm(x: &Var, gamma: &Var, beta: &Var, eps: f64) -> Result<Var> {
         LayerNorm { mean, rstd, rt },
         vec![x.clone(), gamma.clone(), beta.clone()],
     ))
+}
+
+/// `LayerNorm(x + residual)`, consuming `x`: a transformer block's residual connection and
+/// normalisation. When nothing needs a gradient, `x` is a constant nothing else holds and no
+/// device is in use (inference), the sum and the normalisation are one in-place pass over `x`'s
+/// storage; otherwise this is [`layernorm`] of [`add`], gradients included.
+pub fn add_layernorm(x: Var, residual: &Var, gamma: &Var, beta: &Var, eps: f64) -> Result<Var> {
+    let others = [residual, gamma, beta];
+    let fusable = others.iter().all(|v| !v.requires_grad())
+        && runtime_for(&[x.value(), residual.value(), gamma.value(), beta.value()]).is_none();
+    let x = if fusable {
+        match x.into_unshared_constant() {
+            Ok(mut value) => {
+                let (r, g, b) = (residual.value(), gamma.value(), beta.value());
+                tops::add_layernorm_in_place(&mut value, r, g, b, eps)?;
+                return Ok(Var::constant(value));
+            }
+            Err(x) => x,
+        }
+    } else {
+        x
+    };
+    layernorm(&add(&x, residual)?, gamma, beta, eps)
 }

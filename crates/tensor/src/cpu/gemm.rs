@@ -181,7 +181,17 @@ pub fn gemm_batched_with_isa(
         threads::parallel_each(items, |(i, c)| {
             let (a, b) = (&a[i * sa..(i + 1) * sa], &b[i * sb..(i + 1) * sb]);
             // SAFETY: each item is its own m×n block of C.
-            unsafe { gemm_f32(isa, 1, s, a, b, TilePtr(c.as_mut_ptr()), Epilogue::scale(beta)) }
+            unsafe {
+                gemm_f32(
+                    isa,
+                    1,
+                    s,
+                    a,
+                    b,
+                    TilePtr(c.as_mut_ptr()),
+                    Epilogue::scale(beta),
+                )
+            }
         });
     } else {
         for i in 0..batch {
@@ -852,7 +862,9 @@ unsafe fn packed_block<S: GemmKernel>(
                             for r in 0..tile_rows {
                                 for j in 0..tile_cols {
                                     // SAFETY: r < tile_rows, j < tile_cols keeps us inside C's block.
-                                    unsafe { ep.store(cp.add(r * s.n + j), tile[r * nr + j], jc + jr + j) };
+                                    unsafe {
+                                        ep.store(cp.add(r * s.n + j), tile[r * nr + j], jc + jr + j)
+                                    };
                                 }
                             }
                         }

@@ -1,5 +1,7 @@
 //! Layer normalisation over the last dimension: `y = (x − μ)·rstd·γ + β`, `rstd = 1/√(σ² + ε)`.
 //! The forward saves `μ` and `rstd` per row; the backward uses them instead of recomputing.
+//! Inference also has the residual form `x ← LayerNorm(x + r)` in place, one pass over memory
+//! instead of an add and a normalisation each reading and writing every element.
 
 use crate::cpu::simd::{dispatch, Isa, Simd};
 use crate::cpu::{as_f32, as_f32_mut, task_len};
@@ -39,6 +41,19 @@ pub fn layernorm_forward_reference<F: Float>(
         mean[r] = mu;
         rstd[r] = rs;
     }
+}
+
+/// `x ← LayerNorm(x + residual)`, no statistics kept (inference): the add, then the forward.
+pub fn add_layernorm_forward_reference<F: Float>(
+    s: &LayerNormShape,
+    x: &mut [F],
+    residual: &[F],
+    gamma: &[F],
+    beta: &[F],
+) {
+    let sum: Vec<F> = x.iter().zip(residual).map(|(&a, &b)| a + b).collect();
+    let (mut mean, mut rstd) = (vec![F::ZERO; s.rows], vec![F::ZERO; s.rows]);
+    layernorm_forward_reference(s, &sum, gamma, beta, x, &mut mean, &mut rstd);
 }
 
 /// Accumulates into `dgamma` and `dbeta` (they are parameter gradients); overwrites `dx`.
@@ -96,6 +111,23 @@ pub fn layernorm_forward<F: Float>(
             layernorm_forward_with_isa(Isa::best(), s, x, gamma, beta, y, mean, rstd)
         }
         _ => layernorm_forward_reference(s, x, gamma, beta, y, mean, rstd),
+    }
+}
+
+/// `x ← LayerNorm(x + residual)` in place.
+pub fn add_layernorm_forward<F: Float>(
+    s: &LayerNormShape,
+    x: &mut [F],
+    residual: &[F],
+    gamma: &[F],
+    beta: &[F],
+) {
+    match (as_f32(residual), as_f32(gamma), as_f32(beta)) {
+        (Some(residual), Some(gamma), Some(beta)) => {
+            let x = as_f32_mut(x).unwrap();
+            add_layernorm_forward_with_isa(Isa::best(), s, x, residual, gamma, beta)
+        }
+        _ => add_layernorm_forward_reference(s, x, residual, gamma, beta),
     }
 }
 
@@ -201,7 +233,6 @@ fn forward_rows<S: Simd>(
     mean: &mut [f32],
     rstd: &mut [f32],
 ) {
-    let inv_n = 1.0 / cols as f32;
     for (((x, y), mean), rstd) in x
         .chunks_exact(cols)
         .zip(y.chunks_exact_mut(cols))
@@ -212,23 +243,10 @@ fn forward_rows<S: Simd>(
         for c in (0..cols).step_by(S::LANES) {
             sum = simd.add(sum, simd.load_or(&x[c..], 0.0));
         }
-        let mu = simd.reduce_sum(sum) * inv_n;
-        let mu_v = simd.splat(mu);
-        // Two passes (centre, then square) as the reference does: no cancellation.
-        let mut sq = simd.zero();
+        let mu = simd.reduce_sum(sum) / cols as f32;
+        let rs = row_rstd(simd, x, mu, eps);
         for c in (0..cols).step_by(S::LANES) {
-            let d = simd.sub(simd.load_or(&x[c..], mu), mu_v);
-            sq = simd.mul_add(d, d, sq);
-        }
-        let rs = 1.0 / (simd.reduce_sum(sq) * inv_n + eps).sqrt();
-        let rs_v = simd.splat(rs);
-        for c in (0..cols).step_by(S::LANES) {
-            let xhat = simd.mul(simd.sub(simd.load_or(&x[c..], 0.0), mu_v), rs_v);
-            let out = simd.mul_add(
-                xhat,
-                simd.load_or(&gamma[c..], 0.0),
-                simd.load_or(&beta[c..], 0.0),
-            );
+            let out = affine(simd, simd.load_or(&x[c..], 0.0), mu, rs, gamma, beta, c);
             simd.store_or(&mut y[c..], out);
         }
         *mean = mu;
@@ -236,8 +254,108 @@ fn forward_rows<S: Simd>(
     }
 }
 
+/// [`forward_rows`] of `x + residual`, written over `x`, without statistics.
+#[inline(always)]
+fn add_forward_rows<S: Simd>(
+    simd: S,
+    cols: usize,
+    eps: f32,
+    x: &mut [f32],
+    residual: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+) {
+    for (x, residual) in x.chunks_exact_mut(cols).zip(residual.chunks_exact(cols)) {
+        let mut sum = simd.zero();
+        for c in (0..cols).step_by(S::LANES) {
+            let v = simd.add(
+                simd.load_or(&x[c..], 0.0),
+                simd.load_or(&residual[c..], 0.0),
+            );
+            simd.store_or(&mut x[c..], v);
+            sum = simd.add(sum, v);
+        }
+        let mu = simd.reduce_sum(sum) / cols as f32;
+        let rs = row_rstd(simd, x, mu, eps);
+        for c in (0..cols).step_by(S::LANES) {
+            let out = affine(simd, simd.load_or(&x[c..], 0.0), mu, rs, gamma, beta, c);
+            simd.store_or(&mut x[c..], out);
+        }
+    }
+}
+
+/// `1/√(σ² + ε)` of one row with mean `mu`: centred, then squared, as the reference does (no
+/// cancellation).
+#[inline(always)]
+fn row_rstd<S: Simd>(simd: S, row: &[f32], mu: f32, eps: f32) -> f32 {
+    let mu_v = simd.splat(mu);
+    let mut sq = simd.zero();
+    for c in (0..row.len()).step_by(S::LANES) {
+        let d = simd.sub(simd.load_or(&row[c..], mu), mu_v);
+        sq = simd.mul_add(d, d, sq);
+    }
+    1.0 / (simd.reduce_sum(sq) / row.len() as f32 + eps).sqrt()
+}
+
+/// `(v − μ)·rstd·γ + β` for the lanes of columns `c..`.
+#[inline(always)]
+fn affine<S: Simd>(
+    simd: S,
+    v: S::V,
+    mu: f32,
+    rs: f32,
+    gamma: &[f32],
+    beta: &[f32],
+    c: usize,
+) -> S::V {
+    let xhat = simd.mul(simd.sub(v, simd.splat(mu)), simd.splat(rs));
+    simd.mul_add(
+        xhat,
+        simd.load_or(&gamma[c..], 0.0),
+        simd.load_or(&beta[c..], 0.0),
+    )
+}
+
 /// Rows are split over tasks; each task sums its rows' `dgamma`/`dbeta` contributions into its
 /// own scratch, and the scratches are added into the outputs at the end.
+/// `x ← LayerNorm(x + residual)` in place, rows spread over threads.
+pub fn add_layernorm_forward_with_isa(
+    isa: Isa,
+    s: &LayerNormShape,
+    x: &mut [f32],
+    residual: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+) {
+    let (rows, cols) = (s.rows, s.cols);
+    assert!(
+        x.len() == rows * cols && residual.len() == rows * cols,
+        "add_layernorm: x or residual has wrong length"
+    );
+    assert!(
+        gamma.len() == cols && beta.len() == cols,
+        "add_layernorm: gamma or beta has wrong length"
+    );
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let eps = s.eps as f32;
+    let per = rows_per_task(s) * cols;
+    let items: Vec<_> = x.chunks_mut(per).zip(residual.chunks(per)).collect();
+    threads::parallel_each(items, |(x, residual)| {
+        dispatch!(isa, |simd,
+                        cols: usize,
+                        eps: f32,
+                        x: &mut [f32],
+                        residual: &[f32],
+                        gamma: &[f32],
+                        beta: &[f32]|
+         -> () {
+            add_forward_rows(simd, cols, eps, x, residual, gamma, beta)
+        })
+    });
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward_with_isa(
     isa: Isa,
