@@ -174,6 +174,56 @@ fn layernorm_all_inputs() {
     }
 }
 
+/// With gradients wanted, the FFN's fused linear + GELU differentiates through x, W and b.
+#[test]
+fn linear_gelu_all_inputs() {
+    let inputs = [
+        random(&[3, 7], 1.0, 81),
+        random(&[5, 7], 1.0, 82),
+        random(&[5], 1.0, 83),
+    ];
+    check("linear_gelu", &inputs, &[3, 5], |v| {
+        ops::linear_gelu(&v[0], &v[1], Some(&v[2]))
+    });
+}
+
+/// Inference (every input constant) applies the GELU in the GEMM's epilogue; its values are
+/// those of the differentiable composition.
+#[test]
+fn linear_gelu_inference_matches_the_composition() {
+    let (x, w, b) = (
+        random(&[4, 9], 1.0, 84),
+        random(&[6, 9], 1.0, 85),
+        random(&[6], 1.0, 86),
+    );
+    let composed = ops::gelu(
+        &ops::linear(
+            &Var::parameter(x.clone()),
+            &Var::constant(w.clone()),
+            Some(&Var::constant(b.clone())),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let fused = ops::linear_gelu(
+        &Var::constant(x),
+        &Var::constant(w),
+        Some(&Var::constant(b)),
+    )
+    .unwrap();
+    assert!(!fused.requires_grad(), "inference recorded a graph");
+    let (want, got) = (
+        composed.value().values::<f64>().unwrap(),
+        fused.value().values::<f64>().unwrap(),
+    );
+    for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        assert!(
+            (w - g).abs() <= 1e-12 * (1.0 + w.abs()),
+            "element {i}: {g} vs {w}"
+        );
+    }
+}
+
 /// With gradients wanted, the residual form differentiates through every input.
 #[test]
 fn add_layernorm_all_inputs() {

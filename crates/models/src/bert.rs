@@ -375,7 +375,11 @@ impl Bert {
             };
             x = {
                 let projected = {
-                    let inner = ops::gelu_in_place(lin(&x, "intermediate.dense")?)?;
+                    let inner = ops::linear_gelu(
+                        &x,
+                        self.layer_p(l, "intermediate.dense.weight")?,
+                        Some(self.layer_p(l, "intermediate.dense.bias")?),
+                    )?;
                     dropout(&lin(&inner, "output.dense")?)?
                 };
                 ops::add_layernorm(

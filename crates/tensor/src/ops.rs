@@ -3,7 +3,7 @@
 //! Forward ops that save statistics for their backward (`layernorm`, `attention`,
 //! `l2_normalize`) return them alongside the output; inference simply drops them.
 
-use crate::cpu::gemm::{GemmShape, PackedB};
+use crate::cpu::gemm::{Activation, GemmShape, PackedB};
 use crate::cpu::{self, attention::AttentionShape, layernorm::LayerNormShape};
 use crate::{DType, Float, Result, Tensor, TensorError};
 
@@ -55,22 +55,24 @@ fn matrix_dims(op: &'static str, t: &Tensor) -> Result<(usize, usize, usize)> {
     ))
 }
 
-/// `op(A)·op(B) + bias` (B possibly packed) as a new tensor of `shape`. The GEMM stores every
-/// element (beta = 0), so an `f32` result goes straight into an uninitialised buffer rather than
-/// one zero-filled first, which would be a pass over memory as long as the product's own store.
+/// `act(op(A)·op(B) + bias)` (B possibly packed) as a new tensor of `shape`. The GEMM stores
+/// every element (beta = 0), so an `f32` result goes straight into an uninitialised buffer rather
+/// than one zero-filled first, which would be a pass over memory as long as the product's own
+/// store; the activation is applied as each tile is stored.
 fn gemm_new<F: Float>(
     s: GemmShape,
     a: &[F],
     b: &[F],
     packed: Option<&PackedB>,
     bias: Option<&[F]>,
+    act: Activation,
     shape: &[usize],
 ) -> Result<Tensor> {
     let bias32 = bias.map_or(Some(None), |b| cpu::as_f32(b).map(Some));
     if let (Some(a), Some(b), Some(bias)) = (cpu::as_f32(a), cpu::as_f32(b), bias32) {
         let mut out = Vec::with_capacity(s.m * s.n);
         let uninit = &mut out.spare_capacity_mut()[..s.m * s.n];
-        cpu::gemm::gemm_into_uninit(s, a, b, packed, bias, uninit);
+        cpu::gemm::gemm_into_uninit(s, a, b, packed, bias, act, uninit);
         // SAFETY: `gemm_into_uninit` initialised all m·n elements.
         unsafe { out.set_len(s.m * s.n) };
         return Tensor::from_vec(shape, out);
@@ -80,6 +82,9 @@ fn gemm_new<F: Float>(
     match packed {
         Some(packed) => cpu::gemm::gemm_prepacked(s, a, b, packed, bias, out, F::ZERO),
         None => cpu::gemm::gemm_with_bias(s, a, b, bias, out, F::ZERO),
+    }
+    if act == Activation::Gelu {
+        cpu::activation::gelu_forward(out);
     }
     Ok(c)
 }
@@ -135,7 +140,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
 
 /// `y = x·Wᵀ + b` over the last dimension of `x`; `w` is `[out, in]` as PyTorch stores it.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    linear_with(x, w, None, b)
+    linear_with(x, w, None, b, Activation::Identity)
 }
 
 /// [`linear`] with `W` also packed in advance ([`PackedB::for_linear`]): the same result
@@ -146,7 +151,18 @@ pub fn linear_prepacked(
     packed: &PackedB,
     b: Option<&Tensor>,
 ) -> Result<Tensor> {
-    linear_with(x, w, Some(packed), b)
+    linear_with(x, w, Some(packed), b, Activation::Identity)
+}
+
+/// `gelu(x·Wᵀ + b)`, the GELU applied to each output tile as the GEMM stores it (an inference
+/// fast path: it keeps no pre-activation for a backward), `W` optionally packed in advance.
+pub fn linear_gelu(
+    x: &Tensor,
+    w: &Tensor,
+    packed: Option<&PackedB>,
+    b: Option<&Tensor>,
+) -> Result<Tensor> {
+    linear_with(x, w, packed, b, Activation::Gelu)
 }
 
 fn linear_with(
@@ -154,18 +170,20 @@ fn linear_with(
     w: &Tensor,
     packed: Option<&PackedB>,
     b: Option<&Tensor>,
+    act: Activation,
 ) -> Result<Tensor> {
     fn run<F: Float>(
         x: &Tensor,
         w: &Tensor,
         packed: Option<&PackedB>,
         b: Option<&Tensor>,
+        act: Activation,
         s: GemmShape,
         shape: Vec<usize>,
     ) -> Result<Tensor> {
         let (x, w) = (x.values::<F>()?, w.values::<F>()?);
         let bias = b.map(|b| b.values::<F>()).transpose()?;
-        gemm_new(s, x, w, packed, bias, &shape)
+        gemm_new(s, x, w, packed, bias, act, &shape)
     }
     let dtype = same_dtype("linear", &[x, w])?;
     if w.rank() != 2 || x.rank() == 0 || x.dim(-1) != w.dim(1) {
@@ -198,7 +216,7 @@ fn linear_with(
             ),
         ));
     }
-    dispatch_float!("linear", dtype, run(x, w, packed, b, s, shape))
+    dispatch_float!("linear", dtype, run(x, w, packed, b, act, s, shape))
 }
 
 /// Elementwise GELU (erf form).
@@ -469,7 +487,15 @@ pub fn linear_backward(
                 trans_a: false,
                 trans_b: false,
             };
-            Some(gemm_new(s, dyv, wv, None, None, x.shape())?)
+            Some(gemm_new(
+                s,
+                dyv,
+                wv,
+                None,
+                None,
+                Activation::Identity,
+                x.shape(),
+            )?)
         } else {
             None
         };
@@ -481,7 +507,7 @@ pub fn linear_backward(
             trans_a: true,
             trans_b: false,
         };
-        let dw = gemm_new(s, dyv, xv, None, None, w.shape())?;
+        let dw = gemm_new(s, dyv, xv, None, None, Activation::Identity, w.shape())?;
         let mut db = Tensor::zeros(&[out_f], F::DTYPE);
         cpu::elementwise::bias_backward(out_f, dy.values::<F>()?, db.values_mut::<F>()?);
         Ok((dxv, dw, db))

@@ -1,8 +1,9 @@
 use scalpel_cuda::{ops as cuda, Runtime};
-use scalpel_tensor::cpu::gemm::GemmShape;
+use scalpel_tensor::cpu::gemm::{GemmShape, PackedB};
 use scalpel_tensor::{ops as tops, Tensor};
 
 use crate::device::{backward_runtime, download, runtime_for, upload};
+use crate::ops::gelu_in_place;
 use crate::{Backward, Result, Var};
 
 struct Linear {
@@ -62,15 +63,35 @@ pub fn linear(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
 /// copy of every weight would add the model's size again).
 const PREPACKED_MAX_ROWS: usize = 512;
 
-fn linear_cpu(x: &Var, w: &Var, b: Option<&Var>) -> Result<Tensor> {
+/// The packing of `w` to multiply `x` with, if `x` is small enough to want one.
+fn packed_weight_for<'a>(x: &Var, w: &'a Var) -> Option<&'a PackedB> {
     let rows = x.value().numel() / x.shape().last().copied().unwrap_or(1).max(1);
-    let packed = (rows <= PREPACKED_MAX_ROWS)
+    (rows <= PREPACKED_MAX_ROWS)
         .then(|| w.packed_linear_weight())
-        .flatten();
-    Ok(match packed {
+        .flatten()
+}
+
+fn linear_cpu(x: &Var, w: &Var, b: Option<&Var>) -> Result<Tensor> {
+    Ok(match packed_weight_for(x, w) {
         Some(packed) => tops::linear_prepacked(x.value(), w.value(), packed, b.map(Var::value))?,
         None => tops::linear(x.value(), w.value(), b.map(Var::value))?,
     })
+}
+
+/// `gelu(x·Wᵀ + b)`, a transformer's FFN up-projection. At inference (nothing needs a gradient,
+/// no device in use) the GEMM applies the GELU to each tile as it stores it, saving a pass over
+/// the block's largest activation; otherwise this is [`gelu_in_place`] of [`linear`], gradients
+/// included.
+pub fn linear_gelu(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+    let mut tensors = vec![x.value(), w.value()];
+    tensors.extend(b.map(Var::value));
+    let constants = !x.requires_grad() && !w.requires_grad() && !b.is_some_and(Var::requires_grad);
+    if constants && runtime_for(&tensors).is_none() {
+        let packed = packed_weight_for(x, w);
+        let y = tops::linear_gelu(x.value(), w.value(), packed, b.map(Var::value))?;
+        return Ok(Var::constant(y));
+    }
+    gelu_in_place(linear(x, w, b)?)
 }
 
 fn linear_cuda(rt: &Runtime, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {

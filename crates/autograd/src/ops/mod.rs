@@ -17,7 +17,7 @@ pub use attention::attention;
 pub(crate) use elementwise::scale_cuda;
 pub use elementwise::{add, reshape, scale};
 pub use embedding::embedding;
-pub use linear::{linear, matmul};
+pub use linear::{linear, linear_gelu, matmul};
 pub use loss::{cosine_loss, cross_entropy, mse_loss};
 pub use norm::{add_layernorm, layernorm};
 pub use pair::pair_features;

@@ -4,7 +4,7 @@
 //! `trans_b`). The transposed variants are what backward passes need: `dX = dY·W` and
 //! `dW = dYᵀ·X` for a linear layer `Y = X·Wᵀ`.
 
-use crate::cpu::simd::{dispatch, Isa, Portable, Simd};
+use crate::cpu::simd::{dispatch, normal_cdf, Isa, Portable, Simd};
 use crate::cpu::{as_f32, as_f32_mut};
 use crate::{threads, Float};
 use std::mem::MaybeUninit;
@@ -136,7 +136,12 @@ pub fn gemm_with_isa(
 ) {
     check_operands(s, a, b, bias, c.len());
     isa.assert_supported();
-    let (c, ep) = (TilePtr(c.as_mut_ptr()), Epilogue { beta, bias });
+    let ep = Epilogue {
+        beta,
+        bias,
+        act: Activation::Identity,
+    };
+    let c = TilePtr(c.as_mut_ptr());
     // SAFETY: C holds m×n elements (checked above) and is ours alone for the call.
     unsafe { gemm_f32(isa, threads::num_threads(), s, a, b, c, ep) };
 }
@@ -203,17 +208,45 @@ pub fn gemm_batched_with_isa(
     }
 }
 
-/// What C receives besides the product: `C = op(A)·op(B) + beta·C + bias`, `bias[j]` in every
-/// row. Applied when the first depth block is stored; later blocks accumulate onto it.
+/// A function applied to each element of C as it is finally stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    /// `x·Φ(x)`, the exact GELU (as [`crate::cpu::activation`] computes it).
+    Gelu,
+}
+
+/// What C receives besides the product: `C = act(op(A)·op(B) + beta·C + bias)`, `bias[j]` in
+/// every row. The bias is added when the first depth block is stored (later blocks accumulate
+/// onto it), the activation when the last one is.
 #[derive(Clone, Copy)]
 struct Epilogue<'a> {
     beta: f32,
     bias: Option<&'a [f32]>,
+    act: Activation,
 }
 
-impl Epilogue<'_> {
+impl<'a> Epilogue<'a> {
     fn scale(beta: f32) -> Self {
-        Epilogue { beta, bias: None }
+        Epilogue {
+            beta,
+            bias: None,
+            act: Activation::Identity,
+        }
+    }
+
+    /// The part of this epilogue that applies to the depth block at `pc` (of `kc`) of `k`.
+    fn for_block(self, pc: usize, kc: usize, k: usize) -> Epilogue<'a> {
+        let first = pc == 0;
+        Epilogue {
+            beta: if first { self.beta } else { 1.0 },
+            bias: if first { self.bias } else { None },
+            act: if pc + kc >= k {
+                self.act
+            } else {
+                Activation::Identity
+            },
+        }
     }
 
     /// `*out = product + beta·*out + bias[j]` for one element of column `j`.
@@ -232,6 +265,14 @@ impl Epilogue<'_> {
         let sum = match self.bias {
             Some(bias) => sum + bias[j],
             None => sum,
+        };
+        let sum = match self.act {
+            Activation::Identity => sum,
+            // The portable vector path's formula, one lane used.
+            Activation::Gelu => {
+                let v = Portable.splat(sum);
+                Portable.mul(v, normal_cdf(Portable, v))[0]
+            }
         };
         // SAFETY: the caller vouched for `out`.
         unsafe { *out = sum };
@@ -312,6 +353,7 @@ trait GemmKernel: Simd {
         ldc: usize,
         beta: f32,
         bias: *const f32,
+        act: Activation,
     );
 
     /// The first `rows < MR` rows of a tile (at least; rounded up to a kernel size), written
@@ -345,13 +387,14 @@ unsafe fn partial_tile<S: Simd, const MR: usize, const NV: usize>(
     c: *mut f32,
     ldc: usize,
 ) {
+    let id = Activation::Identity;
     // SAFETY: the packed A panel is MR wide (zero-padded), so any row count up to MR is in it.
     unsafe {
         match rows {
-            0..=2 if MR > 2 => micro_kernel::<S, 2, NV>(s, kc, a, MR, b, c, ldc, 0.0, null()),
-            3..=4 if MR > 4 => micro_kernel::<S, 4, NV>(s, kc, a, MR, b, c, ldc, 0.0, null()),
-            5..=8 if MR > 8 => micro_kernel::<S, 8, NV>(s, kc, a, MR, b, c, ldc, 0.0, null()),
-            _ => micro_kernel::<S, MR, NV>(s, kc, a, MR, b, c, ldc, 0.0, null()),
+            0..=2 if MR > 2 => micro_kernel::<S, 2, NV>(s, kc, a, MR, b, c, ldc, 0.0, null(), id),
+            3..=4 if MR > 4 => micro_kernel::<S, 4, NV>(s, kc, a, MR, b, c, ldc, 0.0, null(), id),
+            5..=8 if MR > 8 => micro_kernel::<S, 8, NV>(s, kc, a, MR, b, c, ldc, 0.0, null(), id),
+            _ => micro_kernel::<S, MR, NV>(s, kc, a, MR, b, c, ldc, 0.0, null(), id),
         }
     }
 }
@@ -371,10 +414,13 @@ macro_rules! gemm_kernel {
                 ldc: usize,
                 beta: f32,
                 bias: *const f32,
+                act: Activation,
             ) {
                 // SAFETY: forwarded from the caller.
                 unsafe {
-                    micro_kernel::<Self, { $mr }, { $nv }>(self, kc, a, $mr, b, c, ldc, beta, bias)
+                    micro_kernel::<Self, { $mr }, { $nv }>(
+                        self, kc, a, $mr, b, c, ldc, beta, bias, act,
+                    )
                 }
             }
 
@@ -408,10 +454,10 @@ gemm_kernel!(
     AVX2_NV
 );
 gemm_kernel!(Portable, PORTABLE_MR, PORTABLE_NV);
-/// `C[..MR, ..NV·LANES] = A_panel·B_panel + beta·C + bias` (beta = 0 overwrites, ignoring what C
-/// held; a null `bias` adds nothing, otherwise it points to the tile's NR column biases). `a` is a
-/// packed panel of `kc` steps, `a_stride ≥ MR` values per step (the first MR used), `b` a packed
-/// `kc×NR` panel.
+/// `C[..MR, ..NV·LANES] = act(A_panel·B_panel + beta·C + bias)` (beta = 0 overwrites, ignoring
+/// what C held; a null `bias` adds nothing, otherwise it points to the tile's NR column biases).
+/// `a` is a packed panel of `kc` steps, `a_stride ≥ MR` values per step (the first MR used), `b`
+/// a packed `kc×NR` panel.
 ///
 /// # Safety
 /// `a` must hold `kc·a_stride` floats, `b` `kc·NR`, a non-null `bias` NR, and `c` must be valid for
@@ -428,6 +474,7 @@ unsafe fn micro_kernel<S: Simd, const MR: usize, const NV: usize>(
     ldc: usize,
     beta: f32,
     bias: *const f32,
+    act: Activation,
 ) {
     let nr = NV * S::LANES;
     // C's tile is read and written only after the depth loop; fetching it now overlaps its
@@ -471,6 +518,10 @@ unsafe fn micro_kernel<S: Simd, const MR: usize, const NV: usize>(
                 let out = match bias_v {
                     Some(bias_v) => s.add(out, bias_v[v]),
                     None => out,
+                };
+                let out = match act {
+                    Activation::Identity => out,
+                    Activation::Gelu => s.mul(out, normal_cdf(s, out)),
                 };
                 s.store_ptr(cp, out);
             }
@@ -731,6 +782,7 @@ pub fn gemm_prepacked<F: Float>(
                 Epilogue {
                     beta: beta.to_f64() as f32,
                     bias: bias32,
+                    act: Activation::Identity,
                 },
             );
             // SAFETY: C holds m×n elements (checked) and is ours alone for the call.
@@ -740,16 +792,18 @@ pub fn gemm_prepacked<F: Float>(
     gemm_with_bias(s, a, b, bias, c, beta)
 }
 
-/// `C = op(A)·op(B) + bias` into an output that need not be initialised: a fresh buffer would
-/// otherwise be zero-filled only to be overwritten, a pass over memory as long as the product's
-/// own store. On return every element of `c` is initialised. `B` comes from `packed` when that
-/// matches `s` (and `A` is not transposed).
+/// `C = act(op(A)·op(B) + bias)` into an output that need not be initialised: a fresh buffer
+/// would otherwise be zero-filled only to be overwritten, a pass over memory as long as the
+/// product's own store (and the activation, applied to each tile as it is stored, saves another).
+/// On return every element of `c` is initialised. `B` comes from `packed` when that matches `s`
+/// (and `A` is not transposed).
 pub fn gemm_into_uninit(
     s: GemmShape,
     a: &[f32],
     b: &[f32],
     packed: Option<&PackedB>,
     bias: Option<&[f32]>,
+    act: Activation,
     c: &mut [MaybeUninit<f32>],
 ) {
     check_operands(s, a, b, bias, c.len());
@@ -759,7 +813,14 @@ pub fn gemm_into_uninit(
         }
         _ => (Isa::best(), BOperand::Raw(b)),
     };
-    let (c, ep) = (TilePtr(c.as_mut_ptr().cast()), Epilogue { beta: 0.0, bias });
+    let (c, ep) = (
+        TilePtr(c.as_mut_ptr().cast()),
+        Epilogue {
+            beta: 0.0,
+            bias,
+            act,
+        },
+    );
     // SAFETY: C holds m×n elements (checked) and is ours alone for the call; with beta = 0 each
     // element is stored before anything reads it.
     unsafe { gemm_f32_from(isa, threads::num_threads(), s, a, b, c, ep) }
@@ -837,7 +898,7 @@ unsafe fn packed_block<S: GemmKernel>(
                 BOperand::Prepacked(packed, _) => packed.block(pc, kc, jc),
             };
             // Later depth blocks accumulate onto what the first one wrote.
-            let ep = if pc == 0 { ep } else { Epilogue::scale(1.0) };
+            let ep = ep.for_block(pc, kc, s.k);
             for ic in rows.clone().step_by(bl.mc) {
                 let mc = bl.mc.min(rows.end - ic);
                 pack_a(simd, s, a, ic, mc, pc, kc, mr, a_buf);
@@ -852,7 +913,9 @@ unsafe fn packed_block<S: GemmKernel>(
                             let bias = ep.bias.map_or(null(), |b| b[jc + jr..].as_ptr());
                             // SAFETY: a full tile; the panels hold kc·mr and kc·nr floats, the
                             // bias (if any) the tile's nr columns.
-                            unsafe { simd.tile(kc, a_panel, b_panel, cp, s.n, ep.beta, bias) };
+                            unsafe {
+                                simd.tile(kc, a_panel, b_panel, cp, s.n, ep.beta, bias, ep.act)
+                            };
                         } else {
                             // SAFETY: `tile` holds mr·nr ≤ MAX_TILE floats with row stride nr.
                             unsafe {
