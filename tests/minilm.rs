@@ -4,7 +4,7 @@
 use crate::common;
 
 use common::*;
-use scalpel::models::bert::ForwardOptions;
+use scalpel::models::bert::{ForwardOptions, INFERENCE_CHUNK_TOKENS};
 use scalpel::models::sentence::SentenceEncoder;
 use scalpel::models::tokenizer::Batch;
 
@@ -93,6 +93,45 @@ fn padding_in_a_mixed_batch_does_not_change_embeddings() {
         assert!(
             diff <= 1e-5,
             "sentence {i}: padded vs alone max |Δ| = {diff:e}"
+        );
+    }
+}
+
+/// A batch of more than `INFERENCE_CHUNK_TOKENS` tokens runs through the encoder in groups of
+/// sequences; its embeddings are still sentence-transformers' and those of small batches.
+#[test]
+fn a_large_batch_in_groups_matches_sentence_transformers() {
+    let enc = encoder();
+    let sentences = fixture_sentences();
+    let ids: Vec<Vec<u32>> = sentences
+        .iter()
+        .map(|s| enc.tokenizer.encode(s).unwrap())
+        .collect();
+    let batch = Batch::from_ids(&ids);
+    assert!(
+        batch.batch * batch.seq > INFERENCE_CHUNK_TOKENS * 2,
+        "the batch must span several groups"
+    );
+    let got = enc
+        .embed_batch(&batch, &ForwardOptions::default())
+        .unwrap()
+        .value()
+        .to_vec::<f32>();
+    let want = load_fixture("minilm/embeddings.safetensors")["embeddings"].to_vec::<f32>();
+    let small_batches = enc.embed(&sentences, 4).unwrap().to_vec::<f32>();
+    for (i, ((a, b), c)) in got
+        .chunks_exact(384)
+        .zip(want.chunks_exact(384))
+        .zip(small_batches.chunks_exact(384))
+        .enumerate()
+    {
+        let cos = cosine(a, b);
+        assert!(cos >= 0.99999, "line {}: cosine {cos} < 0.99999", i + 1);
+        let diff = max_abs_diff(a, c);
+        assert!(
+            diff <= 1e-5,
+            "line {}: grouped vs batches of 4 max |Δ| = {diff:e}",
+            i + 1
         );
     }
 }

@@ -359,7 +359,9 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runs", type=int, default=7, help="timed runs per framework per round")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--only", default="", help="comma-separated workload names to run")
+    p.add_argument("--only", default="",
+                   help="comma-separated workload kinds (gemm, forward, train, rss) or parts of "
+                        "workload names (1x16) to run")
     p.add_argument("--json-out", default="", help="also write the results here")
     p.add_argument("--worker", choices=["torch", "ort"], help=argparse.SUPPRESS)
     p.add_argument("--rss", choices=["torch", "ort"], help=argparse.SUPPRESS)
@@ -395,7 +397,8 @@ def main():
     ]
     if args.only:
         keep = set(args.only.split(","))
-        workloads = [w for w in workloads if w["name"] in keep or w["kind"] in keep]
+        workloads = [w for w in workloads
+                     if w["kind"] in keep or any(k in w["name"] for k in keep)]
 
     print(f"load average at start: {load_average()}", flush=True)
     workers = {"torch": Worker("torch", args)}

@@ -170,6 +170,13 @@ pub struct ForwardOptions {
     pub seed: u64,
 }
 
+/// The most tokens an inference forward runs through the encoder at once (see
+/// [`Bert::forward`]). A larger batch is split into equal groups, each then over 512 tokens
+/// (for sequences of up to 512): above the row count for which linear layers multiply by a
+/// cached, packed copy of their weight (autograd's `PREPACKED_MAX_ROWS`), a copy that would add
+/// the weights' size again for inputs that do not gain from it.
+pub const INFERENCE_CHUNK_TOKENS: usize = 2048;
+
 /// A loaded BERT encoder.
 #[derive(Clone)]
 pub struct Bert {
@@ -277,11 +284,38 @@ impl Bert {
     }
 
     /// Last hidden state, `[batch, seq, hidden]`.
+    ///
+    /// At inference (no trainable parameter, no dropout) a batch of more than
+    /// [`INFERENCE_CHUNK_TOKENS`] tokens runs through the encoder a group of sequences at a
+    /// time. Every op works per token, or per sequence for attention, so the result is the
+    /// same; what changes is that the activations alive at once (the FFN's 4×-wide one above
+    /// all) are one group's rather than the whole batch's.
     pub fn forward(&self, batch: &Batch, opts: &ForwardOptions) -> Result<Var> {
-        Ok(self
-            .encode(batch, opts, false)?
-            .pop()
-            .expect("the last state is always returned"))
+        let last_state = |batch: &Batch| -> Result<Var> {
+            Ok(self
+                .encode(batch, opts, false)?
+                .pop()
+                .expect("the last state is always returned"))
+        };
+        let inference = opts.dropout == 0.0 && self.params.trainable().next().is_none();
+        let groups = (batch.batch * batch.seq)
+            .div_ceil(INFERENCE_CHUNK_TOKENS)
+            .min(batch.batch);
+        if !inference || groups <= 1 {
+            return last_state(batch);
+        }
+        // Equal groups (sizes differ by at most one sequence).
+        let parts = (0..groups)
+            .map(|g| {
+                let group =
+                    batch.sequences(g * batch.batch / groups..(g + 1) * batch.batch / groups);
+                Ok(match last_state(&group)?.into_unshared_constant() {
+                    Ok(state) => state,
+                    Err(shared) => shared.value().clone(),
+                })
+            })
+            .collect::<Result<Vec<Tensor>>>()?;
+        Ok(Var::constant(Tensor::concat(&parts)?))
     }
 
     /// The embedding output followed by every layer's output: `num_layers + 1` states.

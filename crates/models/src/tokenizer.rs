@@ -1,5 +1,6 @@
 //! Text to token ids with the checkpoint's own `tokenizer.json`, and padded batches.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use scalpel_tensor::Tensor;
@@ -94,6 +95,19 @@ impl Batch {
             mask,
             batch: sequences.len(),
             seq,
+        }
+    }
+
+    /// The sequences `range` of this batch, keeping its padded length.
+    pub fn sequences(&self, range: Range<usize>) -> Batch {
+        let tokens = range.start * self.seq..range.end * self.seq;
+        let mask = self.mask.to_vec::<f32>()[tokens.clone()].to_vec();
+        Batch {
+            ids: self.ids[tokens].to_vec(),
+            mask: Tensor::from_vec(&[range.len(), self.seq], mask)
+                .expect("mask length is batch·seq"),
+            batch: range.len(),
+            seq: self.seq,
         }
     }
 }

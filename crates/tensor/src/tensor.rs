@@ -226,6 +226,47 @@ impl Tensor {
         }
     }
 
+    /// Joins tensors along their first dimension; all must share the dtype and the other
+    /// dimensions.
+    pub fn concat(parts: &[Tensor]) -> Result<Tensor> {
+        fn join<T: Element>(parts: &[Tensor], shape: &[usize]) -> Result<Tensor> {
+            let mut values = Vec::with_capacity(shape.iter().product());
+            for part in parts {
+                values.extend_from_slice(part.values::<T>()?);
+            }
+            Tensor::from_vec(shape, values)
+        }
+        let first = parts
+            .first()
+            .ok_or_else(|| TensorError::shape("concat", "no tensors to join"))?;
+        if first.rank() == 0 {
+            return Err(TensorError::shape("concat", "cannot join scalars"));
+        }
+        for part in parts {
+            if part.dtype() != first.dtype() || part.shape.get(1..) != first.shape.get(1..) {
+                return Err(TensorError::shape(
+                    "concat",
+                    format!(
+                        "{:?} {:?} cannot follow {:?} {:?}",
+                        part.dtype(),
+                        part.shape,
+                        first.dtype(),
+                        first.shape
+                    ),
+                ));
+            }
+        }
+        let mut shape = first.shape.clone();
+        shape[0] = parts.iter().map(|p| p.shape[0]).sum();
+        match first.dtype() {
+            DType::F32 => join::<f32>(parts, &shape),
+            DType::F64 => join::<f64>(parts, &shape),
+            DType::F16 => join::<f16>(parts, &shape),
+            DType::BF16 => join::<bf16>(parts, &shape),
+            DType::I64 => join::<i64>(parts, &shape),
+        }
+    }
+
     /// Same storage, new shape of the same element count.
     pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
         let numel: usize = shape.iter().product();

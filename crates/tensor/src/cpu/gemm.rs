@@ -689,7 +689,7 @@ pub struct PackedB {
     trans_b: bool,
     /// Depth block starting at `pc` (a multiple of KC, `kc` deep): `n_padded·kc` floats from
     /// `pc·n_padded`, the NR-column panel holding column `j` at `(pc·n_padded) + j·kc`.
-    data: Vec<f32>,
+    data: CacheAligned,
 }
 
 impl PackedB {
@@ -699,7 +699,7 @@ impl PackedB {
         isa.assert_supported();
         let bl = blocking(isa);
         let n_padded = n.div_ceil(bl.nr) * bl.nr;
-        let mut data = vec![0.0f32; n_padded * k];
+        let mut data = CacheAligned::zeroed(n_padded * k);
         let packed = data.as_mut_slice();
         let s = GemmShape {
             m: 0,
@@ -751,8 +751,9 @@ impl PackedB {
 
     /// The `kc`-deep block at depth `pc`, from column `jc` (a multiple of NR) on.
     fn block(&self, pc: usize, kc: usize, jc: usize) -> &[f32] {
-        let n_padded = self.data.len() / self.k.max(1);
-        &self.data[pc * n_padded + jc * kc..]
+        let data = self.data.as_slice();
+        let n_padded = data.len() / self.k.max(1);
+        &data[pc * n_padded + jc * kc..]
     }
 }
 
@@ -836,31 +837,73 @@ fn check_operands(s: GemmShape, a: &[f32], b: &[f32], bias: Option<&[f32]>, c_le
     }
 }
 
-thread_local! {
-    /// Packing buffers, reused across calls on this thread.
-    static PACK_BUFFERS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+/// Floats starting on a 64-byte (cache-line) boundary. A packed panel is read with full-width
+/// vector loads; off the boundary, every one of them straddles two lines (malloc aligns only to
+/// 16 bytes, so a plain `Vec` lands on a boundary in one process and not in the next).
+struct CacheAligned {
+    buf: Vec<f32>,
+    start: usize,
+    len: usize,
 }
 
-/// Lends 64-byte-aligned buffers for a packed `MC×KC` block of A and `KC×NC` block of B.
+impl CacheAligned {
+    /// Floats of slack that let `start` reach a boundary.
+    const SLACK: usize = 64 / std::mem::size_of::<f32>();
+
+    const fn new() -> CacheAligned {
+        CacheAligned {
+            buf: Vec::new(),
+            start: 0,
+            len: 0,
+        }
+    }
+
+    fn zeroed(len: usize) -> CacheAligned {
+        let mut aligned = CacheAligned::new();
+        aligned.ensure(len);
+        aligned
+    }
+
+    /// Makes the buffer at least `len` floats long (zeros where it grows).
+    fn ensure(&mut self, len: usize) {
+        if self.len < len {
+            self.buf.resize(len + Self::SLACK, 0.0);
+            self.start = self.buf.as_ptr().align_offset(64).min(Self::SLACK);
+            self.len = len;
+        }
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        &self.buf[self.start..self.start + self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
+}
+
+thread_local! {
+    /// Packing buffers, reused across calls on this thread.
+    static PACK_BUFFERS: std::cell::RefCell<(CacheAligned, CacheAligned)> =
+        const { std::cell::RefCell::new((CacheAligned::new(), CacheAligned::new())) };
+}
+
+/// Lends cache-aligned buffers for a packed `MC×KC` block of A and `KC×NC` block of B.
 fn with_pack_buffers<R>(bl: Blocking, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
-    const ALIGN_SLACK: usize = 16;
     let a_len = bl.mc.div_ceil(bl.mr) * bl.mr * bl.kc;
     let b_len = bl.nc.div_ceil(bl.nr) * bl.nr * bl.kc;
-    let run = |bufs: &mut (Vec<f32>, Vec<f32>)| {
-        for (buf, len) in [(&mut bufs.0, a_len), (&mut bufs.1, b_len)] {
-            if buf.len() < len + ALIGN_SLACK {
-                buf.resize(len + ALIGN_SLACK, 0.0);
-            }
-        }
-        let (a, b) = (&mut bufs.0, &mut bufs.1);
-        let a_off = a.as_ptr().align_offset(64).min(ALIGN_SLACK);
-        let b_off = b.as_ptr().align_offset(64).min(ALIGN_SLACK);
-        f(&mut a[a_off..a_off + a_len], &mut b[b_off..b_off + b_len])
+    let run = |(a, b): &mut (CacheAligned, CacheAligned)| {
+        a.ensure(a_len);
+        b.ensure(b_len);
+        f(
+            &mut a.as_mut_slice()[..a_len],
+            &mut b.as_mut_slice()[..b_len],
+        )
     };
     PACK_BUFFERS.with(|cell| match cell.try_borrow_mut() {
         Ok(mut bufs) => run(&mut bufs),
         // Re-entered on this thread (cannot happen today, but stay correct if it does).
-        Err(_) => run(&mut (Vec::new(), Vec::new())),
+        Err(_) => run(&mut (CacheAligned::new(), CacheAligned::new())),
     })
 }
 
