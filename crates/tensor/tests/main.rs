@@ -1,4 +1,5 @@
 //! The tensor crate's tests: one module per subject, all in one test binary (one link, not one per file).
 
+mod concat;
 mod kernels;
 mod safetensors_files;
