@@ -864,7 +864,8 @@ impl CacheAligned {
         aligned
     }
 
-    /// Makes the buffer at least `len` floats long (zeros where it grows).
+    /// Makes the buffer at least `len` floats long. A fresh buffer is zeroed; one that grows
+    /// may be realigned, so it is scratch space: what it held is not kept in place.
     fn ensure(&mut self, len: usize) {
         if self.len < len {
             self.buf.resize(len + Self::SLACK, 0.0);
