@@ -174,6 +174,23 @@ fn layernorm_all_inputs() {
     }
 }
 
+/// An inference fast path (`fused`, every input constant) recorded no graph and gave the values
+/// of the differentiable composition it stands for, to 1e-12 relative in f64.
+fn assert_inference_matches(fused: &Var, composed: &Var) {
+    assert!(!fused.requires_grad(), "inference recorded a graph");
+    let (want, got) = (
+        composed.value().values::<f64>().unwrap(),
+        fused.value().values::<f64>().unwrap(),
+    );
+    assert_eq!(want.len(), got.len());
+    for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        assert!(
+            (w - g).abs() <= 1e-12 * (1.0 + w.abs()),
+            "element {i}: {g} vs {w}"
+        );
+    }
+}
+
 /// With gradients wanted, the FFN's fused linear + GELU differentiates through x, W and b.
 #[test]
 fn linear_gelu_all_inputs() {
@@ -211,17 +228,7 @@ fn linear_gelu_inference_matches_the_composition() {
         Some(&Var::constant(b)),
     )
     .unwrap();
-    assert!(!fused.requires_grad(), "inference recorded a graph");
-    let (want, got) = (
-        composed.value().values::<f64>().unwrap(),
-        fused.value().values::<f64>().unwrap(),
-    );
-    for (i, (w, g)) in want.iter().zip(got).enumerate() {
-        assert!(
-            (w - g).abs() <= 1e-12 * (1.0 + w.abs()),
-            "element {i}: {g} vs {w}"
-        );
-    }
+    assert_inference_matches(&fused, &composed);
 }
 
 /// With gradients wanted, the residual form differentiates through every input.
@@ -260,17 +267,7 @@ fn add_layernorm_in_place_matches_the_composition() {
         1e-12,
     )
     .unwrap();
-    assert!(!fused.requires_grad(), "inference recorded a graph");
-    let (want, got) = (
-        composed.value().values::<f64>().unwrap(),
-        fused.value().values::<f64>().unwrap(),
-    );
-    for (i, (w, g)) in want.iter().zip(got).enumerate() {
-        assert!(
-            (w - g).abs() <= 1e-12 * (1.0 + w.abs()),
-            "element {i}: {g} vs {w}"
-        );
-    }
+    assert_inference_matches(&fused, &composed);
 }
 
 #[test]
