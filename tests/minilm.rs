@@ -135,3 +135,23 @@ fn a_large_batch_in_groups_matches_sentence_transformers() {
         );
     }
 }
+
+/// Prepacking packs the frozen encoder linear weights (all 36 of them: their floats, padded to
+/// whole panels) and no weight that trains.
+#[test]
+fn prepacking_covers_every_frozen_linear_weight() {
+    let enc = encoder();
+    let c = &enc.bert.config;
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let weight_bytes = c.num_hidden_layers * (4 * h * h + 2 * h * i) * std::mem::size_of::<f32>();
+
+    let mut trainable = enc.bert.clone();
+    trainable.params.unfreeze(|_| true);
+    assert_eq!(trainable.prepack_linear_weights().unwrap(), 0);
+
+    let packed = enc.bert.prepack_linear_weights().unwrap();
+    assert!(
+        packed >= weight_bytes && packed < weight_bytes + weight_bytes / 10,
+        "packed {packed} bytes for {weight_bytes} bytes of linear weights"
+    );
+}

@@ -744,6 +744,11 @@ impl PackedB {
         PackedB::new(Isa::best(), in_features, out_features, true, w)
     }
 
+    /// Memory the packed panels hold.
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.data.as_slice())
+    }
+
     /// Whether this packs the `B` of `s` (same sizes and layout).
     pub fn matches(&self, s: &GemmShape) -> bool {
         (self.k, self.n, self.trans_b) == (s.k, s.n, s.trans_b)
