@@ -49,7 +49,10 @@ fn last_hidden_state_matches_pytorch_within_1e4() {
         let want = &fx[&format!("hidden.{j}")];
         let hidden = enc
             .bert
-            .forward(&Batch::from_ids(&[ids.clone()]), &ForwardOptions::default())
+            .forward(
+                &Batch::from_ids(std::slice::from_ref(&ids)),
+                &ForwardOptions::default(),
+            )
             .unwrap();
         assert_eq!(hidden.shape(), &[1, ids.len(), 384]);
         let diff = max_abs_diff(&hidden.value().to_vec::<f32>(), &want.to_vec::<f32>());

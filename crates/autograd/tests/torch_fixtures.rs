@@ -94,6 +94,7 @@ impl Fixture {
         let actual = actual.to_vec::<f64>();
         let expected = expected.to_vec::<f64>();
         // Written so that a NaN counts as a failure.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
         let failures: Vec<usize> = (0..actual.len())
             .filter(|&i| {
                 !((actual[i] - expected[i]).abs() <= tol.atol + tol.rtol * expected[i].abs())
