@@ -7,7 +7,7 @@
 # Outputs go to runs/pipeline/ (git-ignored). Knobs: KEEP (4), METRIC (angular), HEAL_MINUTES (5),
 # THREADS (all cores), STS_DIR (../shared/data/sts). Angular distance is the default metric because
 # its choice for 4 layers (drop 2,3) scored best on STS 2015 of the four metrics' choices
-# (README, Results); the whole run takes about 15 minutes on 2 cores.
+# (README, Results); the whole run takes 7-15 minutes on 2 cores.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
