@@ -100,12 +100,12 @@ impl Batch {
 
     /// The sequences `range` of this batch, keeping its padded length.
     pub fn sequences(&self, range: Range<usize>) -> Batch {
-        let tokens = range.start * self.seq..range.end * self.seq;
-        let mask = self.mask.to_vec::<f32>()[tokens.clone()].to_vec();
         Batch {
-            ids: self.ids[tokens].to_vec(),
-            mask: Tensor::from_vec(&[range.len(), self.seq], mask)
-                .expect("mask length is batch·seq"),
+            ids: self.ids[range.start * self.seq..range.end * self.seq].to_vec(),
+            mask: self
+                .mask
+                .rows(range.clone())
+                .expect("the mask is [batch, seq] and the range within the batch"),
             batch: range.len(),
             seq: self.seq,
         }

@@ -226,6 +226,37 @@ impl Tensor {
         }
     }
 
+    /// A copy of the slices `range` along the first dimension.
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Result<Tensor> {
+        fn copy<T: Element>(
+            t: &Tensor,
+            elements: std::ops::Range<usize>,
+            shape: &[usize],
+        ) -> Result<Tensor> {
+            Tensor::from_vec(shape, t.values::<T>()?[elements].to_vec())
+        }
+        let Some((&rows, inner)) = self.shape.split_first() else {
+            return Err(TensorError::shape("rows", "a scalar has no rows"));
+        };
+        if range.start > range.end || range.end > rows {
+            return Err(TensorError::shape(
+                "rows",
+                format!("rows {range:?} of a tensor of {rows}"),
+            ));
+        }
+        let row_len: usize = inner.iter().product();
+        let elements = range.start * row_len..range.end * row_len;
+        let mut shape = self.shape.clone();
+        shape[0] = range.len();
+        match self.dtype() {
+            DType::F32 => copy::<f32>(self, elements, &shape),
+            DType::F64 => copy::<f64>(self, elements, &shape),
+            DType::F16 => copy::<f16>(self, elements, &shape),
+            DType::BF16 => copy::<bf16>(self, elements, &shape),
+            DType::I64 => copy::<i64>(self, elements, &shape),
+        }
+    }
+
     /// Joins tensors along their first dimension; all must share the dtype and the other
     /// dimensions.
     pub fn concat(parts: &[Tensor]) -> Result<Tensor> {

@@ -1,4 +1,5 @@
-//! `Tensor::concat`: joining along the first dimension, and what it refuses.
+//! `Tensor::concat` and `Tensor::rows`: joining and slicing along the first dimension, and what
+//! they refuse.
 
 use scalpel_tensor::{DType, Tensor};
 
@@ -26,4 +27,19 @@ fn concat_refuses_mismatched_parts() {
         let err = Tensor::concat(&parts).unwrap_err().to_string();
         assert!(err.contains(what), "{err:?} should name {what}");
     }
+}
+
+#[test]
+fn rows_copies_a_slice_that_concat_reassembles() {
+    let t = Tensor::from_vec(&[4, 3], (0..12).map(i64::from).collect()).unwrap();
+    let (head, tail) = (t.rows(0..1).unwrap(), t.rows(1..4).unwrap());
+    assert_eq!(head.shape(), &[1, 3]);
+    assert_eq!(
+        tail.values::<i64>().unwrap(),
+        &(3..12).collect::<Vec<i64>>()[..]
+    );
+    assert_eq!(Tensor::concat(&[head, tail]).unwrap(), t);
+    assert_eq!(t.rows(2..2).unwrap().shape(), &[0, 3]);
+    let err = t.rows(3..5).unwrap_err().to_string();
+    assert!(err.contains("3..5") && err.contains("of 4"), "{err}");
 }
