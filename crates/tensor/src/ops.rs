@@ -143,8 +143,8 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     linear_with(x, w, None, b, Activation::Identity)
 }
 
-/// [`linear`] with `W` also packed in advance ([`PackedB::for_linear`]): the same result
-/// without packing `W` again on every call.
+/// [`linear`] with `W` also packed in advance ([`PackedB::for_linear`]): the same result (to
+/// rounding, for inputs of at most 8 rows) without packing `W` again on every call.
 pub fn linear_prepacked(
     x: &Tensor,
     w: &Tensor,
