@@ -858,7 +858,7 @@ struct CacheAligned {
 
 impl CacheAligned {
     /// Floats of slack that let `start` reach a boundary.
-    const SLACK: usize = 64 / std::mem::size_of::<f32>();
+    const SLACK: usize = CACHE_LINE_FLOATS;
 
     const fn new() -> CacheAligned {
         CacheAligned {
@@ -879,7 +879,11 @@ impl CacheAligned {
     fn ensure(&mut self, len: usize) {
         if self.len < len {
             self.buf.resize(len + Self::SLACK, 0.0);
-            self.start = self.buf.as_ptr().align_offset(64).min(Self::SLACK);
+            self.start = self
+                .buf
+                .as_ptr()
+                .align_offset(CACHE_LINE_BYTES)
+                .min(Self::SLACK);
             self.len = len;
         }
     }
@@ -1083,7 +1087,8 @@ const PACK_PREFETCH_AHEAD: usize = 64;
 /// measurable (1024³ GEMM, 32×128 forward and train step).
 const B_PREFETCH_STEPS: usize = 64;
 
-const CACHE_LINE_FLOATS: usize = 64 / std::mem::size_of::<f32>();
+const CACHE_LINE_BYTES: usize = 64;
+const CACHE_LINE_FLOATS: usize = CACHE_LINE_BYTES / std::mem::size_of::<f32>();
 
 /// Hints that the cache line holding `x` will be read soon. Any address will do: a prefetch is
 /// never dereferenced.
