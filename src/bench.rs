@@ -13,7 +13,7 @@ use scalpel_models::sentence::SentenceEncoder;
 use scalpel_models::tokenizer::Batch;
 use scalpel_surgery::cut::keep_layers;
 use scalpel_tensor::cpu::gemm::{gemm, GemmShape};
-use scalpel_tensor::Tensor;
+use scalpel_tensor::{Device, Tensor};
 
 /// Any error a workload reports.
 pub type BenchResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
@@ -185,21 +185,29 @@ pub struct ForwardWorkload {
 }
 
 impl ForwardWorkload {
-    pub fn new(model: &Path, batch: usize, seq: usize) -> BenchResult<ForwardWorkload> {
-        let encoder = SentenceEncoder::load(model)?;
+    /// The model's weights go to `device` once; each run sends the batch and reads back the
+    /// embeddings, as an embedding request would.
+    pub fn new(
+        model: &Path,
+        batch: usize,
+        seq: usize,
+        device: &Device,
+    ) -> BenchResult<ForwardWorkload> {
+        let mut encoder = SentenceEncoder::load(model)?;
         check_seq(&encoder, seq)?;
+        encoder.to_device(device)?;
         Ok(ForwardWorkload {
             encoder,
             batch: synthetic_batch(batch, seq),
         })
     }
 
-    /// One forward plus pooling; returns the `[batch, hidden]` embeddings.
+    /// One forward plus pooling; returns the `[batch, hidden]` embeddings on the host.
     pub fn run(&self) -> BenchResult<Tensor> {
         let emb = self
             .encoder
             .embed_batch(&self.batch, &ForwardOptions::default())?;
-        Ok(emb.value().clone())
+        Ok(emb.value().to_host()?)
     }
 }
 
@@ -231,13 +239,14 @@ pub const TRAIN_LR: f64 = 1e-5;
 pub const TRAIN_WEIGHT_DECAY: f64 = 0.01;
 
 impl TrainWorkload {
-    /// Loads the model, removes the `drop` layers in memory (renumbering the rest), and makes
-    /// every float parameter trainable.
+    /// Loads the model, removes the `drop` layers in memory (renumbering the rest), makes
+    /// every float parameter trainable and moves the model to `device`.
     pub fn new(
         model: &Path,
         batch: usize,
         seq: usize,
         drop: &[usize],
+        device: &Device,
     ) -> BenchResult<TrainWorkload> {
         let mut encoder = SentenceEncoder::load(model)?;
         check_seq(&encoder, seq)?;
@@ -253,11 +262,12 @@ impl TrainWorkload {
             encoder.bert = keep_layers(&encoder.bert, &kept)?;
         }
         encoder.bert.params.unfreeze(|_| true);
+        encoder.to_device(device)?;
         let hidden = encoder.bert.config.hidden_size;
-        let target = Var::constant(Tensor::from_vec(
+        let target = Var::constant(device.place(&Tensor::from_vec(
             &[batch, hidden],
             synthetic_target(batch * hidden),
-        )?);
+        )?)?);
         Ok(TrainWorkload {
             encoder,
             batch: synthetic_batch(batch, seq),

@@ -131,7 +131,7 @@ pub fn run(a: Args) -> CliResult {
             common,
         } => {
             check_batch(batch)?;
-            let w = ForwardWorkload::new(&model, batch, seq)?;
+            let w = ForwardWorkload::new(&model, batch, seq, super::device())?;
             let t = measure(common.warmup, runs(&common)?, || {
                 w.run()?;
                 Ok(())
@@ -155,7 +155,7 @@ pub fn run(a: Args) -> CliResult {
                 Some(text) => parse_layer_list(&text)?,
                 None => Vec::new(),
             };
-            let mut w = TrainWorkload::new(&model, batch, seq, &drop)?;
+            let mut w = TrainWorkload::new(&model, batch, seq, &drop, super::device())?;
             let t = measure(common.warmup, runs(&common)?, || w.step())?;
             if !w.last_loss.is_finite() {
                 return Err(

@@ -1,6 +1,5 @@
 use std::path::PathBuf;
 
-use scalpel::models::sentence::SentenceEncoder;
 use serde_json::json;
 
 use super::{read_lines, write_atomically, CliResult};
@@ -22,7 +21,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> CliResult {
     let lines = read_lines(&a.input)?;
-    let encoder = SentenceEncoder::load(&a.model)?;
+    let encoder = super::load_encoder(&a.model)?;
     let started = std::time::Instant::now();
     let embeddings = encoder.embed(&lines, a.batch_size)?;
     let dim = embeddings.dim(-1);

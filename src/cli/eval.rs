@@ -1,6 +1,5 @@
 use std::path::PathBuf;
 
-use scalpel::models::sentence::SentenceEncoder;
 use scalpel::surgery::data::{read_pairs, PairFile};
 use scalpel::surgery::eval::evaluate;
 
@@ -31,11 +30,11 @@ pub fn run(a: Args) -> CliResult {
     if let Some(f) = files.iter().find(|f| f.scored().next().is_none()) {
         return Err(format!("{}: no scored pairs to evaluate", f.path.display()).into());
     }
-    let model = SentenceEncoder::load(&a.model)?;
+    let model = super::load_encoder(&a.model)?;
     let teacher = a
         .teacher
         .as_deref()
-        .map(SentenceEncoder::load)
+        .map(super::load_encoder)
         .transpose()?;
     let report = evaluate(&model, &files, teacher.as_ref())?;
     if a.json {

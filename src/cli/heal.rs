@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use scalpel::autograd::optim::Schedule;
-use scalpel::models::sentence::SentenceEncoder;
 use scalpel::surgery::checkpoint::check_output;
 use scalpel::surgery::data::{read_pairs, read_positive_pairs, read_training_text, PairFile};
 use scalpel::surgery::heal::{
@@ -159,9 +158,9 @@ pub fn run(a: Args) -> CliResult {
         .iter()
         .map(|p| read_pairs(p))
         .collect::<Result<_, _>>()?;
-    let mut student = SentenceEncoder::load(&student_dir)?;
+    let mut student = super::load_encoder(&student_dir)?;
     let teacher = match (&a.teacher, &data) {
-        (Some(t), _) => Some(SentenceEncoder::load(t)?),
+        (Some(t), _) => Some(super::load_encoder(t)?),
         (None, TrainingData::Sentences { .. }) => {
             return Err("--teacher is required for the mse and cosine (distillation) losses".into())
         }

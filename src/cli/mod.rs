@@ -36,6 +36,11 @@ pub struct Cli {
         value_name = "auto|cpu|cuda|emu"
     )]
     device: scalpel::autograd::device::DeviceKind,
+    /// Writes the device runtime's counters to FILE as JSON at exit: host→device and
+    /// device→host bytes, driver allocations and frees, kernel launches, peak device bytes
+    /// (all zero on the CPU).
+    #[arg(long, global = true, value_name = "FILE")]
+    device_stats: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -71,10 +76,38 @@ pub fn run(cli: Cli) -> CliResult {
         }
         scalpel::tensor::threads::set_num_threads(n);
     }
-    let (device, picked) = scalpel::autograd::device::Device::resolve(cli.device)?;
-    eprintln!("device: {picked}");
-    scalpel::autograd::device::set_device(device);
-    match cli.command {
+    let (device, fallback) = scalpel::autograd::device::resolve(cli.device)?;
+    match fallback {
+        Some(why) => eprintln!("device: {} ({why})", device.name()),
+        None => eprintln!("device: {}", device.name()),
+    }
+    let _ = DEVICE.set(device);
+    let result = run_command(cli.command);
+    if let Some(path) = &cli.device_stats {
+        let stats = self::device().stats().unwrap_or_default();
+        let mut json = serde_json::to_value(stats)?;
+        json["device"] = self::device().name().into();
+        write_atomically(path, serde_json::to_string_pretty(&json)?.as_bytes(), &[])?;
+    }
+    result
+}
+
+static DEVICE: std::sync::OnceLock<scalpel::tensor::Device> = std::sync::OnceLock::new();
+
+/// The device `--device` resolved to: commands move their models there once.
+pub fn device() -> &'static scalpel::tensor::Device {
+    DEVICE.get_or_init(Default::default)
+}
+
+/// Loads a sentence encoder and moves it to [`device`].
+pub fn load_encoder(dir: &Path) -> CliResult<scalpel::models::sentence::SentenceEncoder> {
+    let mut encoder = scalpel::models::sentence::SentenceEncoder::load(dir)?;
+    encoder.to_device(device())?;
+    Ok(encoder)
+}
+
+fn run_command(command: Command) -> CliResult {
+    match command {
         Command::Embed(a) => embed::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Similarity(a) => similarity::run(a),

@@ -1,6 +1,5 @@
 use std::path::PathBuf;
 
-use scalpel::models::sentence::SentenceEncoder;
 use scalpel::surgery::checkpoint::check_output;
 use scalpel::surgery::data::read_pairs;
 use scalpel::surgery::head::{train_new_head, write_head_model, NewHeadOptions};
@@ -51,7 +50,7 @@ pub fn run(a: Args) -> CliResult {
     check_output(&a.model, &a.output, a.force)?;
     let train = read_pairs(&a.train)?;
     let eval = read_pairs(&a.eval)?;
-    let mut encoder = SentenceEncoder::load(&a.model)?;
+    let mut encoder = super::load_encoder(&a.model)?;
     let opts = NewHeadOptions {
         labels: a.labels,
         freeze_backbone: a.freeze_backbone,

@@ -1,7 +1,6 @@
 use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
-use scalpel::models::sentence::SentenceEncoder;
 use scalpel::surgery::chart::{score_html, score_svg};
 use scalpel::surgery::score::{score_layers, Calibration, Metric, ScoreOptions, ScoreReport};
 
@@ -58,7 +57,7 @@ impl Scoring {
             }
             MetricArg::All => Metric::ALL.to_vec(),
         };
-        let mut encoder = SentenceEncoder::load(model)?;
+        let mut encoder = super::load_encoder(model)?;
         let opts = ScoreOptions {
             metrics,
             span: self.span,

@@ -1,6 +1,5 @@
 use std::path::PathBuf;
 
-use scalpel::models::sentence::SentenceEncoder;
 
 use super::{read_lines, CliResult};
 
@@ -15,7 +14,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> CliResult {
     let lines = read_lines(&a.input)?;
-    let encoder = SentenceEncoder::load(&a.model)?;
+    let encoder = super::load_encoder(&a.model)?;
     let emb = encoder.embed(&lines, 32)?;
     let dim = emb.dim(-1);
     let rows: Vec<Vec<f64>> = emb

@@ -1,21 +1,19 @@
 //! Where the ops run: the CPU kernels of `scalpel-tensor`, or the CUDA kernels of `scalpel-cuda`
 //! on a GPU or on the CPU emulator (the same `.cu` sources, one host launch path).
 //!
-//! The device is chosen per thread: [`with_device`] scopes one, otherwise the process default
-//! ([`set_device`], the CLI's `--device`) applies. An op records the device it ran on in its
-//! backward node, so the backward runs where the forward did whenever `backward()` is called.
-//!
-//! Tensors stay host-resident: a CUDA op uploads its inputs, launches, and downloads its outputs
-//! (device-resident tensors are not implemented yet). Only f32 runs on the kernels; other dtypes
-//! (the f64 gradient checks) and ops without a kernel run on the CPU whatever the device.
+//! An op runs where its inputs are: a tensor's storage knows its device
+//! ([`scalpel_tensor::Device`]), host tensors run the CPU kernels and device tensors their
+//! backend's ([`backend_of`]); a backward runs where its gradient and saved tensors are. Nothing
+//! moves between host and device except by [`Device::place`] / [`Tensor::to_host`] (and the ids
+//! and read-back scalars an op needs), so a model or a parameter set moves once.
 
-use std::cell::RefCell;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::RwLock;
+use std::sync::Arc;
 
-use scalpel_cuda::{DeviceBuffer, Runtime};
-use scalpel_tensor::{DType, Tensor};
+use scalpel_cuda::Runtime;
+pub use scalpel_tensor::Device;
+use scalpel_tensor::{Backend, Tensor};
 
 use crate::{AutogradError, Result};
 
@@ -59,149 +57,66 @@ impl fmt::Display for DeviceKind {
     }
 }
 
-/// A resolved device. Cheap to clone.
-#[derive(Clone, Debug, Default)]
-pub enum Device {
-    #[default]
-    Cpu,
-    /// The CUDA kernels on `Runtime` (a GPU or the emulator).
-    Cuda(Runtime),
+/// The CUDA kernels on the CPU emulator. Always available.
+pub fn emulator() -> Device {
+    Device::Accelerator(Arc::new(Runtime::emulator()))
 }
 
-impl Device {
-    /// The CUDA kernels on the CPU emulator. Always available.
-    pub fn emulator() -> Device {
-        Device::Cuda(Runtime::emulator())
-    }
+/// GPU `ordinal`; the error names every missing piece (driver library, NVRTC, headers, GPU).
+pub fn cuda(ordinal: usize) -> Result<Device> {
+    scalpel_cuda::gpu_runtime(ordinal)
+        .map(|rt| Device::Accelerator(Arc::new(rt)))
+        .map_err(|missing| {
+            AutogradError::Device(format!(
+                "CUDA is not usable on this machine: {}",
+                missing.join("; ")
+            ))
+        })
+}
 
-    /// GPU `ordinal`; the error names every missing piece (driver library, NVRTC, headers, GPU).
-    pub fn cuda(ordinal: usize) -> Result<Device> {
-        scalpel_cuda::gpu_runtime(ordinal)
-            .map(Device::Cuda)
-            .map_err(|missing| {
-                AutogradError::Device(format!(
-                    "CUDA is not usable on this machine: {}",
-                    missing.join("; ")
-                ))
-            })
+/// Resolves `kind`. Returns the device and, for `auto` falling back to the CPU, why (for
+/// example `no CUDA: CUDA driver library ...`).
+pub fn resolve(kind: DeviceKind) -> Result<(Device, Option<String>)> {
+    match kind {
+        DeviceKind::Cpu => Ok((Device::Cpu, None)),
+        DeviceKind::Emu => Ok((emulator(), None)),
+        DeviceKind::Cuda => Ok((cuda(0)?, None)),
+        DeviceKind::Auto => match scalpel_cuda::gpu_runtime(0) {
+            Ok(rt) => Ok((Device::Accelerator(Arc::new(rt)), None)),
+            Err(missing) => Ok((
+                Device::Cpu,
+                Some(format!("no CUDA: {}", missing.join("; "))),
+            )),
+        },
     }
+}
 
-    /// Resolves `kind`. Returns the device and one line saying what was picked and, for `auto`
-    /// falling back to the CPU, why (for example `cpu (no CUDA: CUDA driver library ...)`).
-    pub fn resolve(kind: DeviceKind) -> Result<(Device, String)> {
-        match kind {
-            DeviceKind::Cpu => Ok((Device::Cpu, "cpu".into())),
-            DeviceKind::Emu => {
-                let d = Device::emulator();
-                let line = d.describe();
-                Ok((d, line))
-            }
-            DeviceKind::Cuda => {
-                let d = Device::cuda(0)?;
-                let line = d.describe();
-                Ok((d, line))
-            }
-            DeviceKind::Auto => match scalpel_cuda::gpu_runtime(0) {
-                Ok(rt) => {
-                    let d = Device::Cuda(rt);
-                    let line = d.describe();
-                    Ok((d, line))
+/// The device backend `op` runs on: `None` when every tensor is on the host (the CPU kernels),
+/// the backend when all are on one device; an error naming both devices when they are mixed.
+pub fn backend_of(op: &str, tensors: &[&Tensor]) -> Result<Option<Arc<dyn Backend>>> {
+    let mut found: Option<(usize, Arc<dyn Backend>)> = None;
+    let mut host = None;
+    for (i, t) in tensors.iter().enumerate() {
+        match t.device() {
+            Device::Cpu => host = host.or(Some(i)),
+            Device::Accelerator(b) => match &found {
+                Some((_, first)) if first.id() != b.id() => {
+                    return Err(mixed(op, &first.name(), &b.name()))
                 }
-                Err(missing) => Ok((
-                    Device::Cpu,
-                    format!("cpu (no CUDA: {})", missing.join("; ")),
-                )),
+                Some(_) => {}
+                None => found = Some((i, b)),
             },
         }
     }
-
-    /// `cpu`, `emu (CPU emulator)` or `cuda (NVIDIA H100 ... (sm_90))`.
-    pub fn describe(&self) -> String {
-        match self {
-            Device::Cpu => "cpu".into(),
-            Device::Cuda(rt) if rt.is_emulator() => format!("emu ({})", rt.name()),
-            Device::Cuda(rt) => format!("cuda ({})", rt.name()),
-        }
-    }
-
-    pub fn runtime(&self) -> Option<&Runtime> {
-        match self {
-            Device::Cpu => None,
-            Device::Cuda(rt) => Some(rt),
-        }
-    }
-
-    pub fn is_cpu(&self) -> bool {
-        matches!(self, Device::Cpu)
+    match (found, host) {
+        (Some((i, b)), Some(h)) => Err(AutogradError::Device(format!(
+            "{op}: input {i} is on {} but input {h} is on the cpu (move both with to_device)",
+            b.name()
+        ))),
+        (found, _) => Ok(found.map(|(_, b)| b)),
     }
 }
 
-static DEFAULT: RwLock<Option<Device>> = RwLock::new(None);
-
-thread_local! {
-    static SCOPED: RefCell<Option<Device>> = const { RefCell::new(None) };
-}
-
-/// Sets the process-wide default device (threads without a [`with_device`] scope use it).
-pub fn set_device(device: Device) {
-    *DEFAULT.write().unwrap_or_else(|e| e.into_inner()) = Some(device);
-}
-
-/// The device ops on this thread run on now: the innermost [`with_device`] scope, else the
-/// process default, else the CPU.
-pub fn current() -> Device {
-    SCOPED
-        .with(|s| s.borrow().clone())
-        .or_else(|| DEFAULT.read().unwrap_or_else(|e| e.into_inner()).clone())
-        .unwrap_or_default()
-}
-
-/// Runs `f` with ops on this thread dispatched to `device`, then restores the previous choice
-/// (also when `f` panics).
-pub fn with_device<R>(device: Device, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<Device>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let previous = self.0.take();
-            SCOPED.with(|s| *s.borrow_mut() = previous);
-        }
-    }
-    let previous = SCOPED.with(|s| s.borrow_mut().replace(device));
-    let _restore = Restore(previous);
-    f()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Helpers of the ops' CUDA branches.
-
-/// The runtime to run an op on: the current device's, when it is CUDA and every tensor is f32.
-pub(crate) fn runtime_for(tensors: &[&Tensor]) -> Option<Runtime> {
-    match current() {
-        Device::Cuda(rt) if tensors.iter().all(|t| t.dtype() == DType::F32) => Some(rt),
-        _ => None,
-    }
-}
-
-/// `rt` again for a backward, when the gradient is f32 too.
-pub(crate) fn backward_runtime(rt: &Option<Runtime>, grad: &Tensor) -> Option<Runtime> {
-    rt.as_ref().filter(|_| grad.dtype() == DType::F32).cloned()
-}
-
-pub(crate) fn upload(rt: &Runtime, t: &Tensor) -> Result<DeviceBuffer<f32>> {
-    Ok(rt.upload(t.values::<f32>()?)?)
-}
-
-pub(crate) fn upload_ids(rt: &Runtime, ids: &[usize]) -> Result<DeviceBuffer<i32>> {
-    let ids = ids
-        .iter()
-        .map(|&i| {
-            i32::try_from(i)
-                .map_err(|_| AutogradError::Device(format!("index {i} does not fit a 32-bit int")))
-        })
-        .collect::<Result<Vec<i32>>>()?;
-    Ok(rt.upload(&ids)?)
-}
-
-pub(crate) fn download(buffer: &DeviceBuffer<f32>, shape: &[usize]) -> Result<Tensor> {
-    Ok(Tensor::from_vec(shape, buffer.to_host()?)?)
+fn mixed(op: &str, a: &str, b: &str) -> AutogradError {
+    AutogradError::Device(format!("{op}: inputs on two devices, {a} and {b}"))
 }

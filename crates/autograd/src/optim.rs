@@ -13,10 +13,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use scalpel_cuda::{ops as cuda, Runtime};
-use scalpel_tensor::{safetensors, DType, Float, Tensor};
+use scalpel_tensor::backend::AdamUpdate;
+use scalpel_tensor::{safetensors, DType, Device, Float, Tensor};
 
-use crate::device::{runtime_for, upload};
+use crate::device::backend_of;
 use crate::{AutogradError, Gradients, Params, Result};
 
 /// Which weight decay rule applies.
@@ -95,20 +95,37 @@ impl Adam {
             } else {
                 0.0
             };
-            let moments = self
-                .state
-                .entry(name.to_string())
-                .or_insert_with(|| Moments {
-                    step: 0,
-                    m: Tensor::zeros(grad.shape(), grad.dtype()),
-                    v: Tensor::zeros(grad.shape(), grad.dtype()),
-                });
+            let device = grad.device();
+            if !self.state.contains_key(name) {
+                let zeros = || -> Result<Tensor> {
+                    Ok(match &device {
+                        Device::Cpu => Tensor::zeros(grad.shape(), grad.dtype()),
+                        Device::Accelerator(be) => be.full(grad.shape(), 0.0)?,
+                    })
+                };
+                let (m, v) = (zeros()?, zeros()?);
+                self.state
+                    .insert(name.to_string(), Moments { step: 0, m, v });
+            }
+            let moments = self.state.get_mut(name).expect("inserted above");
+            // State restored from a checkpoint is on the host until its first step on a device.
+            if moments.m.device() != device {
+                moments.m = device.place(&moments.m)?;
+                moments.v = device.place(&moments.v)?;
+            }
             moments.step += 1;
             let p = var.value_mut()?;
-            let rt = runtime_for(&[p, grad, &moments.m, &moments.v])
-                .filter(|_| p.shape() == grad.shape() && moments.m.shape() == grad.shape());
-            if let Some(rt) = rt {
-                update_cuda(&rt, &self.config, lr, wd, moments, p, grad)?;
+            if let Some(be) = backend_of("adam", &[p, grad])? {
+                let update = AdamUpdate {
+                    lr,
+                    beta1: self.config.beta1,
+                    beta2: self.config.beta2,
+                    eps: self.config.eps,
+                    weight_decay: wd,
+                    decoupled: self.config.decay == Decay::Decoupled,
+                    step: moments.step,
+                };
+                be.adam_update(&update, p, grad, &mut moments.m, &mut moments.v)?;
                 continue;
             }
             match p.dtype() {
@@ -202,60 +219,27 @@ fn update<F: Float>(
     Ok(())
 }
 
-/// [`update`] as one fused `adamw_step_f32` launch on `rt` (host-resident state: uploaded,
-/// updated, downloaded).
-fn update_cuda(
-    rt: &Runtime,
-    c: &AdamConfig,
-    lr: f64,
-    wd: f64,
-    s: &mut Moments,
-    p: &mut Tensor,
-    g: &Tensor,
-) -> Result<()> {
-    let step = cuda::AdamStep {
-        lr,
-        beta1: c.beta1,
-        beta2: c.beta2,
-        eps: c.eps,
-        weight_decay: wd,
-        decay: match c.decay {
-            Decay::Decoupled => cuda::WeightDecay::Decoupled,
-            Decay::L2 => cuda::WeightDecay::L2,
-        },
-        step: u32::try_from(s.step)
-            .map_err(|_| AutogradError::Optim(format!("step {} is too large", s.step)))?,
-    };
-    let (mut pd, mut md, mut vd) = (upload(rt, p)?, upload(rt, &s.m)?, upload(rt, &s.v)?);
-    cuda::adam_step(rt, &step, &mut pd, &upload(rt, g)?, &mut md, &mut vd)?;
-    p.values_mut::<f32>()?.copy_from_slice(&pd.to_host()?);
-    s.m.values_mut::<f32>()?.copy_from_slice(&md.to_host()?);
-    s.v.values_mut::<f32>()?.copy_from_slice(&vd.to_host()?);
-    Ok(())
-}
-
 /// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before
-/// clipping (PyTorch's `clip_grad_norm_`, including its 1e-6 guard). On a CUDA device the sums of
-/// squares (one reduction per f32 gradient, added in f64) and the scaling run on the kernels.
+/// clipping (PyTorch's `clip_grad_norm_`, including its 1e-6 guard). On a device the sum of
+/// squares is one reduction over every gradient, read back once, and the scaling runs there too.
 pub fn clip_grad_norm(grads: &mut Gradients, params: &Params, max_norm: f64) -> Result<f64> {
-    let mut total = 0.0;
-    for (_, var) in params.iter() {
-        if let Some(g) = grads.get(var) {
-            total += match runtime_for(&[g]) {
-                Some(rt) => cuda::sum_of_squares(&rt, &upload(&rt, g)?)? as f64,
-                None => g.to_vec::<f64>().iter().map(|x| x * x).sum::<f64>(),
-            };
-        }
-    }
+    let present: Vec<&Tensor> = params.iter().filter_map(|(_, v)| grads.get(v)).collect();
+    let total = match backend_of("clip_grad_norm", &present)? {
+        Some(be) => be.sum_of_squares(&present)?,
+        None => present
+            .iter()
+            .map(|g| g.to_vec::<f64>().iter().map(|x| x * x).sum::<f64>())
+            .sum(),
+    };
     let norm = total.sqrt();
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         for (_, var) in params.iter() {
             if let Some(g) = grads.get_mut(var) {
-                *g = match runtime_for(&[g]) {
-                    Some(rt) => crate::ops::scale_cuda(&rt, g, coef)?,
-                    None => scalpel_tensor::ops::scale(g, coef)?,
-                };
+                match backend_of("clip_grad_norm", &[g])? {
+                    Some(be) => be.scale_in_place(g, coef)?,
+                    None => *g = scalpel_tensor::ops::scale(g, coef)?,
+                }
             }
         }
     }

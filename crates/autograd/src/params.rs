@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use scalpel_tensor::Tensor;
+use scalpel_tensor::{DType, Device, Tensor};
 
 use crate::{AutogradError, Result, Var};
 
@@ -101,7 +101,21 @@ impl Params {
         self.entries.is_empty()
     }
 
-    /// Snapshot of the values, e.g. for saving.
+    /// Moves every f32 entry to `device` (once: entries already there stay as they are; integer
+    /// entries such as `position_ids`, which no kernel reads, stay on the host). Entries keep
+    /// their identity and trainability.
+    pub fn to_device(&mut self, device: &Device) -> Result<()> {
+        for var in self.entries.values_mut() {
+            if var.value().dtype() == DType::F32 && var.value().device() != *device {
+                let moved = device.place(var.value())?;
+                *var.value_mut()? = moved;
+            }
+        }
+        Ok(())
+    }
+
+    /// Snapshot of the values, e.g. for saving (device entries stay where they are; saving reads
+    /// them back).
     pub fn to_tensors(&self) -> BTreeMap<String, Tensor> {
         self.entries
             .iter()

@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use scalpel_tensor::cpu::gemm::PackedB;
-use scalpel_tensor::{ops as tops, DType, Tensor};
+use scalpel_tensor::{DType, Tensor};
 
 use crate::{AutogradError, Result};
 
@@ -157,10 +157,8 @@ impl Var {
         }
         let order = self.topological_order();
         let mut grads: HashMap<u64, Tensor> = HashMap::new();
-        grads.insert(
-            self.id(),
-            Tensor::full(self.shape(), 1.0f64).to_dtype(self.value().dtype()),
-        );
+        let seed = Tensor::full(self.shape(), 1.0f64).to_dtype(self.value().dtype());
+        grads.insert(self.id(), self.value().device().place(&seed)?);
         let mut leaves = HashMap::new();
         for var in order.iter().rev() {
             let Some(grad) = grads.remove(&var.id()) else {
@@ -186,7 +184,7 @@ impl Var {
                     )));
                 }
                 let merged = match grads.remove(&input.id()) {
-                    Some(prev) => tops::add(&prev, &g)?,
+                    Some(prev) => crate::ops::add_tensors(&prev, &g)?,
                     None => g,
                 };
                 grads.insert(input.id(), merged);

@@ -1,9 +1,10 @@
-//! Device dispatch: every op's forward and backward, AdamW and gradient clipping through the CUDA
-//! kernels (on the CPU emulator) against the CPU path; device selection and scoping.
+//! Device dispatch: every op's forward and backward, AdamW and gradient clipping on device-resident
+//! tensors through the CUDA kernels (on the CPU emulator) against the CPU path; what moves between
+//! host and device; device selection.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use scalpel_autograd::device::{current, with_device, Device, DeviceKind};
+use scalpel_autograd::device::{self, Device, DeviceKind};
 use scalpel_autograd::optim::{clip_grad_norm, Adam, AdamConfig};
 use scalpel_autograd::{ops, Params, Result, Var};
 use scalpel_tensor::{DType, Tensor};
@@ -21,6 +22,7 @@ fn random(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
 
 fn rel_error(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.shape(), b.shape());
+    let (a, b) = (a.to_host().unwrap(), b.to_host().unwrap());
     let (a, b) = (a.to_vec::<f64>(), b.to_vec::<f64>());
     let diff = a
         .iter()
@@ -32,33 +34,52 @@ fn rel_error(a: &Tensor, b: &Tensor) -> f64 {
     diff / norm.max(1e-30)
 }
 
-/// Runs `f` over fresh parameters made from `inputs` on `device`; returns the output and the
-/// gradient of an MSE against a fixed target for every input.
+/// Runs `f` over fresh parameters made from `inputs`, placed on `device`; returns the output and
+/// the gradient of an MSE against a fixed target for every input, each checked to be on `device`.
 fn run(
-    device: Device,
+    device: &Device,
     inputs: &[Tensor],
     f: &dyn Fn(&[Var]) -> Result<Var>,
 ) -> (Tensor, Vec<Option<Tensor>>) {
-    with_device(device, || {
-        let vars: Vec<Var> = inputs.iter().cloned().map(Var::parameter).collect();
-        let out = f(&vars).unwrap();
-        let target = Tensor::from_vec(
-            out.shape(),
-            (0..out.value().numel())
-                .map(|i| (i as f32 * 0.37).sin())
-                .collect::<Vec<f32>>(),
-        )
-        .unwrap();
-        let loss = ops::mse_loss(&out, &Var::constant(target)).unwrap();
-        let grads = loss.backward().unwrap();
-        let grads = vars.iter().map(|v| grads.get(v).cloned()).collect();
-        (out.value().clone(), grads)
-    })
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::parameter(device.place(t).unwrap()))
+        .collect();
+    let out = f(&vars).unwrap();
+    // A loss is a host scalar (it is read back anyway); every other output stays on the device.
+    if out.value().numel() > 1 {
+        assert_eq!(out.value().device(), *device, "output left the device");
+    }
+    let target = Tensor::from_vec(
+        out.shape(),
+        (0..out.value().numel())
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect::<Vec<f32>>(),
+    )
+    .unwrap();
+    let target = Var::constant(out.value().device().place(&target).unwrap());
+    let loss = ops::mse_loss(&out, &target).unwrap();
+    let grads = loss.backward().unwrap();
+    let grads = vars
+        .iter()
+        .map(|v| {
+            grads.get(v).map(|g| {
+                assert_eq!(g.device(), *device, "a gradient left the device");
+                g.to_host().unwrap()
+            })
+        })
+        .collect();
+    (out.value().to_host().unwrap(), grads)
+}
+
+/// Places a constant (a mask) where the op's other inputs are: the first input's device.
+fn like(v: &Var, t: &Tensor) -> Var {
+    Var::constant(v.value().device().place(t).unwrap())
 }
 
 fn assert_same_on_emulator(op: &str, inputs: &[Tensor], f: &dyn Fn(&[Var]) -> Result<Var>) {
-    let (cpu_out, cpu_grads) = run(Device::Cpu, inputs, f);
-    let (emu_out, emu_grads) = run(Device::emulator(), inputs, f);
+    let (cpu_out, cpu_grads) = run(&Device::Cpu, inputs, f);
+    let (emu_out, emu_grads) = run(&device::emulator(), inputs, f);
     let e = rel_error(&cpu_out, &emu_out);
     assert!(e < 1e-5, "{op} forward: relative error {e:e}");
     for (i, (c, g)) in cpu_grads.iter().zip(&emu_grads).enumerate() {
@@ -104,7 +125,7 @@ fn every_op_on_the_emulator_matches_the_cpu() {
     );
     let m = mask.clone();
     assert_same_on_emulator("attention", &[q, k, v], &move |v| {
-        ops::attention(&v[0], &v[1], &v[2], &Var::constant(m.clone()), h)
+        ops::attention(&v[0], &v[1], &v[2], &like(&v[0], &m), h)
     });
     let gamma = random(&mut rng, &[d], 1.0);
     let beta = random(&mut rng, &[d], 1.0);
@@ -125,7 +146,7 @@ fn every_op_on_the_emulator_matches_the_cpu() {
     assert_same_on_emulator(
         "mean_pool + l2_normalize",
         std::slice::from_ref(&x),
-        &move |v| ops::l2_normalize(&ops::mean_pool(&v[0], &Var::constant(m.clone()))?),
+        &move |v| ops::l2_normalize(&ops::mean_pool(&v[0], &like(&v[0], &m))?),
     );
     let logits = random(&mut rng, &[4, 6], 2.0);
     assert_same_on_emulator("cross_entropy", &[logits], &|v| {
@@ -140,8 +161,8 @@ fn every_op_on_the_emulator_matches_the_cpu() {
     );
 }
 
-fn adam_run(device: Device, p0: &[Tensor], g: &[Tensor], max_norm: f64) -> (Vec<Tensor>, f64) {
-    with_device(device, || {
+fn adam_run(device: &Device, p0: &[Tensor], g: &[Tensor], max_norm: f64) -> (Vec<Tensor>, f64) {
+    (|| {
         let mut params = Params::default();
         for (i, p) in p0.iter().enumerate() {
             let name = if i == 0 {
@@ -151,6 +172,7 @@ fn adam_run(device: Device, p0: &[Tensor], g: &[Tensor], max_norm: f64) -> (Vec<
             };
             params.insert(name, Var::parameter(p.clone()));
         }
+        params.to_device(device)?;
         let mut adam = Adam::new(AdamConfig::adamw(0.1), |n| !n.contains("bias"));
         let mut norm = 0.0;
         for step in 0..3 {
@@ -159,7 +181,7 @@ fn adam_run(device: Device, p0: &[Tensor], g: &[Tensor], max_norm: f64) -> (Vec<
             for (i, (_, var)) in params.iter().enumerate() {
                 let c = ops::linear(
                     &ops::reshape(var, &[1, var.value().numel()])?,
-                    &Var::constant(g[i].clone().reshape(&[1, g[i].numel()])?),
+                    &Var::constant(device.place(&g[i].clone().reshape(&[1, g[i].numel()])?)?),
                     None,
                 )?;
                 terms.push(ops::scale(&c, step as f64 + 1.0)?);
@@ -173,10 +195,16 @@ fn adam_run(device: Device, p0: &[Tensor], g: &[Tensor], max_norm: f64) -> (Vec<
             adam.step(&mut params, &grads, 0.01)?;
         }
         Ok::<_, scalpel_autograd::AutogradError>((
-            params.iter().map(|(_, v)| v.value().clone()).collect(),
+            params
+                .iter()
+                .map(|(_, v)| {
+                    assert_eq!(v.value().device(), *device, "a parameter left the device");
+                    v.value().to_host().unwrap()
+                })
+                .collect(),
             norm,
         ))
-    })
+    })()
     .unwrap()
 }
 
@@ -187,8 +215,8 @@ fn adamw_and_clipping_on_the_emulator_match_the_cpu() {
     let p0: Vec<Tensor> = shapes.iter().map(|s| random(&mut rng, s, 1.0)).collect();
     let g: Vec<Tensor> = shapes.iter().map(|s| random(&mut rng, s, 1.0)).collect();
     for max_norm in [f64::INFINITY, 0.5] {
-        let (cpu, cpu_norm) = adam_run(Device::Cpu, &p0, &g, max_norm);
-        let (emu, emu_norm) = adam_run(Device::emulator(), &p0, &g, max_norm);
+        let (cpu, cpu_norm) = adam_run(&Device::Cpu, &p0, &g, max_norm);
+        let (emu, emu_norm) = adam_run(&device::emulator(), &p0, &g, max_norm);
         assert!(
             (cpu_norm - emu_norm).abs() < 1e-5 * cpu_norm,
             "{cpu_norm} vs {emu_norm}"
@@ -202,43 +230,85 @@ fn adamw_and_clipping_on_the_emulator_match_the_cpu() {
 }
 
 #[test]
-fn f64_ops_stay_on_the_cpu_on_a_cuda_device() {
-    // The kernels are f32: the f64 gradient checks keep their exact CPU path on any device.
-    let x = Tensor::from_vec(&[2, 3], vec![0.1f64, -0.2, 0.3, 0.4, -0.5, 0.6]).unwrap();
-    let (cpu, emu) = (
-        with_device(Device::Cpu, || {
-            ops::gelu(&Var::constant(x.clone())).unwrap()
-        }),
-        with_device(Device::emulator(), || {
-            ops::gelu(&Var::constant(x.clone())).unwrap()
-        }),
-    );
-    assert_eq!(emu.value().dtype(), DType::F64);
-    assert_eq!(cpu.value().to_vec::<f64>(), emu.value().to_vec::<f64>());
+fn a_training_step_on_device_tensors_moves_only_ids_and_scalars() {
+    let emu = device::emulator();
+    let mut rng = StdRng::seed_from_u64(3);
+    let table = emu.place(&random(&mut rng, &[11, 16], 1.0)).unwrap();
+    let w = emu.place(&random(&mut rng, &[16, 16], 0.5)).unwrap();
+    let target = emu.place(&random(&mut rng, &[6, 16], 1.0)).unwrap();
+    let mut params = Params::default();
+    params.insert("table", Var::parameter(table));
+    params.insert("w", Var::parameter(w));
+    let mut adam = Adam::new(AdamConfig::adamw(0.01), |_| true);
+    let ids = [3, 0, 10, 3, 3, 7];
+    let mut step = |params: &mut Params| {
+        let before = emu.stats().unwrap();
+        let x = ops::embedding(params.get("table").unwrap(), &ids, &[6]).unwrap();
+        let y = ops::gelu(&ops::linear(&x, params.get("w").unwrap(), None).unwrap()).unwrap();
+        let loss = ops::mse_loss(&y, &Var::constant(target.clone())).unwrap();
+        let mut grads = loss.backward().unwrap();
+        drop(loss);
+        clip_grad_norm(&mut grads, params, 1.0).unwrap();
+        adam.step(params, &grads, 0.01).unwrap();
+        emu.stats().unwrap().since(&before)
+    };
+    step(&mut params); // the first step allocates the moments and warms the allocator
+    let stats = step(&mut params);
+    // The ids go up twice (gather and scatter-add, 4 bytes each); the loss and the norm come back.
+    assert_eq!(stats.h2d_bytes, 2 * 4 * ids.len() as u64, "{stats:?}");
+    assert_eq!(stats.d2h_bytes, 2 * 4, "{stats:?}");
+    assert_eq!(stats.driver_allocs, 0, "{stats:?}");
+    assert!(stats.launches > 10, "{stats:?}");
 }
 
 #[test]
-fn device_selection_and_scoping() {
+fn mixing_devices_in_one_op_names_both() {
+    let x = Tensor::from_vec(&[2, 3], vec![0.1f32, -0.2, 0.3, 0.4, -0.5, 0.6]).unwrap();
+    let on_emu = Var::constant(device::emulator().place(&x).unwrap());
+    let err = ops::add(&on_emu, &Var::constant(x.clone()))
+        .err()
+        .expect("mixed devices must fail")
+        .to_string();
+    assert!(err.contains("emu (CPU emulator)") && err.contains("cpu"), "{err}");
+    let other = Var::constant(device::emulator().place(&x).unwrap());
+    let err = ops::add(&on_emu, &other).err().expect("two runtimes").to_string();
+    assert!(err.contains("two devices"), "{err}");
+    // Host access to a device tensor is an error naming the device, not a panic.
+    let err = on_emu.value().values::<f32>().unwrap_err().to_string();
+    assert!(err.contains("on emu (CPU emulator)"), "{err}");
+}
+
+#[test]
+fn f64_tensors_stay_on_the_host() {
+    // The kernels are f32: the f64 gradient checks keep their exact CPU path, and a device
+    // refuses f64 by name rather than rounding it.
+    let x = Tensor::from_vec(&[2, 3], vec![0.1f64, -0.2, 0.3, 0.4, -0.5, 0.6]).unwrap();
+    let err = device::emulator().place(&x).unwrap_err().to_string();
+    assert!(err.contains("F64"), "{err}");
+    let y = ops::gelu(&Var::constant(x.clone())).unwrap();
+    assert_eq!(y.value().dtype(), DType::F64);
+    assert!(y.value().is_host());
+}
+
+#[test]
+fn device_selection() {
     assert_eq!("auto".parse::<DeviceKind>().unwrap(), DeviceKind::Auto);
     assert_eq!("CPU".parse::<DeviceKind>().unwrap(), DeviceKind::Cpu);
     assert_eq!("emu".parse::<DeviceKind>().unwrap(), DeviceKind::Emu);
     assert_eq!("cuda".parse::<DeviceKind>().unwrap(), DeviceKind::Cuda);
     assert!("tpu".parse::<DeviceKind>().unwrap_err().contains("tpu"));
 
-    let (d, line) = Device::resolve(DeviceKind::Emu).unwrap();
-    assert!(!d.is_cpu());
-    assert_eq!(line, "emu (CPU emulator)");
-    assert!(with_device(d, || !current().is_cpu()));
-    assert!(current().is_cpu(), "the scope did not end");
-    assert_eq!(Device::resolve(DeviceKind::Cpu).unwrap().1, "cpu");
+    let (d, why) = device::resolve(DeviceKind::Emu).unwrap();
+    assert_eq!((d.name().as_str(), why), ("emu (CPU emulator)", None));
+    assert!(device::resolve(DeviceKind::Cpu).unwrap().0.is_cpu());
 
     if std::env::var_os("SCALPEL_EXPECT_GPU").is_some() {
-        assert!(Device::resolve(DeviceKind::Cuda).is_ok());
+        assert!(device::resolve(DeviceKind::Cuda).is_ok());
         return;
     }
-    let err = Device::resolve(DeviceKind::Cuda).unwrap_err().to_string();
+    let err = device::resolve(DeviceKind::Cuda).unwrap_err().to_string();
     assert!(err.contains("CUDA driver library (libcuda.so)"), "{err}");
-    let (d, line) = Device::resolve(DeviceKind::Auto).unwrap();
+    let (d, why) = device::resolve(DeviceKind::Auto).unwrap();
     assert!(d.is_cpu());
-    assert!(line.starts_with("cpu (no CUDA: "), "{line}");
+    assert!(why.unwrap().starts_with("no CUDA: "));
 }

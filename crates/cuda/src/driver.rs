@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{result, sys, CudaContext};
 
 use crate::nvrtc::{CompileOptions, PtxCache};
-use crate::runtime::{Backend, LaunchConfig};
+use crate::runtime::{LaunchConfig, RawDevice};
 use crate::sources::file_of;
 use crate::{CudaError, Result};
 
@@ -73,7 +73,7 @@ impl CudaBackend {
     }
 }
 
-impl Backend for CudaBackend {
+impl RawDevice for CudaBackend {
     fn name(&self) -> String {
         self.name.clone()
     }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::sync::Mutex;
 
-use crate::runtime::{Backend, LaunchConfig};
+use crate::runtime::{LaunchConfig, RawDevice};
 use crate::{CudaError, Result};
 
 extern "C" {
@@ -30,7 +30,7 @@ pub(crate) struct Emulator {
     allocations: Mutex<HashMap<u64, Layout>>,
 }
 
-impl Backend for Emulator {
+impl RawDevice for Emulator {
     fn name(&self) -> String {
         "CPU emulator".into()
     }

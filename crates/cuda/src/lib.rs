@@ -26,6 +26,7 @@ mod probe;
 pub mod report;
 mod runtime;
 mod sources;
+pub mod tensors;
 mod toolkit;
 
 pub use error::{CudaError, Result};

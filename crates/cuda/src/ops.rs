@@ -205,18 +205,21 @@ struct GemmKernel {
     threads: u32,
 }
 
+/// A matrix operand: a buffer and the element offset of the matrix in it (a batch's i-th).
+type Operand<'a, B> = (B, usize);
+
 fn gemm_launch<T: DeviceElement>(
     rt: &Runtime,
     kernel: GemmKernel,
     s: GemmShape,
-    a: &DeviceBuffer<T>,
-    b: &DeviceBuffer<T>,
-    c: &mut DeviceBuffer<f32>,
+    (a, a_at): Operand<&DeviceBuffer<T>>,
+    (b, b_at): Operand<&DeviceBuffer<T>>,
+    (c, c_at): Operand<&mut DeviceBuffer<f32>>,
     beta: f32,
 ) -> Result<()> {
-    expect_len(rt, "A", a, s.m * s.k)?;
-    expect_len(rt, "B", b, s.k * s.n)?;
-    expect_len(rt, "C", c, s.m * s.n)?;
+    expect_len_at(rt, "A", a, a_at, s.m * s.k)?;
+    expect_len_at(rt, "B", b, b_at, s.k * s.n)?;
+    expect_len_at(rt, "C", c, c_at, s.m * s.n)?;
     if s.m == 0 || s.n == 0 {
         return Ok(());
     }
@@ -235,13 +238,49 @@ fn gemm_launch<T: DeviceElement>(
         int("m", s.m)?,
         int("n", s.n)?,
         int("k", s.k)?,
-        a.arg(),
-        b.arg(),
-        c.arg(),
+        a.arg_at(a_at)?,
+        b.arg_at(b_at)?,
+        c.arg_at(c_at)?,
         KernelArg::F32(beta),
     ];
-    // SAFETY: gemm_*(int m, int n, int k, const T* a, const T* b, float* c, float beta), lengths checked.
+    // SAFETY: gemm_*(int m, int n, int k, const T* a, const T* b, float* c, float beta), each
+    // matrix checked to lie inside its buffer.
     unsafe { rt.launch(&format!("{}_{variant}", kernel.prefix), config, &args) }
+}
+
+/// Checks that `len` elements from `at` lie inside `buffer`.
+fn expect_len_at<T: DeviceElement>(
+    rt: &Runtime,
+    what: &str,
+    buffer: &DeviceBuffer<T>,
+    at: usize,
+    len: usize,
+) -> Result<()> {
+    buffer.check_runtime(rt)?;
+    if at + len > buffer.len() {
+        return Err(CudaError::Shape(format!(
+            "{what}: {len} elements from offset {at} in a buffer of {}",
+            buffer.len()
+        )));
+    }
+    Ok(())
+}
+
+const GEMM_F32: GemmKernel = GemmKernel {
+    prefix: "gemm_f32",
+    tile: 64,
+    threads: 256,
+};
+
+/// [`gemm`] on matrices inside larger buffers (one matrix of a batch each), `beta` = 0.
+pub fn gemm_at(
+    rt: &Runtime,
+    s: GemmShape,
+    a: Operand<&DeviceBuffer<f32>>,
+    b: Operand<&DeviceBuffer<f32>>,
+    c: Operand<&mut DeviceBuffer<f32>>,
+) -> Result<()> {
+    gemm_launch(rt, GEMM_F32, s, a, b, c, 0.0)
 }
 
 /// `C = op(A)·op(B) + beta·C` in f32 (beta = 0 overwrites C without reading it).
@@ -253,19 +292,10 @@ pub fn gemm(
     c: &mut DeviceBuffer<f32>,
     beta: f32,
 ) -> Result<()> {
-    gemm_launch(
-        rt,
-        GemmKernel {
-            prefix: "gemm_f32",
-            tile: 64,
-            threads: 256,
-        },
-        s,
-        a,
-        b,
-        c,
-        beta,
-    )
+    expect_len(rt, "A", a, s.m * s.k)?;
+    expect_len(rt, "B", b, s.k * s.n)?;
+    expect_len(rt, "C", c, s.m * s.n)?;
+    gemm_launch(rt, GEMM_F32, s, (a, 0), (b, 0), (c, 0), beta)
 }
 
 /// [`gemm`] on tensor cores: f16 or bf16 operands, f32 accumulation and output.
@@ -277,6 +307,9 @@ pub fn gemm_half<T: HalfElement>(
     c: &mut DeviceBuffer<f32>,
     beta: f32,
 ) -> Result<()> {
+    expect_len(rt, "A", a, s.m * s.k)?;
+    expect_len(rt, "B", b, s.k * s.n)?;
+    expect_len(rt, "C", c, s.m * s.n)?;
     gemm_launch(
         rt,
         GemmKernel {
@@ -285,9 +318,9 @@ pub fn gemm_half<T: HalfElement>(
             threads: 128,
         },
         s,
-        a,
-        b,
-        c,
+        (a, 0),
+        (b, 0),
+        (c, 0),
         beta,
     )
 }
@@ -932,25 +965,48 @@ const MAX_REDUCTION_BLOCKS: usize = 1024;
 /// `Σ x²` over the whole buffer (for global-norm gradient clipping), deterministic for a given
 /// length: per-block partial sums, then one block sums them.
 pub fn sum_of_squares(rt: &Runtime, x: &DeviceBuffer<f32>) -> Result<f32> {
-    x.check_runtime(rt)?;
-    let n = x.len();
-    let blocks = n.div_ceil(BLOCK as usize).clamp(1, MAX_REDUCTION_BLOCKS);
-    let (partial, total) = (rt.zeros::<f32>(blocks)?, rt.zeros::<f32>(1)?);
-    // SAFETY: sum_squares_partial_f32(int n, const float* x, float* partial), one partial per
-    // block of BLOCK threads.
-    unsafe {
-        rt.launch(
-            "sum_squares_partial_f32",
-            LaunchConfig::linear(blocks as u32, BLOCK),
-            &[int("n", n)?, x.arg(), partial.arg()],
-        )?
-    };
-    // SAFETY: sum_partials_f32(int count, const float* partial, float* out), one block.
+    sum_of_squares_all(rt, &[x])
+}
+
+/// `Σ` over `buffers` of `Σ x²`, read back once: each buffer's sum lands in one slot of a device
+/// array, and one more pass adds the slots (the global gradient norm costs 4 bytes of traffic,
+/// not one read-back per parameter).
+pub fn sum_of_squares_all(rt: &Runtime, buffers: &[&DeviceBuffer<f32>]) -> Result<f32> {
+    if buffers.is_empty() {
+        return Ok(0.0);
+    }
+    let totals = rt.uninit::<f32>(buffers.len())?;
+    let partial = rt.uninit::<f32>(MAX_REDUCTION_BLOCKS)?;
+    for (i, x) in buffers.iter().enumerate() {
+        x.check_runtime(rt)?;
+        let n = x.len();
+        let blocks = n.div_ceil(BLOCK as usize).clamp(1, MAX_REDUCTION_BLOCKS);
+        // SAFETY: sum_squares_partial_f32(int n, const float* x, float* partial), one partial
+        // per block of BLOCK threads, `blocks` ≤ the partial buffer's length.
+        unsafe {
+            rt.launch(
+                "sum_squares_partial_f32",
+                LaunchConfig::linear(blocks as u32, BLOCK),
+                &[int("n", n)?, x.arg(), partial.arg()],
+            )?
+        };
+        // SAFETY: sum_partials_f32(int count, const float* partial, float* out), one block,
+        // writing slot i of `totals`.
+        unsafe {
+            rt.launch(
+                "sum_partials_f32",
+                LaunchConfig::linear(1, BLOCK),
+                &[int("count", blocks)?, partial.arg(), totals.arg_at(i)?],
+            )?
+        };
+    }
+    let total = rt.uninit::<f32>(1)?;
+    // SAFETY: as above, over the per-buffer totals.
     unsafe {
         rt.launch(
             "sum_partials_f32",
             LaunchConfig::linear(1, BLOCK),
-            &[int("count", blocks)?, partial.arg(), total.arg()],
+            &[int("count", buffers.len())?, totals.arg(), total.arg()],
         )?
     };
     Ok(total.to_host()?[0])

@@ -1,17 +1,24 @@
-//! One host code path for both backends: allocation, copies, argument marshalling and launches
-//! by kernel name go through [`Runtime`]; only the [`Backend`] below it differs.
+//! One host code path for both devices: allocation, copies, argument marshalling and launches
+//! by kernel name go through [`Runtime`]; only the [`RawDevice`] below it differs.
+//!
+//! The runtime keeps freed buffers in free lists keyed by size class (as PyTorch's and tinygrad's
+//! caching allocators do), so a training step that repeats the previous one's shapes asks the
+//! driver for nothing, and it counts the traffic and allocations that `--device-stats` reports.
 
+use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use half::{bf16, f16};
+use scalpel_tensor::DeviceStats;
 
 use crate::{CudaError, Result};
 
 /// What a device must provide. Addresses are `u64` device pointers (`CUdeviceptr`); the
 /// emulator's are host addresses.
-pub(crate) trait Backend: Send + Sync {
+pub(crate) trait RawDevice: Send + Sync {
     fn name(&self) -> String;
     /// Device memory is host memory and kernels run on the CPU.
     fn is_emulator(&self) -> bool {
@@ -87,33 +94,155 @@ impl DeviceElement for u32 {}
 impl DeviceElement for f16 {}
 impl DeviceElement for bf16 {}
 
+/// The allocation size a request of `bytes` is served from: 512-byte granules up to 4 KiB, then
+/// eight classes per power of two (at most 12.5 % unused), so that buffers of nearby sizes (a
+/// batch padded to 57 tokens, then to 61) reuse each other's memory.
+fn size_class(bytes: usize) -> usize {
+    const GRANULE: usize = 512;
+    if bytes <= 8 * GRANULE {
+        return bytes.max(1).next_multiple_of(GRANULE);
+    }
+    let step = bytes.next_power_of_two() / 16;
+    bytes.next_multiple_of(step)
+}
+
+#[derive(Default)]
+struct Counters {
+    h2d_bytes: AtomicU64,
+    d2h_bytes: AtomicU64,
+    driver_allocs: AtomicU64,
+    driver_frees: AtomicU64,
+    launches: AtomicU64,
+    /// Bytes held from the driver now, and the most ever.
+    held_bytes: AtomicU64,
+    peak_bytes: AtomicU64,
+}
+
+struct Inner {
+    device: Box<dyn RawDevice>,
+    /// Freed allocations by size class, reused before the driver is asked.
+    free: Mutex<BTreeMap<usize, Vec<u64>>>,
+    counters: Counters,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let free = std::mem::take(self.free.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for ptr in free.into_values().flatten() {
+            // SAFETY: allocated by this device, no buffer refers to it any more.
+            unsafe { self.device.free(ptr) };
+        }
+    }
+}
+
 /// A device (GPU or emulator) to allocate on and launch kernels on. Cheap to clone.
 #[derive(Clone)]
 pub struct Runtime {
-    backend: Arc<dyn Backend>,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runtime")
-            .field("backend", &self.backend.name())
+            .field("device", &self.inner.device.name())
             .finish()
     }
 }
 
 impl Runtime {
+    fn new(device: Box<dyn RawDevice>) -> Runtime {
+        Runtime {
+            inner: Arc::new(Inner {
+                device,
+                free: Mutex::new(BTreeMap::new()),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
     /// The CPU emulator: runs the same kernel sources, compiled as host C++. Always available.
     pub fn emulator() -> Runtime {
-        Runtime {
-            backend: Arc::new(crate::emulator::Emulator::default()),
-        }
+        Runtime::new(Box::new(crate::emulator::Emulator::default()))
     }
 
     /// GPU `ordinal` through the CUDA driver, kernels compiled by NVRTC for its architecture.
     /// Fails (never panics) when there is no driver, no GPU or no NVRTC.
     pub fn cuda(ordinal: usize) -> Result<Runtime> {
-        Ok(Runtime {
-            backend: Arc::new(crate::driver::CudaBackend::new(ordinal)?),
+        Ok(Runtime::new(Box::new(crate::driver::CudaBackend::new(
+            ordinal,
+        )?)))
+    }
+
+    /// Traffic and allocation counters since this runtime was created.
+    pub fn stats(&self) -> DeviceStats {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        DeviceStats {
+            h2d_bytes: get(&c.h2d_bytes),
+            d2h_bytes: get(&c.d2h_bytes),
+            driver_allocs: get(&c.driver_allocs),
+            driver_frees: get(&c.driver_frees),
+            launches: get(&c.launches),
+            peak_device_bytes: get(&c.peak_bytes),
+        }
+    }
+
+    /// Identifies the device: clones of one runtime share it.
+    pub fn id(&self) -> usize {
+        Arc::as_ptr(&self.inner) as *const u8 as usize
+    }
+
+    /// `class` bytes from the free list, else from the driver.
+    fn allocate(&self, class: usize) -> Result<u64> {
+        let cached = self
+            .inner
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&class)
+            .and_then(Vec::pop);
+        if let Some(ptr) = cached {
+            return Ok(ptr);
+        }
+        let c = &self.inner.counters;
+        let ptr = match self.inner.device.alloc(class) {
+            Ok(ptr) => ptr,
+            Err(_) => {
+                // Out of memory with buffers cached: give them back to the driver and retry.
+                self.release_cached();
+                self.inner.device.alloc(class)?
+            }
+        };
+        c.driver_allocs.fetch_add(1, Ordering::Relaxed);
+        let held = c.held_bytes.fetch_add(class as u64, Ordering::Relaxed) + class as u64;
+        c.peak_bytes.fetch_max(held, Ordering::Relaxed);
+        Ok(ptr)
+    }
+
+    /// Frees every cached buffer (live buffers are untouched).
+    pub fn release_cached(&self) {
+        let free = std::mem::take(&mut *self.inner.free.lock().unwrap_or_else(|e| e.into_inner()));
+        let c = &self.inner.counters;
+        for (class, ptrs) in free {
+            for ptr in ptrs {
+                // SAFETY: allocated by this device and no longer referred to by any buffer.
+                unsafe { self.inner.device.free(ptr) };
+                c.driver_frees.fetch_add(1, Ordering::Relaxed);
+                c.held_bytes.fetch_sub(class as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A buffer of `len` elements whose contents are unspecified: for outputs a kernel writes
+    /// in full before anything reads them.
+    pub fn uninit<T: DeviceElement>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        let class = size_class(len * std::mem::size_of::<T>());
+        Ok(DeviceBuffer {
+            runtime: self.clone(),
+            ptr: self.allocate(class)?,
+            len,
+            class,
+            _element: PhantomData,
         })
     }
 
@@ -123,30 +252,27 @@ impl Runtime {
     }
 
     pub fn name(&self) -> String {
-        self.backend.name()
+        self.inner.device.name()
     }
 
     /// The CPU emulator rather than a GPU.
     pub fn is_emulator(&self) -> bool {
-        self.backend.is_emulator()
+        self.inner.device.is_emulator()
     }
 
     pub fn zeros<T: DeviceElement>(&self, len: usize) -> Result<DeviceBuffer<T>> {
-        let bytes = len * std::mem::size_of::<T>();
-        let ptr = self.backend.alloc(bytes)?;
-        let buffer = DeviceBuffer {
-            runtime: self.clone(),
-            ptr,
-            len,
-            _element: PhantomData,
+        let buffer = self.uninit::<T>(len)?;
+        // SAFETY: within the buffer's allocation.
+        unsafe {
+            self.inner
+                .device
+                .fill_zero(buffer.ptr, len * std::mem::size_of::<T>())?
         };
-        // SAFETY: the whole fresh allocation.
-        unsafe { self.backend.fill_zero(ptr, bytes)? };
         Ok(buffer)
     }
 
     pub fn upload<T: DeviceElement>(&self, host: &[T]) -> Result<DeviceBuffer<T>> {
-        let mut buffer = self.zeros(host.len())?;
+        let mut buffer = self.uninit(host.len())?;
         buffer.copy_from_host(host)?;
         Ok(buffer)
     }
@@ -168,19 +294,25 @@ impl Runtime {
             .iter_mut()
             .map(|s| s as *mut u64 as *mut c_void)
             .collect();
-        self.backend.launch(kernel, config, &mut pointers)
+        self.inner
+            .counters
+            .launches
+            .fetch_add(1, Ordering::Relaxed);
+        self.inner.device.launch(kernel, config, &mut pointers)
     }
 
-    fn same_as(&self, other: &Runtime) -> bool {
-        Arc::ptr_eq(&self.backend, &other.backend)
+    pub(crate) fn same_as(&self, other: &Runtime) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 }
 
-/// A typed allocation on a [`Runtime`]'s device, freed on drop.
+/// A typed allocation on a [`Runtime`]'s device, returned to the runtime's free lists on drop.
 pub struct DeviceBuffer<T: DeviceElement> {
     runtime: Runtime,
     ptr: u64,
     len: usize,
+    /// The allocation's size class (its free list).
+    class: usize,
     _element: PhantomData<T>,
 }
 
@@ -206,23 +338,46 @@ impl<T: DeviceElement> DeviceBuffer<T> {
                 self.len
             )));
         }
+        let bytes: &[u8] = bytemuck::cast_slice(host);
+        self.runtime
+            .inner
+            .counters
+            .h2d_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         // SAFETY: exactly this allocation.
-        unsafe {
-            self.runtime
-                .backend
-                .copy_to_device(self.ptr, bytemuck::cast_slice(host))
-        }
+        unsafe { self.runtime.inner.device.copy_to_device(self.ptr, bytes) }
     }
 
     pub fn to_host(&self) -> Result<Vec<T>> {
         let mut host = vec![T::zeroed(); self.len];
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut host);
+        self.runtime
+            .inner
+            .counters
+            .d2h_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         // SAFETY: exactly this allocation.
-        unsafe {
-            self.runtime
-                .backend
-                .copy_to_host(self.ptr, bytemuck::cast_slice_mut(&mut host))?
-        };
+        unsafe { self.runtime.inner.device.copy_to_host(self.ptr, bytes)? };
         Ok(host)
+    }
+
+    /// The runtime this buffer lives on.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// The address `offset` elements into the buffer, as a kernel argument (a sub-matrix of a
+    /// batch); an error past the end.
+    pub fn arg_at(&self, offset: usize) -> Result<KernelArg> {
+        if offset > self.len {
+            return Err(CudaError::Shape(format!(
+                "offset {offset} past a buffer of {}",
+                self.len
+            )));
+        }
+        Ok(KernelArg::Ptr(
+            self.ptr + (offset * std::mem::size_of::<T>()) as u64,
+        ))
     }
 
     pub(crate) fn check_runtime(&self, runtime: &Runtime) -> Result<()> {
@@ -236,7 +391,13 @@ impl<T: DeviceElement> DeviceBuffer<T> {
 
 impl<T: DeviceElement> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
-        // SAFETY: allocated by this backend, dropped once.
-        unsafe { self.runtime.backend.free(self.ptr) }
+        self.runtime
+            .inner
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(self.class)
+            .or_default()
+            .push(self.ptr);
     }
 }

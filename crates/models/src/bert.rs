@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use scalpel_autograd::{ops, Params, Var};
-use scalpel_tensor::{safetensors, DType, Tensor};
+use scalpel_tensor::{safetensors, DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::error::read_json;
@@ -271,6 +271,19 @@ impl Bert {
         })
     }
 
+    /// Where the weights are (the token embedding's device).
+    pub fn device(&self) -> Device {
+        self.params
+            .get(&format!("{}embeddings.word_embeddings.weight", self.prefix))
+            .map(|v| v.value().device())
+            .unwrap_or_default()
+    }
+
+    /// Moves the weights to `device`, once; forwards then run there.
+    pub fn to_device(&mut self, device: &Device) -> Result<()> {
+        Ok(self.params.to_device(device)?)
+    }
+
     pub fn num_layers(&self) -> usize {
         self.config.num_hidden_layers
     }
@@ -316,7 +329,10 @@ impl Bert {
                 .pop()
                 .expect("the last state is always returned"))
         };
-        let inference = opts.dropout == 0.0 && self.params.trainable().next().is_none();
+        // Grouping bounds host memory; a device holds the whole batch's activations.
+        let inference = opts.dropout == 0.0
+            && self.params.trainable().next().is_none()
+            && self.device().is_cpu();
         let groups = (batch.batch * batch.seq)
             .div_ceil(INFERENCE_CHUNK_TOKENS)
             .min(batch.batch);
@@ -394,7 +410,7 @@ impl Bert {
             )
         };
         x = dropout(&x)?;
-        let mask = Var::constant(batch.mask.clone());
+        let mask = Var::constant(self.device().place(&batch.mask)?);
         let mut states = Vec::new();
         for l in 0..c.num_hidden_layers {
             if all_states {

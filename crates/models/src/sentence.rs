@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use scalpel_autograd::{ops, Var};
-use scalpel_tensor::{DType, Tensor};
+use scalpel_tensor::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::bert::{Bert, ForwardOptions};
@@ -124,16 +124,23 @@ impl SentenceEncoder {
         })
     }
 
-    /// Pooled (and, if configured, normalised) embeddings of a batch: `[batch, hidden]`.
-    /// Differentiable when the model's parameters are trainable.
+    /// Moves the model's weights to `device` once; embeddings are then computed there.
+    pub fn to_device(&mut self, device: &Device) -> Result<()> {
+        self.bert.to_device(device)
+    }
+
+    /// Pooled (and, if configured, normalised) embeddings of a batch: `[batch, hidden]`, on the
+    /// model's device. Differentiable when the model's parameters are trainable.
     pub fn embed_batch(&self, batch: &Batch, opts: &ForwardOptions) -> Result<Var> {
-        let hidden = self.bert.forward(batch, opts)?;
-        self.pool(&hidden, batch)
+        let batch = batch.placed(&self.bert.device())?;
+        let hidden = self.bert.forward(&batch, opts)?;
+        self.pool(&hidden, &batch)
     }
 
     /// Mean pooling over real tokens, then L2 normalisation if the checkpoint asks for it.
     pub fn pool(&self, hidden: &Var, batch: &Batch) -> Result<Var> {
-        let pooled = ops::mean_pool(hidden, &Var::constant(batch.mask.clone()))?;
+        let mask = self.bert.device().place(&batch.mask)?;
+        let pooled = ops::mean_pool(hidden, &Var::constant(mask))?;
         Ok(if self.config.normalize {
             ops::l2_normalize(&pooled)?
         } else {
@@ -156,7 +163,7 @@ impl SentenceEncoder {
         for chunk in order.chunks(batch_size.max(1)) {
             let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
             let emb = self.embed_batch(&Batch::from_ids(&seqs), &ForwardOptions::default())?;
-            let values = emb.value().to_vec::<f32>();
+            let values = emb.value().to_host()?.to_vec::<f32>();
             for (row, &i) in values.chunks_exact(hidden).zip(chunk) {
                 out[i * hidden..(i + 1) * hidden].copy_from_slice(row);
             }

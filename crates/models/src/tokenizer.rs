@@ -3,7 +3,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use scalpel_tensor::Tensor;
+use scalpel_tensor::{Device, Tensor};
 use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::{ModelError, Result};
@@ -98,7 +98,16 @@ impl Batch {
         }
     }
 
-    /// The sequences `range` of this batch, keeping its padded length.
+    /// This batch with its mask on `device` (copied there once, then shared by every op of the
+    /// forward, and by the teacher's forward too when distilling).
+    pub fn placed(&self, device: &Device) -> Result<Batch> {
+        Ok(Batch {
+            mask: device.place(&self.mask)?,
+            ..self.clone()
+        })
+    }
+
+    /// The sequences `range` of this batch, keeping its padded length (a host batch).
     pub fn sequences(&self, range: Range<usize>) -> Batch {
         Batch {
             ids: self.ids[range.start * self.seq..range.end * self.seq].to_vec(),

@@ -10,6 +10,7 @@ use scalpel_autograd::{ops, Var};
 use scalpel_models::bert::ForwardOptions;
 use scalpel_models::sentence::SentenceEncoder;
 use scalpel_models::tokenizer::Batch;
+use scalpel_tensor::DeviceStats;
 
 use crate::checkpoint::write_staged;
 use crate::data::PairFile;
@@ -122,6 +123,9 @@ pub struct StepLog {
     pub lr: f64,
     /// Seconds of training so far (across resumed runs).
     pub seconds: f64,
+    /// What this step cost the device runtime (traffic, allocations, launches), on a device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceStats>,
 }
 
 /// `*` matches any run of characters; a pattern without `*` matches any name containing it.
@@ -348,7 +352,9 @@ fn batch_loss(
             let teacher = teacher.ok_or_else(|| {
                 SurgeryError::Invalid("distillation needs a teacher model".into())
             })?;
-            let batch = batch_of(indices.iter().map(|&i| sentences[i].as_str()).collect())?;
+            // The mask goes to the device once, for both forwards.
+            let batch = batch_of(indices.iter().map(|&i| sentences[i].as_str()).collect())?
+                .placed(&student.bert.device())?;
             let target = Var::constant(
                 teacher
                     .embed_batch(&batch, &ForwardOptions::default())?
@@ -494,7 +500,18 @@ pub fn heal(
         1
     };
     let mut sentences_seen = 0usize;
+    let device = student.bert.device();
+    if let Some(t) = teacher {
+        if t.bert.device() != device {
+            return Err(SurgeryError::Invalid(format!(
+                "the student is on {} but the teacher on {}",
+                device.name(),
+                t.bert.device().name()
+            )));
+        }
+    }
     loop {
+        let stats_before = device.stats();
         let elapsed = prior_seconds + started.elapsed().as_secs_f64();
         let out_of_time = opts.budget.minutes.is_some_and(|m| elapsed >= m * 60.0);
         if total.is_some_and(|t| state.step >= t) || out_of_time {
@@ -511,7 +528,7 @@ pub fn heal(
             seed: opts.seed.wrapping_add(step as u64),
         };
         let loss = batch_loss(student, teacher, data, &indices, &forward)?;
-        let loss_value = loss.value().to_vec::<f64>()[0];
+        let loss_value = loss.value().to_host()?.to_vec::<f64>()[0];
         if !loss_value.is_finite() {
             return Err(SurgeryError::Invalid(format!(
                 "loss became {loss_value} at step {step}; stopped without saving (the last checkpoint is intact; try a lower --lr)"
@@ -542,6 +559,7 @@ pub fn heal(
             loss: loss_value,
             lr,
             seconds: state.seconds,
+            device: device.stats().zip(stats_before).map(|(now, was)| now.since(&was)),
         });
         on_event(HealEvent::Step {
             log: state.log.last().expect("just pushed"),

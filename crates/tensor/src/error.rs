@@ -10,6 +10,12 @@ pub enum TensorError {
         op: &'static str,
         dtype: crate::DType,
     },
+    /// Host access to a tensor whose elements are on a device.
+    #[error("{op} needs a host tensor, but this one is on {device} (copy it with to_host)")]
+    OnDevice { op: &'static str, device: String },
+    /// A device runtime failure (allocation, copy, launch), or an op the device cannot run.
+    #[error("device: {0}")]
+    Device(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

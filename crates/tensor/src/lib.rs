@@ -1,12 +1,15 @@
 //! `scalpel-tensor`: the bottom layer of scalpel.
 //!
 //! * [`Tensor`]: a shape plus contiguous row-major storage in one of a few dtypes.
+//! * [`backend`]: where a tensor's storage is (host or a device) and the kernels a device
+//!   provides.
 //! * [`cpu`]: hand-written CPU kernels, one file per kernel family, each with its plain scalar
 //!   reference beside the fast (SIMD, threaded) version.
 //! * [`ops`]: tensor-level entry points that check shapes and dispatch on dtype to the kernels.
 //! * [`safetensors`]: loading and saving named tensors, with errors that name the problem.
 //! * [`heap`]: allocator tuning so freed tensor buffers are reused rather than unmapped.
 
+pub mod backend;
 pub mod cpu;
 mod dtype;
 mod error;
@@ -20,4 +23,5 @@ pub mod threads;
 pub use dtype::{DType, Element};
 pub use error::{Result, TensorError};
 pub use float::Float;
-pub use tensor::{Data, Device, Tensor};
+pub use backend::{Backend, Device, DeviceMemory, DeviceStats};
+pub use tensor::{Data, Tensor};

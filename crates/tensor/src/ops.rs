@@ -18,7 +18,8 @@ macro_rules! dispatch_float {
     };
 }
 
-fn same_dtype(op: &'static str, tensors: &[&Tensor]) -> Result<DType> {
+/// The dtype all `tensors` share; an error naming both when they differ.
+pub fn same_dtype(op: &'static str, tensors: &[&Tensor]) -> Result<DType> {
     let dtype = tensors[0].dtype();
     if let Some(t) = tensors.iter().find(|t| t.dtype() != dtype) {
         return Err(TensorError::shape(
@@ -29,7 +30,8 @@ fn same_dtype(op: &'static str, tensors: &[&Tensor]) -> Result<DType> {
     Ok(dtype)
 }
 
-fn expect_shape(op: &'static str, what: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
+/// An error naming `what` unless `t` has `shape`.
+pub fn expect_shape(op: &'static str, what: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
     if t.shape() != shape {
         return Err(TensorError::shape(
             op,
@@ -110,6 +112,17 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
         Ok(c)
     }
     let dtype = same_dtype("matmul", &[a, b])?;
+    let (batch, s, shape) = matmul_shape(a, b, trans_a, trans_b)?;
+    dispatch_float!("matmul", dtype, run(a, b, batch, s, shape))
+}
+
+/// Checks [`matmul`]'s operands: the batch size, one matrix's product and the result's shape.
+pub fn matmul_shape(
+    a: &Tensor,
+    b: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+) -> Result<(usize, GemmShape, Vec<usize>)> {
     let (ba, ra, ca) = matrix_dims("matmul", a)?;
     let (bb, rb, cb) = matrix_dims("matmul", b)?;
     let (m, k) = if trans_a { (ca, ra) } else { (ra, ca) };
@@ -135,7 +148,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
         trans_a,
         trans_b,
     };
-    dispatch_float!("matmul", dtype, run(a, b, ba, s, shape))
+    Ok((ba, s, shape))
 }
 
 /// `y = x·Wᵀ + b` over the last dimension of `x`; `w` is `[out, in]` as PyTorch stores it.
@@ -186,6 +199,22 @@ fn linear_with(
         gemm_new(s, x, w, packed, bias, act, &shape)
     }
     let dtype = same_dtype("linear", &[x, w])?;
+    let (s, shape) = linear_shape(x, w, b)?;
+    if packed.is_some_and(|p| !p.matches(&s)) {
+        return Err(TensorError::shape(
+            "linear",
+            format!(
+                "the packed weight was not packed from a {:?} weight",
+                w.shape()
+            ),
+        ));
+    }
+    dispatch_float!("linear", dtype, run(x, w, packed, b, act, s, shape))
+}
+
+/// Checks [`linear`]'s operands: the product `x·Wᵀ` over all rows of `x`, and the result's shape.
+pub fn linear_shape(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(GemmShape, Vec<usize>)> {
+    same_dtype("linear", &[x, w])?;
     if w.rank() != 2 || x.rank() == 0 || x.dim(-1) != w.dim(1) {
         return Err(TensorError::shape(
             "linear",
@@ -207,16 +236,7 @@ fn linear_with(
         trans_a: false,
         trans_b: true,
     };
-    if packed.is_some_and(|p| !p.matches(&s)) {
-        return Err(TensorError::shape(
-            "linear",
-            format!(
-                "the packed weight was not packed from a {:?} weight",
-                w.shape()
-            ),
-        ));
-    }
-    dispatch_float!("linear", dtype, run(x, w, packed, b, act, s, shape))
+    Ok((s, shape))
 }
 
 /// Elementwise GELU (erf form).

@@ -195,13 +195,25 @@ pub fn save(
             ),
         });
     }
-    let header = header_json(tensors, metadata);
+    // Device tensors are read back first; host tensors are written from where they are.
+    let host: BTreeMap<String, std::borrow::Cow<Tensor>> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let t = if t.is_host() {
+                std::borrow::Cow::Borrowed(t)
+            } else {
+                std::borrow::Cow::Owned(t.to_host()?)
+            };
+            Ok((name.clone(), t))
+        })
+        .collect::<Result<_>>()?;
+    let header = header_json(&host, metadata);
     write_atomically(path, |out| {
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(header.as_bytes())?;
-        tensors
-            .values()
-            .try_for_each(|tensor| out.write_all(tensor.data().as_bytes()))
+        host.values().try_for_each(|tensor| {
+            out.write_all(tensor.data().expect("read back above").as_bytes())
+        })
     })
 }
 
@@ -322,14 +334,17 @@ fn dtype_name(dtype: DType) -> &'static str {
 
 /// The JSON header, space-padded to a multiple of 8 bytes so that the data section starts
 /// 8-byte aligned, as the reference writer does.
-fn header_json(tensors: &BTreeMap<String, Tensor>, metadata: &BTreeMap<String, String>) -> String {
+fn header_json(
+    tensors: &BTreeMap<String, std::borrow::Cow<Tensor>>,
+    metadata: &BTreeMap<String, String>,
+) -> String {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert(METADATA_KEY.to_owned(), json!(metadata));
     }
     let mut offset = 0;
     for (name, tensor) in tensors {
-        let end = offset + tensor.data().as_bytes().len();
+        let end = offset + tensor.numel() * tensor.dtype().size_in_bytes();
         let entry = json!({"dtype": dtype_name(tensor.dtype()), "shape": tensor.shape(), "data_offsets": [offset, end]});
         header.insert(name.clone(), entry);
         offset = end;

@@ -1,17 +1,10 @@
 use std::fmt;
+use std::sync::Arc;
 
 use half::{bf16, f16};
 
+use crate::backend::{Device, DeviceMemory};
 use crate::{DType, Element, Result, TensorError};
-
-/// Where a tensor's storage lives. Only the CPU holds data today; the CUDA backend adds
-/// device buffers behind the same enum.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub enum Device {
-    #[default]
-    Cpu,
-    Cuda(usize),
-}
 
 /// Type-erased contiguous storage.
 #[derive(Clone, PartialEq)]
@@ -70,11 +63,38 @@ impl Data {
     }
 }
 
+/// A tensor's elements: host memory, or memory on a device (shared on clone: device tensors are
+/// immutable except through their backend's in-place updates, which copy a shared buffer first).
+#[derive(Clone)]
+enum Storage {
+    Host(Data),
+    Device(Arc<dyn DeviceMemory>),
+}
+
 /// A dense, contiguous, row-major tensor.
-#[derive(Clone, PartialEq)]
+#[derive(Clone)]
 pub struct Tensor {
     shape: Vec<usize>,
-    data: Data,
+    storage: Storage,
+}
+
+impl PartialEq for Tensor {
+    /// Host tensors compare by value; device tensors are equal when they share their memory.
+    fn eq(&self, other: &Tensor) -> bool {
+        self.shape == other.shape
+            && match (&self.storage, &other.storage) {
+                (Storage::Host(a), Storage::Host(b)) => a == b,
+                (Storage::Device(a), Storage::Device(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+}
+
+fn on_device(op: &'static str, memory: &dyn DeviceMemory) -> TensorError {
+    TensorError::OnDevice {
+        op,
+        device: memory.backend().name(),
+    }
 }
 
 impl Tensor {
@@ -96,7 +116,25 @@ impl Tensor {
         }
         Ok(Tensor {
             shape: shape.to_vec(),
-            data,
+            storage: Storage::Host(data),
+        })
+    }
+
+    /// Wraps device memory holding `shape`'s elements (called by device backends).
+    pub fn from_device(shape: &[usize], memory: Arc<dyn DeviceMemory>) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        if numel != memory.len() {
+            return Err(TensorError::shape(
+                "from_device",
+                format!(
+                    "shape {shape:?} holds {numel} elements but the device buffer has {}",
+                    memory.len()
+                ),
+            ));
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Device(memory),
         })
     }
 
@@ -104,7 +142,7 @@ impl Tensor {
         let numel = shape.iter().product();
         Tensor {
             shape: shape.to_vec(),
-            data: Data::zeros(dtype, numel),
+            storage: Storage::Host(Data::zeros(dtype, numel)),
         }
     }
 
@@ -112,7 +150,7 @@ impl Tensor {
         let numel = shape.iter().product();
         Tensor {
             shape: shape.to_vec(),
-            data: T::into_data(vec![value; numel]),
+            storage: Storage::Host(T::into_data(vec![value; numel])),
         }
     }
 
@@ -139,52 +177,127 @@ impl Tensor {
     }
 
     pub fn numel(&self) -> usize {
-        self.data.len()
+        match &self.storage {
+            Storage::Host(data) => data.len(),
+            Storage::Device(memory) => memory.len(),
+        }
     }
 
     pub fn dtype(&self) -> DType {
-        self.data.dtype()
+        match &self.storage {
+            Storage::Host(data) => data.dtype(),
+            Storage::Device(memory) => memory.dtype(),
+        }
     }
 
+    /// Where the elements are.
     pub fn device(&self) -> Device {
-        Device::Cpu
+        match &self.storage {
+            Storage::Host(_) => Device::Cpu,
+            Storage::Device(memory) => Device::Accelerator(memory.backend()),
+        }
     }
 
-    pub fn data(&self) -> &Data {
-        &self.data
+    pub fn is_host(&self) -> bool {
+        matches!(self.storage, Storage::Host(_))
     }
 
-    pub fn into_data(self) -> Data {
-        self.data
+    /// The device memory of a device tensor.
+    pub fn device_memory(&self) -> Option<&Arc<dyn DeviceMemory>> {
+        match &self.storage {
+            Storage::Host(_) => None,
+            Storage::Device(memory) => Some(memory),
+        }
     }
 
-    /// Borrows the elements as `T`; an error names the dtype actually held.
+    /// Mutable device memory, copied first (by `copy`, on its device) if another tensor shares
+    /// it. `None` for a host tensor.
+    pub fn device_memory_mut(
+        &mut self,
+        copy: impl FnOnce(&dyn DeviceMemory) -> Result<Arc<dyn DeviceMemory>>,
+    ) -> Result<Option<&mut dyn DeviceMemory>> {
+        let Storage::Device(memory) = &mut self.storage else {
+            return Ok(None);
+        };
+        if Arc::get_mut(memory).is_none() {
+            *memory = copy(memory.as_ref())?;
+        }
+        Ok(Arc::get_mut(memory))
+    }
+
+    /// A host copy of a device tensor, or a clone of a host one.
+    pub fn to_host(&self) -> Result<Tensor> {
+        match &self.storage {
+            Storage::Host(_) => Ok(self.clone()),
+            Storage::Device(memory) => Tensor::from_data(&self.shape, memory.read()?),
+        }
+    }
+
+    /// The host elements; an error for a device tensor (see [`Tensor::to_host`]).
+    pub fn data(&self) -> Result<&Data> {
+        match &self.storage {
+            Storage::Host(data) => Ok(data),
+            Storage::Device(memory) => Err(on_device("data", memory.as_ref())),
+        }
+    }
+
+    /// The host elements, read back first from a device.
+    pub fn into_data(self) -> Result<Data> {
+        match self.storage {
+            Storage::Host(data) => Ok(data),
+            Storage::Device(memory) => memory.read(),
+        }
+    }
+
+    /// Borrows the host elements as `T`; an error names the dtype actually held, or the device.
     pub fn values<T: Element>(&self) -> Result<&[T]> {
-        T::slice(&self.data).ok_or(TensorError::DType {
+        let data = match &self.storage {
+            Storage::Host(data) => data,
+            Storage::Device(memory) => return Err(on_device("values", memory.as_ref())),
+        };
+        T::slice(data).ok_or(TensorError::DType {
             op: "values",
-            dtype: self.dtype(),
+            dtype: data.dtype(),
         })
     }
 
     pub fn values_mut<T: Element>(&mut self) -> Result<&mut [T]> {
-        let dtype = self.dtype();
-        T::slice_mut(&mut self.data).ok_or(TensorError::DType {
+        let data = match &mut self.storage {
+            Storage::Host(data) => data,
+            Storage::Device(memory) => return Err(on_device("values_mut", memory.as_ref())),
+        };
+        let dtype = data.dtype();
+        T::slice_mut(data).ok_or(TensorError::DType {
             op: "values_mut",
             dtype,
         })
     }
 
-    /// Copies the elements out as `T`, converting from whatever dtype is held.
+    /// Copies the elements out as `T`, converting from whatever dtype is held. A device tensor
+    /// is read back first; a failing device read is a panic here (use [`Tensor::to_host`] to
+    /// handle it).
     pub fn to_vec<T: Element>(&self) -> Vec<T> {
-        match T::slice(&self.data) {
+        let data = match &self.storage {
+            Storage::Host(data) => data,
+            Storage::Device(_) => {
+                return self
+                    .to_host()
+                    .unwrap_or_else(|e| panic!("reading a device tensor back: {e}"))
+                    .to_vec()
+            }
+        };
+        match T::slice(data) {
             Some(v) => v.to_vec(),
             None => self.to_dtype(T::DTYPE).into_vec(),
         }
     }
 
     fn into_vec<T: Element>(self) -> Vec<T> {
-        match T::slice(&self.data) {
-            Some(_) => match (self.data, T::DTYPE) {
+        let Storage::Host(data) = self.storage else {
+            return self.to_vec();
+        };
+        match T::slice(&data) {
+            Some(_) => match (data, T::DTYPE) {
                 (Data::F32(v), DType::F32) => bytemuck::cast_vec(v),
                 (Data::F64(v), DType::F64) => bytemuck::cast_vec(v),
                 (Data::F16(v), DType::F16) => bytemuck::cast_vec(v),
@@ -192,15 +305,30 @@ impl Tensor {
                 (Data::I64(v), DType::I64) => bytemuck::cast_vec(v),
                 _ => unreachable!("slice() matched the variant"),
             },
-            None => self.to_vec(),
+            None => Tensor {
+                shape: self.shape,
+                storage: Storage::Host(data),
+            }
+            .to_vec(),
         }
     }
 
-    /// Converts element type; half types widen exactly, narrowing rounds to nearest.
+    /// Converts element type; half types widen exactly, narrowing rounds to nearest. The result
+    /// is on the host (a device tensor is read back first, as in [`Tensor::to_vec`]).
     pub fn to_dtype(&self, dtype: DType) -> Tensor {
         if dtype == self.dtype() {
             return self.clone();
         }
+        let host;
+        let data = match &self.storage {
+            Storage::Host(data) => data,
+            Storage::Device(_) => {
+                host = self
+                    .to_host()
+                    .unwrap_or_else(|e| panic!("reading a device tensor back: {e}"));
+                host.data().expect("a host tensor")
+            }
+        };
         fn convert<S: Element, D: Element>(src: &[S]) -> Vec<D> {
             src.iter().map(|&x| D::from_f64(x.to_f64())).collect()
         }
@@ -214,15 +342,15 @@ impl Tensor {
             }
         }
         let data = match dtype {
-            DType::F32 => Data::F32(to(&self.data)),
-            DType::F64 => Data::F64(to(&self.data)),
-            DType::F16 => Data::F16(to(&self.data)),
-            DType::BF16 => Data::BF16(to(&self.data)),
-            DType::I64 => Data::I64(to(&self.data)),
+            DType::F32 => Data::F32(to(data)),
+            DType::F64 => Data::F64(to(data)),
+            DType::F16 => Data::F16(to(data)),
+            DType::BF16 => Data::BF16(to(data)),
+            DType::I64 => Data::I64(to(data)),
         };
         Tensor {
             shape: self.shape.clone(),
-            data,
+            storage: Storage::Host(data),
         }
     }
 
@@ -318,6 +446,15 @@ impl Tensor {
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Tensor({:?}, {:?})", self.shape, self.dtype())
+        match &self.storage {
+            Storage::Host(_) => write!(f, "Tensor({:?}, {:?})", self.shape, self.dtype()),
+            Storage::Device(m) => write!(
+                f,
+                "Tensor({:?}, {:?}, on {})",
+                self.shape,
+                self.dtype(),
+                m.backend().name()
+            ),
+        }
     }
 }

@@ -1,12 +1,9 @@
-use scalpel_cuda::{ops as cuda, Runtime};
 use scalpel_tensor::{ops as tops, DType, Tensor};
 
-use crate::device::{backward_runtime, download, runtime_for, upload};
+use crate::device::backend_of;
 use crate::{AutogradError, Backward, Result, Var};
 
-struct Gelu {
-    rt: Option<Runtime>,
-}
+struct Gelu;
 
 impl Backward for Gelu {
     fn name(&self) -> &'static str {
@@ -21,13 +18,9 @@ impl Backward for Gelu {
         _: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
         let x = inputs[0].value();
-        let dx = match backward_runtime(&self.rt, grad) {
-            Some(rt) if grad.shape() == x.shape() => {
-                let mut dx = rt.zeros::<f32>(x.numel())?;
-                cuda::gelu_backward(&rt, &upload(&rt, x)?, &upload(&rt, grad)?, &mut dx)?;
-                download(&dx, x.shape())?
-            }
-            _ => tops::gelu_backward(x, grad)?,
+        let dx = match backend_of("gelu backward", &[x, grad])? {
+            Some(be) => be.gelu_backward(x, grad)?,
+            None => tops::gelu_backward(x, grad)?,
         };
         Ok(vec![Some(dx)])
     }
@@ -35,23 +28,18 @@ impl Backward for Gelu {
 
 /// GELU, exact erf form.
 pub fn gelu(x: &Var) -> Result<Var> {
-    let rt = runtime_for(&[x.value()]);
-    let y = match &rt {
-        Some(rt) => {
-            let mut y = rt.zeros::<f32>(x.value().numel())?;
-            cuda::gelu_forward(rt, &upload(rt, x.value())?, &mut y)?;
-            download(&y, x.shape())?
-        }
+    let y = match backend_of("gelu", &[x.value()])? {
+        Some(be) => be.gelu(x.value())?,
         None => tops::gelu(x.value())?,
     };
-    Ok(Var::from_op(y, Gelu { rt }, vec![x.clone()]))
+    Ok(Var::from_op(y, Gelu, vec![x.clone()]))
 }
 
 /// GELU that consumes `x`: when no gradient is needed and nothing else holds `x` (inference),
 /// the result overwrites `x`'s storage instead of taking a second activation-sized buffer;
 /// otherwise the same as [`gelu`], gradient included.
 pub fn gelu_in_place(x: Var) -> Result<Var> {
-    if runtime_for(&[x.value()]).is_some() {
+    if !x.value().is_host() {
         return gelu(&x);
     }
     match x.into_unshared_constant() {
@@ -86,14 +74,18 @@ fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// `x·mask` where `x` is. On a device the product is made on the host and copied back (there is
+/// no dropout kernel yet; `--device-stats` shows the traffic).
 fn apply_mask(x: &Tensor, mask: &[f64]) -> Result<Tensor> {
     let values: Vec<f64> = x
+        .to_host()?
         .to_vec::<f64>()
         .iter()
         .zip(mask)
         .map(|(v, m)| v * m)
         .collect();
-    Ok(Tensor::from_vec(x.shape(), values)?.to_dtype(x.dtype()))
+    let y = Tensor::from_vec(x.shape(), values)?.to_dtype(x.dtype());
+    Ok(x.device().place(&y)?)
 }
 
 struct Dropout {
@@ -116,8 +108,8 @@ impl Backward for Dropout {
     }
 }
 
-/// Inverted dropout with probability `p`; identity (and no node) when `p == 0`. Runs on the CPU
-/// on every device (the mask is generated on the host; there is no dropout kernel).
+/// Inverted dropout with probability `p`; identity (and no node) when `p == 0`. The mask is
+/// generated and applied on the host, whatever the device (see `apply_mask`).
 pub fn dropout(x: &Var, p: f64, seed: u64) -> Result<Var> {
     if !(0.0..1.0).contains(&p) {
         return Err(AutogradError::Graph(format!(

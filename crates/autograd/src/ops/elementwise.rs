@@ -1,7 +1,6 @@
-use scalpel_cuda::{ops as cuda, Runtime};
 use scalpel_tensor::{ops as tops, Tensor};
 
-use crate::device::{backward_runtime, download, runtime_for, upload};
+use crate::device::backend_of;
 use crate::{Backward, Result, Var};
 
 struct Add;
@@ -24,21 +23,23 @@ impl Backward for Add {
 
 /// `a + b` (the residual connection).
 pub fn add(a: &Var, b: &Var) -> Result<Var> {
-    let (at, bt) = (a.value(), b.value());
-    let out = match runtime_for(&[at, bt]).filter(|_| at.shape() == bt.shape()) {
-        Some(rt) => {
-            let mut out = rt.zeros::<f32>(at.numel())?;
-            cuda::add(&rt, &upload(&rt, at)?, &upload(&rt, bt)?, &mut out)?;
-            download(&out, at.shape())?
-        }
-        None => tops::add(at, bt)?,
-    };
-    Ok(Var::from_op(out, Add, vec![a.clone(), b.clone()]))
+    Ok(Var::from_op(
+        add_tensors(a.value(), b.value())?,
+        Add,
+        vec![a.clone(), b.clone()],
+    ))
+}
+
+/// `a + b` where the tensors are (also the accumulation of a variable's gradients).
+pub(crate) fn add_tensors(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(match backend_of("add", &[a, b])? {
+        Some(be) => be.add(a, b)?,
+        None => tops::add(a, b)?,
+    })
 }
 
 struct Scale {
     alpha: f64,
-    rt: Option<Runtime>,
 }
 
 impl Backward for Scale {
@@ -53,27 +54,21 @@ impl Backward for Scale {
         grad: &Tensor,
         _: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(match backward_runtime(&self.rt, grad) {
-            Some(rt) => scale_cuda(&rt, grad, self.alpha)?,
-            None => tops::scale(grad, self.alpha)?,
-        })])
+        Ok(vec![Some(scale_tensor(grad, self.alpha)?)])
     }
 }
 
-pub(crate) fn scale_cuda(rt: &Runtime, x: &Tensor, alpha: f64) -> Result<Tensor> {
-    let mut y = upload(rt, x)?;
-    cuda::scale(rt, alpha as f32, &mut y)?;
-    download(&y, x.shape())
+fn scale_tensor(x: &Tensor, alpha: f64) -> Result<Tensor> {
+    Ok(match backend_of("scale", &[x])? {
+        Some(be) => be.scale(x, alpha)?,
+        None => tops::scale(x, alpha)?,
+    })
 }
 
 /// `alpha·x`.
 pub fn scale(x: &Var, alpha: f64) -> Result<Var> {
-    let rt = runtime_for(&[x.value()]);
-    let y = match &rt {
-        Some(rt) => scale_cuda(rt, x.value(), alpha)?,
-        None => tops::scale(x.value(), alpha)?,
-    };
-    Ok(Var::from_op(y, Scale { alpha, rt }, vec![x.clone()]))
+    let y = scale_tensor(x.value(), alpha)?;
+    Ok(Var::from_op(y, Scale { alpha }, vec![x.clone()]))
 }
 
 struct Reshape;

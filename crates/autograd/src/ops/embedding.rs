@@ -1,12 +1,10 @@
-use scalpel_cuda::{ops as cuda, Runtime};
 use scalpel_tensor::{ops as tops, Tensor};
 
-use crate::device::{backward_runtime, download, runtime_for, upload, upload_ids};
+use crate::device::backend_of;
 use crate::{Backward, Result, Var};
 
 struct Embedding {
     ids: Vec<usize>,
-    rt: Option<Runtime>,
 }
 
 impl Backward for Embedding {
@@ -22,15 +20,9 @@ impl Backward for Embedding {
         _: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
         let table_shape = inputs[0].shape();
-        let dim = table_shape[1];
-        let flat = grad.clone().reshape(&[self.ids.len(), dim])?;
-        let dtable = match backward_runtime(&self.rt, grad) {
-            Some(rt) => {
-                let mut dtable = rt.zeros::<f32>(table_shape.iter().product())?;
-                let ids = upload_ids(&rt, &self.ids)?;
-                cuda::embedding_backward(&rt, dim, &ids, &upload(&rt, &flat)?, &mut dtable)?;
-                download(&dtable, table_shape)?
-            }
+        let flat = grad.clone().reshape(&[self.ids.len(), table_shape[1]])?;
+        let dtable = match backend_of("embedding backward", &[grad])? {
+            Some(be) => be.embedding_backward(table_shape, &self.ids, &flat)?,
             None => tops::embedding_backward(table_shape, &self.ids, &flat)?,
         };
         Ok(vec![Some(dtable)])
@@ -41,27 +33,15 @@ impl Backward for Embedding {
 pub fn embedding(table: &Var, ids: &[usize], id_shape: &[usize]) -> Result<Var> {
     let t = table.value();
     let mut shape = id_shape.to_vec();
-    shape.push(table.shape()[1]);
-    // The ids are checked against the table on the host: the kernels do not check them.
-    let valid = t.rank() == 2 && ids.iter().all(|&i| i < t.dim(0));
-    let rt = runtime_for(&[t]).filter(|_| valid);
-    let out = match &rt {
-        Some(rt) => {
-            let dim = t.dim(1);
-            let mut out = rt.zeros::<f32>(ids.len() * dim)?;
-            let ids = upload_ids(rt, ids)?;
-            cuda::embedding_forward(rt, dim, &upload(rt, t)?, &ids, &mut out)?;
-            download(&out, &[ids.len(), dim])?
-        }
+    shape.push(table.shape().get(1).copied().unwrap_or(0));
+    let out = match backend_of("embedding", &[t])? {
+        Some(be) => be.embedding(t, ids)?,
         None => tops::embedding(t, ids)?,
     }
     .reshape(&shape)?;
     Ok(Var::from_op(
         out,
-        Embedding {
-            ids: ids.to_vec(),
-            rt,
-        },
+        Embedding { ids: ids.to_vec() },
         vec![table.clone()],
     ))
 }

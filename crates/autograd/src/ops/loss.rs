@@ -1,12 +1,13 @@
 //! Scalar losses. They are tiny next to the model (a `[batch, dim]` pair). On the CPU they are
-//! computed in f64 whatever the input dtype, and cast back. On a CUDA device, MSE runs on the
-//! elementwise and reduction kernels and cross-entropy on its kernels (f32); the cosine loss has
-//! no kernel and runs on the CPU.
+//! computed in f64 whatever the input dtype, and cast back. On a device, MSE runs on the
+//! elementwise and reduction kernels and cross-entropy on its kernels (f32), and only the loss
+//! (4 bytes) is read back; the cosine loss has no kernel: its inputs are read back and its
+//! gradients copied to the device. A loss is a host scalar on every device: it is read back
+//! anyway, and its backward takes the upstream gradient from the host.
 
-use scalpel_cuda::{ops as cuda, DeviceBuffer, Runtime};
 use scalpel_tensor::{ops as tops, Tensor};
 
-use crate::device::{backward_runtime, download, runtime_for, upload, upload_ids};
+use crate::device::backend_of;
 use crate::{AutogradError, Backward, Result, Var};
 
 fn check_pair(op: &str, s: &Var, t: &Var) -> Result<()> {
@@ -24,8 +25,10 @@ fn scalar_like(v: f64, like: &Tensor) -> Tensor {
     Tensor::scalar(v).to_dtype(like.dtype())
 }
 
+/// `values` as a tensor of `like`'s dtype, on `like`'s device.
 fn from_f64(shape: &[usize], values: Vec<f64>, like: &Tensor) -> Result<Tensor> {
-    Ok(Tensor::from_vec(shape, values)?.to_dtype(like.dtype()))
+    let host = Tensor::from_vec(shape, values)?.to_dtype(like.dtype());
+    Ok(like.device().place(&host)?)
 }
 
 /// Gradients w.r.t. both operands from `ds` (the target's is `-ds`: both losses are odd in s−t
@@ -39,16 +42,7 @@ fn pair_grads(
     Ok(vec![needs[0].then_some(ds), dt])
 }
 
-struct Mse {
-    rt: Option<Runtime>,
-}
-
-/// `s − t` on the device.
-fn diff_cuda(rt: &Runtime, s: &Tensor, t: &Tensor) -> Result<DeviceBuffer<f32>> {
-    let mut diff = upload(rt, s)?;
-    cuda::axpy(rt, -1.0, &upload(rt, t)?, &mut diff)?;
-    Ok(diff)
-}
+struct Mse;
 
 impl Backward for Mse {
     fn name(&self) -> &'static str {
@@ -63,16 +57,10 @@ impl Backward for Mse {
         needs: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
         let (s, t) = (inputs[0].value(), inputs[1].value());
-        let g = grad.to_vec::<f64>()[0] * 2.0 / s.numel() as f64;
-        if let Some(rt) = backward_runtime(&self.rt, grad) {
-            let diff = diff_cuda(&rt, s, t)?;
-            let scaled = |alpha: f64| -> Result<Tensor> {
-                let mut d = rt.zeros::<f32>(diff.len())?;
-                cuda::axpy(&rt, alpha as f32, &diff, &mut d)?;
-                download(&d, s.shape())
-            };
-            let ds = scaled(g)?;
-            return pair_grads(needs, ds, || scaled(-g));
+        let g = grad.to_host()?.to_vec::<f64>()[0] * 2.0 / s.numel() as f64;
+        if let Some(be) = backend_of("mse_loss backward", &[s, t])? {
+            let ds = be.scaled_difference(s, t, g)?;
+            return pair_grads(needs, ds, || Ok(be.scaled_difference(s, t, -g)?));
         }
         let diff: Vec<f64> = s
             .to_vec::<f64>()
@@ -90,39 +78,31 @@ impl Backward for Mse {
 /// Mean over all elements of `(s − t)²`.
 pub fn mse_loss(s: &Var, t: &Var) -> Result<Var> {
     check_pair("mse_loss", s, t)?;
-    let n = s.value().numel() as f64;
-    let rt = runtime_for(&[s.value(), t.value()]);
-    if let Some(rt) = &rt {
-        let diff = diff_cuda(rt, s.value(), t.value())?;
-        let loss = cuda::sum_of_squares(rt, &diff)? as f64 / n;
-        return Ok(Var::from_op(
-            scalar_like(loss, s.value()),
-            Mse {
-                rt: Some(rt.clone()),
-            },
-            vec![s.clone(), t.clone()],
-        ));
-    }
-    let loss: f64 = s
-        .value()
-        .to_vec::<f64>()
-        .iter()
-        .zip(t.value().to_vec::<f64>())
-        .map(|(a, b)| (a - b) * (a - b))
-        .sum::<f64>()
-        / n;
+    let (st, tt) = (s.value(), t.value());
+    let n = st.numel() as f64;
+    let loss = match backend_of("mse_loss", &[st, tt])? {
+        Some(be) => be.sum_of_squares(&[&be.scaled_difference(st, tt, 1.0)?])? / n,
+        None => {
+            st.to_vec::<f64>()
+                .iter()
+                .zip(tt.to_vec::<f64>())
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f64>()
+                / n
+        }
+    };
     Ok(Var::from_op(
-        scalar_like(loss, s.value()),
-        Mse { rt: None },
+        scalar_like(loss, st),
+        Mse,
         vec![s.clone(), t.clone()],
     ))
 }
 
 /// Per row: `(cos, ‖s‖, ‖t‖)`.
-fn row_cosines(s: &Tensor, t: &Tensor) -> Vec<(f64, f64, f64)> {
+fn row_cosines(s: &Tensor, t: &Tensor) -> Result<Vec<(f64, f64, f64)>> {
     let dim = s.dim(-1);
-    let (s, t) = (s.to_vec::<f64>(), t.to_vec::<f64>());
-    s.chunks_exact(dim)
+    let (s, t) = (s.to_host()?.to_vec::<f64>(), t.to_host()?.to_vec::<f64>());
+    Ok(s.chunks_exact(dim)
         .zip(t.chunks_exact(dim))
         .map(|(a, b)| {
             let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
@@ -130,7 +110,7 @@ fn row_cosines(s: &Tensor, t: &Tensor) -> Vec<(f64, f64, f64)> {
             let nb = b.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
             (dot / (na * nb), na, nb)
         })
-        .collect()
+        .collect())
 }
 
 struct Cosine;
@@ -149,8 +129,8 @@ impl Backward for Cosine {
     ) -> Result<Vec<Option<Tensor>>> {
         let (s, t) = (inputs[0].value(), inputs[1].value());
         let dim = s.dim(-1);
-        let rows = row_cosines(s, t);
-        let g = -grad.to_vec::<f64>()[0] / rows.len() as f64;
+        let rows = row_cosines(s, t)?;
+        let g = -grad.to_host()?.to_vec::<f64>()[0] / rows.len() as f64;
         // d cos(a, b)/da = b/(‖a‖‖b‖) − cos·a/‖a‖².
         let d_first = |a: &[f64], b: &[f64], swap: bool| -> Vec<f64> {
             let mut out = Vec::with_capacity(a.len());
@@ -166,7 +146,7 @@ impl Backward for Cosine {
             }
             out
         };
-        let (sv, tv) = (s.to_vec::<f64>(), t.to_vec::<f64>());
+        let (sv, tv) = (s.to_host()?.to_vec::<f64>(), t.to_host()?.to_vec::<f64>());
         let ds = from_f64(s.shape(), d_first(&sv, &tv, false), s)?;
         pair_grads(needs, ds, || {
             from_f64(s.shape(), d_first(&tv, &sv, true), s)
@@ -174,10 +154,11 @@ impl Backward for Cosine {
     }
 }
 
-/// Mean over rows of `1 − cos(s_i, t_i)`. On the CPU on every device (no kernel).
+/// Mean over rows of `1 − cos(s_i, t_i)`. Computed on the host on every device (no kernel).
 pub fn cosine_loss(s: &Var, t: &Var) -> Result<Var> {
     check_pair("cosine_loss", s, t)?;
-    let rows = row_cosines(s.value(), t.value());
+    backend_of("cosine_loss", &[s.value(), t.value()])?;
+    let rows = row_cosines(s.value(), t.value())?;
     let loss = rows.iter().map(|(c, _, _)| 1.0 - c).sum::<f64>() / rows.len() as f64;
     Ok(Var::from_op(
         scalar_like(loss, s.value()),
@@ -189,7 +170,6 @@ pub fn cosine_loss(s: &Var, t: &Var) -> Result<Var> {
 struct CrossEntropy {
     targets: Vec<usize>,
     probs: Tensor,
-    rt: Option<Runtime>,
 }
 
 impl Backward for CrossEntropy {
@@ -204,50 +184,27 @@ impl Backward for CrossEntropy {
         grad: &Tensor,
         _: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
-        let dloss = grad.to_vec::<f64>()[0];
-        Ok(vec![Some(match backward_runtime(&self.rt, grad) {
-            Some(rt) => {
-                let cols = self.probs.dim(1);
-                let mut d = rt.zeros::<f32>(self.probs.numel())?;
-                cuda::cross_entropy_backward(
-                    &rt,
-                    cols,
-                    &upload(&rt, &self.probs)?,
-                    &upload_ids(&rt, &self.targets)?,
-                    dloss as f32,
-                    &mut d,
-                )?;
-                download(&d, self.probs.shape())?
-            }
-            None => tops::cross_entropy_backward(&self.probs, &self.targets, dloss)?,
-        })])
+        let dloss = grad.to_host()?.to_vec::<f64>()[0];
+        let (probs, targets) = (&self.probs, &self.targets);
+        Ok(vec![Some(
+            match backend_of("cross_entropy backward", &[probs])? {
+                Some(be) => be.cross_entropy_backward(probs, targets, dloss)?,
+                None => tops::cross_entropy_backward(probs, targets, dloss)?,
+            },
+        )])
     }
 }
 
 /// Mean softmax cross-entropy of `logits` `[rows, classes]` against class indices.
 pub fn cross_entropy(logits: &Var, targets: &[usize]) -> Result<Var> {
     let l = logits.value();
-    // Shapes and targets are checked on the host: the kernels do not check the targets.
-    let valid = l.rank() == 2
-        && l.dim(0) == targets.len()
-        && !targets.is_empty()
-        && targets.iter().all(|&t| t < l.dim(1));
-    let rt = runtime_for(&[l]).filter(|_| valid);
-    let (loss, probs) = match &rt {
-        Some(rt) => {
-            let cols = l.dim(1);
-            let mut probs = rt.zeros::<f32>(l.numel())?;
-            let targets = upload_ids(rt, targets)?;
-            let loss =
-                cuda::cross_entropy_forward(rt, cols, &upload(rt, l)?, &targets, &mut probs)?;
-            (loss as f64, download(&probs, l.shape())?)
-        }
+    let (loss, probs) = match backend_of("cross_entropy", &[l])? {
+        Some(be) => be.cross_entropy(l, targets)?,
         None => tops::cross_entropy(l, targets)?,
     };
     let op = CrossEntropy {
         targets: targets.to_vec(),
         probs,
-        rt,
     };
     Ok(Var::from_op(
         scalar_like(loss, logits.value()),

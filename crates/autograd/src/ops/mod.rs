@@ -1,6 +1,7 @@
-//! Differentiable ops, one file per family. Each op computes its forward with the tensor crate
-//! (or, on a CUDA [`crate::device`], with the kernels of `scalpel-cuda`), saves what its backward
-//! needs and the device it ran on, and records a node only when an input needs a gradient.
+//! Differentiable ops, one file per family. Each op runs where its inputs are
+//! ([`crate::device::backend_of`]): the CPU kernels of the tensor crate for host tensors, the
+//! device backend's kernels for device tensors. It saves what its backward needs (on the same
+//! device) and records a node only when an input needs a gradient.
 
 mod activation;
 mod attention;
@@ -14,7 +15,7 @@ mod pooling;
 
 pub use activation::{dropout, gelu, gelu_in_place};
 pub use attention::attention;
-pub(crate) use elementwise::scale_cuda;
+pub(crate) use elementwise::add_tensors;
 pub use elementwise::{add, reshape, scale};
 pub use embedding::embedding;
 pub use linear::{linear, linear_gelu, matmul};

@@ -1,0 +1,638 @@
+//! The [`Backend`] of `scalpel-tensor` on a [`Runtime`]: tensor-level ops over device-resident
+//! f32 tensors. Each checks shapes as its `scalpel_tensor::ops` twin does, allocates its outputs
+//! from the runtime's caching allocator and launches the kernels of [`crate::ops`]; nothing is
+//! copied between host and device except ids (token and class indices, which live on the host),
+//! the scalars a caller reads back (a loss, a norm), and [`Backend::to_device`] itself.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use scalpel_tensor::backend::AdamUpdate;
+use scalpel_tensor::cpu::attention::AttentionShape;
+use scalpel_tensor::cpu::gemm::GemmShape;
+use scalpel_tensor::cpu::layernorm::LayerNormShape;
+use scalpel_tensor::{ops as tops, Backend, DType, Data, DeviceMemory, DeviceStats, Tensor};
+use scalpel_tensor::{Result, TensorError};
+
+use crate::ops::{self as cuda, AdamStep, WeightDecay};
+use crate::{CudaError, DeviceBuffer, Runtime};
+
+/// The widest attention head the fused kernels take.
+pub const MAX_ATTENTION_HEAD_DIM: usize = 64;
+
+fn device_error(e: CudaError) -> TensorError {
+    TensorError::Device(e.to_string())
+}
+
+impl DeviceMemory for DeviceBuffer<f32> {
+    fn backend(&self) -> Arc<dyn Backend> {
+        Arc::new(self.runtime().clone())
+    }
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
+    fn len(&self) -> usize {
+        DeviceBuffer::len(self)
+    }
+    fn read(&self) -> Result<Data> {
+        Ok(Data::F32(self.to_host().map_err(device_error)?))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+impl Runtime {
+    /// The f32 buffer of a tensor on this runtime; an error naming where it is otherwise.
+    fn buffer<'t>(&self, what: &str, t: &'t Tensor) -> Result<&'t DeviceBuffer<f32>> {
+        let buffer = t
+            .device_memory()
+            .and_then(|m| m.as_any().downcast_ref::<DeviceBuffer<f32>>())
+            .filter(|b| b.runtime().same_as(self));
+        buffer.ok_or_else(|| {
+            TensorError::Device(format!(
+                "{what} is a {:?} tensor on {}, not an f32 tensor on {}",
+                t.dtype(),
+                t.device().name(),
+                self.name()
+            ))
+        })
+    }
+
+    /// The buffer of a tensor to update in place (copied on the device first if shared).
+    fn buffer_mut<'t>(&self, what: &str, t: &'t mut Tensor) -> Result<&'t mut DeviceBuffer<f32>> {
+        self.buffer(what, t)?;
+        let memory = t.device_memory_mut(|shared| {
+            let source = shared
+                .as_any()
+                .downcast_ref::<DeviceBuffer<f32>>()
+                .expect("checked above");
+            let mut copy = self.zeros::<f32>(source.len()).map_err(device_error)?;
+            cuda::axpy(self, 1.0, source, &mut copy).map_err(device_error)?;
+            Ok(Arc::new(copy) as Arc<dyn DeviceMemory>)
+        })?;
+        Ok(memory
+            .and_then(|m| m.as_any_mut().downcast_mut::<DeviceBuffer<f32>>())
+            .expect("a device buffer of this runtime"))
+    }
+
+    fn zeros_f32(&self, len: usize) -> Result<DeviceBuffer<f32>> {
+        self.zeros::<f32>(len).map_err(device_error)
+    }
+
+    fn uninit_f32(&self, len: usize) -> Result<DeviceBuffer<f32>> {
+        self.uninit::<f32>(len).map_err(device_error)
+    }
+
+    fn ids(&self, ids: &[usize]) -> Result<DeviceBuffer<i32>> {
+        let ids = ids
+            .iter()
+            .map(|&i| {
+                i32::try_from(i).map_err(|_| {
+                    TensorError::Device(format!("index {i} does not fit a 32-bit int"))
+                })
+            })
+            .collect::<Result<Vec<i32>>>()?;
+        self.upload(&ids).map_err(device_error)
+    }
+}
+
+fn wrap(shape: &[usize], buffer: DeviceBuffer<f32>) -> Result<Tensor> {
+    Tensor::from_device(shape, Arc::new(buffer))
+}
+
+/// Converts a kernel launcher's error.
+trait OrDevice<T> {
+    fn dev(self) -> Result<T>;
+}
+
+impl<T> OrDevice<T> for crate::Result<T> {
+    fn dev(self) -> Result<T> {
+        self.map_err(device_error)
+    }
+}
+
+fn layernorm_shape(x: &Tensor, gamma: &Tensor, eps: f64) -> Result<LayerNormShape> {
+    let cols = if x.rank() == 0 { 0 } else { x.dim(-1) };
+    tops::expect_shape("layernorm", "gamma", gamma, &[cols])?;
+    if cols == 0 {
+        return Err(TensorError::shape("layernorm", "no columns to normalise"));
+    }
+    Ok(LayerNormShape {
+        rows: x.numel() / cols,
+        cols,
+        eps,
+    })
+}
+
+fn check_ids(op: &'static str, ids: &[usize], rows: usize) -> Result<()> {
+    match ids.iter().find(|&&i| i >= rows) {
+        Some(bad) => Err(TensorError::shape(
+            op,
+            format!("index {bad} is outside the {rows} rows"),
+        )),
+        None => Ok(()),
+    }
+}
+
+impl Backend for Runtime {
+    fn name(&self) -> String {
+        if self.is_emulator() {
+            format!("emu ({})", Runtime::name(self))
+        } else {
+            format!("cuda ({})", Runtime::name(self))
+        }
+    }
+
+    fn id(&self) -> usize {
+        Runtime::id(self)
+    }
+
+    fn stats(&self) -> DeviceStats {
+        Runtime::stats(self)
+    }
+
+    fn to_device(&self, t: &Tensor) -> Result<Tensor> {
+        let host = t.to_host()?;
+        let values = match host.dtype() {
+            DType::F32 => host.values::<f32>()?.to_vec(),
+            // Storage formats widen exactly; f64 (the gradient checks) has no device kernels.
+            DType::F16 | DType::BF16 => host.to_vec::<f32>(),
+            dtype => {
+                return Err(TensorError::DType {
+                    op: "to_device",
+                    dtype,
+                })
+            }
+        };
+        wrap(t.shape(), self.upload(&values).dev()?)
+    }
+
+    fn full(&self, shape: &[usize], value: f32) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let mut buffer = self.zeros_f32(n)?;
+        if value != 0.0 {
+            let ones = self.upload(&[value]).dev()?;
+            // Broadcast through the bias kernel: one row of `value` added to n rows of one.
+            cuda::add_bias(self, 1, &ones, &mut buffer).dev()?;
+        }
+        wrap(shape, buffer)
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        tops::expect_shape("add", "right operand", b, a.shape())?;
+        let mut out = self.uninit_f32(a.numel())?;
+        cuda::add(self, self.buffer("a", a)?, self.buffer("b", b)?, &mut out).dev()?;
+        wrap(a.shape(), out)
+    }
+
+    fn scale(&self, x: &Tensor, alpha: f64) -> Result<Tensor> {
+        self.scaled_difference_or_scale(x, None, alpha)
+    }
+
+    fn scale_in_place(&self, x: &mut Tensor, alpha: f64) -> Result<()> {
+        let buffer = self.buffer_mut("x", x)?;
+        cuda::scale(self, alpha as f32, buffer).dev()
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let (s, shape) = tops::linear_shape(x, w, b)?;
+        let mut y = self.uninit_f32(s.m * s.n)?;
+        cuda::gemm(self, s, self.buffer("x", x)?, self.buffer("w", w)?, &mut y, 0.0).dev()?;
+        if let Some(b) = b {
+            cuda::add_bias(self, s.n, self.buffer("bias", b)?, &mut y).dev()?;
+        }
+        wrap(&shape, y)
+    }
+
+    fn linear_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        let (s, y_shape) = tops::linear_shape(x, w, None)?;
+        tops::expect_shape("linear backward", "dy", dy, &y_shape)?;
+        let (xd, wd, dyd) = (
+            self.buffer("x", x)?,
+            self.buffer("w", w)?,
+            self.buffer("dy", dy)?,
+        );
+        let (rows, out_f, in_f) = (s.m, s.n, s.k);
+        let dx = if need_dx {
+            let mut dx = self.uninit_f32(x.numel())?;
+            let s = GemmShape {
+                m: rows,
+                n: in_f,
+                k: out_f,
+                trans_a: false,
+                trans_b: false,
+            };
+            cuda::gemm(self, s, dyd, wd, &mut dx, 0.0).dev()?;
+            Some(wrap(x.shape(), dx)?)
+        } else {
+            None
+        };
+        let mut dw = self.uninit_f32(w.numel())?;
+        let s = GemmShape {
+            m: out_f,
+            n: in_f,
+            k: rows,
+            trans_a: true,
+            trans_b: false,
+        };
+        cuda::gemm(self, s, dyd, xd, &mut dw, 0.0).dev()?;
+        let mut db = self.zeros_f32(out_f)?;
+        cuda::bias_backward(self, out_f, dyd, &mut db).dev()?;
+        Ok((dx, wrap(w.shape(), dw)?, wrap(&[out_f], db)?))
+    }
+
+    fn matmul(&self, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+        let (batch, s, shape) = tops::matmul_shape(a, b, trans_a, trans_b)?;
+        let (ad, bd) = (self.buffer("a", a)?, self.buffer("b", b)?);
+        let mut c = self.uninit_f32(batch * s.m * s.n)?;
+        for i in 0..batch {
+            cuda::gemm_at(
+                self,
+                s,
+                (ad, i * s.m * s.k),
+                (bd, i * s.k * s.n),
+                (&mut c, i * s.m * s.n),
+            )
+            .dev()?;
+        }
+        wrap(&shape, c)
+    }
+
+    fn gelu(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = self.uninit_f32(x.numel())?;
+        cuda::gelu_forward(self, self.buffer("x", x)?, &mut y).dev()?;
+        wrap(x.shape(), y)
+    }
+
+    fn gelu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        tops::expect_shape("gelu backward", "dy", dy, x.shape())?;
+        let mut dx = self.uninit_f32(x.numel())?;
+        cuda::gelu_backward(self, self.buffer("x", x)?, self.buffer("dy", dy)?, &mut dx).dev()?;
+        wrap(x.shape(), dx)
+    }
+
+    fn layernorm(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let s = layernorm_shape(x, gamma, eps)?;
+        tops::expect_shape("layernorm", "beta", beta, gamma.shape())?;
+        let mut y = self.uninit_f32(x.numel())?;
+        let mut mean = self.uninit_f32(s.rows)?;
+        let mut rstd = self.uninit_f32(s.rows)?;
+        cuda::layernorm_forward(
+            self,
+            &s,
+            self.buffer("x", x)?,
+            self.buffer("gamma", gamma)?,
+            self.buffer("beta", beta)?,
+            &mut y,
+            &mut mean,
+            &mut rstd,
+        )
+        .dev()?;
+        Ok((
+            wrap(x.shape(), y)?,
+            wrap(&[s.rows], mean)?,
+            wrap(&[s.rows], rstd)?,
+        ))
+    }
+
+    fn layernorm_backward(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let s = layernorm_shape(x, gamma, 0.0)?;
+        tops::expect_shape("layernorm backward", "dy", dy, x.shape())?;
+        let mut dx = self.uninit_f32(x.numel())?;
+        let mut dgamma = self.zeros_f32(s.cols)?;
+        let mut dbeta = self.zeros_f32(s.cols)?;
+        cuda::layernorm_backward(
+            self,
+            &s,
+            self.buffer("x", x)?,
+            self.buffer("gamma", gamma)?,
+            self.buffer("mean", mean)?,
+            self.buffer("rstd", rstd)?,
+            self.buffer("dy", dy)?,
+            &mut dx,
+            &mut dgamma,
+            &mut dbeta,
+        )
+        .dev()?;
+        Ok((
+            wrap(x.shape(), dx)?,
+            wrap(gamma.shape(), dgamma)?,
+            wrap(gamma.shape(), dbeta)?,
+        ))
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        heads: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let s = tops::attention_shape(q, k, v, mask, heads)?;
+        if s.head_dim > MAX_ATTENTION_HEAD_DIM {
+            return Err(TensorError::Device(format!(
+                "attention heads of {} dimensions: the CUDA kernels take at most {MAX_ATTENTION_HEAD_DIM}",
+                s.head_dim
+            )));
+        }
+        let mut out = self.uninit_f32(q.numel())?;
+        let mut lse = self.uninit_f32(s.batch * s.heads * s.seq)?;
+        cuda::attention_forward(
+            self,
+            &s,
+            self.buffer("q", q)?,
+            self.buffer("k", k)?,
+            self.buffer("v", v)?,
+            self.buffer("mask", mask)?,
+            &mut out,
+            &mut lse,
+        )
+        .dev()?;
+        Ok((
+            wrap(q.shape(), out)?,
+            wrap(&[s.batch, s.heads, s.seq], lse)?,
+        ))
+    }
+
+    fn attention_backward(
+        &self,
+        s: &AttentionShape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        tops::expect_shape("attention backward", "dout", dout, q.shape())?;
+        let n = q.numel();
+        let (mut dq, mut dk, mut dv) = (
+            self.zeros_f32(n)?,
+            self.zeros_f32(n)?,
+            self.zeros_f32(n)?,
+        );
+        cuda::attention_backward(
+            self,
+            s,
+            self.buffer("q", q)?,
+            self.buffer("k", k)?,
+            self.buffer("v", v)?,
+            self.buffer("mask", mask)?,
+            self.buffer("out", out)?,
+            self.buffer("lse", lse)?,
+            self.buffer("dout", dout)?,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        )
+        .dev()?;
+        Ok((
+            wrap(q.shape(), dq)?,
+            wrap(q.shape(), dk)?,
+            wrap(q.shape(), dv)?,
+        ))
+    }
+
+    fn embedding(&self, table: &Tensor, ids: &[usize]) -> Result<Tensor> {
+        if table.rank() != 2 {
+            return Err(TensorError::shape(
+                "embedding",
+                format!("table must be [vocab, dim], got {:?}", table.shape()),
+            ));
+        }
+        check_ids("embedding", ids, table.dim(0))?;
+        let dim = table.dim(1);
+        let mut out = self.uninit_f32(ids.len() * dim)?;
+        let ids = self.ids(ids)?;
+        cuda::embedding_forward(self, dim, self.buffer("table", table)?, &ids, &mut out).dev()?;
+        wrap(&[ids.len(), dim], out)
+    }
+
+    fn embedding_backward(
+        &self,
+        table_shape: &[usize],
+        ids: &[usize],
+        dout: &Tensor,
+    ) -> Result<Tensor> {
+        let &[rows, dim] = table_shape else {
+            return Err(TensorError::shape(
+                "embedding backward",
+                format!("table shape {table_shape:?}"),
+            ));
+        };
+        check_ids("embedding backward", ids, rows)?;
+        tops::expect_shape("embedding backward", "dout", dout, &[ids.len(), dim])?;
+        let mut dtable = self.zeros_f32(rows * dim)?;
+        let ids = self.ids(ids)?;
+        cuda::embedding_backward(self, dim, &ids, self.buffer("dout", dout)?, &mut dtable)
+            .dev()?;
+        wrap(table_shape, dtable)
+    }
+
+    fn mean_pool(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        if x.rank() != 3 {
+            return Err(TensorError::shape(
+                "mean_pool",
+                format!("input must be [batch, seq, dim], got {:?}", x.shape()),
+            ));
+        }
+        tops::expect_shape("mean_pool", "mask", mask, &x.shape()[..2])?;
+        let (b, s, d) = (x.dim(0), x.dim(1), x.dim(2));
+        let mut out = self.uninit_f32(b * d)?;
+        cuda::mean_pool_forward(
+            self,
+            s,
+            d,
+            self.buffer("x", x)?,
+            self.buffer("mask", mask)?,
+            &mut out,
+        )
+        .dev()?;
+        wrap(&[b, d], out)
+    }
+
+    fn mean_pool_backward(
+        &self,
+        mask: &Tensor,
+        x_shape: &[usize],
+        dout: &Tensor,
+    ) -> Result<Tensor> {
+        let &[b, s, d] = x_shape else {
+            return Err(TensorError::shape(
+                "mean_pool backward",
+                format!("input shape {x_shape:?}"),
+            ));
+        };
+        tops::expect_shape("mean_pool backward", "dout", dout, &[b, d])?;
+        let mut dx = self.uninit_f32(b * s * d)?;
+        cuda::mean_pool_backward(
+            self,
+            s,
+            d,
+            self.buffer("mask", mask)?,
+            self.buffer("dout", dout)?,
+            &mut dx,
+        )
+        .dev()?;
+        wrap(x_shape, dx)
+    }
+
+    fn l2_normalize(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        if x.rank() == 0 {
+            return Err(TensorError::shape("l2_normalize", "scalar input"));
+        }
+        let dim = x.dim(-1);
+        let rows = x.numel() / dim.max(1);
+        let mut y = self.uninit_f32(x.numel())?;
+        let mut norms = self.uninit_f32(rows)?;
+        cuda::l2_normalize_forward(self, dim, self.buffer("x", x)?, &mut y, &mut norms).dev()?;
+        Ok((wrap(x.shape(), y)?, wrap(&[rows], norms)?))
+    }
+
+    fn l2_normalize_backward(&self, y: &Tensor, norms: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        tops::expect_shape("l2_normalize backward", "dy", dy, y.shape())?;
+        let mut dx = self.uninit_f32(y.numel())?;
+        cuda::l2_normalize_backward(
+            self,
+            y.dim(-1),
+            self.buffer("y", y)?,
+            self.buffer("norms", norms)?,
+            self.buffer("dy", dy)?,
+            &mut dx,
+        )
+        .dev()?;
+        wrap(y.shape(), dx)
+    }
+
+    fn cross_entropy(&self, logits: &Tensor, targets: &[usize]) -> Result<(f64, Tensor)> {
+        if logits.rank() != 2 || logits.dim(0) != targets.len() || targets.is_empty() {
+            return Err(TensorError::shape(
+                "cross_entropy",
+                format!(
+                    "logits {:?} against {} targets",
+                    logits.shape(),
+                    targets.len()
+                ),
+            ));
+        }
+        check_ids("cross_entropy", targets, logits.dim(1))?;
+        let mut probs = self.uninit_f32(logits.numel())?;
+        let targets = self.ids(targets)?;
+        let loss = cuda::cross_entropy_forward(
+            self,
+            logits.dim(1),
+            self.buffer("logits", logits)?,
+            &targets,
+            &mut probs,
+        )
+        .dev()?;
+        Ok((loss as f64, wrap(logits.shape(), probs)?))
+    }
+
+    fn cross_entropy_backward(
+        &self,
+        probs: &Tensor,
+        targets: &[usize],
+        dloss: f64,
+    ) -> Result<Tensor> {
+        let mut d = self.uninit_f32(probs.numel())?;
+        let targets = self.ids(targets)?;
+        cuda::cross_entropy_backward(
+            self,
+            probs.dim(1),
+            self.buffer("probs", probs)?,
+            &targets,
+            dloss as f32,
+            &mut d,
+        )
+        .dev()?;
+        wrap(probs.shape(), d)
+    }
+
+    fn scaled_difference(&self, a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
+        tops::expect_shape("difference", "b", b, a.shape())?;
+        self.scaled_difference_or_scale(a, Some(b), alpha)
+    }
+
+    fn sum_of_squares(&self, tensors: &[&Tensor]) -> Result<f64> {
+        let buffers = tensors
+            .iter()
+            .map(|t| self.buffer("tensor", t))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(cuda::sum_of_squares_all(self, &buffers).dev()? as f64)
+    }
+
+    fn adam_update(
+        &self,
+        u: &AdamUpdate,
+        param: &mut Tensor,
+        grad: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+    ) -> Result<()> {
+        for (what, t) in [("gradient", grad), ("m", &*m), ("v", &*v)] {
+            tops::expect_shape("adam", what, t, param.shape())?;
+        }
+        let step = AdamStep {
+            lr: u.lr,
+            beta1: u.beta1,
+            beta2: u.beta2,
+            eps: u.eps,
+            weight_decay: u.weight_decay,
+            decay: if u.decoupled {
+                WeightDecay::Decoupled
+            } else {
+                WeightDecay::L2
+            },
+            step: u32::try_from(u.step)
+                .map_err(|_| TensorError::Device(format!("Adam step {} too large", u.step)))?,
+        };
+        let g = self.buffer("gradient", grad)?;
+        let p = self.buffer_mut("param", param)?;
+        let m = self.buffer_mut("m", m)?;
+        let v = self.buffer_mut("v", v)?;
+        cuda::adam_step(self, &step, p, g, m, v).dev()
+    }
+}
+
+impl Runtime {
+    /// `alpha·(a − b)`, or `alpha·a` without `b`.
+    fn scaled_difference_or_scale(
+        &self,
+        a: &Tensor,
+        b: Option<&Tensor>,
+        alpha: f64,
+    ) -> Result<Tensor> {
+        let mut out = self.zeros_f32(a.numel())?;
+        cuda::axpy(self, alpha as f32, self.buffer("a", a)?, &mut out).dev()?;
+        if let Some(b) = b {
+            cuda::axpy(self, -alpha as f32, self.buffer("b", b)?, &mut out).dev()?;
+        }
+        wrap(a.shape(), out)
+    }
+}
