@@ -24,3 +24,11 @@ extern "C" __global__ void embedding_backward_f32(int rows, int dim, const int* 
         atomicAdd(&dtable[(long long)ids[r] * dim + (i - r * dim)], dout[i]);
     }
 }
+
+// out[i] = i mod period: the position ids of a batch of equal-length rows (period = seq) or its
+// token types (period = 1), made on the device so that no index array crosses the bus for them.
+extern "C" __global__ void repeated_range_i32(int n, int period, int* __restrict__ out) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+        out[i] = i % period;
+    }
+}

@@ -504,11 +504,24 @@ pub fn embedding(rt: &Runtime, vocab: usize, rows: usize, dim: usize) -> Result<
     embedding::embedding_backward(dim, &ids, &wide(&dout), &mut want);
     let backward = check(
         "embedding_backward_f32",
-        case,
+        case.clone(),
         max_rel_error(&dtable.to_host()?, &want),
         F32_TOLERANCE,
     );
-    Ok(vec![forward, backward])
+
+    let period = dim.max(2) - 1;
+    let mut positions = rt.zeros::<i32>(rows * dim)?;
+    ops::repeated_range(rt, period, &mut positions)?;
+    let mut want = vec![0i32; rows * dim];
+    embedding::repeated_range(period, &mut want);
+    let as_f32 = |v: &[i32]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    let ranges = check(
+        "repeated_range_i32",
+        format!("{case} period={period}"),
+        max_rel_error(&as_f32(&positions.to_host()?), &want.iter().map(|&x| x as f64).collect::<Vec<_>>()),
+        0.0,
+    );
+    Ok(vec![forward, backward, ranges])
 }
 
 pub fn pooling(rt: &Runtime, batch: usize, seq: usize, dim: usize) -> Result<Vec<KernelCheck>> {

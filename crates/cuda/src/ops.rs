@@ -558,6 +558,23 @@ pub fn cross_entropy_backward(
     }
 }
 
+/// `out[i] = i mod period` (position ids for `period = seq`, token types for `period = 1`).
+pub fn repeated_range(rt: &Runtime, period: usize, out: &mut DeviceBuffer<i32>) -> Result<()> {
+    out.check_runtime(rt)?;
+    if period == 0 {
+        return Err(CudaError::Shape("a range with period 0".into()));
+    }
+    let n = out.len();
+    // SAFETY: repeated_range_i32(int n, int period, int* out), `n` the buffer's length.
+    unsafe {
+        rt.launch(
+            "repeated_range_i32",
+            grid_stride(n),
+            &[int("n", n)?, int("period", period)?, out.arg()],
+        )
+    }
+}
+
 /// `out[i] = table[ids[i]]` for `dim`-wide rows. Ids must be below the table's row count: the
 /// device does not check them (check on the host where they come from).
 pub fn embedding_forward(

@@ -192,17 +192,19 @@ impl Runtime {
         Arc::as_ptr(&self.inner) as *const u8 as usize
     }
 
-    /// `class` bytes from the free list, else from the driver.
-    fn allocate(&self, class: usize) -> Result<u64> {
-        let cached = self
-            .inner
-            .free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&class)
-            .and_then(Vec::pop);
-        if let Some(ptr) = cached {
-            return Ok(ptr);
+    /// `class` bytes from the free list (unless `fresh`), else from the driver.
+    fn allocate(&self, class: usize, fresh: bool) -> Result<u64> {
+        if !fresh {
+            let cached = self
+                .inner
+                .free
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&class)
+                .and_then(Vec::pop);
+            if let Some(ptr) = cached {
+                return Ok(ptr);
+            }
         }
         let c = &self.inner.counters;
         let ptr = match self.inner.device.alloc(class) {
@@ -236,10 +238,21 @@ impl Runtime {
     /// A buffer of `len` elements whose contents are unspecified: for outputs a kernel writes
     /// in full before anything reads them.
     pub fn uninit<T: DeviceElement>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        self.new_buffer(len, false)
+    }
+
+    /// [`Runtime::uninit`] for a long-lived tensor (a model's weights, optimiser moments): taken
+    /// from the driver, not from blocks a step freed, which the next step would then miss (the
+    /// AdamW moments made during a heal's first step had cost its second two fresh allocations).
+    pub fn uninit_long_lived<T: DeviceElement>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        self.new_buffer(len, true)
+    }
+
+    fn new_buffer<T: DeviceElement>(&self, len: usize, fresh: bool) -> Result<DeviceBuffer<T>> {
         let class = size_class(len * std::mem::size_of::<T>());
         Ok(DeviceBuffer {
             runtime: self.clone(),
-            ptr: self.allocate(class)?,
+            ptr: self.allocate(class, fresh)?,
             len,
             class,
             _element: PhantomData,
@@ -261,7 +274,16 @@ impl Runtime {
     }
 
     pub fn zeros<T: DeviceElement>(&self, len: usize) -> Result<DeviceBuffer<T>> {
-        let buffer = self.uninit::<T>(len)?;
+        self.zeroed(self.uninit::<T>(len)?)
+    }
+
+    /// [`Runtime::zeros`] in a long-lived buffer ([`Runtime::uninit_long_lived`]).
+    pub fn zeros_long_lived<T: DeviceElement>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        self.zeroed(self.uninit_long_lived::<T>(len)?)
+    }
+
+    fn zeroed<T: DeviceElement>(&self, buffer: DeviceBuffer<T>) -> Result<DeviceBuffer<T>> {
+        let len = buffer.len;
         // SAFETY: within the buffer's allocation.
         unsafe {
             self.inner

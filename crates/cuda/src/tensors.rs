@@ -1,8 +1,9 @@
 //! The [`Backend`] of `scalpel-tensor` on a [`Runtime`]: tensor-level ops over device-resident
 //! f32 tensors. Each checks shapes as its `scalpel_tensor::ops` twin does, allocates its outputs
 //! from the runtime's caching allocator and launches the kernels of [`crate::ops`]; nothing is
-//! copied between host and device except ids (token and class indices, which live on the host),
-//! the scalars a caller reads back (a loss, a norm), and [`Backend::to_device`] itself.
+//! copied between host and device except class indices (cross-entropy targets, which live on the
+//! host), the scalars a caller reads back (a loss, a norm), and [`Backend::to_device`] /
+//! [`Backend::indices`] themselves.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -24,26 +25,33 @@ fn device_error(e: CudaError) -> TensorError {
     TensorError::Device(e.to_string())
 }
 
-impl DeviceMemory for DeviceBuffer<f32> {
-    fn backend(&self) -> Arc<dyn Backend> {
-        Arc::new(self.runtime().clone())
-    }
-    fn dtype(&self) -> DType {
-        DType::F32
-    }
-    fn len(&self) -> usize {
-        DeviceBuffer::len(self)
-    }
-    fn read(&self) -> Result<Data> {
-        Ok(Data::F32(self.to_host().map_err(device_error)?))
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+/// Device buffers of the element types tensors hold on a device.
+macro_rules! device_memory {
+    ($t:ty, $dtype:ident) => {
+        impl DeviceMemory for DeviceBuffer<$t> {
+            fn backend(&self) -> Arc<dyn Backend> {
+                Arc::new(self.runtime().clone())
+            }
+            fn dtype(&self) -> DType {
+                DType::$dtype
+            }
+            fn len(&self) -> usize {
+                DeviceBuffer::len(self)
+            }
+            fn read(&self) -> Result<Data> {
+                Ok(Data::$dtype(self.to_host().map_err(device_error)?))
+            }
+            fn as_any(&self) -> &dyn Any {
+                self
+            }
+            fn as_any_mut(&mut self) -> &mut dyn Any {
+                self
+            }
+        }
+    };
 }
+device_memory!(f32, F32);
+device_memory!(i32, I32);
 
 impl Runtime {
     /// The f32 buffer of a tensor on this runtime; an error naming where it is otherwise.
@@ -85,6 +93,21 @@ impl Runtime {
 
     fn uninit_f32(&self, len: usize) -> Result<DeviceBuffer<f32>> {
         self.uninit::<f32>(len).map_err(device_error)
+    }
+
+    /// The `I32` buffer of an index tensor on this runtime.
+    fn index_buffer<'t>(&self, what: &str, t: &'t Tensor) -> Result<&'t DeviceBuffer<i32>> {
+        t.device_memory()
+            .and_then(|m| m.as_any().downcast_ref::<DeviceBuffer<i32>>())
+            .filter(|b| b.runtime().same_as(self))
+            .ok_or_else(|| {
+                TensorError::Device(format!(
+                    "{what} is a {:?} tensor on {}, not an I32 tensor on {}",
+                    t.dtype(),
+                    t.device().name(),
+                    self.name()
+                ))
+            })
     }
 
     fn ids(&self, ids: &[usize]) -> Result<DeviceBuffer<i32>> {
@@ -157,6 +180,10 @@ impl Backend for Runtime {
 
     fn to_device(&self, t: &Tensor) -> Result<Tensor> {
         let host = t.to_host()?;
+        if host.dtype() == DType::I32 {
+            let ids = self.upload(host.values::<i32>()?).dev()?;
+            return Tensor::from_device(t.shape(), Arc::new(ids));
+        }
         let values = match host.dtype() {
             DType::F32 => host.values::<f32>()?.to_vec(),
             // Storage formats widen exactly; f64 (the gradient checks) has no device kernels.
@@ -173,7 +200,7 @@ impl Backend for Runtime {
 
     fn full(&self, shape: &[usize], value: f32) -> Result<Tensor> {
         let n = shape.iter().product();
-        let mut buffer = self.zeros_f32(n)?;
+        let mut buffer = self.zeros_long_lived::<f32>(n).dev()?;
         if value != 0.0 {
             let ones = self.upload(&[value]).dev()?;
             // Broadcast through the bias kernel: one row of `value` added to n rows of one.
@@ -418,25 +445,40 @@ impl Backend for Runtime {
         ))
     }
 
-    fn embedding(&self, table: &Tensor, ids: &[usize]) -> Result<Tensor> {
+    fn indices(&self, ids: &[usize], shape: &[usize]) -> Result<Tensor> {
+        if shape.iter().product::<usize>() != ids.len() {
+            return Err(TensorError::shape(
+                "indices",
+                format!("{} ids for shape {shape:?}", ids.len()),
+            ));
+        }
+        Tensor::from_device(shape, Arc::new(self.ids(ids)?))
+    }
+
+    fn repeated_range(&self, shape: &[usize], period: usize) -> Result<Tensor> {
+        let mut out = self.uninit::<i32>(shape.iter().product()).dev()?;
+        cuda::repeated_range(self, period, &mut out).dev()?;
+        Tensor::from_device(shape, Arc::new(out))
+    }
+
+    fn embedding(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         if table.rank() != 2 {
             return Err(TensorError::shape(
                 "embedding",
                 format!("table must be [vocab, dim], got {:?}", table.shape()),
             ));
         }
-        check_ids("embedding", ids, table.dim(0))?;
         let dim = table.dim(1);
-        let mut out = self.uninit_f32(ids.len() * dim)?;
-        let ids = self.ids(ids)?;
-        cuda::embedding_forward(self, dim, self.buffer("table", table)?, &ids, &mut out).dev()?;
-        wrap(&[ids.len(), dim], out)
+        let mut out = self.uninit_f32(ids.numel() * dim)?;
+        let ids_d = self.index_buffer("ids", ids)?;
+        cuda::embedding_forward(self, dim, self.buffer("table", table)?, ids_d, &mut out).dev()?;
+        wrap(&[ids.numel(), dim], out)
     }
 
     fn embedding_backward(
         &self,
         table_shape: &[usize],
-        ids: &[usize],
+        ids: &Tensor,
         dout: &Tensor,
     ) -> Result<Tensor> {
         let &[rows, dim] = table_shape else {
@@ -445,11 +487,10 @@ impl Backend for Runtime {
                 format!("table shape {table_shape:?}"),
             ));
         };
-        check_ids("embedding backward", ids, rows)?;
-        tops::expect_shape("embedding backward", "dout", dout, &[ids.len(), dim])?;
+        tops::expect_shape("embedding backward", "dout", dout, &[ids.numel(), dim])?;
         let mut dtable = self.zeros_f32(rows * dim)?;
-        let ids = self.ids(ids)?;
-        cuda::embedding_backward(self, dim, &ids, self.buffer("dout", dout)?, &mut dtable)
+        let ids_d = self.index_buffer("ids", ids)?;
+        cuda::embedding_backward(self, dim, ids_d, self.buffer("dout", dout)?, &mut dtable)
             .dev()?;
         wrap(table_shape, dtable)
     }

@@ -368,28 +368,25 @@ impl Bert {
                 batch.seq, c.max_position_embeddings
             )));
         }
+        let device = self.device();
         let shape = [batch.batch, batch.seq];
-        let positions: Vec<usize> = (0..batch.batch).flat_map(|_| 0..batch.seq).collect();
-        let token_types = vec![0usize; positions.len()];
+        // Positions count from 0 in every sequence; a single sentence has token type 0. Both are
+        // made where the model is (on a device, by a kernel: no index array is copied there).
+        let positions = ops::Indices::repeating(&shape, batch.seq.max(1))?.placed(&device)?;
+        let token_types = ops::Indices::repeating(&shape, 1)?.placed(&device)?;
         let mut x = ops::embedding(
             self.p("embeddings.word_embeddings.weight")?,
-            &batch.ids,
-            &shape,
+            &batch.ids.placed(&device)?,
         )?;
         x = ops::add(
             &x,
-            &ops::embedding(
-                self.p("embeddings.position_embeddings.weight")?,
-                &positions,
-                &shape,
-            )?,
+            &ops::embedding(self.p("embeddings.position_embeddings.weight")?, &positions)?,
         )?;
         x = ops::add(
             &x,
             &ops::embedding(
                 self.p("embeddings.token_type_embeddings.weight")?,
                 &token_types,
-                &shape,
             )?,
         )?;
         x = ops::layernorm(
@@ -410,7 +407,7 @@ impl Bert {
             )
         };
         x = dropout(&x)?;
-        let mask = Var::constant(self.device().place(&batch.mask)?);
+        let mask = Var::constant(device.place(&batch.mask)?);
         let mut states = Vec::new();
         for l in 0..c.num_hidden_layers {
             if all_states {

@@ -3,6 +3,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use scalpel_autograd::ops::Indices;
 use scalpel_tensor::{Device, Tensor};
 use tokenizers::{Tokenizer, TruncationParams};
 
@@ -69,8 +70,8 @@ impl TextTokenizer {
 /// Token ids padded to the longest sequence, with the attention mask the model needs.
 #[derive(Clone, Debug)]
 pub struct Batch {
-    /// `[batch·seq]`, padding positions hold id 0.
-    pub ids: Vec<usize>,
+    /// `[batch, seq]`, padding positions hold id 0.
+    pub ids: Indices,
     /// `[batch, seq]` f32: 1 for real tokens, 0 for padding.
     pub mask: Tensor,
     pub batch: usize,
@@ -88,20 +89,21 @@ impl Batch {
                 mask[b * seq + t] = 1.0;
             }
         }
-        let mask =
-            Tensor::from_vec(&[sequences.len(), seq], mask).expect("mask length is batch·seq");
+        let shape = [sequences.len(), seq];
+        let mask = Tensor::from_vec(&shape, mask).expect("mask length is batch·seq");
         Batch {
-            ids,
+            ids: Indices::new(ids, &shape).expect("ids length is batch·seq"),
             mask,
             batch: sequences.len(),
             seq,
         }
     }
 
-    /// This batch with its mask on `device` (copied there once, then shared by every op of the
-    /// forward, and by the teacher's forward too when distilling).
+    /// This batch with its ids and mask on `device` (copied there once, then shared by every op
+    /// of the forward and backward, and by the teacher's forward too when distilling).
     pub fn placed(&self, device: &Device) -> Result<Batch> {
         Ok(Batch {
+            ids: self.ids.placed(device)?,
             mask: device.place(&self.mask)?,
             ..self.clone()
         })
@@ -109,8 +111,10 @@ impl Batch {
 
     /// The sequences `range` of this batch, keeping its padded length (a host batch).
     pub fn sequences(&self, range: Range<usize>) -> Batch {
+        let ids = self.ids.values()[range.start * self.seq..range.end * self.seq].to_vec();
         Batch {
-            ids: self.ids[range.start * self.seq..range.end * self.seq].to_vec(),
+            ids: Indices::new(ids, &[range.len(), self.seq])
+                .expect("the range is within the batch"),
             mask: self
                 .mask
                 .rows(range.clone())

@@ -82,7 +82,7 @@ pub trait Backend: Send + Sync {
 
     /// A copy of host tensor `t` on this device.
     fn to_device(&self, t: &Tensor) -> Result<Tensor>;
-    /// A tensor of `value` on this device.
+    /// A long-lived tensor of `value` on this device (optimiser state).
     fn full(&self, shape: &[usize], value: f32) -> Result<Tensor>;
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
@@ -134,11 +134,17 @@ pub trait Backend: Send + Sync {
         lse: &Tensor,
         dout: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)>;
-    fn embedding(&self, table: &Tensor, ids: &[usize]) -> Result<Tensor>;
+    /// `ids` as an `I32` tensor of `shape` on this device.
+    fn indices(&self, ids: &[usize], shape: &[usize]) -> Result<Tensor>;
+    /// An `I32` tensor of `shape` whose element `i` is `i mod period`, made on the device.
+    fn repeated_range(&self, shape: &[usize], period: usize) -> Result<Tensor>;
+    /// Rows of `table` for the `I32` device tensor `ids` (checked against the table by whoever
+    /// made them), as `[ids.numel(), dim]`.
+    fn embedding(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor>;
     fn embedding_backward(
         &self,
         table_shape: &[usize],
-        ids: &[usize],
+        ids: &Tensor,
         dout: &Tensor,
     ) -> Result<Tensor>;
     fn mean_pool(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor>;

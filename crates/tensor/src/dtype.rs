@@ -3,7 +3,8 @@ use half::{bf16, f16};
 use crate::Data;
 
 /// Element types a tensor can hold. Compute happens in `F32` (and `F64` on the CPU, for gradient
-/// checks); `F16`/`BF16` are storage formats converted on load; `I64` carries the integer tensors
+/// checks); `F16`/`BF16` are storage formats converted on load; `I32` holds token and position
+/// indices (the kernels' index type, on a device as on the host); `I64` carries the integer tensors
 /// checkpoints ship (e.g. BERT's `position_ids`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -11,6 +12,7 @@ pub enum DType {
     F64,
     F16,
     BF16,
+    I32,
     I64,
 }
 
@@ -18,13 +20,13 @@ impl DType {
     pub fn size_in_bytes(self) -> usize {
         match self {
             DType::F16 | DType::BF16 => 2,
-            DType::F32 => 4,
+            DType::F32 | DType::I32 => 4,
             DType::F64 | DType::I64 => 8,
         }
     }
 
     pub fn is_float(self) -> bool {
-        !matches!(self, DType::I64)
+        !matches!(self, DType::I32 | DType::I64)
     }
 }
 
@@ -73,4 +75,5 @@ element!(f32, F32, |x: f32| x as f64, |v: f64| v as f32);
 element!(f64, F64, |x: f64| x, |v: f64| v);
 element!(f16, F16, |x: f16| x.to_f64(), f16::from_f64);
 element!(bf16, BF16, |x: bf16| x.to_f64(), bf16::from_f64);
+element!(i32, I32, |x: i32| x as f64, |v: f64| v as i32);
 element!(i64, I64, |x: i64| x as f64, |v: f64| v as i64);

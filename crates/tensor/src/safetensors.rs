@@ -328,6 +328,7 @@ fn dtype_name(dtype: DType) -> &'static str {
         DType::F64 => "F64",
         DType::F16 => "F16",
         DType::BF16 => "BF16",
+        DType::I32 => "I32",
         DType::I64 => "I64",
     }
 }

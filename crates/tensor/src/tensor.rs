@@ -13,6 +13,7 @@ pub enum Data {
     F64(Vec<f64>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
+    I32(Vec<i32>),
     I64(Vec<i64>),
 }
 
@@ -23,6 +24,7 @@ impl Data {
             Data::F64(_) => DType::F64,
             Data::F16(_) => DType::F16,
             Data::BF16(_) => DType::BF16,
+            Data::I32(_) => DType::I32,
             Data::I64(_) => DType::I64,
         }
     }
@@ -33,6 +35,7 @@ impl Data {
             Data::F64(v) => v.len(),
             Data::F16(v) => v.len(),
             Data::BF16(v) => v.len(),
+            Data::I32(v) => v.len(),
             Data::I64(v) => v.len(),
         }
     }
@@ -48,6 +51,7 @@ impl Data {
             Data::F64(v) => bytemuck::cast_slice(v),
             Data::F16(v) => bytemuck::cast_slice(v),
             Data::BF16(v) => bytemuck::cast_slice(v),
+            Data::I32(v) => bytemuck::cast_slice(v),
             Data::I64(v) => bytemuck::cast_slice(v),
         }
     }
@@ -58,6 +62,7 @@ impl Data {
             DType::F64 => Data::F64(vec![0.0; len]),
             DType::F16 => Data::F16(vec![f16::ZERO; len]),
             DType::BF16 => Data::BF16(vec![bf16::ZERO; len]),
+            DType::I32 => Data::I32(vec![0; len]),
             DType::I64 => Data::I64(vec![0; len]),
         }
     }
@@ -302,6 +307,7 @@ impl Tensor {
                 (Data::F64(v), DType::F64) => bytemuck::cast_vec(v),
                 (Data::F16(v), DType::F16) => bytemuck::cast_vec(v),
                 (Data::BF16(v), DType::BF16) => bytemuck::cast_vec(v),
+                (Data::I32(v), DType::I32) => bytemuck::cast_vec(v),
                 (Data::I64(v), DType::I64) => bytemuck::cast_vec(v),
                 _ => unreachable!("slice() matched the variant"),
             },
@@ -338,6 +344,7 @@ impl Tensor {
                 Data::F64(v) => convert(v),
                 Data::F16(v) => convert(v),
                 Data::BF16(v) => convert(v),
+                Data::I32(v) => convert(v),
                 Data::I64(v) => convert(v),
             }
         }
@@ -346,6 +353,7 @@ impl Tensor {
             DType::F64 => Data::F64(to(data)),
             DType::F16 => Data::F16(to(data)),
             DType::BF16 => Data::BF16(to(data)),
+            DType::I32 => Data::I32(to(data)),
             DType::I64 => Data::I64(to(data)),
         };
         Tensor {
@@ -381,6 +389,7 @@ impl Tensor {
             DType::F64 => copy::<f64>(self, elements, &shape),
             DType::F16 => copy::<f16>(self, elements, &shape),
             DType::BF16 => copy::<bf16>(self, elements, &shape),
+            DType::I32 => copy::<i32>(self, elements, &shape),
             DType::I64 => copy::<i64>(self, elements, &shape),
         }
     }
@@ -422,6 +431,7 @@ impl Tensor {
             DType::F64 => join::<f64>(parts, &shape),
             DType::F16 => join::<f16>(parts, &shape),
             DType::BF16 => join::<bf16>(parts, &shape),
+            DType::I32 => join::<i32>(parts, &shape),
             DType::I64 => join::<i64>(parts, &shape),
         }
     }

@@ -1,4 +1,4 @@
-use scalpel_tensor::{ops as tops, DType, Tensor};
+use scalpel_tensor::{ops as tops, Tensor};
 
 use crate::device::backend_of;
 use crate::{AutogradError, Backward, Result, Var};
@@ -116,7 +116,7 @@ pub fn dropout(x: &Var, p: f64, seed: u64) -> Result<Var> {
             "dropout probability {p} is outside [0, 1)"
         )));
     }
-    if p == 0.0 || x.value().dtype() == DType::I64 {
+    if p == 0.0 || !x.value().dtype().is_float() {
         return Ok(x.clone());
     }
     let mask = dropout_mask(x.value().numel(), p, seed);

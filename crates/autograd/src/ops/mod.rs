@@ -17,7 +17,7 @@ pub use activation::{dropout, gelu, gelu_in_place};
 pub use attention::attention;
 pub(crate) use elementwise::add_tensors;
 pub use elementwise::{add, reshape, scale};
-pub use embedding::embedding;
+pub use embedding::{embedding, Indices};
 pub use linear::{linear, linear_gelu, matmul};
 pub use loss::{cosine_loss, cross_entropy, mse_loss};
 pub use norm::{add_layernorm, layernorm};

@@ -17,3 +17,12 @@ pub fn embedding_backward<F: Float>(dim: usize, ids: &[usize], dout: &[F], dtabl
         }
     }
 }
+
+/// `out[i] = i mod period`: position ids of rows of equal length (`period` = the length), or
+/// token types (`period` = 1). The CUDA twin is `repeated_range_i32`.
+pub fn repeated_range<T: TryFrom<usize>>(period: usize, out: &mut [T]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = T::try_from(i % period.max(1))
+            .unwrap_or_else(|_| panic!("index {} does not fit the output type", i % period));
+    }
+}
