@@ -24,6 +24,16 @@ const SENTENCES: [&str; 4] = [
     "Two dogs run in the park.",
 ];
 
+/// The `--device` under test and its name: the GPU where scripts/gpu_check.sh says there is one
+/// (`SCALPEL_EXPECT_GPU`), else the emulator. One test body, every device.
+fn accelerator() -> (&'static str, Device) {
+    if std::env::var_os("SCALPEL_EXPECT_GPU").is_some() {
+        ("cuda", device::cuda(0).expect("SCALPEL_EXPECT_GPU is set but CUDA is unusable"))
+    } else {
+        ("emu", device::emulator())
+    }
+}
+
 /// Two AdamW steps of `student` towards `target` (MSE on the pooled, normalised embeddings),
 /// every parameter trainable, gradients clipped; returns the losses and the trained model.
 fn train(mut student: Bert, batch: &Batch, target: &Tensor, on: &Device) -> (Vec<f64>, Bert) {
@@ -64,7 +74,7 @@ fn two_training_steps_on_the_emulator_match_the_cpu() {
     let (cpu_losses, cpu) = train(student.clone(), &batch, &target, &Device::Cpu);
     let cpu_time = start.elapsed();
     let start = Instant::now();
-    let emu_device = device::emulator();
+    let emu_device = accelerator().1;
     let (emu_losses, emu) = train(student.clone(), &batch, &target, &emu_device);
     eprintln!(
         "cpu {cpu_time:?}, emulator {:?}; losses cpu {cpu_losses:?} emu {emu_losses:?}",
@@ -157,9 +167,10 @@ fn a_heal_step_on_the_emulator_keeps_its_data_on_the_device() {
     let data = dir.join("train.txt");
     std::fs::write(&data, SENTENCES.join("\n")).unwrap();
     let (log, stats) = (dir.join("log.jsonl"), dir.join("stats.json"));
+    let (flag, accel) = accelerator();
     let out = scalpel(&[
         "--device",
-        "emu",
+        flag,
         "--device-stats",
         stats.to_str().unwrap(),
         "heal",
@@ -214,7 +225,7 @@ fn a_heal_step_on_the_emulator_keeps_its_data_on_the_device() {
         assert!(count(d, "d2h_bytes") <= 64, "step {}: {d}", i + 1);
     }
     let total = stats_of(&stats);
-    assert_eq!(total["device"], "emu (CPU emulator)");
+    assert_eq!(total["device"], accel.name());
     assert!(count(&total, "peak_device_bytes") > 0, "{total}");
 }
 
@@ -245,7 +256,7 @@ fn an_embed_on_the_emulator_uploads_the_weights_once() {
         std::fs::read_to_string(output).unwrap()
     };
     let (emu_out, cpu_out) = (dir.join("emu.jsonl"), dir.join("cpu.jsonl"));
-    let emu = run("emu", &emu_out, &dir.join("emu.json"));
+    let emu = run(accelerator().0, &emu_out, &dir.join("emu.json"));
     let cpu = run("cpu", &cpu_out, &dir.join("cpu.json"));
     let stats = stats_of(&dir.join("emu.json"));
     eprintln!("embed of 4 batches on the emulator: {stats}");
@@ -351,4 +362,35 @@ fn device_auto_says_it_picked_the_cpu_and_matches_device_cpu() {
     ]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown device `tpu`"));
+}
+
+#[test]
+fn bench_kernels_times_every_family_on_the_emulator() {
+    let out = scalpel(&["--device", "emu", "bench", "kernels", "--json"]);
+    // (On a GPU, scripts/gpu_check.sh runs `bench kernels --device cuda` at full size itself.)
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let kernels: std::collections::BTreeSet<&str> =
+        rows.iter().map(|r| r["kernel"].as_str().unwrap()).collect();
+    for family in [
+        "gemm_f32",
+        "gemm_bf16",
+        "attention_forward",
+        "attention_backward",
+        "layernorm_forward",
+        "gelu_forward",
+        "embedding_forward",
+        "adamw_step",
+    ] {
+        assert!(kernels.contains(family), "{family} missing from {kernels:?}");
+    }
+    for r in &rows {
+        let ms = r["ms"].as_f64().unwrap();
+        assert!(ms.is_finite() && ms > 0.0, "{r}");
+        // No cuBLAS on the emulator: the reference column is empty, not invented.
+        assert!(r["cublas_ms"].is_null(), "{r}");
+    }
+    let cpu = scalpel(&["--device", "cpu", "bench", "kernels"]);
+    assert!(!cpu.status.success());
+    assert!(String::from_utf8_lossy(&cpu.stderr).contains("--device cuda or --device emu"));
 }

@@ -31,6 +31,14 @@ struct Common {
 
 #[derive(Subcommand)]
 enum Workload {
+    /// Every CUDA kernel family timed alone on device-resident inputs (needs `--device cuda` or
+    /// `emu`): milliseconds, TFLOP/s or GB/s, and cuBLAS on the same GEMMs where it is available.
+    /// Small shapes on the emulator, the GPU check's shapes on a GPU.
+    Kernels {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// f32 `C = op(A)·op(B)`: square N×N operands unless M or K is given.
     Gemm {
         /// Columns of C (and, by default, rows of C and the depth).
@@ -81,6 +89,7 @@ enum Workload {
 pub fn run(a: Args) -> CliResult {
     let threads = threads::num_threads();
     match a.workload {
+        Workload::Kernels { json } => kernels(json),
         Workload::Gemm {
             n,
             m,
@@ -214,6 +223,46 @@ fn report(common: &Common, label: &str, t: &Timings, extra: Value, line: &str) -
             t.max() * 1e3
         );
         println!("  {line}");
+    }
+    Ok(())
+}
+
+fn kernels(json: bool) -> CliResult {
+    let device = super::device();
+    let rt = device
+        .backend()
+        .and_then(|b| b.as_any().downcast_ref::<scalpel::cuda::Runtime>())
+        .ok_or("bench kernels times the CUDA kernels: give --device cuda or --device emu")?;
+    let timings = scalpel::cuda::bench::run(rt, &scalpel::cuda::bench::BenchPlan::for_runtime(rt))?;
+    if json {
+        let rows: Vec<Value> = timings
+            .iter()
+            .map(|t| {
+                let (rate, unit) = t.rate();
+                let mut row = serde_json::to_value(t).expect("timings serialise");
+                row["rate"] = rate.into();
+                row["unit"] = unit.into();
+                row["vs_cublas"] = t.cublas_ms.map(|c| c / t.ms).into();
+                row
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("kernels on {}", device.name());
+    println!(
+        "{:<28} {:<22} {:>10} {:>12} {:>10}",
+        "kernel", "case", "ms", "rate", "vs cuBLAS"
+    );
+    for t in &timings {
+        let (rate, unit) = t.rate();
+        let versus = t
+            .cublas_ms
+            .map_or("-".to_string(), |c| format!("{:.2}", c / t.ms));
+        println!(
+            "{:<28} {:<22} {:>10.4} {:>7.3} {unit:<7} {versus:>6}",
+            t.kernel, t.case, t.ms, rate
+        );
     }
     Ok(())
 }

@@ -20,6 +20,16 @@ fn random(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
     .unwrap()
 }
 
+/// The device under test: the GPU on a machine that has one (`SCALPEL_EXPECT_GPU`, set by
+/// scripts/gpu_check.sh), else the CUDA kernels on the emulator. One test body, every device.
+fn accelerator() -> Device {
+    if std::env::var_os("SCALPEL_EXPECT_GPU").is_some() {
+        device::cuda(0).expect("SCALPEL_EXPECT_GPU is set but CUDA is unusable")
+    } else {
+        device::emulator()
+    }
+}
+
 fn rel_error(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.shape(), b.shape());
     let (a, b) = (a.to_host().unwrap(), b.to_host().unwrap());
@@ -79,7 +89,7 @@ fn like(v: &Var, t: &Tensor) -> Var {
 
 fn assert_same_on_emulator(op: &str, inputs: &[Tensor], f: &dyn Fn(&[Var]) -> Result<Var>) {
     let (cpu_out, cpu_grads) = run(&Device::Cpu, inputs, f);
-    let (emu_out, emu_grads) = run(&device::emulator(), inputs, f);
+    let (emu_out, emu_grads) = run(&accelerator(), inputs, f);
     let e = rel_error(&cpu_out, &emu_out);
     assert!(e < 1e-5, "{op} forward: relative error {e:e}");
     for (i, (c, g)) in cpu_grads.iter().zip(&emu_grads).enumerate() {
@@ -223,7 +233,7 @@ fn adamw_and_clipping_on_the_emulator_match_the_cpu() {
     let g: Vec<Tensor> = shapes.iter().map(|s| random(&mut rng, s, 1.0)).collect();
     for max_norm in [f64::INFINITY, 0.5] {
         let (cpu, cpu_norm) = adam_run(&Device::Cpu, &p0, &g, max_norm);
-        let (emu, emu_norm) = adam_run(&device::emulator(), &p0, &g, max_norm);
+        let (emu, emu_norm) = adam_run(&accelerator(), &p0, &g, max_norm);
         assert!(
             (cpu_norm - emu_norm).abs() < 1e-5 * cpu_norm,
             "{cpu_norm} vs {emu_norm}"
@@ -238,7 +248,7 @@ fn adamw_and_clipping_on_the_emulator_match_the_cpu() {
 
 #[test]
 fn a_training_step_on_device_tensors_moves_only_ids_and_scalars() {
-    let emu = device::emulator();
+    let emu = accelerator();
     let mut rng = StdRng::seed_from_u64(3);
     let table = emu.place(&random(&mut rng, &[11, 16], 1.0)).unwrap();
     let w = emu.place(&random(&mut rng, &[16, 16], 0.5)).unwrap();
@@ -282,7 +292,8 @@ fn mixing_devices_in_one_op_names_both() {
         .expect("mixed devices must fail")
         .to_string();
     assert!(err.contains("emu (CPU emulator)") && err.contains("cpu"), "{err}");
-    let other = Var::constant(device::emulator().place(&x).unwrap());
+    // Two runtimes are two devices (on a GPU machine: the GPU and the emulator).
+    let other = Var::constant(accelerator().place(&x).unwrap());
     let err = ops::add(&on_emu, &other).err().expect("two runtimes").to_string();
     assert!(err.contains("two devices"), "{err}");
     // Host access to a device tensor is an error naming the device, not a panic.

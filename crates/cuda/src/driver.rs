@@ -127,4 +127,30 @@ impl RawDevice for CudaBackend {
             args,
         )?)
     }
+
+    fn time(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        self.context.bind_to_thread()?;
+        let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let (start, end) = (result::event::create(flags)?, result::event::create(flags)?);
+        let timed = (|| -> Result<f64> {
+            // SAFETY: fresh events, recorded on the legacy default stream the launches use.
+            unsafe { result::event::record(start, std::ptr::null_mut())? };
+            work()?;
+            unsafe {
+                result::event::record(end, std::ptr::null_mut())?;
+                result::event::synchronize(end)?;
+                Ok(result::event::elapsed(start, end)? as f64)
+            }
+        })();
+        // SAFETY: created above, no longer used.
+        unsafe {
+            let _ = result::event::destroy(start);
+            let _ = result::event::destroy(end);
+        }
+        timed
+    }
+
+    fn make_current(&self) -> Result<()> {
+        Ok(self.context.bind_to_thread()?)
+    }
 }

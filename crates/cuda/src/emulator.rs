@@ -102,4 +102,10 @@ impl RawDevice for Emulator {
             _ => Err(CudaError::Emulator(message())),
         }
     }
+
+    fn time(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        let start = std::time::Instant::now();
+        work()?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    }
 }

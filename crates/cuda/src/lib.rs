@@ -16,7 +16,9 @@
 #[cfg(not(target_endian = "little"))]
 compile_error!("kernel argument marshalling assumes a little-endian host");
 
+pub mod bench;
 pub mod check;
+pub mod cublas;
 mod driver;
 mod emulator;
 mod error;

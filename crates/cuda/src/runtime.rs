@@ -47,6 +47,14 @@ pub(crate) trait RawDevice: Send + Sync {
         config: LaunchConfig,
         args: &mut [*mut c_void],
     ) -> Result<()>;
+    /// Milliseconds the device spent on the launches `work` made: CUDA events around them on a
+    /// GPU, the host clock on the emulator (whose launches are synchronous).
+    fn time(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<f64>;
+    /// Makes the device current on the calling thread (for libraries such as cuBLAS that use
+    /// the current context).
+    fn make_current(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +179,15 @@ impl Runtime {
         Ok(Runtime::new(Box::new(crate::driver::CudaBackend::new(
             ordinal,
         )?)))
+    }
+
+    /// Milliseconds the device spent on the launches `work` made (see [`RawDevice::time`]).
+    pub fn time_ms(&self, mut work: impl FnMut() -> Result<()>) -> Result<f64> {
+        self.inner.device.time(&mut work)
+    }
+
+    pub(crate) fn make_current(&self) -> Result<()> {
+        self.inner.device.make_current()
     }
 
     /// Traffic and allocation counters since this runtime was created.
@@ -381,6 +398,11 @@ impl<T: DeviceElement> DeviceBuffer<T> {
         // SAFETY: exactly this allocation.
         unsafe { self.runtime.inner.device.copy_to_host(self.ptr, bytes)? };
         Ok(host)
+    }
+
+    /// The device address (for libraries that take raw pointers: the cuBLAS reference).
+    pub(crate) fn device_ptr(&self) -> u64 {
+        self.ptr
     }
 
     /// The runtime this buffer lives on.

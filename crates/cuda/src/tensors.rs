@@ -178,6 +178,10 @@ impl Backend for Runtime {
         Runtime::stats(self)
     }
 
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
     fn to_device(&self, t: &Tensor) -> Result<Tensor> {
         let host = t.to_host()?;
         if host.dtype() == DType::I32 {

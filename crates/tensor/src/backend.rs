@@ -79,6 +79,8 @@ pub trait Backend: Send + Sync {
     /// Two handles on the same device compare equal.
     fn id(&self) -> usize;
     fn stats(&self) -> DeviceStats;
+    /// The implementation itself (a kernel benchmark needs the CUDA runtime, not the trait).
+    fn as_any(&self) -> &dyn Any;
 
     /// A copy of host tensor `t` on this device.
     fn to_device(&self, t: &Tensor) -> Result<Tensor>;

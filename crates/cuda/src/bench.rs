@@ -1,0 +1,311 @@
+//! `scalpel bench kernels`: each kernel timed alone on device-resident inputs (CUDA events on a
+//! GPU, the host clock on the emulator), with the work it does, so that achieved TFLOP/s or GB/s
+//! can be read off; GEMMs beside cuBLAS on the same operands where cuBLAS is available.
+//!
+//! Inputs are uploaded once per case, outside the timed region; a case times `reps` launches and
+//! reports the median of `samples` such timings, divided by `reps`.
+
+use half::bf16;
+use scalpel_tensor::cpu::attention::AttentionShape;
+use scalpel_tensor::cpu::gemm::GemmShape;
+use scalpel_tensor::cpu::layernorm::LayerNormShape;
+
+use crate::check::Inputs;
+use crate::cublas::{Cublas, Precision};
+use crate::ops::{self, AdamStep, WeightDecay};
+use crate::{DeviceBuffer, Result, Runtime};
+
+/// What a kernel's time is measured against.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Work {
+    /// Floating-point operations (a multiply-add counts two).
+    Flops(f64),
+    /// Bytes read and written in HBM, at least.
+    Bytes(f64),
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KernelTiming {
+    pub kernel: String,
+    pub case: String,
+    /// Median milliseconds per launch (per forward-and-backward pair for attention).
+    pub ms: f64,
+    pub work: Work,
+    /// cuBLAS on the same shape and precision, median milliseconds (GEMMs on a GPU only).
+    pub cublas_ms: Option<f64>,
+}
+
+impl KernelTiming {
+    /// TFLOP/s or GB/s achieved.
+    pub fn rate(&self) -> (f64, &'static str) {
+        match self.work {
+            Work::Flops(f) => (f / self.ms / 1e9, "TFLOP/s"),
+            Work::Bytes(b) => (b / self.ms / 1e6, "GB/s"),
+        }
+    }
+}
+
+/// The shapes to time: `full` for a GPU (the shapes of `scripts/gpu_check.sh`), otherwise small
+/// ones the scalar emulator finishes in seconds (so CI runs this code).
+#[derive(Clone, Copy, Debug)]
+pub struct BenchPlan {
+    pub full: bool,
+    pub samples: usize,
+    pub reps: usize,
+}
+
+impl BenchPlan {
+    pub fn for_runtime(rt: &Runtime) -> BenchPlan {
+        if rt.is_emulator() {
+            BenchPlan {
+                full: false,
+                samples: 3,
+                reps: 1,
+            }
+        } else {
+            BenchPlan {
+                full: true,
+                samples: 7,
+                reps: 10,
+            }
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time(rt: &Runtime, plan: &BenchPlan, mut launch: impl FnMut() -> Result<()>) -> Result<f64> {
+    launch()?; // warm-up: module load, first-touch
+    let samples = (0..plan.samples.max(1))
+        .map(|_| {
+            rt.time_ms(|| (0..plan.reps.max(1)).try_for_each(|_| launch()))
+                .map(|ms| ms / plan.reps.max(1) as f64)
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    Ok(median(samples))
+}
+
+fn upload_random(rt: &Runtime, rng: &mut Inputs, n: usize) -> Result<DeviceBuffer<f32>> {
+    rt.upload(&rng.uniform(n, -1.0, 1.0))
+}
+
+/// Times every kernel family on `rt`.
+pub fn run(rt: &Runtime, plan: &BenchPlan) -> Result<Vec<KernelTiming>> {
+    let mut out = Vec::new();
+    let cublas = Cublas::new(rt).ok();
+    gemms(rt, plan, cublas.as_ref(), &mut out)?;
+    attention(rt, plan, &mut out)?;
+    rowwise(rt, plan, &mut out)?;
+    Ok(out)
+}
+
+fn gemms(
+    rt: &Runtime,
+    plan: &BenchPlan,
+    cublas: Option<&Cublas>,
+    out: &mut Vec<KernelTiming>,
+) -> Result<()> {
+    let sizes: &[usize] = if plan.full {
+        &[1024, 2048, 4096]
+    } else {
+        &[96, 160]
+    };
+    let mut rng = Inputs::new(1);
+    for &n in sizes {
+        // `x·Wᵀ`, the linear layer's layout.
+        let s = GemmShape {
+            m: n,
+            n,
+            k: n,
+            trans_a: false,
+            trans_b: true,
+        };
+        let work = Work::Flops(2.0 * (n * n * n) as f64);
+        let case = format!("{n}x{n}x{n} nt");
+        let (a, b) = (
+            upload_random(rt, &mut rng, n * n)?,
+            upload_random(rt, &mut rng, n * n)?,
+        );
+        let mut c = rt.uninit::<f32>(n * n)?;
+        let ms = time(rt, plan, || ops::gemm(rt, s, &a, &b, &mut c, 0.0))?;
+        let reference = |precision| -> Result<Option<f64>> {
+            let Some(blas) = cublas else { return Ok(None) };
+            let mut c = rt.uninit::<f32>(n * n)?;
+            Ok(Some(time(rt, plan, || {
+                blas.gemm(precision, s, &a, &b, &mut c)
+            })?))
+        };
+        out.push(KernelTiming {
+            kernel: "gemm_f32".into(),
+            case: case.clone(),
+            ms,
+            work,
+            cublas_ms: reference(Precision::F32)?,
+        });
+        out.push(KernelTiming {
+            kernel: "gemm_f32 (vs cuBLAS TF32)".into(),
+            case: case.clone(),
+            ms,
+            work,
+            cublas_ms: reference(Precision::Tf32)?,
+        });
+        let to_bf16 = |len: usize, rng: &mut Inputs| -> Result<DeviceBuffer<bf16>> {
+            let v: Vec<bf16> = rng
+                .uniform(len, -1.0, 1.0)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            rt.upload(&v)
+        };
+        let (ah, bh) = (to_bf16(n * n, &mut rng)?, to_bf16(n * n, &mut rng)?);
+        let ms = time(rt, plan, || ops::gemm_half(rt, s, &ah, &bh, &mut c, 0.0))?;
+        let cublas_ms = match cublas {
+            Some(blas) => Some(time(rt, plan, || {
+                blas.gemm(Precision::Bf16, s, &ah, &bh, &mut c)
+            })?),
+            None => None,
+        };
+        out.push(KernelTiming {
+            kernel: "gemm_bf16".into(),
+            case,
+            ms,
+            work,
+            cublas_ms,
+        });
+    }
+    Ok(())
+}
+
+fn attention(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Result<()> {
+    let shapes: &[(usize, usize, usize, usize)] = if plan.full {
+        &[(32, 12, 128, 32), (16, 32, 1024, 64)]
+    } else {
+        &[(2, 2, 32, 32), (1, 2, 48, 64)]
+    };
+    let mut rng = Inputs::new(2);
+    for &(batch, heads, seq, head_dim) in shapes {
+        let s = AttentionShape {
+            batch,
+            seq,
+            heads,
+            head_dim,
+        };
+        let n = batch * seq * heads * head_dim;
+        let [q, k, v, dout] = [0; 4].map(|_| upload_random(rt, &mut rng, n));
+        let (q, k, v, dout) = (q?, k?, v?, dout?);
+        let mask = rt.upload(&vec![1.0f32; batch * seq])?;
+        let mut o = rt.uninit::<f32>(n)?;
+        let mut lse = rt.uninit::<f32>(batch * heads * seq)?;
+        let (mut dq, mut dk, mut dv) = (rt.zeros(n)?, rt.zeros(n)?, rt.zeros(n)?);
+        // QKᵀ and PV: 2·2·b·h·s²·d; the backward recomputes P and does four such products.
+        let pair = (batch * heads * seq * seq * head_dim) as f64 * 2.0;
+        let case = format!("b{batch} h{heads} s{seq} d{head_dim}");
+        let forward = time(rt, plan, || {
+            ops::attention_forward(rt, &s, &q, &k, &v, &mask, &mut o, &mut lse)
+        })?;
+        out.push(KernelTiming {
+            kernel: "attention_forward".into(),
+            case: case.clone(),
+            ms: forward,
+            work: Work::Flops(2.0 * pair),
+            cublas_ms: None,
+        });
+        let backward = time(rt, plan, || {
+            ops::attention_backward(
+                rt, &s, &q, &k, &v, &mask, &o, &lse, &dout, &mut dq, &mut dk, &mut dv,
+            )
+        })?;
+        out.push(KernelTiming {
+            kernel: "attention_backward".into(),
+            case,
+            ms: backward,
+            work: Work::Flops(5.0 * pair),
+            cublas_ms: None,
+        });
+    }
+    Ok(())
+}
+
+/// The memory-bound families: layernorm, GELU, embedding gather, AdamW.
+fn rowwise(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Result<()> {
+    let (rows, cols) = if plan.full { (4096, 384) } else { (64, 384) };
+    let mut rng = Inputs::new(3);
+    let n = rows * cols;
+    let x = upload_random(rt, &mut rng, n)?;
+    let gamma = upload_random(rt, &mut rng, cols)?;
+    let beta = upload_random(rt, &mut rng, cols)?;
+    let (mut y, mut mean, mut rstd) = (rt.uninit(n)?, rt.uninit(rows)?, rt.uninit(rows)?);
+    let s = LayerNormShape {
+        rows,
+        cols,
+        eps: 1e-12,
+    };
+    let f32_bytes = |count: usize| (count * 4) as f64;
+    let ms = time(rt, plan, || {
+        ops::layernorm_forward(rt, &s, &x, &gamma, &beta, &mut y, &mut mean, &mut rstd)
+    })?;
+    out.push(KernelTiming {
+        kernel: "layernorm_forward".into(),
+        case: format!("{rows}x{cols}"),
+        ms,
+        work: Work::Bytes(f32_bytes(2 * n)),
+        cublas_ms: None,
+    });
+
+    let wide = n * 4; // the FFN's intermediate activation
+    let xw = upload_random(rt, &mut rng, wide)?;
+    let mut yw = rt.uninit(wide)?;
+    let ms = time(rt, plan, || ops::gelu_forward(rt, &xw, &mut yw))?;
+    out.push(KernelTiming {
+        kernel: "gelu_forward".into(),
+        case: format!("{rows}x{}", cols * 4),
+        ms,
+        work: Work::Bytes(f32_bytes(2 * wide)),
+        cublas_ms: None,
+    });
+
+    let vocab = 30522;
+    let table = upload_random(rt, &mut rng, vocab * cols)?;
+    let ids: Vec<i32> = rng.below(rows, vocab).into_iter().map(|i| i as i32).collect();
+    let ids = rt.upload(&ids)?;
+    let mut gathered = rt.uninit(n)?;
+    let ms = time(rt, plan, || {
+        ops::embedding_forward(rt, cols, &table, &ids, &mut gathered)
+    })?;
+    out.push(KernelTiming {
+        kernel: "embedding_forward".into(),
+        case: format!("{rows} ids x {cols}"),
+        ms,
+        work: Work::Bytes(f32_bytes(2 * n)),
+        cublas_ms: None,
+    });
+
+    // MiniLM-L6's 22.7 M parameters; a 256 K slice on the emulator.
+    let params = if plan.full { 22_713_216 } else { 1 << 18 };
+    let mut p = upload_random(rt, &mut rng, params)?;
+    let g = upload_random(rt, &mut rng, params)?;
+    let (mut m, mut v) = (rt.zeros(params)?, rt.zeros(params)?);
+    let step = AdamStep {
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        decay: WeightDecay::Decoupled,
+        step: 1,
+    };
+    let ms = time(rt, plan, || ops::adam_step(rt, &step, &mut p, &g, &mut m, &mut v))?;
+    out.push(KernelTiming {
+        kernel: "adamw_step".into(),
+        case: format!("{params} parameters"),
+        ms,
+        // Reads p, g, m, v; writes p, m, v.
+        work: Work::Bytes(f32_bytes(7 * params)),
+        cublas_ms: None,
+    });
+    Ok(())
+}
