@@ -32,19 +32,13 @@
 // Shared memory per block: 2 tiles of 32 x 4*group float4 + 16 KiB of partials + 256 B.
 // ptxas, sm_90: forward 107 registers, dQ and dK/dV 168 (no spills): 2-4 blocks per SM.
 
-#define FULL_MASK 0xffffffffu
+#include "warp.cuh"
 // float4 chunks of one row each lane owns: 16 dims.
 #define LANE_CHUNKS 4
 // Rows of K/V (forward, dQ) or Q/dO (dK/dV) staged in shared memory at a time.
 #define TILE_ROWS 32
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-
-// Sum over the `group` adjacent lanes that share a row (power-of-two groups within a warp).
-__device__ __forceinline__ float group_sum(float v, int group) {
-    for (int offset = group / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(FULL_MASK, v, offset);
-    return v;
-}
 
 // This lane's part of a . row, `row` being one row of chunks in shared memory.
 __device__ __forceinline__ float partial_dot(const float4 (&a)[LANE_CHUNKS], const float4* row, int lane_in_group,

@@ -9,12 +9,7 @@
 // bias_backward (32 columns x 8 row-lanes per block): deterministic, no atomics, another 8 bytes
 // per element. Everything here is HBM-bandwidth bound on an H100.
 
-#define FULL_MASK 0xffffffffu
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(FULL_MASK, v, offset);
-    return v;
-}
+#include "warp.cuh"
 
 extern "C" __global__ void layernorm_forward_f32(int rows, int cols, float eps, const float* __restrict__ x,
                                                  const float* __restrict__ gamma, const float* __restrict__ beta,

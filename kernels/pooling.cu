@@ -7,14 +7,9 @@
 // l2_normalize: one warp per row with shuffle reductions; 8 bytes (forward) or 12 (backward)
 // per element. All HBM-bandwidth bound and tiny next to the encoder.
 
-#define FULL_MASK 0xffffffffu
+#include "warp.cuh"
 #define MIN_TOKEN_COUNT 1e-9f
 #define MIN_NORM 1e-12f
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(FULL_MASK, v, offset);
-    return v;
-}
 
 // x [batch, seq, dim], mask [batch, seq] (1 real token, 0 padding), out [batch, dim].
 extern "C" __global__ void mean_pool_forward_f32(int batch, int seq, int dim, const float* __restrict__ x,

@@ -6,13 +6,8 @@
 // Bytes per element: 4 read. HBM-bandwidth bound on an H100 once the grid fills the SMs (the
 // host launches up to 1024 blocks of 256 threads); pass 2 reads at most 4 KiB.
 
-#define FULL_MASK 0xffffffffu
+#include "warp.cuh"
 #define REDUCE_THREADS 256
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(FULL_MASK, v, offset);
-    return v;
-}
 
 // The sum of `v` over the block's REDUCE_THREADS threads, valid in thread 0: the values go
 // through shared memory, the first warp adds them in strides of 32, then a shuffle tree. (One

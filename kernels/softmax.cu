@@ -6,17 +6,7 @@
 // Bytes per element: softmax forward 8, backward 12, cross-entropy forward 8 (+4 per row),
 // backward 8. HBM-bandwidth bound on an H100; expf is cheap next to the traffic.
 
-#define FULL_MASK 0xffffffffu
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(FULL_MASK, v, offset);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, offset));
-    return v;
-}
+#include "warp.cuh"
 
 // y = exp(x - max) / sum exp(x - max) for one row, by the calling warp.
 __device__ __forceinline__ void softmax_row(int cols, const float* __restrict__ x, float* __restrict__ y, int lane) {

@@ -4,7 +4,7 @@
 //! * a launch table, so the emulator launches kernels by name with a `void**` argument array
 //!   exactly like `cuLaunchKernel`;
 //! * `kernel_sources.rs`, which embeds the production sources and their kernel names for the
-//!   NVRTC path.
+//!   NVRTC path, and `kernel_headers.rs`, the shared `kernels/*.cuh` they include.
 //!
 //! The only source rewrites are the two shared-memory forms host C++ cannot express; each keeps
 //! the line count so compiler messages and barrier sites point at the original `.cu` lines.
@@ -98,7 +98,7 @@ fn main() {
     println!("cargo:rerun-if-changed={}", planted_dir.display());
 
     let mut files: Vec<KernelFile> = Vec::new();
-    let mut dirs = vec![(kernels_dir, true)];
+    let mut dirs = vec![(kernels_dir.clone(), true)];
     if std::env::var_os("CARGO_FEATURE_PLANTED_KERNELS").is_some() {
         dirs.push((planted_dir, false));
     }
@@ -158,6 +158,8 @@ fn main() {
         .cpp(true)
         .std("c++20")
         .include(&emu_dir)
+        // The shared device headers (`#include "warp.cuh"`).
+        .include(&kernels_dir)
         .include(emu_dir.join("include"))
         .flag("-include")
         .flag(emu_dir.join("shim.h").to_str().unwrap())
@@ -187,4 +189,19 @@ fn main() {
         );
     }
     std::fs::write(out.join("kernel_sources.rs"), format!("&[\n{sources}]\n")).unwrap();
+
+    // Headers the kernel files include, handed to NVRTC from memory.
+    let mut headers = String::new();
+    for path in std::fs::read_dir(&kernels_dir).unwrap().map(|e| e.unwrap().path()) {
+        if path.extension().is_some_and(|x| x == "cuh") {
+            println!("cargo:rerun-if-changed={}", path.display());
+            let _ = writeln!(
+                headers,
+                "KernelHeader {{ name: {:?}, source: include_str!({:?}) }},",
+                path.file_name().unwrap().to_str().unwrap(),
+                path.display().to_string()
+            );
+        }
+    }
+    std::fs::write(out.join("kernel_headers.rs"), format!("&[\n{headers}]\n")).unwrap();
 }

@@ -34,5 +34,5 @@ mod toolkit;
 pub use error::{CudaError, Result};
 pub use probe::{gpu_runtime, probe, Probe};
 pub use runtime::{DeviceBuffer, DeviceElement, KernelArg, LaunchConfig, Runtime};
-pub use sources::{kernel_files, KernelFile};
+pub use sources::{kernel_files, kernel_headers, KernelFile, KernelHeader};
 pub use toolkit::Toolkit;

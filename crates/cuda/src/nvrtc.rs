@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use serde::Serialize;
 
-use crate::sources::{kernel_files, KernelFile};
+use crate::sources::{kernel_files, kernel_headers, KernelFile};
 use crate::{CudaError, Result, Toolkit};
 
 /// The architectures the compile check covers: A100 and H100.
@@ -80,33 +80,68 @@ pub fn compile(file: &KernelFile, options: CompileOptions) -> Result<String> {
             toolkit.include_dirs
         )));
     }
-    let opts = cudarc::nvrtc::CompileOptions {
-        arch: Some(arch_name(options.arch)),
-        fmad: Some(options.fmad),
-        include_paths: toolkit
+    let mut options = vec![
+        format!("--gpu-architecture={}", arch_name(options.arch)),
+        format!("--fmad={}", options.fmad),
+        "--std=c++17".to_string(),
+    ];
+    options.extend(
+        toolkit
             .include_dirs
             .iter()
-            .map(|d| d.display().to_string())
-            .collect(),
-        options: vec!["--std=c++17".into()],
-        name: Some(file.file.to_string()),
-        ..Default::default()
+            .map(|d| format!("--include-path={}", d.display())),
+    );
+    compile_with_headers(file, &options)
+}
+
+/// NVRTC with the shared `kernels/*.cuh` headers supplied from memory (a binary compiles its
+/// kernels on a machine that has no `kernels/` folder).
+fn compile_with_headers(file: &KernelFile, options: &[String]) -> Result<String> {
+    use cudarc::nvrtc::{result, sys};
+    let c = |s: &str| {
+        std::ffi::CString::new(s).map_err(|_| CudaError::Nvrtc(format!("{}: a NUL byte", file.file)))
     };
-    match cudarc::nvrtc::compile_ptx_with_opts(file.source, opts) {
-        Ok(ptx) => Ok(ptx.to_src()),
-        Err(cudarc::nvrtc::CompileError::CompileError { log, .. }) => {
-            Err(CudaError::Nvrtc(format!(
-                "{} for sm_{}:\n{}",
-                file.file,
-                options.arch,
-                log.to_string_lossy()
-            )))
+    let headers = kernel_headers();
+    let sources = headers.iter().map(|h| c(h.source)).collect::<Result<Vec<_>>>()?;
+    let names = headers.iter().map(|h| c(h.name)).collect::<Result<Vec<_>>>()?;
+    let source_ptrs: Vec<*const std::ffi::c_char> = sources.iter().map(|s| s.as_ptr()).collect();
+    let name_ptrs: Vec<*const std::ffi::c_char> = names.iter().map(|s| s.as_ptr()).collect();
+    let (src, name) = (c(file.source)?, c(file.file)?);
+    let failed = |e: &dyn std::fmt::Debug| CudaError::Nvrtc(format!("{}: {e:?}", file.file));
+    let mut program = std::mem::MaybeUninit::uninit();
+    // SAFETY: every string is NUL-terminated and outlives the program; the header arrays have
+    // `headers.len()` entries each.
+    let program = unsafe {
+        sys::nvrtcCreateProgram(
+            program.as_mut_ptr(),
+            src.as_ptr(),
+            name.as_ptr(),
+            headers.len() as i32,
+            source_ptrs.as_ptr(),
+            name_ptrs.as_ptr(),
+        )
+        .result()
+        .map_err(|e| failed(&e))?;
+        program.assume_init()
+    };
+    // SAFETY: a program created above, destroyed once at the end.
+    let compiled = unsafe {
+        match result::compile_program(program, options) {
+            Ok(()) => result::get_ptx(program).map_err(|e| failed(&e)),
+            Err(_) => {
+                let log = result::get_program_log(program).map_err(|e| failed(&e))?;
+                let log = std::ffi::CStr::from_ptr(log.as_ptr()).to_string_lossy().into_owned();
+                Err(CudaError::Nvrtc(format!("{} ({}):\n{log}", file.file, options[0])))
+            }
         }
-        Err(e) => Err(CudaError::Nvrtc(format!(
-            "{} for sm_{}: {e}",
-            file.file, options.arch
-        ))),
-    }
+    };
+    // SAFETY: created above, not used afterwards.
+    let _ = unsafe { result::destroy_program(program) };
+    let ptx = compiled?;
+    // SAFETY: NVRTC returns NUL-terminated PTX.
+    Ok(unsafe { std::ffi::CStr::from_ptr(ptx.as_ptr()) }
+        .to_string_lossy()
+        .into_owned())
 }
 
 /// FNV-1a, 64 bit: a stable hash for cache keys (std's hasher may change between releases).
@@ -147,11 +182,16 @@ impl PtxCache {
     /// The cached PTX for `file`, compiling (and storing) it on a miss.
     pub fn ptx(&self, file: &KernelFile, options: CompileOptions) -> Result<String> {
         let (major, minor) = version()?;
+        // The headers are part of what is compiled, so part of the key.
+        let mut text = file.source.to_string();
+        for h in kernel_headers() {
+            text.push_str(h.source);
+        }
         let key = format!(
             "{}-{:016x}-{}b-sm_{}-nvrtc{major}.{minor}-fmad{}.ptx",
             file.file.trim_end_matches(".cu"),
-            fnv1a(file.source.as_bytes()),
-            file.source.len(),
+            fnv1a(text.as_bytes()),
+            text.len(),
             options.arch,
             options.fmad as u8
         );

@@ -8,7 +8,20 @@ pub struct KernelFile {
     pub kernels: &'static [&'static str],
 }
 
+/// A shared `kernels/*.cuh` header, by the name the sources include it as.
+#[derive(Debug)]
+pub struct KernelHeader {
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
 static KERNEL_FILES: &[KernelFile] = include!(concat!(env!("OUT_DIR"), "/kernel_sources.rs"));
+static KERNEL_HEADERS: &[KernelHeader] =
+    include!(concat!(env!("OUT_DIR"), "/kernel_headers.rs"));
+
+pub fn kernel_headers() -> &'static [KernelHeader] {
+    KERNEL_HEADERS
+}
 
 pub fn kernel_files() -> &'static [KernelFile] {
     KERNEL_FILES
