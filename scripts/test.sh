@@ -12,3 +12,5 @@ cargo test --profile opt-test --workspace
 # The binary the tests just built: `cargo run` would rebuild the workspace, because the tests
 # compile scalpel-cuda with its test-only planted-kernels feature (never listed in the report).
 "${CARGO_TARGET_DIR:-target}/opt-test/scalpel" kernels
+# The CPU-only build (no `cuda` feature) must keep compiling, its tests included.
+cargo check --profile opt-test -p scalpel --no-default-features --all-targets

@@ -8,6 +8,7 @@
 pub mod bench;
 
 pub use scalpel_autograd as autograd;
+#[cfg(feature = "cuda")]
 pub use scalpel_cuda as cuda;
 pub use scalpel_models as models;
 pub use scalpel_surgery as surgery;

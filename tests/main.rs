@@ -8,6 +8,7 @@ mod common;
 
 mod bad_input;
 mod bert_grads;
+#[cfg(feature = "cuda")]
 mod device;
 mod heal_parity;
 mod heal_resume;

@@ -227,6 +227,12 @@ fn report(common: &Common, label: &str, t: &Timings, extra: Value, line: &str) -
     Ok(())
 }
 
+#[cfg(not(feature = "cuda"))]
+fn kernels(_: bool) -> CliResult {
+    Err("this scalpel was built without the `cuda` feature: it has no CUDA kernels".into())
+}
+
+#[cfg(feature = "cuda")]
 fn kernels(json: bool) -> CliResult {
     let device = super::device();
     let rt = device

@@ -1,5 +1,3 @@
-use scalpel::cuda::report::kernels_report;
-
 use super::CliResult;
 
 #[derive(clap::Args)]
@@ -14,8 +12,9 @@ pub struct Args {
 
 /// Compiles every kernel through NVRTC (where it can be loaded), runs each on the emulator
 /// against the CPU backend, and fails if any kernel fails.
+#[cfg(feature = "cuda")]
 pub fn run(a: Args) -> CliResult {
-    let report = kernels_report(a.only.as_deref());
+    let report = scalpel::cuda::report::kernels_report(a.only.as_deref());
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -25,4 +24,9 @@ pub fn run(a: Args) -> CliResult {
         return Err("at least one kernel failed (see the table)".into());
     }
     Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn run(_: Args) -> CliResult {
+    Err("this scalpel was built without the `cuda` feature: it has no CUDA kernels".into())
 }

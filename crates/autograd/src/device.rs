@@ -11,6 +11,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+#[cfg(feature = "cuda")]
 use scalpel_cuda::Runtime;
 pub use scalpel_tensor::Device;
 use scalpel_tensor::{Backend, Tensor};
@@ -58,11 +59,13 @@ impl fmt::Display for DeviceKind {
 }
 
 /// The CUDA kernels on the CPU emulator. Always available.
+#[cfg(feature = "cuda")]
 pub fn emulator() -> Device {
     Device::Accelerator(Arc::new(Runtime::emulator()))
 }
 
 /// GPU `ordinal`; the error names every missing piece (driver library, NVRTC, headers, GPU).
+#[cfg(feature = "cuda")]
 pub fn cuda(ordinal: usize) -> Result<Device> {
     scalpel_cuda::gpu_runtime(ordinal)
         .map(|rt| Device::Accelerator(Arc::new(rt)))
@@ -76,6 +79,7 @@ pub fn cuda(ordinal: usize) -> Result<Device> {
 
 /// Resolves `kind`. Returns the device and, for `auto` falling back to the CPU, why (for
 /// example `no CUDA: CUDA driver library ...`).
+#[cfg(feature = "cuda")]
 pub fn resolve(kind: DeviceKind) -> Result<(Device, Option<String>)> {
     match kind {
         DeviceKind::Cpu => Ok((Device::Cpu, None)),
@@ -88,6 +92,18 @@ pub fn resolve(kind: DeviceKind) -> Result<(Device, Option<String>)> {
                 Some(format!("no CUDA: {}", missing.join("; "))),
             )),
         },
+    }
+}
+
+/// [`resolve`] in a build without the `cuda` feature: the CPU, and an error for the CUDA kinds.
+#[cfg(not(feature = "cuda"))]
+pub fn resolve(kind: DeviceKind) -> Result<(Device, Option<String>)> {
+    match kind {
+        DeviceKind::Cpu => Ok((Device::Cpu, None)),
+        DeviceKind::Auto => Ok((Device::Cpu, Some("built without the `cuda` feature".into()))),
+        DeviceKind::Cuda | DeviceKind::Emu => Err(AutogradError::Device(format!(
+            "--device {kind}: this build has no CUDA backend (rebuild with the default `cuda` feature)"
+        ))),
     }
 }
 

@@ -29,9 +29,6 @@ pub enum AutogradError {
     Graph(String),
     #[error("optimiser: {0}")]
     Optim(String),
-    /// A CUDA runtime failure (launch, copy, shape the kernels cannot take).
-    #[error(transparent)]
-    Cuda(#[from] scalpel_cuda::CudaError),
     /// A requested device that cannot be used.
     #[error("device: {0}")]
     Device(String),
