@@ -9,6 +9,7 @@ mod common;
 mod bad_input;
 mod bert_grads;
 mod device;
+mod gguf;
 mod heal_parity;
 mod heal_resume;
 mod minilm;
