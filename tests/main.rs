@@ -12,6 +12,7 @@ mod device;
 mod gguf;
 mod heal_parity;
 mod heal_resume;
+mod llama_gguf;
 mod minilm;
 mod new_head;
 mod sequential;

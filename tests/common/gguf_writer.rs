@@ -72,8 +72,17 @@ impl Default for GgufWriter {
 }
 
 impl GgufWriter {
-    /// A metadata entry with its value already encoded.
+    /// Sets a metadata entry to a value already encoded, in place when the key is there.
     pub fn raw(&mut self, key: &str, value_type: u32, payload: Vec<u8>) -> &mut Self {
+        match self.metadata.iter_mut().find(|(k, _, _)| k == key) {
+            Some(entry) => *entry = (key.to_string(), value_type, payload),
+            None => self.metadata.push((key.to_string(), value_type, payload)),
+        }
+        self
+    }
+
+    /// Appends a metadata entry even when the key is already there (for files that repeat one).
+    pub fn push_raw(&mut self, key: &str, value_type: u32, payload: Vec<u8>) -> &mut Self {
         self.metadata.push((key.to_string(), value_type, payload));
         self
     }

@@ -36,6 +36,20 @@ pub fn smollm2_gguf() -> PathBuf {
     path
 }
 
+/// Asserts that an error `message` of case `case` names the file at `path` and says each of `needles`.
+pub fn assert_error_says(case: &str, message: &str, path: &std::path::Path, needles: &[&str]) {
+    assert!(
+        message.contains(&path.display().to_string()),
+        "{case}: `{message}` does not name the file"
+    );
+    for needle in needles {
+        assert!(
+            message.contains(needle),
+            "{case}: `{message}` lacks `{needle}`"
+        );
+    }
+}
+
 pub fn fixture(rel: &str) -> PathBuf {
     repo().join("tests/fixtures").join(rel)
 }

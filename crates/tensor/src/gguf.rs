@@ -347,8 +347,7 @@ impl Gguf {
         &self.path
     }
 
-    /// An error about this file, for callers that validate its contents further.
-    pub fn error(&self, detail: impl Into<String>) -> TensorError {
+    fn error(&self, detail: impl Into<String>) -> TensorError {
         TensorError::Gguf {
             path: self.path.clone(),
             detail: detail.into(),
@@ -366,50 +365,46 @@ impl Gguf {
             .ok_or_else(|| self.error(format!("metadata key `{key}` is missing")))
     }
 
-    /// The unsigned integer at `key` (any integer type), or an error naming the key and what it holds.
-    pub fn require_u64(&self, key: &str) -> Result<u64> {
+    /// The value at `key` as `convert` reads it, or an error naming the key, the `expected` kind
+    /// and what the key holds instead.
+    fn require_as<'a, T>(
+        &'a self,
+        key: &str,
+        expected: &str,
+        convert: impl FnOnce(&'a Value) -> Option<T>,
+    ) -> Result<T> {
         let value = self.require(key)?;
-        value.as_u64().ok_or_else(|| {
+        convert(value).ok_or_else(|| {
             self.error(format!(
-                "metadata key `{key}` should be a non-negative integer, found {}",
+                "metadata key `{key}` should be {expected}, found {}",
                 value.describe()
             ))
         })
     }
 
-    /// The float at `key` (F32 or F64), or an error naming the key and what it holds.
+    /// The unsigned integer at `key`, whichever integer type holds it.
+    pub fn require_u64(&self, key: &str) -> Result<u64> {
+        self.require_as(key, "a non-negative integer", Value::as_u64)
+    }
+
+    /// The float at `key` (F32 or F64).
     pub fn require_f64(&self, key: &str) -> Result<f64> {
-        let value = self.require(key)?;
-        value.as_f64().ok_or_else(|| {
-            self.error(format!(
-                "metadata key `{key}` should be a float, found {}",
-                value.describe()
-            ))
-        })
+        self.require_as(key, "a float", Value::as_f64)
     }
 
     pub fn require_str(&self, key: &str) -> Result<&str> {
-        let value = self.require(key)?;
-        value.as_str().ok_or_else(|| {
-            self.error(format!(
-                "metadata key `{key}` should be a string, found {}",
-                value.describe()
-            ))
-        })
+        self.require_as(key, "a string", Value::as_str)
     }
 
     pub fn require_array(&self, key: &str) -> Result<&Array> {
-        match self.require(key)? {
-            Value::Array(array) => Ok(array),
-            other => Err(self.error(format!(
-                "metadata key `{key}` should be an array, found {}",
-                other.describe()
-            ))),
-        }
+        self.require_as(key, "an array", |value| match value {
+            Value::Array(array) => Some(array),
+            _ => None,
+        })
     }
 
     /// The tensor's bytes as stored (validated to lie inside the data section when opened).
-    pub fn raw_bytes(&self, info: &TensorInfo) -> &[u8] {
+    fn raw_bytes(&self, info: &TensorInfo) -> &[u8] {
         let start = (self.data_start + info.offset) as usize;
         &self.map[start..start + info.byte_len as usize]
     }
@@ -437,7 +432,7 @@ fn nibbles(qs: &[u8]) -> impl Iterator<Item = u8> + '_ {
 }
 
 /// Dequantizes whole blocks of `ggml_type` (the caller guarantees `bytes` is a whole number of them).
-pub fn dequantize(ggml_type: GgmlType, bytes: &[u8]) -> Vec<f32> {
+fn dequantize(ggml_type: GgmlType, bytes: &[u8]) -> Vec<f32> {
     let (block_len, block_bytes) = ggml_type.block();
     let (block_len, block_bytes) = (block_len as usize, block_bytes as usize);
     let mut out = Vec::with_capacity(bytes.len() / block_bytes * block_len);
