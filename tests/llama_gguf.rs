@@ -289,6 +289,8 @@ fn convert_writes_a_hugging_face_folder() {
     drop(saved);
     let tokenizer = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
     assert_tokenizes_like_the_fixture(&tokenizer, "the written tokenizer.json");
+    // 0.5 GB of f32 weights: not worth keeping between runs.
+    std::fs::remove_dir_all(&out).unwrap();
 }
 
 // ---- tiny synthetic models -------------------------------------------------------------------
@@ -487,6 +489,15 @@ fn bad_llama_files_are_named() {
             f.u32("llama.rope.dimension_count", 2);
         }),
         &["`llama.rope.dimension_count` is 2 but the head dimension is 4"],
+    );
+    load_error(
+        "odd-head-dim",
+        &tiny_llama(|f| {
+            f.u32("llama.attention.key_length", 3)
+                .u32("llama.attention.value_length", 3)
+                .u32("llama.rope.dimension_count", 3);
+        }),
+        &["the head dimension 3 is odd"],
     );
     load_error(
         "missing-key",

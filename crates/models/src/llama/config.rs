@@ -94,6 +94,11 @@ impl LlamaConfig {
                 )))
             }
         };
+        if head_dim % 2 != 0 {
+            return Err(invalid(format!(
+                "the head dimension {head_dim} is odd: rotary embeddings rotate pairs"
+            )));
+        }
         for other in ["attention.value_length", "rope.dimension_count"] {
             if let Some(d) = optional_count(other)? {
                 if d != head_dim {
