@@ -459,6 +459,14 @@ fn dequantize(ggml_type: GgmlType, bytes: &[u8]) -> Vec<f32> {
     out
 }
 
+/// An empty Vec with room for `count` elements, but never more than `bytes_left` bytes of them:
+/// an element in memory (a `String`, an `Array`) can be larger than its smallest encoding, and a
+/// reservation must not outgrow the file; the Vec grows only as elements are actually read.
+fn reserve_within<T>(count: usize, bytes_left: u64) -> Vec<T> {
+    let fit = usize::try_from(bytes_left).unwrap_or(usize::MAX) / std::mem::size_of::<T>().max(1);
+    Vec::with_capacity(count.min(fit))
+}
+
 struct Header {
     version: u32,
     metadata: BTreeMap<String, Value>,
@@ -605,7 +613,7 @@ impl<'a> Reader<'a> {
         // Reads `count` elements with `$read`, `$r` being the reader and `$w` the element's label.
         macro_rules! elements {
             ($variant:ident, |$r:ident, $w:ident| $read:expr) => {{
-                let mut values = Vec::with_capacity(count);
+                let mut values = reserve_within(count, self.remaining());
                 for i in 0..count {
                     let $w = &element(i);
                     let $r = &mut *self;
@@ -740,7 +748,7 @@ fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
             reader.remaining() / min_tensor_info
         )));
     }
-    let mut tensors = Vec::with_capacity(tensor_count as usize);
+    let mut tensors = reserve_within(tensor_count as usize, reader.remaining());
     let mut names = HashSet::new();
     for index in 0..tensor_count as usize {
         let info = reader.tensor_info(index)?;
