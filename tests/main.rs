@@ -10,8 +10,10 @@ mod bad_input;
 mod bert_grads;
 #[cfg(feature = "cuda")]
 mod device;
+mod gguf;
 mod heal_parity;
 mod heal_resume;
+mod llama_gguf;
 mod minilm;
 mod new_head;
 mod sequential;

@@ -1,4 +1,5 @@
 mod bench;
+mod convert;
 mod cut;
 mod embed;
 mod eval;
@@ -67,6 +68,8 @@ enum Command {
     NewHead(new_head::Args),
     /// Time a workload (GEMM, forward, train step): median/min/max over runs, peak RSS.
     Bench(bench::Args),
+    /// Convert a Llama-family GGUF file into a Hugging Face folder (f32 safetensors, tokenizer).
+    Convert(convert::Args),
 }
 
 pub fn run(cli: Cli) -> CliResult {
@@ -118,6 +121,7 @@ fn run_command(command: Command) -> CliResult {
         Command::Kernels(a) => kernels::run(a),
         Command::NewHead(a) => new_head::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Convert(a) => convert::run(a),
     }
 }
 

@@ -1,5 +1,7 @@
 //! Shared helpers of the workspace-level tests.
 
+pub mod gguf_writer;
+
 use std::path::PathBuf;
 
 use scalpel::tensor::{safetensors, Tensor};
@@ -20,6 +22,32 @@ pub fn minilm_dir() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// The real SmolLM2-135M-Instruct GGUF, fetched by `scripts/fetch_smollm2.sh` (scripts/test.sh
+/// runs it before the tests). A missing file is a failure with instructions, never a skip.
+pub fn smollm2_gguf() -> PathBuf {
+    let path = repo().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch_smollm2.sh first",
+        path.display()
+    );
+    path
+}
+
+/// Asserts that an error `message` of case `case` names the file at `path` and says each of `needles`.
+pub fn assert_error_says(case: &str, message: &str, path: &std::path::Path, needles: &[&str]) {
+    assert!(
+        message.contains(&path.display().to_string()),
+        "{case}: `{message}` does not name the file"
+    );
+    for needle in needles {
+        assert!(
+            message.contains(needle),
+            "{case}: `{message}` lacks `{needle}`"
+        );
+    }
 }
 
 pub fn fixture(rel: &str) -> PathBuf {

@@ -64,12 +64,23 @@ pub fn write_staged(
     out: &Path,
     add_files: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
+    write_folder(out, |staging| {
+        fill(bert, source, staging)?;
+        add_files(staging)
+    })
+}
+
+/// Builds a folder with `fill` in a staging folder beside `out` (created empty, removed on
+/// failure), then swaps it into place at `out`, replacing what is there: the caller has checked
+/// (`check_output`) that it may.
+pub fn write_folder(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let staging = sibling(out, "staging");
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(io_err(&staging))?;
     }
-    let result = fill(bert, source, &staging)
-        .and_then(|()| add_files(&staging))
+    let result = std::fs::create_dir_all(&staging)
+        .map_err(io_err(&staging))
+        .and_then(|()| fill(&staging))
         .and_then(|()| swap_into_place(&staging, out));
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&staging);

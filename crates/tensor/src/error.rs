@@ -24,6 +24,8 @@ pub enum TensorError {
     },
     #[error("{path}: not a valid safetensors file: {detail}")]
     SafeTensors { path: PathBuf, detail: String },
+    #[error("{path}: not a valid GGUF file: {detail}")]
+    Gguf { path: PathBuf, detail: String },
 }
 
 pub type Result<T, E = TensorError> = std::result::Result<T, E>;

@@ -7,6 +7,7 @@
 //!   reference beside the fast (SIMD, threaded) version.
 //! * [`ops`]: tensor-level entry points that check shapes and dispatch on dtype to the kernels.
 //! * [`safetensors`]: loading and saving named tensors, with errors that name the problem.
+//! * [`gguf`]: reading llama.cpp's GGUF files (metadata, tensor infos, dequantization to f32).
 //! * [`heap`]: allocator tuning so freed tensor buffers are reused rather than unmapped.
 
 pub mod backend;
@@ -14,6 +15,7 @@ pub mod cpu;
 mod dtype;
 mod error;
 mod float;
+pub mod gguf;
 pub mod heap;
 pub mod ops;
 pub mod safetensors;
