@@ -936,7 +936,7 @@ thread_local! {
 }
 
 /// Lends cache-aligned buffers for a packed `MC×KC` block of A and `KC×NC` block of B.
-fn with_pack_buffers<R>(bl: Blocking, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+pub(crate) fn with_pack_buffers<R>(bl: Blocking, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
     let a_len = bl.mc.div_ceil(bl.mr) * bl.mr * bl.kc;
     let b_len = bl.nc.div_ceil(bl.nr) * bl.nr * bl.kc;
     let run = |(a, b): &mut (CacheAligned, CacheAligned)| {
@@ -1139,7 +1139,7 @@ pub(crate) fn prefetch<T>(x: *const T) {
 /// One panel from lines that run across the step index, transposed `LANES×LANES` blocks at a
 /// time: `dst[p·width + i] = src[i·stride + p]` for `i < lines`, zero for `lines ≤ i < width`.
 #[inline(always)]
-fn pack_transposing<S: Simd>(
+pub(crate) fn pack_transposing<S: Simd>(
     simd: S,
     src: &[f32],
     stride: usize,

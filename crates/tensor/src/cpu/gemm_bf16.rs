@@ -349,14 +349,16 @@ pub fn gemm_bf16_into_uninit(
         PackedData::Vnni(w) => {
             let bl = blocking(packed.path);
             let k_padded = k.next_multiple_of(K_ALIGN);
+            let x_stride = k_padded + X_ROW_SKEW;
             let rows_padded = rows.next_multiple_of(bl.mr);
-            with_x_buffer(rows_padded * k_padded, |xb| {
-                convert_rows(x, k, k_padded, xb);
+            with_x_buffer(rows_padded * x_stride, |xb| {
+                convert_rows(x, k, x_stride, xb);
                 let g = VnniGemm {
                     x: xb,
                     w: w.as_slice(),
                     n,
                     k_padded,
+                    x_stride,
                     c,
                     ep,
                 };
@@ -425,16 +427,21 @@ fn with_x_buffer<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
     })
 }
 
-/// Rounds the rows of `x` (`k` wide) into `dst` as bf16 rows `k_padded` wide, zero-padded, and
+/// bf16 values of padding after each row of the converted X: with rows a multiple of 512 bytes
+/// apart (k = 1024: 2 KiB), the 32 rows one AMX step loads all fall into 2 of the L1's 64 sets,
+/// more lines than their 24 ways hold, and every panel after the first missed them again.
+const X_ROW_SKEW: usize = 32;
+
+/// Rounds the rows of `x` (`k` wide) into `dst` as bf16 rows `x_stride` apart, zero-padded, and
 /// zero-fills the padding rows after them; rows are spread over threads.
-fn convert_rows(x: &[f32], k: usize, k_padded: usize, dst: &mut [u16]) {
+fn convert_rows(x: &[f32], k: usize, x_stride: usize, dst: &mut [u16]) {
     const ROWS_PER_TASK: usize = 64;
     let chunks: Vec<_> = dst
-        .chunks_mut(ROWS_PER_TASK * k_padded)
+        .chunks_mut(ROWS_PER_TASK * x_stride)
         .enumerate()
         .collect();
     threads::parallel_each(chunks, |(chunk, dst)| {
-        for (r, dst) in dst.chunks_mut(k_padded).enumerate() {
+        for (r, dst) in dst.chunks_mut(x_stride).enumerate() {
             let row = chunk * ROWS_PER_TASK + r;
             let src = x.get(row * k..(row + 1) * k).unwrap_or(&[]);
             // SAFETY: a Vnni packing exists only where AVX512-BF16 was detected.
@@ -448,14 +455,16 @@ fn convert_rows(x: &[f32], k: usize, k_padded: usize, dst: &mut [u16]) {
     });
 }
 
-/// One call of a bf16 instruction path: X as bf16 rows `k_padded` wide (rows padded to the
-/// path's MR with zeros), the VNNI weight panels, and C (`n` wide) with its epilogue.
+/// One call of a bf16 instruction path: X as bf16 rows `x_stride` apart, the first `k_padded`
+/// of each used (rows padded to the path's MR with zeros), the VNNI weight panels, and C (`n`
+/// wide) with its epilogue.
 #[derive(Clone, Copy)]
 struct VnniGemm<'a> {
     x: &'a [u16],
     w: &'a [u32],
     n: usize,
     k_padded: usize,
+    x_stride: usize,
     c: TilePtr,
     ep: Epilogue<'a>,
 }
@@ -469,7 +478,21 @@ unsafe fn vnni_block(path: Bf16Path, g: VnniGemm<'_>, rows: Range<usize>, cols: 
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the path was checked when the weight was packed for it; the rest is forwarded.
     unsafe {
-        x86::vnni_block(path, g, rows, cols)
+        match path {
+            Bf16Path::Amx => x86::vnni_block(path, g, rows, cols, &mut []),
+            // The A panels of one MC×KC block, in pairs (as f32-sized words); no B buffer.
+            _ => {
+                let bl = blocking(path);
+                let panels = Blocking {
+                    kc: bl.kc / 2,
+                    nc: 0,
+                    ..bl
+                };
+                gemm::with_pack_buffers(panels, |a_buf, _| {
+                    x86::vnni_block(path, g, rows, cols, a_buf)
+                })
+            }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("{path:?} {:?} {:?}", (rows, cols), (g.n, g.k_padded))
@@ -482,7 +505,7 @@ mod x86 {
     use std::ops::Range;
 
     use super::{blocking, Bf16Path, VnniGemm, DPBF16_MR, PANEL_COLS, TILE_ROWS};
-    use crate::cpu::gemm::{prefetch, store_tile, Activation, Epilogue};
+    use crate::cpu::gemm::{pack_transposing, prefetch, store_tile, Activation, Epilogue};
     use crate::cpu::simd::Avx512;
 
     /// Rounds `src` to bf16 into `dst` (`dst.len() ≥ src.len()`, a multiple of 16), zeros after.
@@ -504,7 +527,8 @@ mod x86 {
         }
     }
 
-    /// [`super::vnni_block`] compiled for AVX512-BF16, on `path`'s kernel.
+    /// [`super::vnni_block`] compiled for AVX512-BF16, on `path`'s kernel; `a_buf` holds the
+    /// AVX512-BF16 kernel's packed panels of X.
     ///
     /// # Safety
     /// As [`super::vnni_block`]; the CPU must support `path` (both imply AVX512-BF16, and with
@@ -515,6 +539,7 @@ mod x86 {
         v: VnniGemm<'_>,
         rows: Range<usize>,
         cols: Range<usize>,
+        a_buf: &mut [f32],
     ) {
         // SAFETY: both bf16 instruction paths imply AVX-512, whose token this is.
         let s = unsafe { Avx512::new_unchecked() };
@@ -522,7 +547,7 @@ mod x86 {
         unsafe {
             match path {
                 Bf16Path::Amx => amx_block(s, v, rows, cols),
-                _ => dpbf16_block(s, v, rows, cols),
+                _ => dpbf16_block(s, v, rows, cols, a_buf),
             }
         }
     }
@@ -532,18 +557,25 @@ mod x86 {
     const W_PREFETCH_PAIRS: usize = 32;
 
     /// `C[..MR, ..32] = act(X_panel·W_panel + beta·C + bias)` over `pairs` pair steps: `a` is
-    /// row 0 of X's panel as 32-bit pairs (row stride `lda` words), `w` a VNNI panel.
+    /// a packed panel of X, `a_stride ≥ MR` 32-bit pairs per step (the first MR used), `w` a
+    /// VNNI panel.
+    ///
+    /// A function of its own: inlined into the block loops (beside the AMX kernel and the
+    /// other tile heights) the compiler kept a stack copy of every accumulator, 28 stores per
+    /// step that ran the kernel at half speed.
     ///
     /// # Safety
-    /// `a` must hold `MR` rows of `pairs` words, `w` `pairs·32` words, a non-null `bias` 32
-    /// values, and `c` must be valid for an `MR×32` tile with row stride `ldc`.
-    #[inline(always)]
+    /// The CPU must support AVX512-BF16. `a` must hold `pairs·a_stride` words, `w` `pairs·32`
+    /// words, a non-null `bias` 32 values, and `c` must be valid for an `MR×32` tile with row
+    /// stride `ldc`.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn dpbf16_kernel<const MR: usize>(
         s: Avx512,
         pairs: usize,
         a: *const u32,
-        lda: usize,
+        a_stride: usize,
         w: *const u32,
         c: *mut f32,
         ldc: usize,
@@ -562,7 +594,7 @@ mod x86 {
                     std::mem::transmute(_mm512_loadu_si512(w.add(p * 32 + 16).cast()));
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let x: __m512bh =
-                        std::mem::transmute(_mm512_set1_epi32(*a.add(r * lda + p) as i32));
+                        std::mem::transmute(_mm512_set1_epi32(*a.add(p * a_stride + r) as i32));
                     acc[0] = _mm512_dpbf16_ps(acc[0], x, w0);
                     acc[1] = _mm512_dpbf16_ps(acc[1], x, w1);
                 }
@@ -572,16 +604,26 @@ mod x86 {
     }
 
     /// [`super::vnni_block`] with `vdpbf16ps`: the f32 packed path's loops (columns, depth,
-    /// rows, then panels), X read in place as rows of pairs (already converted: no packing).
+    /// rows, then panels), X's converted rows packed per MC×KC block into MR-row panels of
+    /// pairs by the f32 packer's transposes (they move 32-bit words, never compute on them):
+    /// read from 14 separate rows, the row pointers did not fit in the general registers and
+    /// were reloaded from the stack on every step.
     ///
     /// # Safety
     /// As [`super::vnni_block`]; the CPU must support AVX512-BF16.
     #[inline(always)]
-    unsafe fn dpbf16_block(s: Avx512, v: VnniGemm<'_>, rows: Range<usize>, cols: Range<usize>) {
+    unsafe fn dpbf16_block(
+        s: Avx512,
+        v: VnniGemm<'_>,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        a_buf: &mut [f32],
+    ) {
         let (c, ep, bl) = (v.c, v.ep, blocking(Bf16Path::Avx512Bf16));
-        let lda = v.k_padded / 2;
-        let (pairs, kc_pairs) = (lda, bl.kc / 2);
-        let x = v.x.as_ptr().cast::<u32>();
+        let (lda, pairs) = (v.x_stride / 2, v.k_padded / 2);
+        let kc_pairs = bl.kc / 2;
+        // Pairs of bf16 as f32-sized words, for the packer.
+        let x: &[f32] = bytemuck::cast_slice(v.x);
         let mut tile = [0.0f32; DPBF16_MR * PANEL_COLS];
         for jc in cols.clone().step_by(bl.nc) {
             let nc = bl.nc.min(cols.end - jc);
@@ -590,22 +632,31 @@ mod x86 {
                 let ep = ep.for_block(pc, kc, pairs);
                 for ic in rows.clone().step_by(bl.mc) {
                     let mc = bl.mc.min(rows.end - ic);
+                    for (panel, ir) in (0..mc).step_by(DPBF16_MR).enumerate() {
+                        // Full MR rows: X's rows are padded to a multiple of MR.
+                        let dst = &mut a_buf[panel * DPBF16_MR * kc..][..DPBF16_MR * kc];
+                        let src = &x[(ic + ir) * lda + pc..];
+                        pack_transposing(s, src, lda, DPBF16_MR, DPBF16_MR, kc, dst);
+                    }
+                    let a_panels = a_buf.as_ptr().cast::<u32>();
                     for jr in (0..nc).step_by(PANEL_COLS) {
                         let panel = (jc + jr) / PANEL_COLS;
                         let w = v.w[(panel * pairs + pc) * PANEL_COLS..].as_ptr();
                         for ir in (0..mc).step_by(DPBF16_MR) {
                             let (tile_rows, tile_cols) =
                                 (DPBF16_MR.min(mc - ir), PANEL_COLS.min(nc - jr));
-                            // SAFETY (this block): the X rows (ic + ir).. are padded to a
-                            // multiple of MR, the panel is 32 wide and `pairs` deep, and
+                            // SAFETY (this block): the A panel holds kc steps of MR pairs, the
+                            // W panel is 32 wide and `pairs` deep, and
                             // (ic + ir, jc + jr) is inside rows×cols, which the caller owns.
                             unsafe {
-                                let a = x.add((ic + ir) * lda + pc);
+                                let a = a_panels.add(ir * kc);
                                 let cp = c.0.add((ic + ir) * v.n + jc + jr);
                                 if tile_rows == DPBF16_MR && tile_cols == PANEL_COLS {
                                     let bias =
                                         ep.bias.map_or(std::ptr::null(), |b| b[jc + jr..].as_ptr());
-                                    dpbf16_kernel::<DPBF16_MR>(s, kc, a, lda, w, cp, v.n, ep, bias);
+                                    dpbf16_kernel::<DPBF16_MR>(
+                                        s, kc, a, DPBF16_MR, w, cp, v.n, ep, bias,
+                                    );
                                     continue;
                                 }
                                 let scratch = tile.as_mut_ptr();
@@ -618,16 +669,16 @@ mod x86 {
                                 let ld = PANEL_COLS;
                                 match tile_rows {
                                     0..=2 => dpbf16_kernel::<2>(
-                                        s, kc, a, lda, w, scratch, ld, plain, null,
+                                        s, kc, a, DPBF16_MR, w, scratch, ld, plain, null,
                                     ),
                                     3..=4 => dpbf16_kernel::<4>(
-                                        s, kc, a, lda, w, scratch, ld, plain, null,
+                                        s, kc, a, DPBF16_MR, w, scratch, ld, plain, null,
                                     ),
                                     5..=8 => dpbf16_kernel::<8>(
-                                        s, kc, a, lda, w, scratch, ld, plain, null,
+                                        s, kc, a, DPBF16_MR, w, scratch, ld, plain, null,
                                     ),
                                     _ => dpbf16_kernel::<DPBF16_MR>(
-                                        s, kc, a, lda, w, scratch, ld, plain, null,
+                                        s, kc, a, DPBF16_MR, w, scratch, ld, plain, null,
                                     ),
                                 }
                                 store_edge(
@@ -710,7 +761,7 @@ mod x86 {
         let out = block.0.as_mut_ptr();
         let pairs = v.k_padded / 2;
         // Bytes between rows: of X, of a W panel (32 words), of the scratch block.
-        let (ldx, ldw, ldo) = (v.k_padded * 2, PANEL_COLS * 4, 32usize * 4);
+        let (ldx, ldw, ldo) = (v.x_stride * 2, PANEL_COLS * 4, 32usize * 4);
         // SAFETY (whole body): the X rows are padded to a multiple of 32 (rows.start is one),
         // the panels hold `pairs` rows of 32 words, so every tile load stays inside them; the
         // tile stores stay inside `block`; C is written only inside rows×cols.
@@ -719,8 +770,8 @@ mod x86 {
             for jc in cols.clone().step_by(bl.nc) {
                 let nc = bl.nc.min(cols.end - jc);
                 for ic in rows.clone().step_by(bl.mc) {
-                    let x0 = v.x.as_ptr().add(ic * v.k_padded);
-                    let x1 = x0.add(TILE_ROWS * v.k_padded);
+                    let x0 = v.x.as_ptr().add(ic * v.x_stride);
+                    let x1 = x0.add(TILE_ROWS * v.x_stride);
                     for jr in (0..nc).step_by(PANEL_COLS) {
                         let panel = (jc + jr) / PANEL_COLS;
                         let w = v.w.as_ptr().add(panel * pairs * PANEL_COLS);
