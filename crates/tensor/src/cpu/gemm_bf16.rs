@@ -349,16 +349,14 @@ pub fn gemm_bf16_into_uninit(
         PackedData::Vnni(w) => {
             let bl = blocking(packed.path);
             let k_padded = k.next_multiple_of(K_ALIGN);
-            let x_stride = k_padded + X_ROW_SKEW;
             let rows_padded = rows.next_multiple_of(bl.mr);
-            with_x_buffer(rows_padded * x_stride, |xb| {
-                convert_rows(x, k, x_stride, xb);
+            with_x_buffer(rows_padded * k_padded, |xb| {
+                convert_rows(x, k, k_padded, xb);
                 let g = VnniGemm {
                     x: xb,
                     w: w.as_slice(),
                     n,
                     k_padded,
-                    x_stride,
                     c,
                     ep,
                 };
@@ -380,11 +378,14 @@ pub fn gemm_bf16_into_uninit(
 }
 
 /// Register tile (`mr×nr`) and cache blocking of the two bf16 instruction paths. AVX512-BF16:
-/// 14×32 (28 accumulators, 2 B vectors and the broadcast fill 31 zmm, as in the f32 kernel); a
+/// 14×32 (28 accumulators, 2 W vectors and the broadcast fill 31 zmm, as in the f32 kernel); a
 /// depth block of 384 keeps the 32-column panel (24 KiB) in L1 while 336 rows of X (252 KiB)
 /// sit in L2. AMX: a 32×32 block of four C tiles over the whole depth (C is stored once, with
 /// its epilogue), the X rows (32·k bf16: 64 KiB at k = 1024) reused from L2 by the 8 panels of
-/// a 256-column block of W.
+/// a 256-column block of W. At 1024³ on one thread (CPU time per call, shared machine) 256
+/// columns took 3.0–3.5 ms, 128 columns 3.25–4.0 and 1024 columns 4.0–4.75; depth blocks of
+/// 256–1024 (the C tiles kept in a per-task buffer between them, so that X's rows stay in L1)
+/// took 3.5–4.0 ms.
 fn blocking(path: Bf16Path) -> Blocking {
     match path {
         Bf16Path::Amx => Blocking {
@@ -427,21 +428,16 @@ fn with_x_buffer<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
     })
 }
 
-/// bf16 values of padding after each row of the converted X: with rows a multiple of 512 bytes
-/// apart (k = 1024: 2 KiB), the 32 rows one AMX step loads all fall into 2 of the L1's 64 sets,
-/// more lines than their 24 ways hold, and every panel after the first missed them again.
-const X_ROW_SKEW: usize = 32;
-
-/// Rounds the rows of `x` (`k` wide) into `dst` as bf16 rows `x_stride` apart, zero-padded, and
+/// Rounds the rows of `x` (`k` wide) into `dst` as bf16 rows `k_padded` wide, zero-padded, and
 /// zero-fills the padding rows after them; rows are spread over threads.
-fn convert_rows(x: &[f32], k: usize, x_stride: usize, dst: &mut [u16]) {
+fn convert_rows(x: &[f32], k: usize, k_padded: usize, dst: &mut [u16]) {
     const ROWS_PER_TASK: usize = 64;
     let chunks: Vec<_> = dst
-        .chunks_mut(ROWS_PER_TASK * x_stride)
+        .chunks_mut(ROWS_PER_TASK * k_padded)
         .enumerate()
         .collect();
     threads::parallel_each(chunks, |(chunk, dst)| {
-        for (r, dst) in dst.chunks_mut(x_stride).enumerate() {
+        for (r, dst) in dst.chunks_mut(k_padded).enumerate() {
             let row = chunk * ROWS_PER_TASK + r;
             let src = x.get(row * k..(row + 1) * k).unwrap_or(&[]);
             // SAFETY: a Vnni packing exists only where AVX512-BF16 was detected.
@@ -455,16 +451,14 @@ fn convert_rows(x: &[f32], k: usize, x_stride: usize, dst: &mut [u16]) {
     });
 }
 
-/// One call of a bf16 instruction path: X as bf16 rows `x_stride` apart, the first `k_padded`
-/// of each used (rows padded to the path's MR with zeros), the VNNI weight panels, and C (`n`
-/// wide) with its epilogue.
+/// One call of a bf16 instruction path: X as bf16 rows `k_padded` wide (rows padded to the
+/// path's MR with zeros), the VNNI weight panels, and C (`n` wide) with its epilogue.
 #[derive(Clone, Copy)]
 struct VnniGemm<'a> {
     x: &'a [u16],
     w: &'a [u32],
     n: usize,
     k_padded: usize,
-    x_stride: usize,
     c: TilePtr,
     ep: Epilogue<'a>,
 }
@@ -620,7 +614,9 @@ mod x86 {
         a_buf: &mut [f32],
     ) {
         let (c, ep, bl) = (v.c, v.ep, blocking(Bf16Path::Avx512Bf16));
-        let (lda, pairs) = (v.x_stride / 2, v.k_padded / 2);
+        // X rows and W panels are both `pairs` words deep.
+        let pairs = v.k_padded / 2;
+        let lda = pairs;
         let kc_pairs = bl.kc / 2;
         // Pairs of bf16 as f32-sized words, for the packer.
         let x: &[f32] = bytemuck::cast_slice(v.x);
@@ -761,7 +757,7 @@ mod x86 {
         let out = block.0.as_mut_ptr();
         let pairs = v.k_padded / 2;
         // Bytes between rows: of X, of a W panel (32 words), of the scratch block.
-        let (ldx, ldw, ldo) = (v.x_stride * 2, PANEL_COLS * 4, 32usize * 4);
+        let (ldx, ldw, ldo) = (v.k_padded * 2, PANEL_COLS * 4, 32usize * 4);
         // SAFETY (whole body): the X rows are padded to a multiple of 32 (rows.start is one),
         // the panels hold `pairs` rows of 32 words, so every tile load stays inside them; the
         // tile stores stay inside `block`; C is written only inside rows×cols.
@@ -770,8 +766,8 @@ mod x86 {
             for jc in cols.clone().step_by(bl.nc) {
                 let nc = bl.nc.min(cols.end - jc);
                 for ic in rows.clone().step_by(bl.mc) {
-                    let x0 = v.x.as_ptr().add(ic * v.x_stride);
-                    let x1 = x0.add(TILE_ROWS * v.x_stride);
+                    let x0 = v.x.as_ptr().add(ic * v.k_padded);
+                    let x1 = x0.add(TILE_ROWS * v.k_padded);
                     for jr in (0..nc).step_by(PANEL_COLS) {
                         let panel = (jc + jr) / PANEL_COLS;
                         let w = v.w.as_ptr().add(panel * pairs * PANEL_COLS);
