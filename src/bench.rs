@@ -12,7 +12,8 @@ use scalpel_models::bert::ForwardOptions;
 use scalpel_models::sentence::SentenceEncoder;
 use scalpel_models::tokenizer::Batch;
 use scalpel_surgery::cut::keep_layers;
-use scalpel_tensor::cpu::gemm::{gemm, GemmShape};
+use scalpel_tensor::cpu::gemm::{gemm, Activation, GemmShape};
+use scalpel_tensor::cpu::gemm_bf16::{gemm_bf16_packed, Bf16Path, PackedBf16Weight};
 use scalpel_tensor::{Device, Tensor};
 
 /// Any error a workload reports.
@@ -113,12 +114,14 @@ pub fn synthetic_values(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// f32 operands and output for one `C = op(A)·op(B)` (square `n×n` by default).
+/// f32 operands and output for one `C = op(A)·op(B)` (square `n×n` by default), multiplied in
+/// f32 or, with B packed once as a bf16 weight, in bf16 ([`GemmWorkload::with_bf16_weight`]).
 pub struct GemmWorkload {
     pub shape: GemmShape,
     a: Vec<f32>,
     b: Vec<f32>,
     c: Vec<f32>,
+    bf16: Option<PackedBf16Weight>,
 }
 
 impl GemmWorkload {
@@ -140,12 +143,46 @@ impl GemmWorkload {
             a: synthetic_values(shape.m * shape.k, 1),
             b: synthetic_values(shape.k * shape.n, 2),
             c: vec![0.0; shape.m * shape.n],
+            bf16: None,
         }
+    }
+
+    /// The same operands with B packed once as a bf16 weight on `path` (untimed): each run then
+    /// rounds A to bf16 and multiplies with f32 accumulation, as a bf16 linear layer would.
+    pub fn with_bf16_weight(shape: GemmShape, path: Bf16Path) -> BenchResult<GemmWorkload> {
+        if shape.trans_a {
+            return Err("a bf16 GEMM takes A untransposed (rows of activations)".into());
+        }
+        let mut w = GemmWorkload::with_shape(shape);
+        // The weight is `[n, k]`: B itself when stored transposed, else B transposed.
+        let (n, k) = (shape.n, shape.k);
+        let weight: Vec<f32> = if shape.trans_b {
+            w.b.clone()
+        } else {
+            (0..n * k).map(|i| w.b[(i % k) * n + i / k]).collect()
+        };
+        w.bf16 = Some(PackedBf16Weight::pack(path, &weight, n, k));
+        Ok(w)
+    }
+
+    /// The bf16 path the workload runs on (`None`: f32).
+    pub fn bf16_path(&self) -> Option<Bf16Path> {
+        self.bf16.as_ref().map(PackedBf16Weight::path)
     }
 
     /// One GEMM on the current thread count.
     pub fn run(&mut self) {
-        gemm(self.shape, &self.a, &self.b, &mut self.c, 0.0);
+        match &self.bf16 {
+            Some(w) => gemm_bf16_packed(
+                &self.a,
+                self.shape.m,
+                w,
+                None,
+                Activation::Identity,
+                &mut self.c,
+            ),
+            None => gemm(self.shape, &self.a, &self.b, &mut self.c, 0.0),
+        }
     }
 
     /// Floating-point operations of one run (a multiply-add counts two).

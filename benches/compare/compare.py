@@ -3,6 +3,10 @@
 
 Workloads (the ones `scalpel bench` runs, built identically here):
   * f32 GEMM C = A·B, 1024³, at 1 and 2 threads;
+  * bf16 GEMM 1024³ at 1 and 2 threads: scalpel `bench gemm --dtype bf16` (B packed once as a
+    bf16 weight, A rounded to bf16 on each run, f32 accumulation and output) against PyTorch's
+    `matmul` of the f32 operands under `torch.autocast("cpu", dtype=torch.bfloat16)` (which casts
+    both operands on each call and returns bf16);
   * all-MiniLM-L6-v2 inference (forward + mean pooling + L2 normalisation) at 2 threads for
     batch 1 × seq 16, 1 × seq 128 and 32 × seq 128;
   * one training step of the 4-layer cut (layers 4 and 5 removed) at batch 32 × seq 128,
@@ -114,6 +118,11 @@ class TorchWorker:
             g = torch.Generator().manual_seed(0)
             a = torch.rand(n, n, generator=g) * 2 - 1
             b = torch.rand(n, n, generator=g) * 2 - 1
+            if req.get("dtype") == "bf16":
+                def autocast_matmul():
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        torch.matmul(a, b)
+                return time_runs(autocast_matmul, warmup, runs)
             c = torch.empty(n, n)
             return time_runs(lambda: torch.matmul(a, b, out=c), warmup, runs)
         if kind == "forward":
@@ -332,7 +341,7 @@ def scalpel_cmd(args, w, runs, warmup):
     cmd = [args.scalpel, "bench", w["kind"], "--threads", str(w["threads"]), "--json",
            "--runs", str(runs), "--warmup", str(warmup)]
     if w["kind"] == "gemm":
-        cmd += ["--n", str(w["n"])]
+        cmd += ["--n", str(w["n"]), "--dtype", w.get("dtype", "f32")]
     else:
         cmd += ["--model", args.model, "--batch", str(w["batch"]), "--seq", str(w["seq"])]
     if w.get("drop"):
@@ -386,6 +395,10 @@ def main():
     workloads = [
         {"name": "gemm 1024^3, 1 thread", "kind": "gemm", "n": 1024, "threads": 1, "ort": True},
         {"name": "gemm 1024^3, 2 threads", "kind": "gemm", "n": 1024, "threads": 2, "ort": True},
+        {"name": "gemm bf16 1024^3, 1 thread", "kind": "gemm", "n": 1024, "threads": 1,
+         "dtype": "bf16", "ort": False},
+        {"name": "gemm bf16 1024^3, 2 threads", "kind": "gemm", "n": 1024, "threads": 2,
+         "dtype": "bf16", "ort": False},
         {"name": "forward 1x16, 2 threads", "kind": "forward", "batch": 1, "seq": 16,
          "threads": 2, "ort": True},
         {"name": "forward 1x128, 2 threads", "kind": "forward", "batch": 1, "seq": 128,

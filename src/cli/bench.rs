@@ -4,6 +4,7 @@ use clap::Subcommand;
 use scalpel::bench::{measure, peak_rss_mb, ForwardWorkload, GemmWorkload, Timings, TrainWorkload};
 use scalpel::surgery::cut::parse_layer_list;
 use scalpel::tensor::cpu::gemm::GemmShape;
+use scalpel::tensor::cpu::gemm_bf16::Bf16Path;
 use scalpel::tensor::threads;
 use serde_json::{json, Value};
 
@@ -39,7 +40,7 @@ enum Workload {
         #[arg(long)]
         json: bool,
     },
-    /// f32 `C = op(A)·op(B)`: square N×N operands unless M or K is given.
+    /// `C = op(A)·op(B)` in f32 or bf16: square N×N operands unless M or K is given.
     Gemm {
         /// Columns of C (and, by default, rows of C and the depth).
         #[arg(long, default_value_t = 1024)]
@@ -56,6 +57,10 @@ enum Workload {
         /// B is stored transposed (`n×k`), as in a linear layer's `x·Wᵀ`.
         #[arg(long)]
         trans_b: bool,
+        /// `bf16`: B packed once (untimed) as a bf16 weight, A rounded to bf16 on each run,
+        /// f32 accumulation and output, on the best bf16 path (`SCALPEL_ISA=amx|avx512bf16|…`).
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+        dtype: String,
         #[command(flatten)]
         common: Common,
     },
@@ -96,6 +101,7 @@ pub fn run(a: Args) -> CliResult {
             k,
             trans_a,
             trans_b,
+            dtype,
             common,
         } => {
             let shape = GemmShape {
@@ -108,7 +114,10 @@ pub fn run(a: Args) -> CliResult {
             if shape.m == 0 || shape.n == 0 || shape.k == 0 {
                 return Err("--m, --n and --k must be at least 1".into());
             }
-            let mut w = GemmWorkload::with_shape(shape);
+            let mut w = match dtype.as_str() {
+                "bf16" => GemmWorkload::with_bf16_weight(shape, Bf16Path::best())?,
+                _ => GemmWorkload::with_shape(shape),
+            };
             let t = measure(common.warmup, runs(&common)?, || {
                 w.run();
                 Ok(())
@@ -120,15 +129,19 @@ pub fn run(a: Args) -> CliResult {
                 (false, true) => ", Bᵀ",
                 (true, true) => ", Aᵀ Bᵀ",
             };
+            let kernel = match w.bf16_path() {
+                Some(path) => format!("bf16 ({path:?})"),
+                None => "f32".to_string(),
+            };
             let label = format!(
-                "gemm {}x{}x{} f32{layout}, {threads} threads",
+                "gemm {}x{}x{} {kernel}{layout}, {threads} threads",
                 shape.m, shape.n, shape.k
             );
             report(
                 &common,
                 &label,
                 &t,
-                json!({"gflops": gflops, "m": shape.m, "n": n, "k": shape.k,
+                json!({"gflops": gflops, "m": shape.m, "n": n, "k": shape.k, "kernel": kernel,
                        "trans_a": trans_a, "trans_b": trans_b, "threads": threads}),
                 &format!("{gflops:.1} GFLOP/s"),
             )

@@ -31,7 +31,7 @@ fn for_each_config(mut f: impl FnMut(Isa, &str)) {
     }
 }
 
-fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+pub(crate) fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(lo..hi)).collect()
 }
 
@@ -40,7 +40,7 @@ fn widen(x: &[f32]) -> Vec<f64> {
 }
 
 /// Asserts `|got[i] − want[i]| ≤ tol(i)` everywhere (NaN fails), naming the first offender.
-fn assert_close(what: &str, got: &[f32], want: &[f64], tol: impl Fn(usize) -> f64) {
+pub(crate) fn assert_close(what: &str, got: &[f32], want: &[f64], tol: impl Fn(usize) -> f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g as f64 - w).abs();

@@ -220,10 +220,10 @@ pub enum Activation {
 /// every row. The bias is added when the first depth block is stored (later blocks accumulate
 /// onto it), the activation when the last one is.
 #[derive(Clone, Copy)]
-struct Epilogue<'a> {
-    beta: f32,
-    bias: Option<&'a [f32]>,
-    act: Activation,
+pub(crate) struct Epilogue<'a> {
+    pub(crate) beta: f32,
+    pub(crate) bias: Option<&'a [f32]>,
+    pub(crate) act: Activation,
 }
 
 impl<'a> Epilogue<'a> {
@@ -236,7 +236,7 @@ impl<'a> Epilogue<'a> {
     }
 
     /// The part of this epilogue that applies to the depth block at `pc` (of `kc`) of `k`.
-    fn for_block(self, pc: usize, kc: usize, k: usize) -> Epilogue<'a> {
+    pub(crate) fn for_block(self, pc: usize, kc: usize, k: usize) -> Epilogue<'a> {
         let first = pc == 0;
         Epilogue {
             beta: if first { self.beta } else { 1.0 },
@@ -255,7 +255,7 @@ impl<'a> Epilogue<'a> {
     /// `out` must be valid for writes, and for reads unless beta = 0 (then it is never read, so
     /// it may be uninitialised).
     #[inline(always)]
-    unsafe fn store(&self, out: *mut f32, product: f32, j: usize) {
+    pub(crate) unsafe fn store(&self, out: *mut f32, product: f32, j: usize) {
         // SAFETY: read only when beta ≠ 0, as the caller allows.
         let sum = if self.beta == 0.0 {
             product
@@ -280,7 +280,7 @@ impl<'a> Epilogue<'a> {
 }
 
 /// Below this many multiply-adds a GEMM runs on one thread: waking workers would cost more.
-const THREADED_MIN_WORK: usize = 1 << 18;
+pub(crate) const THREADED_MIN_WORK: usize = 1 << 18;
 /// `x·Wᵀ` with at most this many rows of `x` and no packed `W` skips packing (see
 /// [`direct_nt_body`]).
 const DIRECT_NT_MAX_M: usize = 8;
@@ -289,12 +289,12 @@ const DIRECT_NT_MAX_M: usize = 8;
 /// tile of C (kept in registers); a `KC×NR` panel of B stays in L1 while the `MC×KC` block of A
 /// streams from L2; the `KC×NC` block of B is shared by all `MC` blocks.
 #[derive(Clone, Copy)]
-struct Blocking {
-    mr: usize,
-    nr: usize,
-    mc: usize,
-    kc: usize,
-    nc: usize,
+pub(crate) struct Blocking {
+    pub(crate) mr: usize,
+    pub(crate) nr: usize,
+    pub(crate) mc: usize,
+    pub(crate) kc: usize,
+    pub(crate) nc: usize,
 }
 
 /// The `KC×NR` B panel is reused by every A panel of the block and should stay in L1d; A's
@@ -506,6 +506,26 @@ unsafe fn micro_kernel<S: Simd, const MR: usize, const NV: usize>(
             }
         }
     }
+    // SAFETY: forwarded from the caller.
+    unsafe { store_tile(s, &acc, c, ldc, beta, bias, act) }
+}
+
+/// Stores an `MR×NV·LANES` tile of accumulated products as `C = act(acc + beta·C + bias)`: the
+/// epilogue of every register-blocked micro-kernel (f32 and bf16).
+///
+/// # Safety
+/// As [`micro_kernel`]: a non-null `bias` holds the tile's NV·LANES values, and `c` is valid for
+/// the tile with row stride `ldc` (for reads too unless beta = 0).
+#[inline(always)]
+pub(crate) unsafe fn store_tile<S: Simd, const MR: usize, const NV: usize>(
+    s: S,
+    acc: &[[S::V; NV]; MR],
+    c: *mut f32,
+    ldc: usize,
+    beta: f32,
+    bias: *const f32,
+    act: Activation,
+) {
     let beta_v = s.splat(beta);
     // SAFETY: a non-null bias holds the tile's NR values.
     let bias_v: Option<[S::V; NV]> = (!bias.is_null())
@@ -537,7 +557,7 @@ unsafe fn micro_kernel<S: Simd, const MR: usize, const NV: usize>(
 /// Raw pointer to C's `m×n` elements, shared by tasks that write disjoint tiles of it. With
 /// beta = 0, C may start uninitialised: each element is stored before anything reads it.
 #[derive(Clone, Copy)]
-struct TilePtr(*mut f32);
+pub(crate) struct TilePtr(pub(crate) *mut f32);
 // SAFETY: every task writes a disjoint set of C's elements (see `packed`/`direct_nt`), and the
 // pointer does not outlive the buffer it came from (tasks finish before `parallel_for`
 // returns).
@@ -570,7 +590,7 @@ unsafe fn gemm_f32(
 ///
 /// # Safety
 /// As [`gemm_f32`]; a `Prepacked` B must match `s`.
-unsafe fn gemm_f32_from(
+pub(crate) unsafe fn gemm_f32_from(
     isa: Isa,
     threads: usize,
     s: GemmShape,
@@ -607,14 +627,25 @@ unsafe fn gemm_f32_from(
 }
 
 /// Splits `len` into `parts` ranges whose starts are multiples of `unit`.
-fn split_range(len: usize, parts: usize, unit: usize, part: usize) -> std::ops::Range<usize> {
+pub(crate) fn split_range(
+    len: usize,
+    parts: usize,
+    unit: usize,
+    part: usize,
+) -> std::ops::Range<usize> {
     let per = len.div_ceil(unit).div_ceil(parts) * unit;
     (part * per).min(len)..((part + 1) * per).min(len)
 }
 
 /// Picks a `tm×tn` grid of threads over C minimising the largest task: its multiply-adds (at
 /// ~one vector FMA per cycle) plus the elements it packs (about one per cycle).
-fn thread_grid(threads: usize, m: usize, n: usize, k: usize, bl: Blocking) -> (usize, usize) {
+pub(crate) fn thread_grid(
+    threads: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    bl: Blocking,
+) -> (usize, usize) {
     let lanes = (bl.nr / 2).max(1) as f64;
     let cost = |tm: usize, tn: usize| {
         let rows = m.div_ceil(bl.mr).div_ceil(tm) * bl.mr;
@@ -633,7 +664,7 @@ fn thread_grid(threads: usize, m: usize, n: usize, k: usize, bl: Blocking) -> (u
 
 /// Where the packed path's `B` panels come from.
 #[derive(Clone, Copy)]
-enum BOperand<'a> {
+pub(crate) enum BOperand<'a> {
     /// The caller's `B`, packed block by block into this thread's buffer as the loops reach it.
     Raw(&'a [f32]),
     /// Panels packed once in advance.
@@ -847,20 +878,21 @@ fn check_operands(s: GemmShape, a: &[f32], b: &[f32], bias: Option<&[f32]>, c_le
     }
 }
 
-/// Floats starting on a 64-byte (cache-line) boundary. A packed panel is read with full-width
-/// vector loads; off the boundary, every one of them straddles two lines (malloc aligns only to
-/// 16 bytes, so a plain `Vec` lands on a boundary in one process and not in the next).
-struct CacheAligned {
-    buf: Vec<f32>,
+/// Elements (floats by default) starting on a 64-byte (cache-line) boundary. A packed panel is
+/// read with full-width vector loads; off the boundary, every one of them straddles two lines
+/// (malloc aligns only to 16 bytes, so a plain `Vec` lands on a boundary in one process and not
+/// in the next).
+pub(crate) struct CacheAligned<T = f32> {
+    buf: Vec<T>,
     start: usize,
     len: usize,
 }
 
-impl CacheAligned {
-    /// Floats of slack that let `start` reach a boundary.
-    const SLACK: usize = CACHE_LINE_FLOATS;
+impl<T: Copy + Default> CacheAligned<T> {
+    /// Elements of slack that let `start` reach a boundary.
+    const SLACK: usize = CACHE_LINE_BYTES / std::mem::size_of::<T>();
 
-    const fn new() -> CacheAligned {
+    pub(crate) const fn new() -> CacheAligned<T> {
         CacheAligned {
             buf: Vec::new(),
             start: 0,
@@ -868,17 +900,17 @@ impl CacheAligned {
         }
     }
 
-    fn zeroed(len: usize) -> CacheAligned {
+    pub(crate) fn zeroed(len: usize) -> CacheAligned<T> {
         let mut aligned = CacheAligned::new();
         aligned.ensure(len);
         aligned
     }
 
-    /// Makes the buffer at least `len` floats long. A fresh buffer is zeroed; one that grows
-    /// may be realigned, so it is scratch space: what it held is not kept in place.
-    fn ensure(&mut self, len: usize) {
+    /// Makes the buffer at least `len` elements long. A fresh buffer is zeroed (`T::default()`);
+    /// one that grows may be realigned, so it is scratch space: what it held is not kept in place.
+    pub(crate) fn ensure(&mut self, len: usize) {
         if self.len < len {
-            self.buf.resize(len + Self::SLACK, 0.0);
+            self.buf.resize(len + Self::SLACK, T::default());
             self.start = self
                 .buf
                 .as_ptr()
@@ -888,11 +920,11 @@ impl CacheAligned {
         }
     }
 
-    fn as_slice(&self) -> &[f32] {
+    pub(crate) fn as_slice(&self) -> &[T] {
         &self.buf[self.start..self.start + self.len]
     }
 
-    fn as_mut_slice(&mut self) -> &mut [f32] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [T] {
         &mut self.buf[self.start..self.start + self.len]
     }
 }
@@ -904,7 +936,7 @@ thread_local! {
 }
 
 /// Lends cache-aligned buffers for a packed `MC×KC` block of A and `KC×NC` block of B.
-fn with_pack_buffers<R>(bl: Blocking, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+pub(crate) fn with_pack_buffers<R>(bl: Blocking, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
     let a_len = bl.mc.div_ceil(bl.mr) * bl.mr * bl.kc;
     let b_len = bl.nc.div_ceil(bl.nr) * bl.nr * bl.kc;
     let run = |(a, b): &mut (CacheAligned, CacheAligned)| {
@@ -1087,13 +1119,13 @@ const PACK_PREFETCH_AHEAD: usize = 64;
 /// measurable (1024³ GEMM, 32×128 forward and train step).
 const B_PREFETCH_STEPS: usize = 64;
 
-const CACHE_LINE_BYTES: usize = 64;
+pub(crate) const CACHE_LINE_BYTES: usize = 64;
 const CACHE_LINE_FLOATS: usize = CACHE_LINE_BYTES / std::mem::size_of::<f32>();
 
 /// Hints that the cache line holding `x` will be read soon. Any address will do: a prefetch is
 /// never dereferenced.
 #[inline(always)]
-fn prefetch(x: *const f32) {
+pub(crate) fn prefetch<T>(x: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is only a hint; it never faults and changes no state we can observe.
     unsafe {
@@ -1107,7 +1139,7 @@ fn prefetch(x: *const f32) {
 /// One panel from lines that run across the step index, transposed `LANES×LANES` blocks at a
 /// time: `dst[p·width + i] = src[i·stride + p]` for `i < lines`, zero for `lines ≤ i < width`.
 #[inline(always)]
-fn pack_transposing<S: Simd>(
+pub(crate) fn pack_transposing<S: Simd>(
     simd: S,
     src: &[f32],
     stride: usize,

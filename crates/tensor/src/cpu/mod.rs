@@ -10,6 +10,7 @@ pub mod attention;
 pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
+pub mod gemm_bf16;
 pub mod layernorm;
 pub mod pooling;
 pub mod simd;

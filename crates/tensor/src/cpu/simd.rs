@@ -20,7 +20,9 @@ pub enum Isa {
 
 impl Isa {
     /// The fastest supported ISA, or the one named by `SCALPEL_ISA=avx512|avx2|portable` when it
-    /// is supported (an unsupported or unknown request falls back to detection). Read once.
+    /// is supported (an unsupported or unknown request falls back to detection). The bf16 paths'
+    /// names (`amx`, `avx512bf16`, see [`crate::cpu::gemm_bf16::Bf16Path`]) leave the f32
+    /// kernels on AVX-512. Read once.
     pub fn best() -> Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
         *BEST.get_or_init(|| {
@@ -43,7 +45,7 @@ impl Isa {
 
     pub fn from_name(name: &str) -> Option<Isa> {
         match name.trim().to_ascii_lowercase().as_str() {
-            "avx512" => Some(Isa::Avx512),
+            "avx512" | "avx512bf16" | "amx" => Some(Isa::Avx512),
             "avx2" => Some(Isa::Avx2Fma),
             "portable" => Some(Isa::Portable),
             _ => None,

@@ -1,0 +1,838 @@
+//! bf16 GEMM with f32 accumulation, for linear layers: `Y = act(X·Wᵀ + bias)`.
+//!
+//! `W` (`[n, k]`, a linear layer's `[out, in]` weight) is packed once into bf16 by
+//! [`PackedBf16Weight::pack`]; `X` (`[rows, k]` f32 activations) is rounded to bf16 on every call
+//! as it is converted for the kernel; products accumulate in f32 and the output is f32, through
+//! the same epilogue as the f32 GEMM (bias, GELU). Three paths ([`Bf16Path`]):
+//!
+//! - **AMX** (`tdpbf16ps`): 2×2 blocks of 16×16 f32 C tiles, each step loading two 16×32 tiles of
+//!   `X` (plain rows of bf16) and two 16-pair tiles of `W`, so every tile loaded feeds two
+//!   multiplies;
+//! - **AVX512-BF16** (`vdpbf16ps`): a 14×32 register-blocked micro-kernel like the f32 one, each
+//!   instruction a pair of depth steps;
+//! - **f32**: the operands rounded to bf16 and multiplied by the f32 GEMM, for CPUs with neither
+//!   (the same products; the weight is then held in f32).
+//!
+//! Both bf16 instruction paths read one weight layout: panels of 32 columns, each holding, for
+//! every pair of depth steps `(2p, 2p+1)`, the 32 columns' pairs `[w(j, 2p), w(j, 2p+1)]` as one
+//! 32-bit word ("VNNI" order): `vdpbf16ps` multiplies such a word of `X` (broadcast) by 16 of
+//! them, and an AMX B tile is 16 such rows of 16 words (the panel read with a 128-byte stride).
+//! The depth is padded with zeros to a multiple of 32 (one AMX tile row).
+//!
+//! Rounding is to nearest, ties to even. The bf16 instructions treat subnormal inputs as zero
+//! (below 1.2e-38, far under anything a linear layer meets); the f32 path keeps them.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use half::bf16;
+
+use crate::cpu::gemm::{
+    self, Activation, BOperand, Blocking, CacheAligned, Epilogue, GemmShape, PackedB, TilePtr,
+};
+use crate::cpu::simd::Isa;
+use crate::threads;
+
+/// Columns per packed weight panel: the AVX512-BF16 kernel's two vectors of 16, and the two
+/// 16-column B tiles of an AMX 2×2 block.
+const PANEL_COLS: usize = 32;
+/// The depth is padded to this: one AMX tile row of bf16 (64 bytes).
+const K_ALIGN: usize = 32;
+
+/// Which kernel a bf16 GEMM runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Bf16Path {
+    /// AMX tiles (`tdpbf16ps`).
+    Amx,
+    /// AVX512-BF16 (`vdpbf16ps`).
+    Avx512Bf16,
+    /// Operands rounded to bf16, widened back and multiplied by the f32 GEMM on this ISA.
+    F32(Isa),
+}
+
+impl Bf16Path {
+    /// The fastest supported path, or the one `SCALPEL_ISA` names when it is supported: `amx`,
+    /// `avx512bf16`, or an f32 ISA (`avx512`, `avx2`, `portable`: the f32 path on it). Read once.
+    pub fn best() -> Bf16Path {
+        static BEST: OnceLock<Bf16Path> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            std::env::var("SCALPEL_ISA")
+                .ok()
+                .and_then(|v| Bf16Path::from_name(&v))
+                .filter(|path| path.is_supported())
+                .unwrap_or(Bf16Path::available()[0])
+        })
+    }
+
+    /// Every path this CPU can run, fastest first; always ends with the f32 path on
+    /// [`Isa::best`].
+    pub fn available() -> Vec<Bf16Path> {
+        [
+            Bf16Path::Amx,
+            Bf16Path::Avx512Bf16,
+            Bf16Path::F32(Isa::best()),
+        ]
+        .into_iter()
+        .filter(|path| path.is_supported())
+        .collect()
+    }
+
+    pub fn from_name(name: &str) -> Option<Bf16Path> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "amx" => Some(Bf16Path::Amx),
+            "avx512bf16" => Some(Bf16Path::Avx512Bf16),
+            other => Isa::from_name(other).map(Bf16Path::F32),
+        }
+    }
+
+    pub fn is_supported(self) -> bool {
+        match self {
+            Bf16Path::Amx => amx_usable(),
+            Bf16Path::Avx512Bf16 => avx512bf16_detected(),
+            Bf16Path::F32(isa) => isa.is_supported(),
+        }
+    }
+
+    /// What CPUID says this CPU has, whether or not the OS lets us use it: the paths a test must
+    /// be able to run.
+    pub fn advertised() -> Vec<Bf16Path> {
+        let mut paths = Vec::new();
+        if amx_bf16_advertised() {
+            paths.push(Bf16Path::Amx);
+        }
+        if avx512bf16_detected() {
+            paths.push(Bf16Path::Avx512Bf16);
+        }
+        paths.push(Bf16Path::F32(Isa::best()));
+        paths
+    }
+
+    fn assert_supported(self) {
+        assert!(self.is_supported(), "{self:?} is not supported on this CPU");
+    }
+}
+
+fn avx512bf16_detected() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Isa::Avx512.is_supported() && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// CPUID leaf 7 EDX bits 22 (AMX-BF16) and 24 (AMX-TILE): `is_x86_feature_detected!` does not
+/// know them on stable Rust.
+fn amx_bf16_advertised() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__cpuid_count, __get_cpuid_max};
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86-64 CPU; leaf 7 is read only if the CPU has it.
+        let edx = unsafe {
+            if __get_cpuid_max(0).0 < 7 {
+                return false;
+            }
+            __cpuid_count(7, 0).edx
+        };
+        avx512bf16_detected() && edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// AMX is advertised and Linux granted this process the tile data state, requested once with
+/// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: until then the first tile instruction
+/// would kill the process with SIGILL. The grant is per process; each thread's first tile
+/// instruction then traps once while the kernel allocates its ~8 KB of tile state (the pool's
+/// threads live for the whole process, so that happens once per thread).
+fn amx_usable() -> bool {
+    static GRANTED: OnceLock<bool> = OnceLock::new();
+    *GRANTED.get_or_init(|| amx_bf16_advertised() && request_tile_data())
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_data() -> bool {
+    const SYS_ARCH_PRCTL: usize = 158;
+    const ARCH_REQ_XCOMP_PERM: usize = 0x1023;
+    const XFEATURE_XTILEDATA: usize = 18;
+    let ret: isize;
+    // SAFETY: arch_prctl with these arguments only changes which state components this process
+    // may use; it reads and writes no memory of ours. `syscall` clobbers rcx and r11.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL as isize => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn request_tile_data() -> bool {
+    false
+}
+
+/// A value a weight can be packed from: `f32` (rounded to nearest even) or `bf16` (as is).
+pub trait Bf16Operand: Copy {
+    fn to_bf16(self) -> bf16;
+}
+
+impl Bf16Operand for f32 {
+    #[inline]
+    fn to_bf16(self) -> bf16 {
+        bf16::from_f32(self)
+    }
+}
+
+impl Bf16Operand for bf16 {
+    #[inline]
+    fn to_bf16(self) -> bf16 {
+        self
+    }
+}
+
+/// A linear layer's weight `W` (`[n, k]` row-major: `n` outputs, `k` inputs, used as `Wᵀ`)
+/// rounded to bf16 and packed once for one [`Bf16Path`]: a weight that many calls share.
+///
+/// ```ignore
+/// let packed = PackedBf16Weight::pack(Bf16Path::best(), &w, out_features, in_features);
+/// gemm_bf16_packed(&x, rows, &packed, Some(&bias), Activation::Gelu, &mut y);
+/// ```
+pub struct PackedBf16Weight {
+    path: Bf16Path,
+    n: usize,
+    k: usize,
+    data: PackedData,
+}
+
+enum PackedData {
+    /// `[panel][k_padded / 2][PANEL_COLS]` words, each the bf16 pair `w(j, 2p)` (low half),
+    /// `w(j, 2p + 1)` (high half); zeros past `n` and `k`.
+    Vnni(CacheAligned<u32>),
+    /// The rounded weight, widened to f32 and packed for the f32 GEMM.
+    F32(PackedB),
+}
+
+impl PackedBf16Weight {
+    /// Rounds `w` (`[n, k]`) to bf16 and packs it for `path`.
+    pub fn pack<T: Bf16Operand>(path: Bf16Path, w: &[T], n: usize, k: usize) -> PackedBf16Weight {
+        assert_eq!(w.len(), n * k, "PackedBf16Weight: W has wrong length");
+        path.assert_supported();
+        let data = match path {
+            Bf16Path::F32(isa) => {
+                let rounded: Vec<f32> = w.iter().map(|v| v.to_bf16().to_f32()).collect();
+                PackedData::F32(PackedB::new(isa, k, n, true, &rounded))
+            }
+            Bf16Path::Amx | Bf16Path::Avx512Bf16 => {
+                let pairs = k.next_multiple_of(K_ALIGN) / 2;
+                let panels = n.div_ceil(PANEL_COLS);
+                let mut data = CacheAligned::<u32>::zeroed(panels * pairs * PANEL_COLS);
+                let packed = data.as_mut_slice();
+                let bits = |j: usize, p: usize| {
+                    if p < k {
+                        u32::from(w[j * k + p].to_bf16().to_bits())
+                    } else {
+                        0
+                    }
+                };
+                for j in 0..n {
+                    let (panel, col) = (j / PANEL_COLS, j % PANEL_COLS);
+                    for p in 0..k.div_ceil(2) {
+                        packed[(panel * pairs + p) * PANEL_COLS + col] =
+                            bits(j, 2 * p) | (bits(j, 2 * p + 1) << 16);
+                    }
+                }
+                PackedData::Vnni(data)
+            }
+        };
+        PackedBf16Weight { path, n, k, data }
+    }
+
+    pub fn path(&self) -> Bf16Path {
+        self.path
+    }
+
+    /// Outputs (`n`) and inputs (`k`).
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Memory the packed weight holds.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            PackedData::Vnni(data) => std::mem::size_of_val(data.as_slice()),
+            PackedData::F32(packed) => packed.bytes(),
+        }
+    }
+}
+
+/// `out = act(X·Wᵀ + bias)` with `X` (`[rows, k]`, f32) rounded to bf16, `W` from `packed`
+/// (`[n, k]`), f32 accumulation and output (`[rows, n]`), `bias` (length `n`) added to every row;
+/// on [`threads::num_threads`] threads, on the path `packed` was packed for.
+pub fn gemm_bf16_packed(
+    x: &[f32],
+    rows: usize,
+    packed: &PackedBf16Weight,
+    bias: Option<&[f32]>,
+    act: Activation,
+    out: &mut [f32],
+) {
+    // SAFETY: `MaybeUninit<f32>` has f32's layout, and the callee stores only initialised f32s.
+    let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    gemm_bf16_into_uninit(x, rows, packed, bias, act, out)
+}
+
+/// [`gemm_bf16_packed`] into an output that need not be initialised (a fresh buffer): on
+/// return every element is.
+pub fn gemm_bf16_into_uninit(
+    x: &[f32],
+    rows: usize,
+    packed: &PackedBf16Weight,
+    bias: Option<&[f32]>,
+    act: Activation,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let (n, k) = (packed.n, packed.k);
+    assert_eq!(x.len(), rows * k, "gemm_bf16: X has wrong length");
+    assert_eq!(out.len(), rows * n, "gemm_bf16: output has wrong length");
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), n, "gemm_bf16: bias has wrong length");
+    }
+    let c = TilePtr(out.as_mut_ptr().cast());
+    let ep = Epilogue {
+        beta: 0.0,
+        bias,
+        act,
+    };
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let threads = if rows * n * k < gemm::THREADED_MIN_WORK {
+        1
+    } else {
+        threads::num_threads()
+    };
+    match &packed.data {
+        PackedData::F32(b) => {
+            let Bf16Path::F32(isa) = packed.path else {
+                unreachable!("an f32 packing belongs to the f32 path")
+            };
+            let rounded: Vec<f32> = x.iter().map(|v| v.to_bf16().to_f32()).collect();
+            let s = GemmShape {
+                m: rows,
+                n,
+                k,
+                trans_a: false,
+                trans_b: true,
+            };
+            // SAFETY: C holds rows×n elements (checked) and is ours alone for the call; with
+            // beta = 0 each is stored before anything reads it.
+            unsafe { gemm::gemm_f32_from(isa, threads, s, &rounded, BOperand::Prepacked(b), c, ep) }
+        }
+        PackedData::Vnni(_) if k == 0 => {
+            for i in 0..rows * n {
+                // SAFETY: inside C's rows×n elements.
+                unsafe { ep.store(c.0.add(i), 0.0, i % n) };
+            }
+        }
+        PackedData::Vnni(w) => {
+            let bl = blocking(packed.path);
+            let k_padded = k.next_multiple_of(K_ALIGN);
+            let rows_padded = rows.next_multiple_of(bl.mr);
+            with_x_buffer(rows_padded * k_padded, |xb| {
+                convert_rows(x, k, k_padded, xb);
+                let g = VnniGemm {
+                    x: xb,
+                    w: w.as_slice(),
+                    n,
+                    k_padded,
+                    c,
+                    ep,
+                };
+                let (tm, tn) = gemm::thread_grid(threads, rows, n, k, bl);
+                threads::parallel_for(tm * tn, |task| {
+                    let rows = gemm::split_range(rows, tm, bl.mr, task / tn);
+                    let cols = gemm::split_range(n, tn, bl.nr, task % tn);
+                    if rows.is_empty() || cols.is_empty() {
+                        return;
+                    }
+                    // SAFETY: `rows×cols` is this task's own block of C (the tasks tile C
+                    // disjointly), rows start at multiples of MR (inside the padded X) and
+                    // columns at multiples of the panel width.
+                    unsafe { vnni_block(packed.path, g, rows, cols) }
+                });
+            })
+        }
+    }
+}
+
+/// Register tile (`mr×nr`) and cache blocking of the two bf16 instruction paths. AVX512-BF16:
+/// 14×32 (28 accumulators, 2 W vectors and the broadcast fill 31 zmm, as in the f32 kernel); a
+/// depth block of 384 keeps the 32-column panel (24 KiB) in L1 while 336 rows of X (252 KiB)
+/// sit in L2. AMX: a 32×32 block of four C tiles over the whole depth (C is stored once, with
+/// its epilogue), the X rows (32·k bf16: 64 KiB at k = 1024) reused from L2 by the 8 panels of
+/// a 256-column block of W. At 1024³ on one thread (CPU time per call, shared machine) 256
+/// columns took 3.0–3.5 ms, 128 columns 3.25–4.0 and 1024 columns 4.0–4.75; depth blocks of
+/// 256–1024 (the C tiles kept in a per-task buffer between them, so that X's rows stay in L1)
+/// took 3.5–4.0 ms.
+fn blocking(path: Bf16Path) -> Blocking {
+    match path {
+        Bf16Path::Amx => Blocking {
+            mr: 2 * TILE_ROWS,
+            nr: PANEL_COLS,
+            mc: 2 * TILE_ROWS,
+            kc: usize::MAX,
+            nc: 256,
+        },
+        _ => Blocking {
+            mr: DPBF16_MR,
+            nr: PANEL_COLS,
+            mc: DPBF16_MR * 24,
+            kc: 384,
+            nc: 3072,
+        },
+    }
+}
+
+const DPBF16_MR: usize = 14;
+/// Rows of an AMX tile (and of its 16×16 f32 C tile).
+const TILE_ROWS: usize = 16;
+
+thread_local! {
+    /// X rounded to bf16, reused across calls on this thread.
+    static X_BUFFER: std::cell::RefCell<CacheAligned<u16>> =
+        const { std::cell::RefCell::new(CacheAligned::new()) };
+}
+
+/// Lends a cache-aligned buffer of `len` bf16 values.
+fn with_x_buffer<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
+    let run = |buf: &mut CacheAligned<u16>| {
+        buf.ensure(len);
+        f(&mut buf.as_mut_slice()[..len])
+    };
+    X_BUFFER.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => run(&mut buf),
+        // Re-entered on this thread (cannot happen today, but stay correct if it does).
+        Err(_) => run(&mut CacheAligned::new()),
+    })
+}
+
+/// Rounds the rows of `x` (`k` wide) into `dst` as bf16 rows `k_padded` wide, zero-padded, and
+/// zero-fills the padding rows after them; rows are spread over threads.
+fn convert_rows(x: &[f32], k: usize, k_padded: usize, dst: &mut [u16]) {
+    const ROWS_PER_TASK: usize = 64;
+    let chunks: Vec<_> = dst
+        .chunks_mut(ROWS_PER_TASK * k_padded)
+        .enumerate()
+        .collect();
+    threads::parallel_each(chunks, |(chunk, dst)| {
+        for (r, dst) in dst.chunks_mut(k_padded).enumerate() {
+            let row = chunk * ROWS_PER_TASK + r;
+            let src = x.get(row * k..(row + 1) * k).unwrap_or(&[]);
+            // SAFETY: a Vnni packing exists only where AVX512-BF16 was detected.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                x86::round_row(src, dst)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("no bf16 instructions: {src:?} {dst:?}");
+        }
+    });
+}
+
+/// One call of a bf16 instruction path: X as bf16 rows `k_padded` wide (rows padded to the
+/// path's MR with zeros), the VNNI weight panels, and C (`n` wide) with its epilogue.
+#[derive(Clone, Copy)]
+struct VnniGemm<'a> {
+    x: &'a [u16],
+    w: &'a [u32],
+    n: usize,
+    k_padded: usize,
+    c: TilePtr,
+    ep: Epilogue<'a>,
+}
+
+/// The `rows×cols` block of C on a bf16 instruction path.
+///
+/// # Safety
+/// `c` must point to the caller's `m×n` C, of which this call may write exactly `rows×cols`;
+/// `rows.start` must be a multiple of the path's MR and `cols.start` of [`PANEL_COLS`].
+unsafe fn vnni_block(path: Bf16Path, g: VnniGemm<'_>, rows: Range<usize>, cols: Range<usize>) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the path was checked when the weight was packed for it; the rest is forwarded.
+    unsafe {
+        match path {
+            Bf16Path::Amx => x86::vnni_block(path, g, rows, cols, &mut []),
+            // The A panels of one MC×KC block, in pairs (as f32-sized words); no B buffer.
+            _ => {
+                let bl = blocking(path);
+                let panels = Blocking {
+                    kc: bl.kc / 2,
+                    nc: 0,
+                    ..bl
+                };
+                gemm::with_pack_buffers(panels, |a_buf, _| {
+                    x86::vnni_block(path, g, rows, cols, a_buf)
+                })
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("{path:?} {:?} {:?}", (rows, cols), (g.n, g.k_padded))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{blocking, Bf16Path, VnniGemm, DPBF16_MR, PANEL_COLS, TILE_ROWS};
+    use crate::cpu::gemm::{pack_transposing, prefetch, store_tile, Activation, Epilogue};
+    use crate::cpu::simd::Avx512;
+
+    /// Rounds `src` to bf16 into `dst` (`dst.len() ≥ src.len()`, a multiple of 16), zeros after.
+    ///
+    /// # Safety
+    /// The CPU must support AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn round_row(src: &[f32], dst: &mut [u16]) {
+        assert!(dst.len() >= src.len() && dst.len().is_multiple_of(16));
+        for (i, dst) in dst.chunks_exact_mut(16).enumerate() {
+            let lanes = src.len().saturating_sub(i * 16).min(16);
+            let mask = ((1u32 << lanes) - 1) as u16;
+            // SAFETY: only the `lanes` in-bounds lanes are read; 16 values fit in `dst`.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_add(i * 16));
+                let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm256_storeu_si256(dst.as_mut_ptr().cast(), h);
+            }
+        }
+    }
+
+    /// [`super::vnni_block`] compiled for AVX512-BF16, on `path`'s kernel; `a_buf` holds the
+    /// AVX512-BF16 kernel's packed panels of X.
+    ///
+    /// # Safety
+    /// As [`super::vnni_block`]; the CPU must support `path` (both imply AVX512-BF16, and with
+    /// it AVX-512).
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma")]
+    pub(super) unsafe fn vnni_block(
+        path: Bf16Path,
+        v: VnniGemm<'_>,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        a_buf: &mut [f32],
+    ) {
+        // SAFETY: both bf16 instruction paths imply AVX-512, whose token this is.
+        let s = unsafe { Avx512::new_unchecked() };
+        // SAFETY: forwarded.
+        unsafe {
+            match path {
+                Bf16Path::Amx => amx_block(s, v, rows, cols),
+                _ => dpbf16_block(s, v, rows, cols, a_buf),
+            }
+        }
+    }
+
+    /// How many pair steps ahead the AVX512-BF16 kernel prefetches its W panel (as the f32
+    /// kernel does, for a weight that streams from memory on every batch-1 call).
+    const W_PREFETCH_PAIRS: usize = 32;
+
+    /// `C[..MR, ..32] = act(X_panel·W_panel + beta·C + bias)` over `pairs` pair steps: `a` is
+    /// a packed panel of X, `a_stride ≥ MR` 32-bit pairs per step (the first MR used), `w` a
+    /// VNNI panel.
+    ///
+    /// A function of its own: inlined into the block loops (beside the AMX kernel and the
+    /// other tile heights) the compiler kept a stack copy of every accumulator, 28 stores per
+    /// step that ran the kernel at half speed.
+    ///
+    /// # Safety
+    /// The CPU must support AVX512-BF16. `a` must hold `pairs·a_stride` words, `w` `pairs·32`
+    /// words, a non-null `bias` 32 values, and `c` must be valid for an `MR×32` tile with row
+    /// stride `ldc`.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dpbf16_kernel<const MR: usize>(
+        s: Avx512,
+        pairs: usize,
+        a: *const u32,
+        a_stride: usize,
+        w: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        ep: Epilogue<'_>,
+        bias: *const f32,
+    ) {
+        // SAFETY: the offsets stay inside what the caller vouched for.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            for p in 0..pairs {
+                let ahead = w.wrapping_add((p + W_PREFETCH_PAIRS) * PANEL_COLS);
+                prefetch(ahead);
+                prefetch(ahead.wrapping_add(16));
+                let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(w.add(p * 32).cast()));
+                let w1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(w.add(p * 32 + 16).cast()));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*a.add(p * a_stride + r) as i32));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], x, w0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], x, w1);
+                }
+            }
+            store_tile::<Avx512, MR, 2>(s, &acc, c, ldc, ep.beta, bias, ep.act);
+        }
+    }
+
+    /// [`super::vnni_block`] with `vdpbf16ps`: the f32 packed path's loops (columns, depth,
+    /// rows, then panels), X's converted rows packed per MC×KC block into MR-row panels of
+    /// pairs by the f32 packer's transposes (they move 32-bit words, never compute on them):
+    /// read from 14 separate rows, the row pointers did not fit in the general registers and
+    /// were reloaded from the stack on every step.
+    ///
+    /// # Safety
+    /// As [`super::vnni_block`]; the CPU must support AVX512-BF16.
+    #[inline(always)]
+    unsafe fn dpbf16_block(
+        s: Avx512,
+        v: VnniGemm<'_>,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        a_buf: &mut [f32],
+    ) {
+        let (c, ep, bl) = (v.c, v.ep, blocking(Bf16Path::Avx512Bf16));
+        // X rows and W panels are both `pairs` words deep.
+        let pairs = v.k_padded / 2;
+        let lda = pairs;
+        let kc_pairs = bl.kc / 2;
+        // Pairs of bf16 as f32-sized words, for the packer.
+        let x: &[f32] = bytemuck::cast_slice(v.x);
+        let mut tile = [0.0f32; DPBF16_MR * PANEL_COLS];
+        for jc in cols.clone().step_by(bl.nc) {
+            let nc = bl.nc.min(cols.end - jc);
+            for pc in (0..pairs).step_by(kc_pairs) {
+                let kc = kc_pairs.min(pairs - pc);
+                let ep = ep.for_block(pc, kc, pairs);
+                for ic in rows.clone().step_by(bl.mc) {
+                    let mc = bl.mc.min(rows.end - ic);
+                    for (panel, ir) in (0..mc).step_by(DPBF16_MR).enumerate() {
+                        // Full MR rows: X's rows are padded to a multiple of MR.
+                        let dst = &mut a_buf[panel * DPBF16_MR * kc..][..DPBF16_MR * kc];
+                        let src = &x[(ic + ir) * lda + pc..];
+                        pack_transposing(s, src, lda, DPBF16_MR, DPBF16_MR, kc, dst);
+                    }
+                    let a_panels = a_buf.as_ptr().cast::<u32>();
+                    for jr in (0..nc).step_by(PANEL_COLS) {
+                        let panel = (jc + jr) / PANEL_COLS;
+                        let w = v.w[(panel * pairs + pc) * PANEL_COLS..].as_ptr();
+                        for ir in (0..mc).step_by(DPBF16_MR) {
+                            let (tile_rows, tile_cols) =
+                                (DPBF16_MR.min(mc - ir), PANEL_COLS.min(nc - jr));
+                            // SAFETY (this block): the A panel holds kc steps of MR pairs, the
+                            // W panel is 32 wide and `pairs` deep, and
+                            // (ic + ir, jc + jr) is inside rows×cols, which the caller owns.
+                            unsafe {
+                                let a = a_panels.add(ir * kc);
+                                let cp = c.0.add((ic + ir) * v.n + jc + jr);
+                                if tile_rows == DPBF16_MR && tile_cols == PANEL_COLS {
+                                    let bias =
+                                        ep.bias.map_or(std::ptr::null(), |b| b[jc + jr..].as_ptr());
+                                    dpbf16_kernel::<DPBF16_MR>(
+                                        s, kc, a, DPBF16_MR, w, cp, v.n, ep, bias,
+                                    );
+                                    continue;
+                                }
+                                let scratch = tile.as_mut_ptr();
+                                let plain = Epilogue {
+                                    beta: 0.0,
+                                    bias: None,
+                                    act: Activation::Identity,
+                                };
+                                let null = std::ptr::null();
+                                let ld = PANEL_COLS;
+                                match tile_rows {
+                                    0..=2 => dpbf16_kernel::<2>(
+                                        s, kc, a, DPBF16_MR, w, scratch, ld, plain, null,
+                                    ),
+                                    3..=4 => dpbf16_kernel::<4>(
+                                        s, kc, a, DPBF16_MR, w, scratch, ld, plain, null,
+                                    ),
+                                    5..=8 => dpbf16_kernel::<8>(
+                                        s, kc, a, DPBF16_MR, w, scratch, ld, plain, null,
+                                    ),
+                                    _ => dpbf16_kernel::<DPBF16_MR>(
+                                        s, kc, a, DPBF16_MR, w, scratch, ld, plain, null,
+                                    ),
+                                }
+                                store_edge(
+                                    tile.as_ptr(),
+                                    ld,
+                                    tile_rows,
+                                    tile_cols,
+                                    cp,
+                                    v.n,
+                                    ep,
+                                    jc + jr,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores the `rows×cols` corner of a computed tile (row stride `ld`) through the scalar
+    /// epilogue, for a tile that overhangs C's edge.
+    ///
+    /// # Safety
+    /// `tile` must hold `rows` rows of stride `ld`, and `c` must be valid for `rows×cols`
+    /// elements with row stride `ldc` (for reads unless beta = 0).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn store_edge(
+        tile: *const f32,
+        ld: usize,
+        rows: usize,
+        cols: usize,
+        c: *mut f32,
+        ldc: usize,
+        ep: Epilogue<'_>,
+        col0: usize,
+    ) {
+        for r in 0..rows {
+            for j in 0..cols {
+                // SAFETY: inside the corner the caller vouched for.
+                unsafe { ep.store(c.add(r * ldc + j), *tile.add(r * ld + j), col0 + j) };
+            }
+        }
+    }
+
+    /// The tile configuration (palette 1): all eight tiles 16 rows × 64 bytes. tmm0–3 are the
+    /// 2×2 C block (16×16 f32 each), tmm4–5 two 16×32 bf16 tiles of X, tmm6–7 two 16-pair ×
+    /// 16-column tiles of W.
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    impl TileConfig {
+        fn all_full() -> TileConfig {
+            let mut cfg = [0u8; 64];
+            cfg[0] = 1;
+            for t in 0..8 {
+                cfg[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+                cfg[48 + t] = TILE_ROWS as u8;
+            }
+            TileConfig(cfg)
+        }
+    }
+
+    /// A 32×32 f32 block, where the four C tiles are stored for the epilogue.
+    #[repr(C, align(64))]
+    struct Block32([f32; 32 * 32]);
+
+    /// [`super::vnni_block`] with AMX: for each 256-column block of W, each 32 rows of X, each
+    /// 32-column panel: four C tiles accumulate over the whole depth (two X tiles × two W tiles
+    /// per 32 depth steps), are stored to a scratch block and go through the epilogue into C.
+    ///
+    /// # Safety
+    /// As [`super::vnni_block`]; this process must hold the AMX tile-data permission.
+    #[inline(always)]
+    unsafe fn amx_block(s: Avx512, v: VnniGemm<'_>, rows: Range<usize>, cols: Range<usize>) {
+        let (c, ep, bl) = (v.c, v.ep, blocking(Bf16Path::Amx));
+        let cfg = TileConfig::all_full();
+        let mut block = Block32([0.0; 32 * 32]);
+        let out = block.0.as_mut_ptr();
+        let pairs = v.k_padded / 2;
+        // Bytes between rows: of X, of a W panel (32 words), of the scratch block.
+        let (ldx, ldw, ldo) = (v.k_padded * 2, PANEL_COLS * 4, 32usize * 4);
+        // SAFETY (whole body): the X rows are padded to a multiple of 32 (rows.start is one),
+        // the panels hold `pairs` rows of 32 words, so every tile load stays inside them; the
+        // tile stores stay inside `block`; C is written only inside rows×cols.
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+            for jc in cols.clone().step_by(bl.nc) {
+                let nc = bl.nc.min(cols.end - jc);
+                for ic in rows.clone().step_by(bl.mc) {
+                    let x0 = v.x.as_ptr().add(ic * v.k_padded);
+                    let x1 = x0.add(TILE_ROWS * v.k_padded);
+                    for jr in (0..nc).step_by(PANEL_COLS) {
+                        let panel = (jc + jr) / PANEL_COLS;
+                        let w = v.w.as_ptr().add(panel * pairs * PANEL_COLS);
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            "tilezero tmm3",
+                            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                            options(nostack, nomem),
+                        );
+                        for k0 in (0..v.k_padded).step_by(32) {
+                            let w0 = w.add(k0 / 2 * PANEL_COLS);
+                            asm!(
+                                "tileloadd tmm4, [{x0} + {ldx} * 1]",
+                                "tileloadd tmm6, [{w0} + {ldw} * 1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tileloadd tmm7, [{w1} + {ldw} * 1]",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tileloadd tmm5, [{x1} + {ldx} * 1]",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                x0 = in(reg) x0.add(k0),
+                                x1 = in(reg) x1.add(k0),
+                                w0 = in(reg) w0,
+                                w1 = in(reg) w0.add(TILE_ROWS),
+                                ldx = in(reg) ldx,
+                                ldw = in(reg) ldw,
+                                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                                options(nostack, readonly),
+                            );
+                        }
+                        asm!(
+                            "tilestored [{o00} + {ldo} * 1], tmm0",
+                            "tilestored [{o01} + {ldo} * 1], tmm1",
+                            "tilestored [{o10} + {ldo} * 1], tmm2",
+                            "tilestored [{o11} + {ldo} * 1], tmm3",
+                            o00 = in(reg) out,
+                            o01 = in(reg) out.add(TILE_ROWS),
+                            o10 = in(reg) out.add(TILE_ROWS * 32),
+                            o11 = in(reg) out.add(TILE_ROWS * 32 + TILE_ROWS),
+                            ldo = in(reg) ldo,
+                            options(nostack),
+                        );
+                        let (tile_rows, tile_cols) = (32.min(rows.end - ic), 32.min(nc - jr));
+                        let cp = c.0.add(ic * v.n + jc + jr);
+                        if tile_rows == 32 && tile_cols == 32 {
+                            let bias = ep.bias.map_or(std::ptr::null(), |b| b[jc + jr..].as_ptr());
+                            for half in 0..2 {
+                                let acc: [[__m512; 2]; TILE_ROWS] = std::array::from_fn(|r| {
+                                    let row = out.add((half * TILE_ROWS + r) * 32);
+                                    [_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(16))]
+                                });
+                                let cp = cp.add(half * TILE_ROWS * v.n);
+                                store_tile::<Avx512, TILE_ROWS, 2>(
+                                    s, &acc, cp, v.n, ep.beta, bias, ep.act,
+                                );
+                            }
+                        } else {
+                            store_edge(out, 32, tile_rows, tile_cols, cp, v.n, ep, jc + jr);
+                        }
+                    }
+                }
+            }
+            asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The bf16 GEMM (`cpu::gemm_bf16`) on every path this CPU has, with one and three threads,
+//! against f64 references.
+//!
+//! The product of two bf16 values is exact in f32 (8 + 8 significant bits), so against the f64
+//! product of the bf16-ROUNDED operands the only error is the f32 accumulation: at most about
+//! `(k + 2)·ε·Σ|x̃||w̃|` (ε = `f32::EPSILON`), as for the f32 GEMM. Against the unrounded f32
+//! operands the rounding of each to bf16 (relative error ≤ u = 2⁻⁸) adds up to
+//! `(2u + u²)·Σ|x||w|`. Rounding to bf16 in the references is `half`'s, independent of the
+//! kernels' conversion instructions.
+
+use std::mem::MaybeUninit;
+
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use scalpel_tensor::cpu::activation;
+use scalpel_tensor::cpu::gemm::Activation;
+use scalpel_tensor::cpu::gemm_bf16::{
+    gemm_bf16_into_uninit, gemm_bf16_packed, Bf16Path, PackedBf16Weight,
+};
+use scalpel_tensor::threads;
+
+use crate::kernels::{assert_close, uniform};
+
+const EPS: f64 = f32::EPSILON as f64;
+/// Unit roundoff of bf16 (8 significant bits): 2⁻⁸.
+const BF16_U: f64 = 1.0 / 256.0;
+
+/// The paths to test: all this CPU runs, after checking that each one CPUID advertises (AMX,
+/// AVX512-BF16) is among them, so a missing permission or detection fails instead of passing
+/// with fewer paths.
+fn paths() -> Vec<Bf16Path> {
+    let available = Bf16Path::available();
+    for path in Bf16Path::advertised() {
+        assert!(
+            available.contains(&path),
+            "CPUID advertises {path:?}, but it cannot run (available: {available:?})"
+        );
+    }
+    available
+}
+
+fn rounded(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| bf16::from_f32(v).to_f64()).collect()
+}
+
+/// `Σ_p f(x[i, p], w[j, p])` for every `(i, j)`, in f64.
+fn product(x: &[f64], w: &[f64], m: usize, n: usize, k: usize, f: fn(f64, f64) -> f64) -> Vec<f64> {
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k).map(|p| f(x[i * k + p], w[j * k + p])).sum();
+        }
+    }
+    out
+}
+
+/// `Y = act(X·Wᵀ + bias)` at one size, on every path, plain and with bias + GELU, into a
+/// NaN-filled output (so every element must be written). Returns the paths it ran.
+fn check(rng: &mut StdRng, m: usize, n: usize, k: usize) -> Vec<Bf16Path> {
+    let x = uniform(rng, m * k, -1.0, 1.0);
+    let w = uniform(rng, n * k, -1.0, 1.0);
+    let bias = uniform(rng, n, -1.0, 1.0);
+    let (xr, wr) = (rounded(&x), rounded(&w));
+    let widen = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    let (xf, wf) = (widen(&x), widen(&w));
+    let on_rounded = product(&xr, &wr, m, n, k, |a, b| a * b);
+    let magnitude = product(&xr, &wr, m, n, k, |a, b| (a * b).abs());
+    let on_unrounded = product(&xf, &wf, m, n, k, |a, b| a * b);
+    let magnitude_unrounded = product(&xf, &wf, m, n, k, |a, b| (a * b).abs());
+    let accumulation =
+        |i: usize, prior: f64| (k as f64 + 2.0) * EPS * magnitude[i] + 2.0 * EPS * prior.abs();
+    let paths = paths();
+    for &path in &paths {
+        let packed = PackedBf16Weight::pack(path, &w, n, k);
+        assert_eq!(packed.path(), path);
+        for threads in [1, 3] {
+            let ctx = format!("{m}×{n}×{k}, {path:?}, {threads} threads");
+            threads::with_num_threads(threads, || {
+                // Plain: against the rounded operands, then the unrounded ones.
+                let mut y = vec![f32::NAN; m * n];
+                gemm_bf16_packed(&x, m, &packed, None, Activation::Identity, &mut y);
+                assert_close(&format!("bf16 gemm {ctx}"), &y, &on_rounded, |i| {
+                    accumulation(i, 0.0)
+                });
+                assert_close(
+                    &format!("bf16 gemm vs f32 operands {ctx}"),
+                    &y,
+                    &on_unrounded,
+                    |i| {
+                        (2.0 * BF16_U + BF16_U * BF16_U) * magnitude_unrounded[i]
+                            + accumulation(i, 0.0)
+                    },
+                );
+                // Bias and GELU in the epilogue, into an uninitialised (NaN) buffer. GELU's slope
+                // is below 1.13 and it adds a few ε of its own.
+                let mut want: Vec<f64> = (0..m * n)
+                    .map(|i| on_rounded[i] + bias[i % n] as f64)
+                    .collect();
+                let before_gelu = want.clone();
+                activation::gelu_forward_reference(&mut want);
+                let mut y = vec![MaybeUninit::new(f32::NAN); m * n];
+                gemm_bf16_into_uninit(&x, m, &packed, Some(&bias), Activation::Gelu, &mut y);
+                // SAFETY: gemm_bf16_into_uninit initialises every element (they began as NaN).
+                let y: Vec<f32> = y.iter().map(|v| unsafe { v.assume_init() }).collect();
+                assert_close(&format!("bf16 gemm + bias + GELU {ctx}"), &y, &want, |i| {
+                    let prior = bias[i % n] as f64;
+                    1.13 * accumulation(i, prior)
+                        + 4.0 * EPS * (prior.abs() + magnitude[i] + before_gelu[i].abs())
+                });
+            });
+        }
+    }
+    paths
+}
+
+#[test]
+fn bf16_gemm_matches_f64_reference_at_ragged_sizes_on_every_path() {
+    let mut rng = StdRng::seed_from_u64(17);
+    let mut ran = Vec::new();
+    // Sizes off every tile and block: 1, 3, 17, 33, 100, 257 against the 14- and 32-row tiles,
+    // 32-column panels, 32-deep AMX tile rows; exact tiles (16, 32, 64) and one size past the
+    // cache blocks (336 rows and 384 depth of AVX512-BF16, 256 columns of AMX).
+    for (m, n, k) in [
+        (1, 1, 1),
+        (1, 3, 17),
+        (3, 17, 33),
+        (17, 33, 3),
+        (33, 100, 257),
+        (100, 257, 100),
+        (257, 33, 17),
+        (16, 32, 32),
+        (32, 64, 64),
+        (15, 31, 63),
+        (350, 300, 800),
+    ] {
+        ran = check(&mut rng, m, n, k);
+    }
+    eprintln!("bf16 gemm paths run: {ran:?}");
+    assert_eq!(
+        ran,
+        Bf16Path::advertised(),
+        "the paths run should be all CPUID advertises"
+    );
+}
+
+/// With `X = I` (k×k) the output is `Wᵀ` rounded to bf16, exactly: each element is a single
+/// product by 1. A depth step read from the wrong half of a pair, or a depth remainder past a
+/// tile row, puts a different weight (or zero) there. Also checks that a weight given in bf16
+/// packs as is.
+#[test]
+fn bf16_gemm_reads_every_depth_step_from_its_own_weight() {
+    let mut rng = StdRng::seed_from_u64(18);
+    let (n, k) = (45, 67);
+    let w = uniform(&mut rng, n * k, -1.0, 1.0);
+    let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+    let identity: Vec<f32> = (0..k * k)
+        .map(|i| if i / k == i % k { 1.0 } else { 0.0 })
+        .collect();
+    for path in paths() {
+        for packed in [
+            PackedBf16Weight::pack(path, &w, n, k),
+            PackedBf16Weight::pack(path, &w_bf16, n, k),
+        ] {
+            let mut y = vec![f32::NAN; k * n];
+            gemm_bf16_packed(&identity, k, &packed, None, Activation::Identity, &mut y);
+            for p in 0..k {
+                for j in 0..n {
+                    let want = w_bf16[j * k + p].to_f32();
+                    assert_eq!(
+                        y[p * n + j],
+                        want,
+                        "{path:?}: Y[{p}, {j}] should be W[{j}, {p}]"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_gemm_with_no_depth_stores_the_bias() {
+    for path in paths() {
+        let packed = PackedBf16Weight::pack(path, &[0.0f32; 0], 5, 0);
+        let bias = [1.0, -2.0, 3.0, 0.5, 0.0];
+        let mut y = vec![f32::NAN; 2 * 5];
+        gemm_bf16_packed(&[], 2, &packed, Some(&bias), Activation::Identity, &mut y);
+        assert_eq!(y, [bias, bias].concat(), "{path:?}");
+    }
+}
