@@ -6,6 +6,10 @@
 //! The `scalpel` binary (`src/main.rs`) is a thin command-line layer over them.
 
 pub mod bench;
+pub mod embedder;
+pub mod serve;
+
+pub use embedder::{Embedder, EmbedderBuilder};
 
 pub use scalpel_autograd as autograd;
 pub use scalpel_cuda as cuda;

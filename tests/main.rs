@@ -14,4 +14,5 @@ mod heal_resume;
 mod minilm;
 mod new_head;
 mod sequential;
+mod serve;
 mod surgery_scores;
