@@ -22,6 +22,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
@@ -583,7 +585,7 @@ impl Worker {
 
     /// Runs every sequence of `taken` longest first, in forwards within the limits, and answers
     /// each request as soon as its last row is in.
-    fn serve(&self, encoder: &SentenceEncoder, taken: &mut Vec<Request>) -> Result<()> {
+    fn serve(&self, encoder: &SentenceEncoder, taken: &mut [Request]) -> Result<()> {
         let mut order: Vec<(usize, usize)> = taken
             .iter()
             .enumerate()

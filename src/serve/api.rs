@@ -1,5 +1,6 @@
 //! The routes: request parsing, validation, errors as JSON `{"error", "error_type"}`.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -216,16 +217,35 @@ fn yes() -> bool {
     true
 }
 
+/// Authorizes, admits and parses a POST body as `T`, then answers with `handler`, recording the
+/// status and latency under `route`.
+async fn post_route<T, Answer>(
+    state: Arc<AppState>,
+    route: &str,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    handler: impl FnOnce(Arc<AppState>, T) -> Answer,
+) -> Response
+where
+    T: DeserializeOwned,
+    Answer: Future<Output = Result<Response, ApiError>>,
+{
+    let started = Instant::now();
+    let result = async {
+        state.authorize(&headers)?;
+        let _admitted = state.admit()?;
+        handler(state.clone(), parse(body)?).await
+    }
+    .await;
+    state.finish(route, started, result)
+}
+
 pub(super) async fn embed(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let started = Instant::now();
-    let result = async {
-        state.authorize(&headers)?;
-        let _admitted = state.admit()?;
-        let request: EmbedRequest = parse(body)?;
+    post_route(state, "/embed", headers, body, |state, request: EmbedRequest| async move {
         let truncate = request.truncate.unwrap_or(state.config.auto_truncate);
         let normalize = if request.normalize {
             Normalize::Yes
@@ -237,9 +257,8 @@ pub(super) async fn embed(
             .await?;
         let vectors: Vec<&[f32]> = rows.chunks_exact(state.embedder.dim()).collect();
         Ok(Json(vectors).into_response())
-    }
-    .await;
-    state.finish("/embed", started, result)
+    })
+    .await
 }
 
 /// OpenAI's `input`: `str | [str] | [int] | [[int]]`.
@@ -288,11 +307,7 @@ pub(super) async fn openai_embeddings(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let started = Instant::now();
-    let result = async {
-        state.authorize(&headers)?;
-        let _admitted = state.admit()?;
-        let request: OpenAiRequest = parse(body)?;
+    post_route(state, "/v1/embeddings", headers, body, |state, request: OpenAiRequest| async move {
         let inputs = match request.input {
             OpenAiInput::Texts(texts) => texts.into_inputs(),
             OpenAiInput::Ids(ids) => vec![Input::Ids(ids)],
@@ -310,8 +325,7 @@ pub(super) async fn openai_embeddings(
                 embedding: match request.encoding_format {
                     EncodingFormat::Float => OpenAiVector::Float(row),
                     EncodingFormat::Base64 => OpenAiVector::Base64(
-                        base64::engine::general_purpose::STANDARD
-                            .encode(le_bytes(row)),
+                        base64::engine::general_purpose::STANDARD.encode(le_bytes(row)),
                     ),
                 },
             })
@@ -323,9 +337,8 @@ pub(super) async fn openai_embeddings(
             "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
         }))
         .into_response())
-    }
-    .await;
-    state.finish("/v1/embeddings", started, result)
+    })
+    .await
 }
 
 /// The floats' little-endian bytes.
