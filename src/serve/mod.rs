@@ -7,6 +7,41 @@
 //! on the [`Embedder`], whose batching worker joins whatever is queued into forwards up to the
 //! token budget; the handler awaits its rows. On shutdown the listener stops accepting, every
 //! admitted request is answered, and the embedder drains its queue before the process exits.
+//!
+//! The routes are an axum [`Router`], so a service can mount them in its own tokio runtime:
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
+//! use std::io::{Read, Write};
+//! use std::sync::Arc;
+//! use scalpel::serve::{self, Metrics, ServeConfig};
+//!
+//! let metrics = Arc::new(Metrics::new()?);
+//! let observer = metrics.clone();
+//! let embedder = scalpel::Embedder::builder(&model)
+//!     .on_batch(move |batch| observer.observe_batch(batch))
+//!     .build()?;
+//! let app = serve::router(Arc::new(embedder), metrics, ServeConfig::default());
+//! let runtime = tokio::runtime::Runtime::new()?;
+//! let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+//! let addr = listener.local_addr()?;
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let server = runtime.spawn(serve::serve(listener, app, async { stopped.await.ok(); }));
+//!
+//! let body = r#"{"inputs": ["A man is playing a guitar."]}"#;
+//! let mut conn = std::net::TcpStream::connect(addr)?;
+//! write!(conn, "POST /embed HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+//!               Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+//! let mut response = String::new();
+//! conn.read_to_string(&mut response)?;
+//! assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+//!
+//! stop.send(()).ok();
+//! runtime.block_on(server)??; // returns once every open request is answered
+//! # Ok(())
+//! # }
+//! ```
 
 #![warn(missing_docs)]
 
