@@ -101,7 +101,8 @@ def main():
     else:
         print(f"c={r['concurrency']:>3} p50 {r['p50_ms']:.2f} ms  p90 {r['p90_ms']:.2f} ms  "
               f"p99 {r['p99_ms']:.2f} ms  {r['requests_per_s']:.1f} req/s  "
-              f"{r['sentences_per_s']:.1f} sentences/s  statuses {r['statuses']}")
+              f"{r['sentences_per_s']:.1f} sentences/s  statuses {r['statuses']}  "
+              f"connection errors {r['errors']}" + (f" (first: {r['first_error']})" if r["errors"] else ""))
 
 
 if __name__ == "__main__":
