@@ -22,6 +22,7 @@ pub type BenchResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 /// Wall-clock seconds of each timed run (warm-up runs excluded), in run order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Timings {
+    /// Seconds of each timed run, in run order.
     pub samples: Vec<f64>,
 }
 
@@ -42,10 +43,12 @@ impl Timings {
         }
     }
 
+    /// The fastest run, in seconds.
     pub fn min(&self) -> f64 {
         self.samples.iter().copied().fold(f64::INFINITY, f64::min)
     }
 
+    /// The slowest run, in seconds.
     pub fn max(&self) -> f64 {
         self.samples
             .iter()
@@ -53,6 +56,7 @@ impl Timings {
             .fold(f64::NEG_INFINITY, f64::max)
     }
 
+    /// How many runs were timed.
     pub fn runs(&self) -> usize {
         self.samples.len()
     }
@@ -117,6 +121,7 @@ pub fn synthetic_values(len: usize, seed: u64) -> Vec<f32> {
 /// f32 operands and output for one `C = op(A)·op(B)` (square `n×n` by default), multiplied in
 /// f32 or, with B packed once as a bf16 weight, in bf16 ([`GemmWorkload::with_bf16_weight`]).
 pub struct GemmWorkload {
+    /// The multiply's sizes.
     pub shape: GemmShape,
     a: Vec<f32>,
     b: Vec<f32>,
@@ -217,7 +222,9 @@ pub fn synthetic_batch(batch: usize, seq: usize) -> Batch {
 
 /// Inference: pooled sentence embeddings of a synthetic batch with frozen weights.
 pub struct ForwardWorkload {
+    /// The model, frozen for inference.
     pub encoder: SentenceEncoder,
+    /// The synthetic input batch.
     pub batch: Batch,
 }
 
@@ -261,10 +268,15 @@ fn check_seq(encoder: &SentenceEncoder, seq: usize) -> BenchResult {
 /// Training: forward, pooled embedding, MSE against a fixed target, backward, AdamW over every
 /// parameter the loss reaches (all of them, embeddings included), dropout 0.
 pub struct TrainWorkload {
+    /// The model, its parameters trainable.
     pub encoder: SentenceEncoder,
+    /// The synthetic input batch.
     pub batch: Batch,
+    /// The fixed embedding target of the MSE loss.
     pub target: Var,
+    /// AdamW over every parameter.
     pub adam: Adam,
+    /// The learning rate of each step.
     pub lr: f64,
     /// Loss of the last step.
     pub last_loss: f64,
@@ -273,6 +285,7 @@ pub struct TrainWorkload {
 /// Learning rate and weight decay of the benchmark's AdamW (the values `scalpel heal` defaults to
 /// do not matter for speed; these match `benches/compare/compare.py`).
 pub const TRAIN_LR: f64 = 1e-5;
+/// AdamW's weight decay in the timed train step.
 pub const TRAIN_WEIGHT_DECAY: f64 = 0.01;
 
 impl TrainWorkload {

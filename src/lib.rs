@@ -5,7 +5,13 @@
 //! → [`models`] (BERT, tokenizer, sentence pooling) → [`surgery`] (score, cut, heal, evaluate).
 //! The `scalpel` binary (`src/main.rs`) is a thin command-line layer over them.
 
+#![warn(missing_docs)]
+
 pub mod bench;
+pub mod embedder;
+pub mod serve;
+
+pub use embedder::{Embedder, EmbedderBuilder};
 
 pub use scalpel_autograd as autograd;
 #[cfg(feature = "cuda")]

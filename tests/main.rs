@@ -17,4 +17,5 @@ mod llama_gguf;
 mod minilm;
 mod new_head;
 mod sequential;
+mod serve;
 mod surgery_scores;

@@ -1,43 +1,118 @@
-use std::path::PathBuf;
+use std::io::{BufRead, BufWriter, Write};
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use super::{read_lines, write_atomically, CliResult};
+use super::CliResult;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Model directory (config.json, model.safetensors, tokenizer.json, sentence-transformers files).
     #[arg(long)]
     model: PathBuf,
-    /// UTF-8 text file, one sentence per line.
+    /// UTF-8 text file, one sentence per line (`-`: standard input).
     #[arg(long)]
     input: PathBuf,
-    /// Output file: JSON lines {"text": ..., "embedding": [...]}.
+    /// Output file: JSON lines {"text": ..., "embedding": [...]} (`-`: standard output).
     #[arg(long)]
     output: PathBuf,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
 }
 
+/// Lines read and embedded at a time: the output is written chunk by chunk, never held whole;
+/// within a chunk the embedder sorts sentences by length, so batches carry little padding.
+const CHUNK_LINES: usize = 4096;
+
 pub fn run(a: Args) -> CliResult {
-    let lines = read_lines(&a.input)?;
-    let encoder = super::load_encoder(&a.model)?;
+    let dash = Path::new("-");
+    let mut input: Box<dyn BufRead> = if a.input == dash {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file = std::fs::File::open(&a.input).map_err(|e| format!("{}: {e}", a.input.display()))?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let mut output = Output::create(&a.output, &[&a.input, &a.model])?;
+    let embedder = scalpel::Embedder::builder(&a.model)
+        .device(super::device().clone())
+        .max_batch_sequences(a.batch_size.max(1))
+        .build()?;
     let started = std::time::Instant::now();
-    let embeddings = encoder.embed(&lines, a.batch_size)?;
-    let dim = embeddings.dim(-1);
-    let values = embeddings.to_vec::<f32>();
-    let mut out = String::new();
-    for (text, row) in lines.iter().zip(values.chunks_exact(dim)) {
-        out.push_str(&json!({ "text": text, "embedding": row }).to_string());
-        out.push('\n');
+    let (mut line_number, mut total) = (0, 0);
+    loop {
+        let mut lines = Vec::with_capacity(CHUNK_LINES);
+        while lines.len() < CHUNK_LINES {
+            let mut bytes = Vec::new();
+            if input
+                .read_until(b'\n', &mut bytes)
+                .map_err(|e| format!("{}: {e}", a.input.display()))?
+                == 0
+            {
+                break;
+            }
+            line_number += 1;
+            let text = String::from_utf8(bytes).map_err(|_| {
+                format!("{}: not valid UTF-8 text (line {line_number})", a.input.display())
+            })?;
+            let text = text.strip_suffix('\n').unwrap_or(&text);
+            lines.push(text.strip_suffix('\r').unwrap_or(text).to_string());
+        }
+        if lines.is_empty() {
+            break;
+        }
+        for (text, row) in lines.iter().zip(embedder.embed(&lines)?) {
+            writeln!(output.writer, "{}", json!({ "text": text, "embedding": row }))
+                .map_err(|e| format!("{}: {e}", a.output.display()))?;
+        }
+        total += lines.len();
     }
-    write_atomically(&a.output, out.as_bytes(), &[&a.input, &a.model])?;
+    output.finish()?;
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "embedded {} sentences in {secs:.2} s ({:.1} sentences/s) -> {}",
-        lines.len(),
-        lines.len() as f64 / secs,
+        "embedded {total} sentences in {secs:.2} s ({:.1} sentences/s) -> {}",
+        total as f64 / secs,
         a.output.display()
     );
     Ok(())
+}
+
+/// Standard output, or a file written through a temporary and renamed into place when complete
+/// (an interrupted or failed run leaves no output, half-written or stale), never one of the inputs.
+struct Output {
+    writer: Box<dyn Write>,
+    /// `(temporary, final path)` until renamed.
+    staged: Option<(PathBuf, PathBuf)>,
+}
+
+impl Output {
+    fn create(path: &Path, inputs: &[&Path]) -> CliResult<Output> {
+        if path == Path::new("-") {
+            return Ok(Output {
+                writer: Box::new(BufWriter::new(std::io::stdout().lock())),
+                staged: None,
+            });
+        }
+        let tmp = super::staging_path(path, inputs)?;
+        let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        Ok(Output {
+            writer: Box::new(BufWriter::new(file)),
+            staged: Some((tmp, path.to_owned())),
+        })
+    }
+
+    fn finish(&mut self) -> CliResult {
+        self.writer.flush()?;
+        match self.staged.take() {
+            Some((tmp, path)) => super::commit_staged(&tmp, &path),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        if let Some((tmp, _)) = &self.staged {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
 }

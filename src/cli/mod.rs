@@ -8,6 +8,7 @@ mod inspect;
 mod kernels;
 mod new_head;
 mod score;
+mod serve;
 mod similarity;
 
 use std::path::{Path, PathBuf};
@@ -70,6 +71,8 @@ enum Command {
     Bench(bench::Args),
     /// Convert a Llama-family GGUF file into a Hugging Face folder (f32 safetensors, tokenizer).
     Convert(convert::Args),
+    /// Serve embeddings over HTTP (text-embeddings-inference and OpenAI routes) with dynamic batching.
+    Serve(serve::Args),
 }
 
 pub fn run(cli: Cli) -> CliResult {
@@ -122,6 +125,7 @@ fn run_command(command: Command) -> CliResult {
         Command::NewHead(a) => new_head::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 
@@ -148,6 +152,14 @@ pub fn read_lines(path: &Path) -> CliResult<Vec<String>> {
 /// Writes `contents` to `path` through a temporary file and a rename, so an interrupted run never
 /// leaves a half-written output, and refuses to overwrite any of `inputs`.
 pub fn write_atomically(path: &Path, contents: &[u8], inputs: &[&Path]) -> CliResult {
+    let tmp = staging_path(path, inputs)?;
+    std::fs::write(&tmp, contents).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    commit_staged(&tmp, path)
+}
+
+/// The temporary file an output `path` is written to before [`commit_staged`] renames it into
+/// place; an error if `path` is one of `inputs`.
+pub fn staging_path(path: &Path, inputs: &[&Path]) -> CliResult<PathBuf> {
     let canonical = |p: &Path| std::fs::canonicalize(p).ok();
     if inputs
         .iter()
@@ -155,11 +167,13 @@ pub fn write_atomically(path: &Path, contents: &[u8], inputs: &[&Path]) -> CliRe
     {
         return Err(format!("{}: refusing to overwrite an input file", path.display()).into());
     }
-    let tmp = PathBuf::from(format!("{}.tmp-{}", path.display(), std::process::id()));
-    std::fs::write(&tmp, contents).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("{}: {e}", path.display())
-    })?;
-    Ok(())
+    Ok(PathBuf::from(format!("{}.tmp-{}", path.display(), std::process::id())))
+}
+
+/// Renames the complete `tmp` to `path` (removing `tmp` if that fails).
+pub fn commit_staged(tmp: &Path, path: &Path) -> CliResult {
+    std::fs::rename(tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(tmp);
+        format!("{}: {e}", path.display()).into()
+    })
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use scalpel_autograd::{ops, Var};
-use scalpel_tensor::{DType, Device, Tensor};
+use scalpel_tensor::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::bert::{Bert, ForwardOptions};
@@ -168,6 +168,6 @@ impl SentenceEncoder {
                 out[i * hidden..(i + 1) * hidden].copy_from_slice(row);
             }
         }
-        Ok(Tensor::from_vec(&[texts.len(), hidden], out)?.to_dtype(DType::F32))
+        Ok(Tensor::from_vec(&[texts.len(), hidden], out)?)
     }
 }

@@ -43,6 +43,12 @@ impl TextTokenizer {
 
     /// Token ids with special tokens (`[CLS] … [SEP]`), truncated to `max_seq_length`.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encode_with_overflow(text)?.0)
+    }
+
+    /// Like [`encode`](Self::encode), also counting the tokens truncation cut off (0 when the
+    /// text fits), so a caller can refuse long inputs instead of silently truncating them.
+    pub fn encode_with_overflow(&self, text: &str) -> Result<(Vec<u32>, usize)> {
         let enc = self
             .inner
             .encode(text, true)
@@ -50,7 +56,13 @@ impl TextTokenizer {
                 path: self.path.clone(),
                 detail: format!("cannot encode {text:?}: {e}"),
             })?;
-        Ok(enc.get_ids().to_vec())
+        // Each overflowing piece carries its own special tokens; only its text tokens count.
+        let cut: usize = enc
+            .get_overflowing()
+            .iter()
+            .map(|piece| piece.get_special_tokens_mask().iter().filter(|&&m| m == 0).count())
+            .sum();
+        Ok((enc.get_ids().to_vec(), cut))
     }
 
     pub fn batch<S: AsRef<str>>(&self, texts: &[S]) -> Result<Batch> {

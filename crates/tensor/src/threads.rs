@@ -2,9 +2,10 @@
 //!
 //! Spawning threads per op costs tens of microseconds, which is most of a batch-1 inference
 //! layer, so workers live for the whole process and sleep between jobs. [`parallel_for`] runs
-//! inline when only one thread is wanted, when called from inside a pool task (so nesting cannot
-//! deadlock), or when another caller already holds the pool (concurrent callers, e.g. tests
-//! running in parallel, degrade to serial instead of queueing).
+//! inline when only one thread is wanted, or when called from inside a pool task (so nesting
+//! cannot deadlock). Concurrent callers (a server's request threads, tests running in parallel)
+//! take turns for the whole pool in arrival order: each job still gets every thread it asked for,
+//! where a caller that found the pool busy used to run its job alone on its own thread.
 
 use std::any::Any;
 use std::cell::Cell;
@@ -73,10 +74,7 @@ pub fn parallel_for(n_tasks: usize, f: impl Fn(usize) + Sync) {
         return;
     }
     let pool = Pool::get();
-    let Ok(_exclusive) = pool.dispatch.try_lock() else {
-        (0..n_tasks).for_each(f);
-        return;
-    };
+    let _turn = pool.dispatch.wait_turn();
     pool.run(threads - 1, n_tasks, &f);
 }
 
@@ -123,9 +121,62 @@ struct State {
     caller_sleeping: bool,
 }
 
+/// A first-come, first-served lock on the pool: a ticket counter and the ticket now served. A
+/// plain mutex would let the caller that just released it take it straight back for its next
+/// op (a forward is dozens of back-to-back jobs) while a woken waiter is still being scheduled.
+struct Turnstile {
+    next_ticket: AtomicU64,
+    serving: AtomicU64,
+    /// Guards sleeping on `turn_changed`; the count is how many are asleep.
+    sleepers: Mutex<usize>,
+    turn_changed: Condvar,
+}
+
+/// The pool held by one caller; dropping it serves the next ticket.
+struct Turn<'a>(&'a Turnstile);
+
+impl Turnstile {
+    const fn new() -> Self {
+        Turnstile {
+            next_ticket: AtomicU64::new(0),
+            serving: AtomicU64::new(0),
+            sleepers: Mutex::new(0),
+            turn_changed: Condvar::new(),
+        }
+    }
+
+    fn wait_turn(&self) -> Turn<'_> {
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let mine = || self.serving.load(Ordering::Acquire) == ticket;
+        // No spinning here (unlike the workers): a waiter spinning would take a core from the
+        // job it is waiting for.
+        if !mine() {
+            let mut sleepers = self.sleepers.lock().unwrap();
+            while !mine() {
+                *sleepers += 1;
+                sleepers = self.turn_changed.wait(sleepers).unwrap();
+                *sleepers -= 1;
+            }
+        }
+        Turn(self)
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let turnstile = self.0;
+        // Under the lock, so a waiter between its check and its wait cannot miss the change.
+        let sleepers = turnstile.sleepers.lock().unwrap();
+        turnstile.serving.fetch_add(1, Ordering::Release);
+        if *sleepers > 0 {
+            turnstile.turn_changed.notify_all();
+        }
+    }
+}
+
 struct Pool {
-    /// Held by the one caller whose job the pool is running.
-    dispatch: Mutex<()>,
+    /// Admits one caller at a time to run its job on the pool, in arrival order.
+    dispatch: Turnstile,
     state: Mutex<State>,
     job_posted: Condvar,
     job_done: Condvar,
@@ -144,7 +195,7 @@ impl Pool {
     fn get() -> &'static Pool {
         static POOL: OnceLock<Pool> = OnceLock::new();
         POOL.get_or_init(|| Pool {
-            dispatch: Mutex::new(()),
+            dispatch: Turnstile::new(),
             state: Mutex::new(State {
                 generation: 0,
                 job: None,
@@ -175,7 +226,7 @@ impl Pool {
         }
     }
 
-    /// Must be called with `dispatch` held.
+    /// Must be called holding a `dispatch` turn.
     fn run(&'static self, workers: usize, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         self.ensure_workers(workers);
         self.next_task.store(0, Ordering::Relaxed);

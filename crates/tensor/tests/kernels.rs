@@ -814,6 +814,38 @@ fn parallel_for_propagates_panics_and_recovers() {
     });
 }
 
+#[test]
+fn concurrent_parallel_for_callers_each_get_the_pool() {
+    // Two callers whose jobs overlap in time: every job must still be spread over the pool (a
+    // job of the second caller used to run serially on its own thread while the pool was busy).
+    use std::collections::HashSet;
+    use std::sync::{Barrier, Mutex};
+    let start = Barrier::new(2);
+    let threads_per_job = |caller: usize| {
+        threads::with_num_threads(2, || {
+            start.wait();
+            (0..4)
+                .map(|_| {
+                    let seen = Mutex::new(HashSet::new());
+                    threads::parallel_for(8, |_| {
+                        seen.lock().unwrap().insert(std::thread::current().id());
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    });
+                    seen.into_inner().unwrap().len()
+                })
+                .map(|used| (caller, used))
+                .collect::<Vec<_>>()
+        })
+    };
+    let jobs: Vec<(usize, usize)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2).map(|c| s.spawn(move || threads_per_job(c))).collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    for (caller, used) in jobs {
+        assert_eq!(used, 2, "a job of caller {caller} ran on {used} thread(s), want the caller and one worker");
+    }
+}
+
 /// Nanoseconds this thread has spent on a CPU (Linux), to see past other processes' load.
 fn thread_cpu_ns() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
