@@ -390,3 +390,271 @@ fn heal_refuses_a_teacher_that_cannot_be_compared() {
         .to_string();
     assert!(err.contains("tokenizers differ"), "{err}");
 }
+
+/// Commands with everything they require, so that only the flag value under test is at fault.
+const HEAL: &str = "heal --student s --data d --output o";
+const NEW_HEAD_BARE: &str = "new-head --model m --train t --eval e --output o";
+const NEW_HEAD: &str = "new-head --model m --train t --eval e --output o --labels 3";
+const SCORE: &str = "score --model m --data d";
+const CUT: &str = "cut --model m --output o --data d";
+const EMBED: &str = "embed --model m --input i --output o";
+const INSPECT: &str = "inspect --model m";
+const GEMM: &str = "bench gemm";
+const FORWARD: &str = "bench forward --model m";
+
+/// Every validated numeric flag after its command, with the values it must refuse.
+#[rustfmt::skip]
+const BAD_FLAG_VALUES: &[(&str, &str, &[&str])] = &[
+    (HEAL, "--steps", &["0"]),
+    (HEAL, "--epochs", &["0"]),
+    (HEAL, "--minutes", &["NaN", "0"]),
+    (HEAL, "--batch-size", &["0"]),
+    (HEAL, "--lr", &["NaN", "-1", "inf", "0"]),
+    (HEAL, "--weight-decay", &["-0.1", "NaN"]),
+    (HEAL, "--dropout", &["1", "-0.5", "NaN"]),
+    (HEAL, "--warmup", &["-1"]),
+    (HEAL, "--clip", &["0", "inf"]),
+    (HEAL, "--eval-every", &["0"]),
+    (HEAL, "--checkpoint-every", &["0"]),
+    (NEW_HEAD_BARE, "--labels", &["0"]),
+    (NEW_HEAD, "--epochs", &["0"]),
+    (NEW_HEAD, "--batch-size", &["0"]),
+    (NEW_HEAD, "--lr", &["NaN", "-1"]),
+    (NEW_HEAD, "--backbone-lr", &["-inf"]),
+    (NEW_HEAD, "--weight-decay", &["inf"]),
+    (SCORE, "--samples", &["0"]),
+    (SCORE, "--span", &["0"]),
+    (SCORE, "--batch-size", &["0"]),
+    (SCORE, "--target-layers", &["0"]),
+    (CUT, "--truncate", &["0"]),
+    (CUT, "--auto", &["0"]),
+    (EMBED, "--batch-size", &["0"]),
+    (EMBED, "--threads", &["0"]),
+    (INSPECT, "--seq", &["0"]),
+    (GEMM, "--n", &["0"]),
+    (GEMM, "--m", &["0"]),
+    (GEMM, "--k", &["0"]),
+    (GEMM, "--runs", &["0"]),
+    (FORWARD, "--batch", &["0"]),
+    (FORWARD, "--seq", &["0"]),
+];
+
+#[test]
+fn every_numeric_flag_is_range_checked_when_parsed() {
+    for &(command, flag, values) in BAD_FLAG_VALUES {
+        for value in values {
+            // `--flag=value`, so that a negative value is not taken for a flag of its own.
+            let given = format!("{flag}={value}");
+            let args: Vec<&str> = command.split(' ').chain([given.as_str()]).collect();
+            let out = Command::new(env!("CARGO_BIN_EXE_scalpel"))
+                .args(&args)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            // Exit code 2 is clap's usage error: refused while parsing, before any file is read.
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{args:?} was not refused:\n{stderr}"
+            );
+            assert!(
+                stderr.contains(&format!("invalid value '{value}' for '{flag}")),
+                "{args:?}: the error names neither the flag nor the value:\n{stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn in_range_values_pass_the_flag_checks() {
+    // The same flags at their edges of the valid range: refused only later, for the missing
+    // model, not by the parser.
+    let err = scalpel_fails(&[
+        "heal",
+        "--student",
+        "/nonexistent/s",
+        "--teacher",
+        "/nonexistent/s",
+        "--data",
+        "/nonexistent/d",
+        "--output",
+        "/nonexistent/o",
+        "--lr",
+        "1e-30",
+        "--weight-decay",
+        "0",
+        "--dropout",
+        "0.999",
+        "--clip",
+        "1e-9",
+        "--minutes",
+        "0.001",
+        "--steps",
+        "1",
+    ]);
+    assert!(!err.contains("invalid value"), "{err}");
+    assert!(err.contains("/nonexistent/d"), "{err}");
+}
+
+#[test]
+fn heal_checks_the_ranges_of_options_that_did_not_come_from_the_command_line() {
+    // A resumed run reads its options from trainer_state.json, not through the flag parsers.
+    use scalpel::surgery::heal::{heal, Budget, HealOptions, HealRun, TrainingData};
+    let mut student = SentenceEncoder::load(&minilm_dir()).unwrap();
+    let data = TrainingData::Pairs(vec![("a".into(), "b".into()), ("c".into(), "d".into())]);
+    let valid = HealOptions {
+        budget: Budget {
+            steps: Some(1),
+            ..Budget::default()
+        },
+        batch_size: 2,
+        lr: 1e-4,
+        weight_decay: 0.01,
+        dropout: 0.0,
+        shuffle: false,
+        seed: 0,
+        freeze: Vec::new(),
+        schedule: scalpel::autograd::optim::Schedule::Constant,
+        warmup: 0,
+        clip: None,
+    };
+    type BreakIt = fn(&mut HealOptions);
+    let cases: [(&str, BreakIt); 5] = [
+        ("--lr NaN", |o| o.lr = f64::NAN),
+        ("--weight-decay -1", |o| o.weight_decay = -1.0),
+        ("--dropout 1", |o| o.dropout = 1.0),
+        ("--clip inf", |o| o.clip = Some(f64::INFINITY)),
+        ("--minutes -2", |o| o.budget.minutes = Some(-2.0)),
+    ];
+    for (expected, break_it) in cases {
+        let mut opts = valid.clone();
+        break_it(&mut opts);
+        let err = heal(
+            HealRun {
+                student: &mut student,
+                teacher: None,
+                data: &data,
+                opts: &opts,
+                checkpoint: None,
+                eval: &[],
+                eval_every: None,
+                resume: None,
+                stop: None,
+                invocation: json!({}),
+            },
+            |_| Ok(()),
+        )
+        .expect_err(expected)
+        .to_string();
+        assert!(
+            err.contains(expected) && err.contains("out of range"),
+            "{err}"
+        );
+    }
+}
+
+const LAYER_NORM: &str = "encoder.layer.1.attention.output.LayerNorm.weight";
+
+#[test]
+fn non_finite_weights_are_named_with_their_count_at_load() {
+    let dir = tiny_model("tiny_nan_layernorm", |t| {
+        let mut values = t[LAYER_NORM].to_vec::<f32>();
+        values[0] = f32::NAN;
+        values[3] = f32::INFINITY;
+        values[5] = f32::NEG_INFINITY;
+        t.insert(LAYER_NORM.into(), Tensor::from_vec(&[8], values).unwrap());
+    });
+    let err = load_error(&dir);
+    assert!(
+        err.contains(LAYER_NORM) && err.contains("3 non-finite values") && err.contains("of 8"),
+        "{err}"
+    );
+    // Through the CLI: an error, and no output file of `null`s.
+    let out = dir.join("out.jsonl");
+    let input = dir.join("in.txt");
+    std::fs::write(&input, "a sentence\n").unwrap();
+    let err = scalpel_fails(&[
+        "embed",
+        "--model",
+        s(&dir),
+        "--input",
+        s(&input),
+        "--output",
+        s(&out),
+    ]);
+    assert!(
+        err.contains(LAYER_NORM) && err.contains("3 non-finite"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_model_with_non_finite_weights_is_never_written() {
+    let dir = tiny_model("tiny_write_nan", |_| {});
+    let mut bert = Bert::load(&dir).unwrap();
+    let weight = bert
+        .params
+        .get_mut(LAYER_NORM)
+        .unwrap()
+        .value_mut()
+        .unwrap();
+    weight.values_mut::<f32>().unwrap()[2] = f32::NAN;
+    let out = scratch("tiny_write_nan_out").join("model");
+    let err = scalpel::surgery::checkpoint::write_model(&bert, &dir, &out, false, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(LAYER_NORM) && err.contains("1 non-finite"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is left at the output");
+}
+
+#[test]
+fn an_embedding_that_turns_non_finite_is_an_error() {
+    // Finite weights whose forward overflows f32: the first FFN's products of 384 LayerNorm
+    // outputs with weights of 3e38 sum past f32::MAX.
+    let mut encoder = SentenceEncoder::load(&minilm_dir()).unwrap();
+    let weight = encoder
+        .bert
+        .params
+        .get_mut("encoder.layer.0.intermediate.dense.weight")
+        .unwrap()
+        .value_mut()
+        .unwrap();
+    weight.values_mut::<f32>().unwrap().fill(3e38);
+    let err = encoder
+        .embed(&["fine", "a sentence that overflows"], 32)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not finite") && err.contains("of 2"), "{err}");
+}
+
+#[test]
+fn eval_refuses_what_spearman_cannot_rank() {
+    let dir = scratch("eval_unrankable");
+    let m = minilm_dir();
+    let constant = dir.join("constant.tsv");
+    std::fs::write(
+        &constant,
+        "3.0\tA man plays.\tA man is playing.\n3.0\tA cat.\tA dog.\n",
+    )
+    .unwrap();
+    let err = scalpel_fails(&["eval", "--model", s(&m), "--sts", s(&constant), "--json"]);
+    assert!(
+        err.contains("constant.tsv") && err.contains("different gold scores"),
+        "{err}"
+    );
+    let nan = dir.join("nan.tsv");
+    std::fs::write(
+        &nan,
+        "3.0\tA man plays.\tA man is playing.\nNaN\tA cat.\tA dog.\n",
+    )
+    .unwrap();
+    let err = scalpel_fails(&["eval", "--model", s(&m), "--sts", s(&nan)]);
+    assert!(
+        err.contains("nan.tsv:2") && err.contains("not a finite number"),
+        "{err}"
+    );
+}

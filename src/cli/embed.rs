@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use scalpel::models::sentence::SentenceEncoder;
 use serde_json::json;
 
-use super::{read_lines, write_atomically, CliResult};
+use super::{flags, read_lines, write_atomically, CliResult};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -16,7 +16,7 @@ pub struct Args {
     /// Output file: JSON lines {"text": ..., "embedding": [...]}.
     #[arg(long)]
     output: PathBuf,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = flags::positive)]
     batch_size: usize,
 }
 

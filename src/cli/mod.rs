@@ -2,6 +2,7 @@ mod bench;
 mod cut;
 mod embed;
 mod eval;
+mod flags;
 mod heal;
 mod inspect;
 mod kernels;
@@ -24,7 +25,7 @@ pub type CliResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 )]
 pub struct Cli {
     /// Worker threads for the CPU kernels (default: SCALPEL_THREADS, else all cores).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = flags::positive)]
     threads: Option<usize>,
     /// Where the ops run: auto (CUDA when a GPU, its driver and NVRTC are present, else the CPU),
     /// cpu, cuda (an error naming what is missing when unusable), or emu (the CUDA kernels on the
@@ -66,9 +67,6 @@ enum Command {
 
 pub fn run(cli: Cli) -> CliResult {
     if let Some(n) = cli.threads {
-        if n == 0 {
-            return Err("--threads must be at least 1".into());
-        }
         scalpel::tensor::threads::set_num_threads(n);
     }
     let (device, picked) = scalpel::autograd::device::Device::resolve(cli.device)?;

@@ -252,7 +252,7 @@ impl Bert {
                 });
             }
         }
-        let tensors = tensors
+        let tensors: BTreeMap<String, Tensor> = tensors
             .into_iter()
             .map(|(n, t)| {
                 let t = if t.dtype().is_float() && t.dtype() != DType::F32 {
@@ -263,6 +263,7 @@ impl Bert {
                 (n, t)
             })
             .collect();
+        crate::check_finite(&tensors, weights_path)?;
         Ok(Bert {
             config,
             raw_config: raw,

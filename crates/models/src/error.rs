@@ -27,6 +27,13 @@ pub enum ModelError {
         expected: Vec<usize>,
         actual: Vec<usize>,
     },
+    #[error("{path}: tensor `{name}` has {count} non-finite values (NaN or infinite) of {total}")]
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        count: usize,
+        total: usize,
+    },
     #[error("tokenizer {path}: {detail}")]
     Tokenizer { path: PathBuf, detail: String },
     #[error("{0}")]
@@ -44,4 +51,37 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) 
         path: path.to_owned(),
         detail: e.to_string(),
     })
+}
+
+/// Fails on the first (in name order) float tensor holding NaN or infinite values, naming it and
+/// how many: such weights would turn every output into NaN without any other error.
+pub fn check_finite<'a>(
+    tensors: impl IntoIterator<Item = (&'a String, &'a scalpel_tensor::Tensor)>,
+    path: &std::path::Path,
+) -> Result<()> {
+    use scalpel_tensor::DType;
+    for (name, tensor) in tensors {
+        let count = match tensor.dtype() {
+            DType::F32 => tensor
+                .values::<f32>()?
+                .iter()
+                .filter(|x| !x.is_finite())
+                .count(),
+            DType::I64 => 0,
+            _ => tensor
+                .to_vec::<f64>()
+                .iter()
+                .filter(|x| !x.is_finite())
+                .count(),
+        };
+        if count > 0 {
+            return Err(ModelError::NonFinite {
+                path: path.to_owned(),
+                name: name.clone(),
+                count,
+                total: tensor.numel(),
+            });
+        }
+    }
+    Ok(())
 }

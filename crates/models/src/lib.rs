@@ -11,4 +11,4 @@ pub mod sentence;
 pub mod sequential;
 pub mod tokenizer;
 
-pub use error::{ModelError, Result};
+pub use error::{check_finite, ModelError, Result};

@@ -87,12 +87,8 @@ pub fn read_pairs(path: &Path) -> Result<PairFile> {
                     ),
                 ));
             }
-            let score = fields[3].trim().parse::<f64>().map_err(|_| {
-                bad(
-                    i + 1,
-                    &format!("relatedness `{}` is not a number", fields[3]),
-                )
-            })?;
+            let score = parse_score(fields[3])
+                .map_err(|why| bad(i + 1, &format!("relatedness `{}` is {why}", fields[3])))?;
             Pair {
                 first: fields[1].to_string(),
                 second: fields[2].to_string(),
@@ -112,8 +108,7 @@ pub fn read_pairs(path: &Path) -> Result<PairFile> {
             let score = match fields[0].trim() {
                 "" => None,
                 s => Some(
-                    s.parse::<f64>()
-                        .map_err(|_| bad(i + 1, &format!("score `{s}` is not a number")))?,
+                    parse_score(s).map_err(|why| bad(i + 1, &format!("score `{s}` is {why}")))?,
                 ),
             };
             Pair {
@@ -138,6 +133,15 @@ pub fn read_pairs(path: &Path) -> Result<PairFile> {
         path: path.to_owned(),
         pairs,
     })
+}
+
+/// A gold score: a finite number (NaN would rank arbitrarily, infinity has no rank average).
+fn parse_score(text: &str) -> std::result::Result<f64, &'static str> {
+    match text.trim().parse::<f64>() {
+        Ok(score) if score.is_finite() => Ok(score),
+        Ok(_) => Err("not a finite number"),
+        Err(_) => Err("not a number"),
+    }
 }
 
 /// Non-blank lines of a UTF-8 text file, one sentence each. An empty or all-blank file is an

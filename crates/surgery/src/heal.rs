@@ -90,6 +90,49 @@ pub struct HealOptions {
     pub clip: Option<f64>,
 }
 
+impl HealOptions {
+    /// The numeric options must be finite and in range. The CLI checks its flags as it parses
+    /// them; this also covers a resumed run, whose options come from `trainer_state.json`.
+    fn check_ranges(&self) -> Result<()> {
+        let ranges = [
+            ("--lr", self.lr, self.lr > 0.0, "greater than 0"),
+            (
+                "--weight-decay",
+                self.weight_decay,
+                self.weight_decay >= 0.0,
+                "at least 0",
+            ),
+            (
+                "--dropout",
+                self.dropout,
+                (0.0..1.0).contains(&self.dropout),
+                "in [0, 1)",
+            ),
+            (
+                "--clip",
+                self.clip.unwrap_or(1.0),
+                self.clip.is_none_or(|c| c > 0.0),
+                "greater than 0",
+            ),
+            (
+                "--minutes",
+                self.budget.minutes.unwrap_or(1.0),
+                self.budget.minutes.is_none_or(|m| m > 0.0),
+                "greater than 0",
+            ),
+        ];
+        match ranges
+            .iter()
+            .find(|(_, value, in_range, _)| !(value.is_finite() && *in_range))
+        {
+            Some((flag, value, _, range)) => Err(SurgeryError::Invalid(format!(
+                "{flag} {value} is out of range: it must be finite and {range}"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
 mod schedule_name {
     use scalpel_autograd::optim::Schedule;
 
@@ -403,6 +446,8 @@ pub fn heal(
     if data.is_empty() {
         return Err(SurgeryError::Invalid("no training examples".into()));
     }
+    opts.check_ranges()?;
+    crate::eval::check_rankable(eval)?;
     if opts.batch_size == 0 || opts.budget.steps == Some(0) || opts.budget.epochs == Some(0) {
         return Err(SurgeryError::Invalid(
             "--steps, --epochs and --batch-size must be at least 1".into(),
