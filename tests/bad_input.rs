@@ -76,6 +76,22 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Runs `scalpel heal` distilling MiniLM into itself on `data`, expecting failure; returns stderr.
+fn heal_fails(data: &Path, out: &Path) -> String {
+    let m = minilm_dir();
+    scalpel_fails(&[
+        "heal",
+        "--student",
+        s(&m),
+        "--teacher",
+        s(&m),
+        "--data",
+        s(data),
+        "--output",
+        s(out),
+    ])
+}
+
 #[test]
 fn consistent_tiny_model_loads() {
     let dir = tiny_model("tiny_ok", |_| {});
@@ -185,10 +201,7 @@ fn input_that_is_not_utf8_is_rejected_with_its_line() {
         "--output",
         s(&dir.join("out.jsonl")),
     ]);
-    assert!(
-        err.contains("not valid UTF-8") && err.contains("line 2"),
-        "{err}"
-    );
+    assert!(err.contains("in.txt:2: not valid UTF-8"), "{err}");
     assert!(!dir.join("out.jsonl").exists(), "no output on failure");
 }
 
@@ -308,18 +321,7 @@ fn heal_rejects_empty_data() {
     let dir = scratch("heal_empty");
     let data = dir.join("empty.txt");
     std::fs::write(&data, "\n  \n").unwrap();
-    let m = minilm_dir();
-    let err = scalpel_fails(&[
-        "heal",
-        "--student",
-        s(&m),
-        "--teacher",
-        s(&m),
-        "--data",
-        s(&data),
-        "--output",
-        s(&dir.join("out")),
-    ]);
+    let err = heal_fails(&data, &dir.join("out"));
     assert!(
         err.contains("empty.txt") && err.contains("no sentences"),
         "{err}"
@@ -335,18 +337,7 @@ fn heal_names_the_malformed_tsv_line() {
         "4.0\tA man plays.\tA man is playing.\n3.0\tonly one sentence\n",
     )
     .unwrap();
-    let m = minilm_dir();
-    let err = scalpel_fails(&[
-        "heal",
-        "--student",
-        s(&m),
-        "--teacher",
-        s(&m),
-        "--data",
-        s(&data),
-        "--output",
-        s(&dir.join("out")),
-    ]);
+    let err = heal_fails(&data, &dir.join("out"));
     assert!(
         err.contains("pairs.tsv:2") && err.contains("found 2 fields"),
         "{err}"
@@ -657,4 +648,57 @@ fn eval_refuses_what_spearman_cannot_rank() {
         err.contains("nan.tsv:2") && err.contains("not a finite number"),
         "{err}"
     );
+}
+
+/// A sparse file of `len` bytes starting with `head`: cheap to make at any size.
+fn sparse_file(path: &Path, head: &[u8], len: u64) {
+    std::fs::write(path, head).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
+#[test]
+fn a_huge_tokenizer_or_config_is_refused_by_its_size_before_reading() {
+    let dir = tiny_model("tiny_huge_tokenizer", |_| {});
+    sparse_file(&dir.join("tokenizer.json"), b"{", 1 << 30);
+    let err = SentenceEncoder::load(&dir)
+        .err()
+        .expect("1 GB tokenizer")
+        .to_string();
+    assert!(
+        err.contains("tokenizer.json")
+            && err.contains("1073741824 bytes is over the 67108864-byte limit"),
+        "{err}"
+    );
+    sparse_file(&dir.join("config.json"), b"{", 1 << 30);
+    let err = load_error(&dir);
+    assert!(
+        err.contains("config.json") && err.contains("over the 67108864-byte limit"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_100_mb_line_is_refused_naming_its_file_and_line() {
+    let dir = scratch("huge_line");
+    let data = dir.join("sentences.txt");
+    sparse_file(&data, b"a first sentence\n", 100 << 20);
+    let err = scalpel::surgery::data::read_lines(&data)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("sentences.txt:2: line longer than 1048576 bytes"),
+        "{err}"
+    );
+    // Every reader of text goes through it: heal's data files, eval's pair files.
+    let err = heal_fails(&data, &dir.join("out"));
+    assert!(err.contains("sentences.txt:2: line longer than"), "{err}");
+    let pairs = dir.join("pairs.tsv");
+    sparse_file(&pairs, b"4.0\tA man plays.\tA man is playing.\n", 100 << 20);
+    let err = scalpel_fails(&["eval", "--model", s(&minilm_dir()), "--sts", s(&pairs)]);
+    assert!(err.contains("pairs.tsv:2: line longer than"), "{err}");
 }

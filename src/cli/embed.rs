@@ -3,7 +3,9 @@ use std::path::PathBuf;
 use scalpel::models::sentence::SentenceEncoder;
 use serde_json::json;
 
-use super::{flags, read_lines, write_atomically, CliResult};
+use scalpel::surgery::data::read_lines;
+
+use super::{flags, write_atomically, CliResult};
 
 #[derive(clap::Args)]
 pub struct Args {

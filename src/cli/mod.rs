@@ -86,26 +86,6 @@ pub fn run(cli: Cli) -> CliResult {
     }
 }
 
-/// The lines of a UTF-8 text file, without line terminators (a final newline adds no line).
-pub fn read_lines(path: &Path) -> CliResult<Vec<String>> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        let line = e.as_bytes()[..e.utf8_error().valid_up_to()]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1;
-        format!(
-            "{}: not valid UTF-8 text (first bad byte on line {line})",
-            path.display()
-        )
-    })?;
-    Ok(text
-        .lines()
-        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
-        .collect())
-}
-
 /// Writes `contents` to `path` through a temporary file and a rename, so an interrupted run never
 /// leaves a half-written output, and refuses to overwrite any of `inputs`.
 pub fn write_atomically(path: &Path, contents: &[u8], inputs: &[&Path]) -> CliResult {

@@ -11,4 +11,4 @@ pub mod sentence;
 pub mod sequential;
 pub mod tokenizer;
 
-pub use error::{check_finite, ModelError, Result};
+pub use error::{check_finite, read_limited, ModelError, Result, MAX_JSON_BYTES};

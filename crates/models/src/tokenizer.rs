@@ -26,7 +26,9 @@ impl TextTokenizer {
                 "not found (scalpel needs the checkpoint's tokenizer.json)".into(),
             ));
         }
-        let mut inner = Tokenizer::from_file(path).map_err(|e| err(format!("unreadable: {e}")))?;
+        let bytes = crate::read_limited(path, crate::MAX_JSON_BYTES)?;
+        let mut inner =
+            Tokenizer::from_bytes(bytes).map_err(|e| err(format!("unreadable: {e}")))?;
         inner
             .with_truncation(Some(TruncationParams {
                 max_length: max_seq_length,

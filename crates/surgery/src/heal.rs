@@ -296,13 +296,9 @@ impl TrainerState {
     /// Reads the state of the checkpoint in `dir`.
     pub fn load(dir: &Path) -> Result<TrainerState> {
         let path = dir.join(TRAINER_STATE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            SurgeryError::Invalid(format!(
-                "{}: not a training checkpoint ({e})",
-                path.display()
-            ))
-        })?;
-        serde_json::from_str(&text)
+        let bytes = scalpel_models::read_limited(&path, scalpel_models::MAX_JSON_BYTES)
+            .map_err(|e| SurgeryError::Invalid(format!("not a training checkpoint: {e}")))?;
+        serde_json::from_slice(&bytes)
             .map_err(|e| SurgeryError::Invalid(format!("{}: {e}", path.display())))
     }
 }

@@ -288,7 +288,10 @@ fn header_length_beyond_file_is_rejected() {
     );
     assert_mentions(
         &parse_error(&u64::MAX.to_le_bytes()),
-        &["header length 18446744073709551615", "limit of 100000000 bytes"],
+        &[
+            "header length 18446744073709551615",
+            "limit of 100000000 bytes",
+        ],
     );
 }
 
@@ -471,6 +474,14 @@ fn save_replaces_an_existing_file() {
     assert_eq!(dir_entries(&dir), ["model.safetensors"]);
 }
 
+/// `header` over `data_len` zero bytes must be refused with an error mentioning `needles`.
+fn assert_rejected(header: &str, data_len: usize, needles: &[&str]) {
+    assert_mentions(
+        &parse_error(&file_bytes(header, &vec![0; data_len])),
+        needles,
+    );
+}
+
 #[test]
 fn gaps_and_trailing_bytes_are_rejected() {
     // The reference implementation requires the tensors to cover the data section exactly.
@@ -478,15 +489,9 @@ fn gaps_and_trailing_bytes_are_rejected() {
         r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"#,
         r#""b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#
     );
-    assert_mentions(
-        &parse_error(&file_bytes(gap, &[0; 12])),
-        &["`b`", "leaves a gap after `a`", "ends at 4"],
-    );
+    assert_rejected(gap, 12, &["`b`", "leaves a gap after `a`", "ends at 4"]);
     let trailing = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
-    assert_mentions(
-        &parse_error(&file_bytes(trailing, &[0; 12])),
-        &["cover 8 bytes", "holds 12"],
-    );
+    assert_rejected(trailing, 12, &["cover 8 bytes", "holds 12"]);
 }
 
 #[test]
@@ -494,29 +499,22 @@ fn hostile_sizes_are_refused_before_anything_is_allocated() {
     // A shape whose byte count fits in usize but is far beyond the file: refused by the
     // offsets check, never allocated (a 16 TiB allocation would abort the test).
     let huge = 1usize << 42;
-    let claims_the_bytes = format!(
-        r#"{{"w":{{"dtype":"F32","shape":[{huge}],"data_offsets":[0,{}]}}}}"#,
-        huge * 4
-    );
-    assert_mentions(
-        &parse_error(&file_bytes(&claims_the_bytes, &[0; 8])),
+    let entry = |end: usize| {
+        format!(r#"{{"w":{{"dtype":"F32","shape":[{huge}],"data_offsets":[0,{end}]}}}}"#)
+    };
+    assert_rejected(
+        &entry(huge * 4),
+        8,
         &["`w`", "out of range of the 8-byte data section"],
     );
-    let claims_few_bytes =
-        format!(r#"{{"w":{{"dtype":"F32","shape":[{huge}],"data_offsets":[0,8]}}}}"#);
-    assert_mentions(
-        &parse_error(&file_bytes(&claims_few_bytes, &[0; 8])),
-        &["`w`", "span 8 bytes", &format!("needs {}", huge * 4)],
-    );
+    let needs = format!("needs {}", huge * 4);
+    assert_rejected(&entry(8), 8, &["`w`", "span 8 bytes", &needs]);
     // A shape of a million dimensions is refused at the 65th, before it is stored.
     let many_dims = format!(
         r#"{{"w":{{"dtype":"F32","shape":[{}1],"data_offsets":[0,4]}}}}"#,
         "1,".repeat(1_000_000)
     );
-    assert_mentions(
-        &parse_error(&file_bytes(&many_dims, &[0; 4])),
-        &["`w`", "more than 64 values"],
-    );
+    assert_rejected(&many_dims, 4, &["`w`", "more than 64 values"]);
 }
 
 #[test]
