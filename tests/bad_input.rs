@@ -702,3 +702,65 @@ fn a_100_mb_line_is_refused_naming_its_file_and_line() {
     let err = scalpel_fails(&["eval", "--model", s(&minilm_dir()), "--sts", s(&pairs)]);
     assert!(err.contains("pairs.tsv:2: line longer than"), "{err}");
 }
+
+#[test]
+fn a_hostile_layer_count_is_an_error_not_an_allocation() {
+    // Found by fuzzing: the layer check had materialised 0..num_hidden_layers (a 64 GB
+    // allocation, and an abort, for 2^33).
+    let dir = tiny_model("tiny_huge_layer_count", |_| {});
+    set_config(&dir, "num_hidden_layers", json!(1u64 << 40));
+    let err = load_error(&dir);
+    assert!(err.contains("num_hidden_layers is 1099511627776"), "{err}");
+}
+
+/// MiniLM's tokenizer.json after `edit`, written to a scratch folder; the loader's error.
+fn tokenizer_error(name: &str, edit: impl FnOnce(&mut String)) -> String {
+    let mut text = std::fs::read_to_string(minilm_dir().join("tokenizer.json")).unwrap();
+    edit(&mut text);
+    let path = scratch(name).join("tokenizer.json");
+    std::fs::write(&path, text).unwrap();
+    let tokenizer = scalpel::models::tokenizer::TextTokenizer::load(&path, 256);
+    match tokenizer.and_then(|t| t.encode("a man is playing")) {
+        Ok(_) => panic!("{name}: accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn edit_json(text: &mut String, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut json: serde_json::Value = serde_json::from_str(text).unwrap();
+    edit(&mut json);
+    *text = json.to_string();
+}
+
+#[test]
+fn tokenizer_files_that_hang_or_panic_the_tokenizers_crate_are_errors() {
+    // Each found by the fuzzer (scripts/fuzz.sh) or reported upstream; before the checks the
+    // first panicked in tokenizers 0.21.4's decoder deserializer, the second took 18 s to load,
+    // the last two panicked at encode time.
+    let err = tokenizer_error("tokenizer_decoder_syntax", |t| {
+        *t = t.replacen(r#""decoder":{"#, r#""decoder":{"cleanup": t"#, 1);
+    });
+    assert!(err.contains("unreadable: not valid JSON"), "{err}");
+    let err = tokenizer_error("tokenizer_long_added_token", |t| {
+        edit_json(t, |j| {
+            j["added_tokens"][0]["content"] = json!("x".repeat(16384))
+        });
+    });
+    assert!(err.contains("an added token of 16384 characters"), "{err}");
+    let template = json!({"type": "TemplateProcessing", "pair": [], "special_tokens": {},
+        "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}]});
+    let err = tokenizer_error("tokenizer_template", |t| {
+        edit_json(t, |j| j["post_processor"] = template.clone());
+    });
+    assert!(err.contains("special token `[CLS]`"), "{err}");
+    // Nested in a Sequence the check does not see it: the panic itself becomes the error.
+    let err = tokenizer_error("tokenizer_nested_template", |t| {
+        edit_json(t, |j| {
+            j["post_processor"] = json!({"type": "Sequence", "processors": [template]});
+        });
+    });
+    assert!(
+        err.contains("cannot encode") && err.contains("tokenizers crate panicked"),
+        "{err}"
+    );
+}

@@ -223,8 +223,8 @@ impl Bert {
             })?
             .to_string();
         let present = layer_indices(tensors.keys().map(String::as_str), &prefix);
-        let expected: BTreeSet<usize> = (0..config.num_hidden_layers).collect();
-        if present != expected {
+        // Compared lazily: a hostile num_hidden_layers must not be materialised.
+        if !present.iter().copied().eq(0..config.num_hidden_layers) {
             return Err(ModelError::Config {
                 path: config_path.to_owned(),
                 detail: format!(
