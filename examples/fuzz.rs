@@ -73,79 +73,76 @@ struct Target {
     /// The file the mutant replaces, relative to the model folder.
     file: &'static str,
     format: Format,
-    load: fn(&Path, &Bert) -> Result<(), String>,
+    load: Loader,
 }
+
+/// Loads the target's file from the model folder (the tiny model is there for loaders that need
+/// one); the error message is the outcome.
+type Loader = fn(&Path, &Bert) -> Result<(), String>;
 
 fn targets() -> Vec<Target> {
     fn text<E: std::fmt::Display>(r: Result<impl Sized, E>) -> Result<(), String> {
         r.map(|_| ()).map_err(|e| e.to_string())
     }
-    vec![
-        Target {
-            name: "safetensors",
-            file: "model.safetensors",
-            format: Format::SafeTensors,
-            load: |dir, _| text(safetensors::load(&dir.join("model.safetensors"))),
-        },
-        Target {
-            name: "config",
-            file: "config.json",
-            format: Format::Json,
-            load: |dir, _| text(Bert::load(dir)),
-        },
-        Target {
-            name: "tokenizer",
-            file: "tokenizer.json",
-            format: Format::Json,
-            load: |dir, _| {
-                let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"), 16);
-                text(tokenizer.and_then(|t| t.batch(&["a man is playing", "x"])))
-            },
-        },
-        Target {
-            name: "modules",
-            file: "modules.json",
-            format: Format::Json,
-            load: |dir, bert| text(SentenceConfig::load(dir, bert)),
-        },
-        Target {
-            name: "sentence_bert_config",
-            file: "sentence_bert_config.json",
-            format: Format::Json,
-            load: |dir, bert| text(SentenceConfig::load(dir, bert)),
-        },
-        Target {
-            name: "pooling",
-            file: "1_Pooling/config.json",
-            format: Format::Json,
-            load: |dir, bert| text(SentenceConfig::load(dir, bert)),
-        },
-        Target {
-            name: "pairs_tsv",
-            file: "pairs.tsv",
-            format: Format::Lines,
-            load: |dir, _| {
-                let path = dir.join("pairs.tsv");
-                read_pairs(&path).map_err(|e| e.to_string())?;
-                text(read_training_text(&[path]))
-            },
-        },
-        Target {
-            name: "trainer_state",
-            file: "trainer_state.json",
-            format: Format::Json,
-            load: |dir, _| text(TrainerState::load(dir)),
-        },
-        Target {
-            name: "optimizer",
-            file: "optimizer.safetensors",
-            format: Format::SafeTensors,
-            load: |dir, _| {
+    let table: [(&str, &str, Format, Loader); 9] = [
+        (
+            "safetensors",
+            "model.safetensors",
+            Format::SafeTensors,
+            |dir, _| text(safetensors::load(&dir.join("model.safetensors"))),
+        ),
+        ("config", "config.json", Format::Json, |dir, _| {
+            text(Bert::load(dir))
+        }),
+        ("tokenizer", "tokenizer.json", Format::Json, |dir, _| {
+            let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"), 16);
+            text(tokenizer.and_then(|t| t.batch(&["a man is playing", "x"])))
+        }),
+        ("modules", "modules.json", Format::Json, |dir, bert| {
+            text(SentenceConfig::load(dir, bert))
+        }),
+        (
+            "sentence_bert_config",
+            "sentence_bert_config.json",
+            Format::Json,
+            |dir, bert| text(SentenceConfig::load(dir, bert)),
+        ),
+        (
+            "pooling",
+            "1_Pooling/config.json",
+            Format::Json,
+            |dir, bert| text(SentenceConfig::load(dir, bert)),
+        ),
+        ("pairs_tsv", "pairs.tsv", Format::Lines, |dir, _| {
+            let path = dir.join("pairs.tsv");
+            read_pairs(&path).map_err(|e| e.to_string())?;
+            text(read_training_text(&[path]))
+        }),
+        (
+            "trainer_state",
+            "trainer_state.json",
+            Format::Json,
+            |dir, _| text(TrainerState::load(dir)),
+        ),
+        (
+            "optimizer",
+            "optimizer.safetensors",
+            Format::SafeTensors,
+            |dir, _| {
                 let mut adam = Adam::new(AdamConfig::adamw(0.01), decays_by_default);
                 text(adam.load(&dir.join("optimizer.safetensors")))
             },
-        },
-    ]
+        ),
+    ];
+    table
+        .into_iter()
+        .map(|(name, file, format, load)| Target {
+            name,
+            file,
+            format,
+            load,
+        })
+        .collect()
 }
 
 /// A complete tiny model folder plus checkpoint files: the valid seeds every target starts
@@ -644,7 +641,10 @@ fn main() {
     let out = repo.join("target/fuzz");
     let dir = PathBuf::from(format!("/dev/shm/scalpel-fuzz-{}", std::process::id()));
     let bert = write_seed_folder(&dir, &minilm);
-    eprintln!("inputs are written to {} (kept after an abort)", dir.display());
+    eprintln!(
+        "inputs are written to {} (kept after an abort)",
+        dir.display()
+    );
     if let Some(input) = replay {
         // `--replay FILE TARGET`: one load of FILE as TARGET's file, timed, with its outcome.
         let target = targets()
