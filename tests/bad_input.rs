@@ -600,6 +600,42 @@ fn a_model_with_non_finite_weights_is_never_written() {
         "{err}"
     );
     assert!(!out.exists(), "nothing is left at the output");
+
+    // A new head that diverged is refused too (the encoder itself is fine here).
+    let encoder = SentenceEncoder::load(&minilm_dir()).unwrap();
+    let mut weight = vec![0.5f32; 4 * 384];
+    weight[7] = f32::INFINITY;
+    let mut head = scalpel::autograd::Params::default();
+    let weight = Tensor::from_vec(&[1, 4 * 384], weight).unwrap();
+    head.insert(
+        "classifier.weight",
+        scalpel::autograd::Var::parameter(weight),
+    );
+    let report = scalpel::surgery::head::HeadReport {
+        labels: vec!["A".into()],
+        input_features: "u, v, |u - v|, u * v".into(),
+        in_features: 4 * 384,
+        frozen_backbone: true,
+        train_pairs: 1,
+        eval_pairs: 1,
+        epochs: 1,
+        steps: 1,
+        accuracy_before: 0.0,
+        accuracy_after: 0.0,
+        majority_rate: 1.0,
+        final_loss: f64::INFINITY,
+        seconds: 0.0,
+    };
+    let out = scratch("diverged_head_out").join("model");
+    let write = scalpel::surgery::head::write_head_model;
+    let err = write(&encoder, &head, &report, &minilm_dir(), &out, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("classifier.weight") && err.contains("1 non-finite"),
+        "{err}"
+    );
+    assert!(!out.exists());
 }
 
 #[test]
