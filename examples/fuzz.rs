@@ -565,44 +565,57 @@ fn fuzz(
     }
 }
 
-/// Aborts the process, saving the input, when one input runs past the timeout: a hang.
+/// Aborts the process, saving the input, when one input runs past the timeout: a hang. Time is
+/// the fuzzing thread's time on a CPU (Linux schedstat), not the wall clock: at nice 19 beside a
+/// build, a wall-clock watchdog reported a 2 s "hang" for an input that loads in microseconds.
 struct Watchdog {
-    epoch: Instant,
-    /// Milliseconds after `epoch` (plus one) when the running input started; 0 when idle.
-    started_ms: AtomicU64,
+    /// The fuzzing thread's schedstat file.
+    schedstat: PathBuf,
+    /// Its CPU nanoseconds (plus one) when the running input started; 0 when idle.
+    started_ns: AtomicU64,
     input: std::sync::Mutex<Vec<u8>>,
 }
 
 impl Watchdog {
+    /// Watches the calling thread.
     fn spawn(timeout: Duration, out: PathBuf) -> Arc<Watchdog> {
+        let thread = std::fs::read_link("/proc/thread-self").expect("Linux /proc");
         let dog = Arc::new(Watchdog {
-            epoch: Instant::now(),
-            started_ms: AtomicU64::new(0),
+            schedstat: PathBuf::from("/proc").join(thread).join("schedstat"),
+            started_ns: AtomicU64::new(0),
             input: std::sync::Mutex::new(Vec::new()),
         });
         let watching = dog.clone();
         std::thread::spawn(move || loop {
             std::thread::sleep(Duration::from_millis(50));
-            let since = watching.started_ms.load(Ordering::Acquire);
-            if since != 0 && watching.now_ms() - since > timeout.as_millis() as u64 {
+            let since = watching.started_ns.load(Ordering::Acquire);
+            if since != 0 && watching.cpu_ns() - since > timeout.as_nanos() as u64 {
                 let path = out.join("hang.bin");
                 std::fs::create_dir_all(&out).unwrap();
                 std::fs::write(&path, &*watching.input.lock().unwrap()).unwrap();
-                eprintln!("an input ran past {timeout:?} -> {}", path.display());
+                eprintln!(
+                    "an input ran past {timeout:?} of CPU time -> {}",
+                    path.display()
+                );
                 std::process::exit(3);
             }
         });
         dog
     }
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
+    fn cpu_ns(&self) -> u64 {
+        let stat = std::fs::read_to_string(&self.schedstat).unwrap_or_default();
+        stat.split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+            + 1
     }
     fn arm(&self, input: &[u8]) {
         input.clone_into(&mut self.input.lock().unwrap());
-        self.started_ms.store(self.now_ms(), Ordering::Release);
+        self.started_ns.store(self.cpu_ns(), Ordering::Release);
     }
     fn disarm(&self) {
-        self.started_ms.store(0, Ordering::Release);
+        self.started_ns.store(0, Ordering::Release);
     }
 }
 

@@ -109,8 +109,8 @@ fn scalpel(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-/// Whether this machine has a usable GPU, as the probe that `--device auto` uses sees it (the GPU
-/// script sets `SCALPEL_EXPECT_GPU` so that a GPU it expects but cannot use fails instead).
+/// Whether this machine has a usable GPU, as the probe that `--device auto` uses sees it (a run
+/// that sets `SCALPEL_EXPECT_GPU` fails instead when the probe finds none).
 fn gpu_present() -> bool {
     let ready = scalpel::cuda::probe().gpu_ready();
     assert!(

@@ -1,7 +1,7 @@
 //! The probe on whatever machine runs the tests: with a GPU, that the runtime it reports really
-//! runs a kernel correctly; without one, that it names what is missing, and never panics. The
-//! GPU script sets `SCALPEL_EXPECT_GPU`, so that a GPU machine whose probe fails is an error
-//! rather than a silent fallback to the second case.
+//! runs a kernel correctly; without one, that it names what is missing, and never panics. A run
+//! meant for a GPU machine sets `SCALPEL_EXPECT_GPU`, so that a GPU the probe cannot use is an
+//! error rather than a silent fallback to the second case.
 
 use scalpel_cuda::{check, probe, Runtime};
 
