@@ -27,7 +27,7 @@ const SENTENCES: [&str; 4] = [
 /// The `--device` under test and its name: the GPU where scripts/gpu_check.sh says there is one
 /// (`SCALPEL_EXPECT_GPU`), else the emulator. One test body, every device.
 fn accelerator() -> (&'static str, Device) {
-    if std::env::var_os("SCALPEL_EXPECT_GPU").is_some() {
+    if gpu_present() {
         ("cuda", device::cuda(0).expect("SCALPEL_EXPECT_GPU is set but CUDA is unusable"))
     } else {
         ("emu", device::emulator())
@@ -284,6 +284,18 @@ fn an_embed_on_the_emulator_uploads_the_weights_once() {
     assert_eq!(stats_of(&dir.join("cpu.json"))["device"], "cpu");
 }
 
+/// Whether this machine has a usable GPU, as the probe that `--device auto` uses sees it (a run
+/// that sets `SCALPEL_EXPECT_GPU` fails instead when the probe finds none).
+fn gpu_present() -> bool {
+    let ready = scalpel::cuda::probe().gpu_ready();
+    assert!(
+        ready || std::env::var_os("SCALPEL_EXPECT_GPU").is_none(),
+        "a GPU was expected: {:?}",
+        scalpel::cuda::probe().missing
+    );
+    ready
+}
+
 fn one_line_input(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     let dir = common::scratch(name);
     let input = dir.join("in.txt");
@@ -293,7 +305,7 @@ fn one_line_input(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
 
 #[test]
 fn device_cuda_without_a_gpu_fails_naming_what_is_missing() {
-    if std::env::var_os("SCALPEL_EXPECT_GPU").is_some() {
+    if gpu_present() {
         return; // On a GPU machine `--device cuda` is expected to work.
     }
     let (input, output) = one_line_input("device_cuda");
@@ -340,7 +352,7 @@ fn device_auto_says_it_picked_the_cpu_and_matches_device_cpu() {
         (stderr, std::fs::read_to_string(output).unwrap())
     };
     let (stderr, auto) = embed("auto", &output);
-    if std::env::var_os("SCALPEL_EXPECT_GPU").is_some() {
+    if gpu_present() {
         assert!(stderr.contains("device: cuda ("), "{stderr}");
         return;
     }

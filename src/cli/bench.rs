@@ -8,7 +8,7 @@ use scalpel::tensor::cpu::gemm_bf16::Bf16Path;
 use scalpel::tensor::threads;
 use serde_json::{json, Value};
 
-use super::CliResult;
+use super::{flags, CliResult};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -20,7 +20,7 @@ pub struct Args {
 #[derive(clap::Args)]
 struct Common {
     /// Timed runs (the statistics are over these).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = flags::positive)]
     runs: usize,
     /// Untimed runs before the timed ones.
     #[arg(long, default_value_t = 3)]
@@ -43,13 +43,13 @@ enum Workload {
     /// `C = op(A)·op(B)` in f32 or bf16: square N×N operands unless M or K is given.
     Gemm {
         /// Columns of C (and, by default, rows of C and the depth).
-        #[arg(long, default_value_t = 1024)]
+        #[arg(long, default_value_t = 1024, value_parser = flags::positive)]
         n: usize,
         /// Rows of C (default N).
-        #[arg(long)]
+        #[arg(long, value_parser = flags::positive)]
         m: Option<usize>,
         /// Depth of the product (default N).
-        #[arg(long)]
+        #[arg(long, value_parser = flags::positive)]
         k: Option<usize>,
         /// A is stored transposed (`k×m`), as in a weight gradient `dYᵀ·X`.
         #[arg(long)]
@@ -68,9 +68,9 @@ enum Workload {
     Forward {
         #[arg(long)]
         model: PathBuf,
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = flags::positive)]
         batch: usize,
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = flags::positive)]
         seq: usize,
         #[command(flatten)]
         common: Common,
@@ -79,9 +79,9 @@ enum Workload {
     Train {
         #[arg(long)]
         model: PathBuf,
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 32, value_parser = flags::positive)]
         batch: usize,
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = flags::positive)]
         seq: usize,
         /// Remove these encoder layers in memory first (e.g. `4,5` for the 4-layer MiniLM).
         #[arg(long)]

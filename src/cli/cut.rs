@@ -6,7 +6,7 @@ use scalpel::surgery::cut::{keep_layers, parse_layer_list, LayerSelection};
 use serde_json::json;
 
 use super::score::{MetricArg, Scoring};
-use super::CliResult;
+use super::{flags, CliResult};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -23,10 +23,10 @@ pub struct Args {
     #[arg(long, conflicts_with = "truncate")]
     keep: Option<String>,
     /// Keep the first K layers.
-    #[arg(long, conflicts_with = "auto")]
+    #[arg(long, conflicts_with = "auto", value_parser = flags::positive)]
     truncate: Option<usize>,
     /// Keep the K layers the metric ranks highest on --data.
-    #[arg(long, conflicts_with_all = ["drop", "keep"], requires = "data")]
+    #[arg(long, conflicts_with_all = ["drop", "keep"], requires = "data", value_parser = flags::positive)]
     auto: Option<usize>,
     #[command(flatten)]
     scoring: Scoring,

@@ -3,7 +3,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use super::CliResult;
+use scalpel::surgery::data::MAX_LINE_BYTES;
+
+use super::{flags, CliResult};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -16,7 +18,7 @@ pub struct Args {
     /// Output file: JSON lines {"text": ..., "embedding": [...]} (`-`: standard output).
     #[arg(long)]
     output: PathBuf,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = flags::positive)]
     batch_size: usize,
 }
 
@@ -43,7 +45,8 @@ pub fn run(a: Args) -> CliResult {
         let mut lines = Vec::with_capacity(CHUNK_LINES);
         while lines.len() < CHUNK_LINES {
             let mut bytes = Vec::new();
-            if input
+            // At most one byte past the limit is read, so a hostile line costs bounded memory.
+            if std::io::Read::take(&mut input, MAX_LINE_BYTES as u64 + 1)
                 .read_until(b'\n', &mut bytes)
                 .map_err(|e| format!("{}: {e}", a.input.display()))?
                 == 0
@@ -51,6 +54,13 @@ pub fn run(a: Args) -> CliResult {
                 break;
             }
             line_number += 1;
+            if bytes.len() > MAX_LINE_BYTES {
+                return Err(format!(
+                    "{}:{line_number}: a line longer than {MAX_LINE_BYTES} bytes",
+                    a.input.display()
+                )
+                .into());
+            }
             let text = String::from_utf8(bytes).map_err(|_| {
                 format!("{}: not valid UTF-8 text (line {line_number})", a.input.display())
             })?;

@@ -15,7 +15,7 @@ use scalpel::surgery::heal::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::CliResult;
+use super::{flags, CliResult};
 
 #[derive(Clone, Copy, ValueEnum, Serialize, Deserialize)]
 enum LossArg {
@@ -50,24 +50,24 @@ pub struct Args {
     #[arg(long, required_unless_present = "resume")]
     output: Option<PathBuf>,
     /// Stop after this many steps.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::positive)]
     steps: Option<usize>,
     /// Stop after this many passes over the data (one pass if no limit is given at all).
-    #[arg(long)]
+    #[arg(long, value_parser = flags::positive)]
     epochs: Option<usize>,
     /// Stop after this many minutes of training.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::finite_positive)]
     minutes: Option<f64>,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = flags::positive)]
     batch_size: usize,
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = flags::finite_positive)]
     lr: f64,
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = flags::finite_non_negative)]
     weight_decay: f64,
     #[arg(long, value_enum, default_value_t = LossArg::Mse)]
     loss: LossArg,
     /// Hidden dropout probability during training.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = flags::probability)]
     dropout: f64,
     /// Visit the data in file order instead of a seeded shuffle.
     #[arg(long)]
@@ -86,17 +86,17 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     warmup: usize,
     /// Clip the global gradient norm to this value.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::finite_positive)]
     clip: Option<f64>,
     /// STS/SICK files to evaluate on (Spearman ×100): `--eval a b` or repeated flags.
     #[arg(long, num_args = 1..)]
     eval: Vec<PathBuf>,
     /// Evaluate every N steps (and always at the end).
-    #[arg(long)]
+    #[arg(long, value_parser = flags::positive)]
     eval_every: Option<usize>,
     /// Save a checkpoint to --output every N steps (atomically: a complete model plus optimiser
     /// and trainer state).
-    #[arg(long)]
+    #[arg(long, value_parser = flags::positive)]
     checkpoint_every: Option<usize>,
     /// Continue the run saved in this checkpoint folder, exactly as if it had not stopped.
     #[arg(long)]

@@ -3,14 +3,14 @@ use std::path::PathBuf;
 use scalpel::models::bert::Bert;
 use serde_json::json;
 
-use super::CliResult;
+use super::{flags, CliResult};
 
 #[derive(clap::Args)]
 pub struct Args {
     #[arg(long)]
     model: PathBuf,
     /// Sequence length at which attention FLOPs are counted.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = flags::positive)]
     seq: usize,
     #[arg(long)]
     json: bool,

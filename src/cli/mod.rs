@@ -3,6 +3,7 @@ mod convert;
 mod cut;
 mod embed;
 mod eval;
+mod flags;
 mod heal;
 mod inspect;
 mod kernels;
@@ -26,7 +27,7 @@ pub type CliResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 )]
 pub struct Cli {
     /// Worker threads for the CPU kernels (default: SCALPEL_THREADS, else all cores).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = flags::positive)]
     threads: Option<usize>,
     /// Where the ops run: auto (CUDA when a GPU, its driver and NVRTC are present, else the CPU),
     /// cpu, cuda (an error naming what is missing when unusable), or emu (the CUDA kernels on the
@@ -77,9 +78,6 @@ enum Command {
 
 pub fn run(cli: Cli) -> CliResult {
     if let Some(n) = cli.threads {
-        if n == 0 {
-            return Err("--threads must be at least 1".into());
-        }
         scalpel::tensor::threads::set_num_threads(n);
     }
     let (device, fallback) = scalpel::autograd::device::resolve(cli.device)?;
@@ -127,26 +125,6 @@ fn run_command(command: Command) -> CliResult {
         Command::Convert(a) => convert::run(a),
         Command::Serve(a) => serve::run(a),
     }
-}
-
-/// The lines of a UTF-8 text file, without line terminators (a final newline adds no line).
-pub fn read_lines(path: &Path) -> CliResult<Vec<String>> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        let line = e.as_bytes()[..e.utf8_error().valid_up_to()]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1;
-        format!(
-            "{}: not valid UTF-8 text (first bad byte on line {line})",
-            path.display()
-        )
-    })?;
-    Ok(text
-        .lines()
-        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
-        .collect())
 }
 
 /// Writes `contents` to `path` through a temporary file and a rename, so an interrupted run never

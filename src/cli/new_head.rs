@@ -4,7 +4,7 @@ use scalpel::surgery::checkpoint::check_output;
 use scalpel::surgery::data::read_pairs;
 use scalpel::surgery::head::{train_new_head, write_head_model, NewHeadOptions};
 
-use super::CliResult;
+use super::{flags, CliResult};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,7 +18,7 @@ pub struct Args {
     #[arg(long)]
     eval: PathBuf,
     /// Number of classes; must equal the distinct labels of --train.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::positive)]
     labels: usize,
     /// Where the model folder with head.safetensors and head.json is written.
     #[arg(long)]
@@ -26,17 +26,17 @@ pub struct Args {
     /// Train only the head (embeddings are computed once).
     #[arg(long)]
     freeze_backbone: bool,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = flags::positive)]
     epochs: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = flags::positive)]
     batch_size: usize,
     /// Learning rate of the head.
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 2e-3, value_parser = flags::finite_positive)]
     lr: f64,
     /// Learning rate of the encoder (without --freeze-backbone).
-    #[arg(long, default_value_t = 2e-5)]
+    #[arg(long, default_value_t = 2e-5, value_parser = flags::finite_positive)]
     backbone_lr: f64,
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = flags::finite_non_negative)]
     weight_decay: f64,
     /// Seeds the head's initialisation and the shuffling.
     #[arg(long, default_value_t = 0)]

@@ -4,7 +4,7 @@ use clap::ValueEnum;
 use scalpel::surgery::chart::{score_html, score_svg};
 use scalpel::surgery::score::{score_layers, Calibration, Metric, ScoreOptions, ScoreReport};
 
-use super::CliResult;
+use super::{flags, CliResult};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MetricArg {
@@ -23,13 +23,13 @@ pub struct Scoring {
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
     /// Sentences (and positive pairs) sampled from the data.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = flags::positive)]
     samples: usize,
     /// Span n of the angular distance between layers l and l+n.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = flags::positive)]
     span: usize,
     /// Sentences per forward batch (pairs per contrastive batch for grad-norm).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = flags::positive)]
     batch_size: usize,
 }
 
@@ -77,7 +77,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = MetricArg::All)]
     metric: MetricArg,
     /// Suggest which layers to drop to keep K.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::positive)]
     target_layers: Option<usize>,
     #[arg(long)]
     json: bool,

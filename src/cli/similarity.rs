@@ -1,7 +1,9 @@
 use std::path::PathBuf;
 
 
-use super::{read_lines, CliResult};
+use scalpel::surgery::data::read_lines;
+
+use super::CliResult;
 
 #[derive(clap::Args)]
 pub struct Args {

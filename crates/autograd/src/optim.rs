@@ -172,7 +172,15 @@ impl Adam {
                     AutogradError::Optim(format!("{}: `{name}{suffix}` is missing", path.display()))
                 })
             };
-            let step = take(".step")?.to_vec::<i64>()[0] as u64;
+            let step = match take(".step")?.to_vec::<i64>()[..] {
+                [step] if step >= 0 => step as u64,
+                ref other => {
+                    return Err(AutogradError::Optim(format!(
+                        "{}: `{name}.step` must be one non-negative count, found {other:?}",
+                        path.display()
+                    )))
+                }
+            };
             state.insert(
                 name.clone(),
                 Moments {

@@ -121,3 +121,26 @@ fn optimiser_state_round_trips_and_continues_identically() {
     };
     assert_eq!(run(None), run(Some(3)));
 }
+
+#[test]
+fn a_step_count_that_is_not_one_number_is_an_error() {
+    let dir = std::env::temp_dir().join(format!("scalpel-adam-step-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("optimizer.safetensors");
+    let moments = scalpel_tensor::Tensor::zeros(&[2], scalpel_tensor::DType::F32);
+    for step in [vec![], vec![1i64, 2], vec![-1]] {
+        let n = step.len();
+        let tensors = std::collections::BTreeMap::from([
+            ("w.m".to_string(), moments.clone()),
+            ("w.v".to_string(), moments.clone()),
+            ("w.step".to_string(), scalpel_tensor::Tensor::from_vec(&[n], step.clone()).unwrap()),
+        ]);
+        scalpel_tensor::safetensors::save(&path, &tensors, &Default::default()).unwrap();
+        let err = Adam::new(AdamConfig::adamw(0.0), |_| true)
+            .load(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`w.step` must be one non-negative count"), "{step:?}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -23,11 +23,23 @@ fn random(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
 /// The device under test: the GPU on a machine that has one (`SCALPEL_EXPECT_GPU`, set by
 /// scripts/gpu_check.sh), else the CUDA kernels on the emulator. One test body, every device.
 fn accelerator() -> Device {
-    if std::env::var_os("SCALPEL_EXPECT_GPU").is_some() {
+    if gpu_present() {
         device::cuda(0).expect("SCALPEL_EXPECT_GPU is set but CUDA is unusable")
     } else {
         device::emulator()
     }
+}
+
+/// Whether the probe `--device auto` uses finds a usable GPU (a run that sets
+/// `SCALPEL_EXPECT_GPU` fails instead when it finds none).
+fn gpu_present() -> bool {
+    let ready = scalpel_cuda::probe().gpu_ready();
+    assert!(
+        ready || std::env::var_os("SCALPEL_EXPECT_GPU").is_none(),
+        "SCALPEL_EXPECT_GPU is set but no usable GPU was found: {:?}",
+        scalpel_cuda::probe().missing
+    );
+    ready
 }
 
 fn rel_error(a: &Tensor, b: &Tensor) -> f64 {
@@ -325,7 +337,7 @@ fn device_selection() {
     assert_eq!((d.name().as_str(), why), ("emu (CPU emulator)", None));
     assert!(device::resolve(DeviceKind::Cpu).unwrap().0.is_cpu());
 
-    if std::env::var_os("SCALPEL_EXPECT_GPU").is_some() {
+    if gpu_present() {
         assert!(device::resolve(DeviceKind::Cuda).is_ok());
         return;
     }

@@ -1,10 +1,11 @@
-//! Emulator checks beyond the standard set. Every kernel's standard check (`check::all`: ragged
-//! sizes that are not multiples of any tile or block, forward and backward) runs once, in
-//! tests/report.rs, which fails with the table of every kernel's error; running them here as
-//! well would double the crate's emulator time.
+//! Every kernel on the CPU emulator against the CPU backend: one test per kernel file (family)
+//! running that family's standard checks (`check::all`, the same checks and sizes as the
+//! `scalpel kernels` report: ragged sizes that are not multiples of any tile or block, forward
+//! and backward), each test also requiring a check for every kernel its file defines; then the
+//! checks beyond the standard set.
 
 use scalpel_cuda::check::{self, KernelCheck};
-use scalpel_cuda::Runtime;
+use scalpel_cuda::{kernel_files, Runtime};
 use scalpel_tensor::cpu::attention::AttentionShape;
 use scalpel_tensor::cpu::gemm::GemmShape;
 
@@ -19,6 +20,97 @@ fn assert_pass(checks: &[KernelCheck]) {
             c.tolerance
         );
     }
+}
+
+/// Runs the standard checks of `kernels/{file}` and requires one for each of its kernels.
+fn family_passes(file: &str) {
+    let checks = check::all(&Runtime::emulator(), &|f| f == file).unwrap();
+    let defined = kernel_files()
+        .iter()
+        .find(|f| f.file == file)
+        .unwrap_or_else(|| panic!("no kernels/{file}"))
+        .kernels;
+    for kernel in defined {
+        assert!(
+            checks.iter().any(|c| c.kernel == *kernel),
+            "{kernel} of kernels/{file} has no emulator check"
+        );
+    }
+    assert_pass(&checks);
+}
+
+/// The kernel files the tests below cover, one test each.
+const FAMILIES: [&str; 10] = [
+    "adamw.cu",
+    "attention.cu",
+    "elementwise.cu",
+    "embedding.cu",
+    "gelu.cu",
+    "gemm.cu",
+    "layernorm.cu",
+    "pooling.cu",
+    "reduce.cu",
+    "softmax.cu",
+];
+
+#[test]
+fn every_kernel_file_has_a_family_test() {
+    let mut files: Vec<&str> = kernel_files().iter().map(|f| f.file).collect();
+    files.sort_unstable();
+    assert_eq!(
+        files, FAMILIES,
+        "add a test below for each new kernels/*.cu"
+    );
+}
+
+#[test]
+fn adamw_family() {
+    family_passes(FAMILIES[0]);
+}
+
+#[test]
+fn attention_family() {
+    family_passes(FAMILIES[1]);
+}
+
+#[test]
+fn elementwise_family() {
+    family_passes(FAMILIES[2]);
+}
+
+#[test]
+fn embedding_family() {
+    family_passes(FAMILIES[3]);
+}
+
+#[test]
+fn gelu_family() {
+    family_passes(FAMILIES[4]);
+}
+
+#[test]
+fn gemm_family() {
+    family_passes(FAMILIES[5]);
+}
+
+#[test]
+fn layernorm_family() {
+    family_passes(FAMILIES[6]);
+}
+
+#[test]
+fn pooling_family() {
+    family_passes(FAMILIES[7]);
+}
+
+#[test]
+fn reduce_family() {
+    family_passes(FAMILIES[8]);
+}
+
+#[test]
+fn softmax_family() {
+    family_passes(FAMILIES[9]);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The `scalpel kernels` report: one row per kernel of the selected files, with the field names
-//! the `--json` output promises. The full report over every file (every standard emulator
-//! check) runs as `scalpel kernels` in the README's test command (scripts/test.sh), so here it
-//! is restricted to two small families.
+//! the `--json` output promises. Every family's emulator checks run as tests of their own in
+//! tests/emulator_kernels.rs (the same `check::all` the report calls), so here the report is
+//! built for one small family only.
 
 use scalpel_cuda::kernel_files;
 use scalpel_cuda::report::kernels_report;

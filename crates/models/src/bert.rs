@@ -223,8 +223,8 @@ impl Bert {
             })?
             .to_string();
         let present = layer_indices(tensors.keys().map(String::as_str), &prefix);
-        let expected: BTreeSet<usize> = (0..config.num_hidden_layers).collect();
-        if present != expected {
+        // Compared lazily: a hostile num_hidden_layers must not be materialised.
+        if !present.iter().copied().eq(0..config.num_hidden_layers) {
             return Err(ModelError::Config {
                 path: config_path.to_owned(),
                 detail: format!(
@@ -252,7 +252,7 @@ impl Bert {
                 });
             }
         }
-        let tensors = tensors
+        let tensors: BTreeMap<String, Tensor> = tensors
             .into_iter()
             .map(|(n, t)| {
                 let t = if t.dtype().is_float() && t.dtype() != DType::F32 {
@@ -263,6 +263,7 @@ impl Bert {
                 (n, t)
             })
             .collect();
+        crate::check_finite(&tensors, weights_path)?;
         Ok(Bert {
             config,
             raw_config: raw,

@@ -27,6 +27,13 @@ pub enum ModelError {
         expected: Vec<usize>,
         actual: Vec<usize>,
     },
+    #[error("{path}: tensor `{name}` has {count} non-finite values (NaN or infinite) of {total}")]
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        count: usize,
+        total: usize,
+    },
     #[error("tokenizer {path}: {detail}")]
     Tokenizer { path: PathBuf, detail: String },
     #[error("{0}")]
@@ -35,13 +42,78 @@ pub enum ModelError {
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
-pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+/// The largest JSON file (configs, `tokenizer.json`, a checkpoint's `trainer_state.json`) read:
+/// the largest `tokenizer.json` in common use (Gemma 3's) is 33 MB. The size is checked before
+/// anything is read, so a huge or endless file is refused rather than loaded.
+pub const MAX_JSON_BYTES: u64 = 64 << 20;
+
+/// The bytes of `path`, refused (naming the file and both sizes) when there are more than
+/// `limit`; the read itself is bounded too, for files whose size the metadata does not tell
+/// (pipes, `/proc`).
+pub fn read_limited(path: &std::path::Path, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let io = |source| ModelError::Io {
         path: path.to_owned(),
         source,
-    })?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Json {
+    };
+    let too_big = |len: u64| {
+        ModelError::Input(format!(
+            "{}: {len} bytes is over the {limit}-byte limit for this file",
+            path.display()
+        ))
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    if len > limit {
+        return Err(too_big(len));
+    }
+    // Sized from the metadata (one byte more to see the end without growing): a growing
+    // buffer reached twice the file, which the fuzzer saw as the largest allocation.
+    let mut bytes = Vec::with_capacity(len as usize + 1);
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_big(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let bytes = read_limited(path, MAX_JSON_BYTES)?;
+    serde_json::from_slice(&bytes).map_err(|e| ModelError::Json {
         path: path.to_owned(),
         detail: e.to_string(),
     })
+}
+
+/// Fails on the first (in name order) float tensor holding NaN or infinite values, naming it and
+/// how many: such weights would turn every output into NaN without any other error.
+pub fn check_finite<'a>(
+    tensors: impl IntoIterator<Item = (&'a String, &'a scalpel_tensor::Tensor)>,
+    path: &std::path::Path,
+) -> Result<()> {
+    use scalpel_tensor::DType;
+    for (name, tensor) in tensors {
+        let count = match tensor.dtype() {
+            DType::F32 => tensor
+                .values::<f32>()?
+                .iter()
+                .filter(|x| !x.is_finite())
+                .count(),
+            DType::I64 => 0,
+            _ => tensor
+                .to_vec::<f64>()
+                .iter()
+                .filter(|x| !x.is_finite())
+                .count(),
+        };
+        if count > 0 {
+            return Err(ModelError::NonFinite {
+                path: path.to_owned(),
+                name: name.clone(),
+                count,
+                total: tensor.numel(),
+            });
+        }
+    }
+    Ok(())
 }

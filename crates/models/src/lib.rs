@@ -13,4 +13,4 @@ pub mod sentence;
 pub mod sequential;
 pub mod tokenizer;
 
-pub use error::{ModelError, Result};
+pub use error::{check_finite, read_limited, ModelError, Result, MAX_JSON_BYTES};

@@ -164,6 +164,22 @@ impl SentenceEncoder {
             let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
             let emb = self.embed_batch(&Batch::from_ids(&seqs), &ForwardOptions::default())?;
             let values = emb.value().to_host()?.to_vec::<f32>();
+            // Finite weights can still overflow (e.g. huge but finite values): an embedding
+            // of NaNs is an error, never a vector of `null`s in someone's output file.
+            if let Some((_, &i)) = values
+                .chunks_exact(hidden)
+                .zip(chunk)
+                .find(|(row, _)| row.iter().any(|x| !x.is_finite()))
+            {
+                let text: String = texts[i].as_ref().chars().take(60).collect();
+                return Err(ModelError::Input(format!(
+                    "{}: the embedding of sentence {} of {} ({text:?}) is not finite (NaN or \
+                     infinite values)",
+                    self.dir.display(),
+                    i + 1,
+                    texts.len()
+                )));
+            }
             for (row, &i) in values.chunks_exact(hidden).zip(chunk) {
                 out[i * hidden..(i + 1) * hidden].copy_from_slice(row);
             }

@@ -234,6 +234,7 @@ impl Sequential {
                 ),
             ));
         }
+        crate::check_finite(&kept, weights_path)?;
         Ok(Sequential {
             spec,
             params: Params::from_tensors(kept),

@@ -27,7 +27,12 @@ impl TextTokenizer {
                 "not found (scalpel needs the checkpoint's tokenizer.json)".into(),
             ));
         }
-        let mut inner = Tokenizer::from_file(path).map_err(|e| err(format!("unreadable: {e}")))?;
+        let bytes = crate::read_limited(path, crate::MAX_JSON_BYTES)?;
+        let json: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| err(format!("unreadable: not valid JSON: {e}")))?;
+        check_tokenizer_json(&json).map_err(|e| err(format!("unreadable: {e}")))?;
+        let mut inner = guarded(|| Tokenizer::from_bytes(&bytes))
+            .map_err(|e| err(format!("unreadable: {e}")))?;
         inner
             .with_truncation(Some(TruncationParams {
                 max_length: max_seq_length,
@@ -49,13 +54,10 @@ impl TextTokenizer {
     /// Like [`encode`](Self::encode), also counting the tokens truncation cut off (0 when the
     /// text fits), so a caller can refuse long inputs instead of silently truncating them.
     pub fn encode_with_overflow(&self, text: &str) -> Result<(Vec<u32>, usize)> {
-        let enc = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| ModelError::Tokenizer {
-                path: self.path.clone(),
-                detail: format!("cannot encode {text:?}: {e}"),
-            })?;
+        let enc = guarded(|| self.inner.encode(text, true)).map_err(|e| ModelError::Tokenizer {
+            path: self.path.clone(),
+            detail: format!("cannot encode {text:?}: {e}"),
+        })?;
         // Each overflowing piece carries its own special tokens; only its text tokens count.
         let cut: usize = enc
             .get_overflowing()
@@ -76,6 +78,71 @@ impl TextTokenizer {
     /// The vocabulary, so two tokenizers can be compared.
     pub fn vocab(&self) -> std::collections::HashMap<String, u32> {
         self.inner.get_vocab(true)
+    }
+}
+
+/// The longest added token accepted. The `tokenizers` crate (0.21.4) loads and applies added
+/// tokens in time quadratic in their length (measured by the fuzzer: 1,024 characters 0.08 s,
+/// 4,096 1.2 s, 16,384 18 s), and real ones are short (special tokens, whitespace runs).
+const MAX_ADDED_TOKEN_CHARS: usize = 256;
+
+/// What the `tokenizers` crate would accept but then hang or panic on: an added token over
+/// [`MAX_ADDED_TOKEN_CHARS`], and a `TemplateProcessing` post-processor whose template names a
+/// special token it does not define (it panics at encode time; upstream pull request 2152).
+fn check_tokenizer_json(json: &serde_json::Value) -> Result<(), String> {
+    let tokens = json.get("added_tokens").and_then(|t| t.as_array());
+    let contents = tokens
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.get("content")?.as_str());
+    if let Some(n) = contents
+        .map(|c| c.chars().count())
+        .find(|&n| n > MAX_ADDED_TOKEN_CHARS)
+    {
+        return Err(format!(
+            "an added token of {n} characters (at most {MAX_ADDED_TOKEN_CHARS} are accepted)"
+        ));
+    }
+    let Some(template) = json
+        .get("post_processor")
+        .filter(|p| p.get("type").and_then(|t| t.as_str()) == Some("TemplateProcessing"))
+    else {
+        return Ok(());
+    };
+    let pieces = ["single", "pair"]
+        .into_iter()
+        .filter_map(|part| template.get(part)?.as_array())
+        .flatten();
+    let names = pieces.filter_map(|p| p.get("SpecialToken")?.get("id")?.as_str());
+    match names.into_iter().find(|name| {
+        template
+            .get("special_tokens")
+            .and_then(|s| s.get(name))
+            .is_none()
+    }) {
+        Some(name) => Err(format!(
+            "post_processor: the template uses special token `{name}`, which its special_tokens \
+             do not define"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Calls into the `tokenizers` crate with a panic turned into an error: some malformed
+/// `tokenizer.json` files make its deserializers panic instead of failing (fuzzing found a
+/// malformed `decoder` doing so in 0.21.4; upstream pull requests 2152 and 2156 fix a
+/// post-processor that panics at encode time and a bad `Precompiled` normalizer).
+fn guarded<T>(call: impl FnOnce() -> tokenizers::Result<T>) -> Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            Err(format!("the tokenizers crate panicked: {message}"))
+        }
     }
 }
 

@@ -95,11 +95,11 @@ fn fill(bert: &Bert, source: &Path, staging: &Path) -> Result<()> {
     std::fs::write(&config_path, config + "\n").map_err(io_err(&config_path))?;
     let mut metadata = BTreeMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
-    safetensors::save(
-        &staging.join("model.safetensors"),
-        &bert.params.to_tensors(),
-        &metadata,
-    )?;
+    let weights_path = staging.join("model.safetensors");
+    let tensors = bert.params.to_tensors();
+    // A model with NaN or infinite weights would embed everything to NaN: never write one.
+    scalpel_models::check_finite(&tensors, &weights_path)?;
+    safetensors::save(&weights_path, &tensors, &metadata)?;
     Ok(())
 }
 

@@ -1,6 +1,8 @@
 //! Training and evaluation text: plain sentence files, and sentence-pair files in the SemEval STS
 //! (`score<TAB>sentence1<TAB>sentence2`) and SICK (headed TSV) layouts.
 
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use crate::{io_err, Result, SurgeryError};
@@ -41,15 +43,67 @@ impl PairFile {
     }
 }
 
-fn read_text(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(io_err(path))?;
-    String::from_utf8(bytes).map_err(|e| {
-        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count();
-        SurgeryError::Invalid(format!("{}:{line}: not valid UTF-8 text", path.display()))
-    })
+/// The longest line a text or pair file may hold. A sentence is cut to the model's
+/// `max_seq_length` tokens (256 for MiniLM: a few KB of text at most), so a longer line is not a
+/// sentence, and refusing it keeps memory bounded for a file with no line breaks at all.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// The lines of a UTF-8 text file without their `\n` or `\r\n` terminators (a final newline
+/// adds no line), read through a bounded buffer: a line over [`MAX_LINE_BYTES`] or one that is
+/// not UTF-8 is an error naming `file:line`.
+pub fn read_lines(path: &Path) -> Result<Vec<String>> {
+    let mut reader = LineReader::open(path)?;
+    let mut lines = Vec::new();
+    while let Some(line) = reader.next_line()? {
+        lines.push(line);
+    }
+    Ok(lines)
+}
+
+struct LineReader<'a> {
+    path: &'a Path,
+    reader: BufReader<File>,
+    line: usize,
+}
+
+impl<'a> LineReader<'a> {
+    fn open(path: &'a Path) -> Result<LineReader<'a>> {
+        let file = File::open(path).map_err(io_err(path))?;
+        Ok(LineReader {
+            path,
+            reader: BufReader::new(file),
+            line: 0,
+        })
+    }
+
+    fn next_line(&mut self) -> Result<Option<String>> {
+        let mut bytes = Vec::new();
+        let limit = MAX_LINE_BYTES as u64 + 1; // room for the terminator
+        let read = (&mut self.reader)
+            .take(limit)
+            .read_until(b'\n', &mut bytes)
+            .map_err(io_err(self.path))?;
+        if read == 0 {
+            return Ok(None);
+        }
+        self.line += 1;
+        let bad = |why: &str| {
+            SurgeryError::Invalid(format!("{}:{}: {why}", self.path.display(), self.line))
+        };
+        if bytes.last() == Some(&b'\n') {
+            bytes.pop();
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+        } else if read as u64 == limit {
+            return Err(bad(&format!(
+                "line longer than {MAX_LINE_BYTES} bytes: not a sentence (is this a text file?)"
+            )));
+        }
+        String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| bad("not valid UTF-8 text"))
+    }
 }
 
 const SICK_HEADER: &str = "pair_ID\tsentence_A\tsentence_B";
@@ -60,19 +114,19 @@ pub fn is_pair_file(path: &Path) -> Result<bool> {
     if path.extension().is_some_and(|e| e == "tsv") {
         return Ok(true);
     }
-    Ok(read_text(path)?.starts_with(SICK_HEADER))
+    let first = LineReader::open(path)?.next_line()?;
+    Ok(first.is_some_and(|line| line.starts_with(SICK_HEADER)))
 }
 
 /// Reads an STS or SICK file. A line that does not fit the layout is an error naming the file
 /// and line; blank lines are skipped.
 pub fn read_pairs(path: &Path) -> Result<PairFile> {
-    let text = read_text(path)?;
-    let sick = text.starts_with(SICK_HEADER);
+    let lines = read_lines(path)?;
+    let sick = lines.first().is_some_and(|l| l.starts_with(SICK_HEADER));
     let bad =
         |line: usize, why: &str| SurgeryError::Invalid(format!("{}:{line}: {why}", path.display()));
     let mut pairs = Vec::new();
-    for (i, line) in text.lines().enumerate().skip(usize::from(sick)) {
-        let line = line.strip_suffix('\r').unwrap_or(line);
+    for (i, line) in lines.iter().enumerate().skip(usize::from(sick)) {
         if line.trim().is_empty() {
             continue;
         }
@@ -87,12 +141,8 @@ pub fn read_pairs(path: &Path) -> Result<PairFile> {
                     ),
                 ));
             }
-            let score = fields[3].trim().parse::<f64>().map_err(|_| {
-                bad(
-                    i + 1,
-                    &format!("relatedness `{}` is not a number", fields[3]),
-                )
-            })?;
+            let score = parse_score(fields[3])
+                .map_err(|why| bad(i + 1, &format!("relatedness `{}` is {why}", fields[3])))?;
             Pair {
                 first: fields[1].to_string(),
                 second: fields[2].to_string(),
@@ -112,8 +162,7 @@ pub fn read_pairs(path: &Path) -> Result<PairFile> {
             let score = match fields[0].trim() {
                 "" => None,
                 s => Some(
-                    s.parse::<f64>()
-                        .map_err(|_| bad(i + 1, &format!("score `{s}` is not a number")))?,
+                    parse_score(s).map_err(|why| bad(i + 1, &format!("score `{s}` is {why}")))?,
                 ),
             };
             Pair {
@@ -140,13 +189,22 @@ pub fn read_pairs(path: &Path) -> Result<PairFile> {
     })
 }
 
+/// A gold score: a finite number (NaN would rank arbitrarily, infinity has no rank average).
+fn parse_score(text: &str) -> std::result::Result<f64, &'static str> {
+    match text.trim().parse::<f64>() {
+        Ok(score) if score.is_finite() => Ok(score),
+        Ok(_) => Err("not a finite number"),
+        Err(_) => Err("not a number"),
+    }
+}
+
 /// Non-blank lines of a UTF-8 text file, one sentence each. An empty or all-blank file is an
 /// error: there would be nothing to train on.
 pub fn read_sentences(path: &Path) -> Result<Vec<String>> {
-    let lines: Vec<String> = read_text(path)?
-        .lines()
-        .map(str::trim_end)
-        .filter(|l| !l.trim().is_empty())
+    let lines: Vec<String> = read_lines(path)?
+        .iter()
+        .map(|l| l.trim_end())
+        .filter(|l| !l.is_empty())
         .map(str::to_string)
         .collect();
     if lines.is_empty() {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use scalpel_models::sentence::SentenceEncoder;
 
 use crate::data::PairFile;
-use crate::Result;
+use crate::{Result, SurgeryError};
 
 /// Sentences embedded per batch during evaluation.
 pub const EVAL_BATCH: usize = 64;
@@ -120,6 +120,23 @@ pub struct EvalReport {
     pub sentences_per_second: f64,
 }
 
+/// Spearman correlation needs at least two scored pairs whose gold scores are not all equal;
+/// otherwise it is 0/0, which would be reported as `null`.
+pub fn check_rankable(files: &[PairFile]) -> Result<()> {
+    for file in files {
+        let mut gold = file.scored().map(|(_, score)| score);
+        let first = gold.next();
+        if !gold.any(|score| Some(score) != first) {
+            return Err(SurgeryError::Invalid(format!(
+                "{}: cannot rank by Spearman correlation: it needs at least two scored pairs \
+                 with different gold scores",
+                file.path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Scores `encoder` on each file's scored pairs and, with a teacher, measures agreement on every
 /// distinct sentence of the files.
 pub fn evaluate(
@@ -127,6 +144,7 @@ pub fn evaluate(
     files: &[PairFile],
     teacher: Option<&SentenceEncoder>,
 ) -> Result<EvalReport> {
+    check_rankable(files)?;
     let sentences: Vec<&str> = files
         .iter()
         .flat_map(|f| f.scored())
@@ -141,10 +159,20 @@ pub fn evaluate(
             .scored()
             .map(|(p, gold)| (cosine(table.get(&p.first), table.get(&p.second)), gold))
             .unzip();
+        let rho = spearman(&predicted, &gold);
+        if !rho.is_finite() {
+            // The gold side was checked above: only a model giving every pair one cosine is left.
+            return Err(SurgeryError::Invalid(format!(
+                "{}: Spearman correlation is undefined: the model gives all {} pairs the same \
+                 cosine similarity",
+                file.path.display(),
+                gold.len()
+            )));
+        }
         scores.push(FileScore {
             path: file.path.display().to_string(),
             pairs: gold.len(),
-            spearman: 100.0 * spearman(&predicted, &gold),
+            spearman: 100.0 * rho,
         });
     }
     let teacher_cosine = match teacher {

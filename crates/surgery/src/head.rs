@@ -381,11 +381,9 @@ pub fn write_head_model(
         .map(|(n, t)| (n, t.to_dtype(DType::F32)))
         .collect();
     write_staged(&encoder.bert, source, out, |staging| {
-        safetensors::save(
-            &staging.join("head.safetensors"),
-            &tensors,
-            &BTreeMap::new(),
-        )?;
+        let path = staging.join("head.safetensors");
+        scalpel_models::check_finite(&tensors, &path)?;
+        safetensors::save(&path, &tensors, &BTreeMap::new())?;
         let path = staging.join("head.json");
         let json = serde_json::to_string_pretty(report).expect("a report serialises") + "\n";
         std::fs::write(&path, json).map_err(io_err(&path))

@@ -91,6 +91,49 @@ pub struct HealOptions {
     pub clip: Option<f64>,
 }
 
+impl HealOptions {
+    /// The numeric options must be finite and in range. The CLI checks its flags as it parses
+    /// them; this also covers a resumed run, whose options come from `trainer_state.json`.
+    fn check_ranges(&self) -> Result<()> {
+        let ranges = [
+            ("--lr", self.lr, self.lr > 0.0, "greater than 0"),
+            (
+                "--weight-decay",
+                self.weight_decay,
+                self.weight_decay >= 0.0,
+                "at least 0",
+            ),
+            (
+                "--dropout",
+                self.dropout,
+                (0.0..1.0).contains(&self.dropout),
+                "in [0, 1)",
+            ),
+            (
+                "--clip",
+                self.clip.unwrap_or(1.0),
+                self.clip.is_none_or(|c| c > 0.0),
+                "greater than 0",
+            ),
+            (
+                "--minutes",
+                self.budget.minutes.unwrap_or(1.0),
+                self.budget.minutes.is_none_or(|m| m > 0.0),
+                "greater than 0",
+            ),
+        ];
+        match ranges
+            .iter()
+            .find(|(_, value, in_range, _)| !(value.is_finite() && *in_range))
+        {
+            Some((flag, value, _, range)) => Err(SurgeryError::Invalid(format!(
+                "{flag} {value} is out of range: it must be finite and {range}"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
 mod schedule_name {
     use scalpel_autograd::optim::Schedule;
 
@@ -257,13 +300,9 @@ impl TrainerState {
     /// Reads the state of the checkpoint in `dir`.
     pub fn load(dir: &Path) -> Result<TrainerState> {
         let path = dir.join(TRAINER_STATE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            SurgeryError::Invalid(format!(
-                "{}: not a training checkpoint ({e})",
-                path.display()
-            ))
-        })?;
-        serde_json::from_str(&text)
+        let bytes = scalpel_models::read_limited(&path, scalpel_models::MAX_JSON_BYTES)
+            .map_err(|e| SurgeryError::Invalid(format!("not a training checkpoint: {e}")))?;
+        serde_json::from_slice(&bytes)
             .map_err(|e| SurgeryError::Invalid(format!("{}: {e}", path.display())))
     }
 }
@@ -409,6 +448,8 @@ pub fn heal(
     if data.is_empty() {
         return Err(SurgeryError::Invalid("no training examples".into()));
     }
+    opts.check_ranges()?;
+    crate::eval::check_rankable(eval)?;
     if opts.batch_size == 0 || opts.budget.steps == Some(0) || opts.budget.epochs == Some(0) {
         return Err(SurgeryError::Invalid(
             "--steps, --epochs and --batch-size must be at least 1".into(),

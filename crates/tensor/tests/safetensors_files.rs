@@ -286,7 +286,13 @@ fn header_length_beyond_file_is_rejected() {
         &parse_error(&bytes),
         &["header length 1000", "past the end"],
     );
-    assert_mentions(&parse_error(&u64::MAX.to_le_bytes()), &["past the end"]);
+    assert_mentions(
+        &parse_error(&u64::MAX.to_le_bytes()),
+        &[
+            "header length 18446744073709551615",
+            "limit of 100000000 bytes",
+        ],
+    );
 }
 
 #[test]
@@ -328,7 +334,17 @@ fn header_with_wrong_field_types_is_rejected() {
     let three_offsets = r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8,8]}}"#;
     assert_mentions(
         &parse_error(&file_bytes(three_offsets, &[0; 8])),
+        &["`w`", "more than 2 values", "[start, end]"],
+    );
+    let one_offset = r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[8]}}"#;
+    assert_mentions(
+        &parse_error(&file_bytes(one_offset, &[0; 8])),
         &["`w`", "must be [start, end]"],
+    );
+    let unknown_dtype = r#"{"w":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}"#;
+    assert_mentions(
+        &parse_error(&file_bytes(unknown_dtype, &[0; 8])),
+        &["`w`", "unknown variant `Q4`"],
     );
     let numeric_metadata = r#"{"__metadata__":{"epoch":3}}"#;
     assert_mentions(
@@ -456,4 +472,55 @@ fn save_replaces_an_existing_file() {
     assert_same_tensors(&loaded.tensors, &replacement);
     assert_eq!(loaded.metadata, metadata);
     assert_eq!(dir_entries(&dir), ["model.safetensors"]);
+}
+
+/// `header` over `data_len` zero bytes must be refused with an error mentioning `needles`.
+fn assert_rejected(header: &str, data_len: usize, needles: &[&str]) {
+    assert_mentions(
+        &parse_error(&file_bytes(header, &vec![0; data_len])),
+        needles,
+    );
+}
+
+#[test]
+fn gaps_and_trailing_bytes_are_rejected() {
+    // The reference implementation requires the tensors to cover the data section exactly.
+    let gap = concat!(
+        r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"#,
+        r#""b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#
+    );
+    assert_rejected(gap, 12, &["`b`", "leaves a gap after `a`", "ends at 4"]);
+    let trailing = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    assert_rejected(trailing, 12, &["cover 8 bytes", "holds 12"]);
+}
+
+#[test]
+fn hostile_sizes_are_refused_before_anything_is_allocated() {
+    // A shape whose byte count fits in usize but is far beyond the file: refused by the
+    // offsets check, never allocated (a 16 TiB allocation would abort the test).
+    let huge = 1usize << 42;
+    let entry = |end: usize| {
+        format!(r#"{{"w":{{"dtype":"F32","shape":[{huge}],"data_offsets":[0,{end}]}}}}"#)
+    };
+    assert_rejected(
+        &entry(huge * 4),
+        8,
+        &["`w`", "out of range of the 8-byte data section"],
+    );
+    let needs = format!("needs {}", huge * 4);
+    assert_rejected(&entry(8), 8, &["`w`", "span 8 bytes", &needs]);
+    // A shape of a million dimensions is refused at the 65th, before it is stored.
+    let many_dims = format!(
+        r#"{{"w":{{"dtype":"F32","shape":[{}1],"data_offsets":[0,4]}}}}"#,
+        "1,".repeat(1_000_000)
+    );
+    assert_rejected(&many_dims, 4, &["`w`", "more than 64 values"]);
+}
+
+#[test]
+fn an_empty_file_on_disk_is_truncated() {
+    let path = scratch_dir("empty_file").join("empty.safetensors");
+    fs::write(&path, b"").unwrap();
+    let message = safetensors::load(&path).unwrap_err().to_string();
+    assert_mentions(&message, &["empty.safetensors", "truncated", "0 bytes"]);
 }
