@@ -364,9 +364,9 @@ fn wait_in_flight(addr: SocketAddr, requests: usize) {
 }
 
 /// Copies of the longest fixture line in [`slow_body`].
-const SLOW_INPUTS: usize = 48;
+const SLOW_INPUTS: usize = 128;
 
-/// A request that keeps the worker busy for a while (48 × 256 tokens: about a second on 2
+/// A request that keeps the worker busy for a while (128 × 256 tokens: about 3 s on 2 idle
 /// threads).
 fn slow_body() -> Value {
     json!({ "inputs": vec![fixture_sentences()[LONG_LINE].clone(); SLOW_INPUTS], "truncate": true })

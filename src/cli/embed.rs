@@ -62,7 +62,7 @@ pub fn run(a: Args) -> CliResult {
                 .into());
             }
             let text = String::from_utf8(bytes).map_err(|_| {
-                format!("{}: not valid UTF-8 text (line {line_number})", a.input.display())
+                format!("{}:{line_number}: not valid UTF-8 text", a.input.display())
             })?;
             let text = text.strip_suffix('\n').unwrap_or(&text);
             lines.push(text.strip_suffix('\r').unwrap_or(text).to_string());

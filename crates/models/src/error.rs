@@ -93,13 +93,21 @@ pub fn check_finite<'a>(
 ) -> Result<()> {
     use scalpel_tensor::DType;
     for (name, tensor) in tensors {
+        // A model trained on a device is checked where it is written from: the host.
+        let host;
+        let tensor = if tensor.is_host() {
+            tensor
+        } else {
+            host = tensor.to_host()?;
+            &host
+        };
         let count = match tensor.dtype() {
+            dtype if !dtype.is_float() => 0,
             DType::F32 => tensor
                 .values::<f32>()?
                 .iter()
                 .filter(|x| !x.is_finite())
                 .count(),
-            DType::I64 => 0,
             _ => tensor
                 .to_vec::<f64>()
                 .iter()
