@@ -314,6 +314,8 @@ fn cut_renumbers_layers_and_rewrites_the_config() {
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("surgery.json")).unwrap()).unwrap();
     assert_eq!(record["removed"], json!([0]));
+    // The request as data, not a Rust debug string.
+    assert_eq!(record["reason"], json!({"drop": [0]}));
 }
 
 #[test]

@@ -339,6 +339,7 @@ fn device_auto_says_it_picked_the_cpu_and_matches_device_cpu() {
         let out = scalpel(&[
             "--device",
             device,
+            "--verbose",
             "embed",
             "--model",
             model.to_str().unwrap(),
@@ -365,6 +366,15 @@ fn device_auto_says_it_picked_the_cpu_and_matches_device_cpu() {
     let (stderr, cpu) = embed("cpu", &output.with_extension("cpu"));
     assert!(stderr.contains("device: cpu\n"), "{stderr}");
     assert_eq!(auto, cpu);
+    // Without --verbose: one short line, and none at all for a command that runs no model.
+    let quiet = scalpel(&["embed", "--model", model.to_str().unwrap(), "--input",
+        input.to_str().unwrap(), "--output", output.with_extension("quiet").to_str().unwrap()]);
+    let quiet = String::from_utf8_lossy(&quiet.stderr).into_owned();
+    assert!(quiet.contains("device: cpu (no usable GPU; --verbose says why)\n"), "{quiet}");
+    assert!(!quiet.contains("libcuda"), "{quiet}");
+    let inspect = scalpel(&["inspect", "--model", model.to_str().unwrap()]);
+    assert!(inspect.status.success());
+    assert!(!String::from_utf8_lossy(&inspect.stderr).contains("device:"));
     let bad = scalpel(&[
         "--device",
         "tpu",

@@ -38,6 +38,13 @@ pub struct Args {
     force: bool,
 }
 
+impl Args {
+    /// Only `--auto` runs the model (to score its layers).
+    pub fn computes(&self) -> bool {
+        self.auto.is_some()
+    }
+}
+
 pub fn run(a: Args) -> CliResult {
     if a.metric == MetricArg::All {
         return Err("--metric all cannot choose layers: name one metric for --auto".into());
@@ -56,17 +63,14 @@ pub fn run(a: Args) -> CliResult {
     let bert = Bert::load(&a.model)?;
     let total = bert.num_layers();
     let (kept, reason, scores) = match explicit {
-        Some(selection) => (selection.kept(total)?, format!("{selection:?}"), None),
+        Some(selection) => (selection.kept(total)?, json!(selection), None),
         None => {
             let k = a.auto.expect("matched above");
             let report = a.scoring.run(&a.model, a.metric, Some(k))?;
             let scores = &report.metrics[0];
             let keep = scores.keep.clone().expect("a target was given");
             print!("{}", report.to_table());
-            let reason = format!(
-                "auto: the {k} layers {} ranks highest",
-                scores.metric.name()
-            );
+            let reason = json!({"auto": {"keep": k, "metric": scores.metric.name()}});
             (keep, reason, Some(report))
         }
     };

@@ -18,6 +18,7 @@ pub struct Args {
     /// Output file: JSON lines {"text": ..., "embedding": [...]} (`-`: standard output).
     #[arg(long)]
     output: PathBuf,
+    /// Sentences per forward (sorted by length first, so a batch carries little padding).
     #[arg(long, default_value_t = 32, value_parser = flags::positive)]
     batch_size: usize,
 }

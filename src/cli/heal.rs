@@ -58,10 +58,13 @@ pub struct Args {
     /// Stop after this many minutes of training.
     #[arg(long, value_parser = flags::finite_positive)]
     minutes: Option<f64>,
+    /// Examples per optimisation step (sentences for distillation, pairs for contrastive).
     #[arg(long, default_value_t = 32, value_parser = flags::positive)]
     batch_size: usize,
+    /// Peak learning rate of AdamW (after --warmup, before the --schedule's decay).
     #[arg(long, default_value_t = 1e-4, value_parser = flags::finite_positive)]
     lr: f64,
+    /// AdamW's decoupled weight decay (never applied to biases and LayerNorm parameters).
     #[arg(long, default_value_t = 0.01, value_parser = flags::finite_non_negative)]
     weight_decay: f64,
     #[arg(long, value_enum, default_value_t = LossArg::Mse)]
@@ -72,6 +75,7 @@ pub struct Args {
     /// Visit the data in file order instead of a seeded shuffle.
     #[arg(long)]
     no_shuffle: bool,
+    /// Seeds the data order and the dropout masks: a run is a function of its options and data.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Keep parameters matching this pattern frozen (`*` wildcard; otherwise substring). Repeatable.

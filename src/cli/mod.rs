@@ -44,6 +44,9 @@ pub struct Cli {
     /// (all zero on the CPU).
     #[arg(long, global = true, value_name = "FILE")]
     device_stats: Option<PathBuf>,
+    /// Say more: why `--device auto` chose the CPU (every missing piece of the CUDA setup).
+    #[arg(long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -81,9 +84,14 @@ pub fn run(cli: Cli) -> CliResult {
         scalpel::tensor::threads::set_num_threads(n);
     }
     let (device, fallback) = scalpel::autograd::device::resolve(cli.device)?;
-    match fallback {
-        Some(why) => eprintln!("device: {} ({why})", device.name()),
-        None => eprintln!("device: {}", device.name()),
+    // Said once, where a command computes; the long story only when asked (`scalpel kernels`
+    // reports the CUDA setup in full anyway).
+    if cli.command.computes() {
+        match (fallback, cli.verbose) {
+            (Some(why), true) => eprintln!("device: {} ({why})", device.name()),
+            (Some(_), false) => eprintln!("device: {} (no usable GPU; --verbose says why)", device.name()),
+            (None, _) => eprintln!("device: {}", device.name()),
+        }
     }
     let _ = DEVICE.set(device);
     let result = run_command(cli.command);
@@ -108,6 +116,17 @@ pub fn load_encoder(dir: &Path) -> CliResult<scalpel::models::sentence::Sentence
     let mut encoder = scalpel::models::sentence::SentenceEncoder::load(dir)?;
     encoder.to_device(device())?;
     Ok(encoder)
+}
+
+impl Command {
+    /// Whether the command runs a model (and so where it runs is worth a line).
+    fn computes(&self) -> bool {
+        match self {
+            Command::Cut(a) => a.computes(),
+            Command::Inspect(_) | Command::Kernels(_) | Command::Convert(_) => false,
+            _ => true,
+        }
+    }
 }
 
 fn run_command(command: Command) -> CliResult {

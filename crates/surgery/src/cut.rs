@@ -8,8 +8,10 @@ use scalpel_models::bert::Bert;
 
 use crate::{Result, SurgeryError};
 
-/// Which layers to keep, as a user states it.
-#[derive(Clone, Debug, PartialEq)]
+/// Which layers to keep, as a user states it (recorded in `surgery.json` as
+/// `{"drop": [4, 5]}`, `{"keep": [0, 1]}` or `{"truncate": 4}`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LayerSelection {
     Drop(Vec<usize>),
     Keep(Vec<usize>),
