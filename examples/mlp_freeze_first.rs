@@ -26,7 +26,8 @@ fn main() -> common::Res {
     );
     let after = model.params.to_tensors();
     for name in model.param_names() {
-        let same = before[&name].data().unwrap().as_bytes() == after[&name].data().unwrap().as_bytes();
+        let same =
+            before[&name].data().unwrap().as_bytes() == after[&name].data().unwrap().as_bytes();
         println!("  {name}: {}", if same { "unchanged" } else { "changed" });
     }
     Ok(())

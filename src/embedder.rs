@@ -551,7 +551,9 @@ impl Worker {
             // Every request of this group not yet answered gets the error (as text: a model
             // error is not `Clone`), and the worker goes on with the queue.
             for done in taken.iter_mut().filter_map(|r| r.done.take()) {
-                done(Err(ModelError::Input(format!("forward failed: {failure}")).into()));
+                done(Err(
+                    ModelError::Input(format!("forward failed: {failure}")).into()
+                ));
             }
         }
     }

@@ -28,7 +28,10 @@ const SENTENCES: [&str; 4] = [
 /// (`SCALPEL_EXPECT_GPU`), else the emulator. One test body, every device.
 fn accelerator() -> (&'static str, Device) {
     if gpu_present() {
-        ("cuda", device::cuda(0).expect("SCALPEL_EXPECT_GPU is set but CUDA is unusable"))
+        (
+            "cuda",
+            device::cuda(0).expect("SCALPEL_EXPECT_GPU is set but CUDA is unusable"),
+        )
     } else {
         ("emu", device::emulator())
     }
@@ -144,7 +147,11 @@ fn one_layer_model() -> std::path::PathBuf {
             "0",
             "--force",
         ]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         dir
     })
     .clone()
@@ -155,9 +162,7 @@ fn stats_of(path: &std::path::Path) -> serde_json::Value {
 }
 
 fn count(v: &serde_json::Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {key} in {v}"))
+    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
 }
 
 #[test]
@@ -194,7 +199,11 @@ fn a_heal_step_on_the_emulator_keeps_its_data_on_the_device() {
         "--log",
         log.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let steps: Vec<serde_json::Value> = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
@@ -234,7 +243,9 @@ fn an_embed_on_the_emulator_uploads_the_weights_once() {
     let model = one_layer_model();
     let dir = common::scratch("device_embed");
     let input = dir.join("in.txt");
-    let lines: Vec<String> = (0..8).map(|i| format!("{} {i}", SENTENCES[i % 4])).collect();
+    let lines: Vec<String> = (0..8)
+        .map(|i| format!("{} {i}", SENTENCES[i % 4]))
+        .collect();
     std::fs::write(&input, lines.join("\n")).unwrap();
     let run = |device: &str, output: &std::path::Path, stats: &std::path::Path| {
         let out = scalpel(&[
@@ -252,7 +263,11 @@ fn an_embed_on_the_emulator_uploads_the_weights_once() {
             "--batch-size",
             "2",
         ]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::fs::read_to_string(output).unwrap()
     };
     let (emu_out, cpu_out) = (dir.join("emu.jsonl"), dir.join("cpu.jsonl"));
@@ -270,15 +285,25 @@ fn an_embed_on_the_emulator_uploads_the_weights_once() {
         .sum();
     let h2d = count(&stats, "h2d_bytes");
     assert!(h2d >= weights, "{h2d} < the weights' {weights} bytes");
-    assert!(h2d < weights + 16 * 1024, "{h2d}: more than the weights once plus the batches");
+    assert!(
+        h2d < weights + 16 * 1024,
+        "{h2d}: more than the weights once plus the batches"
+    );
     // Back: 8 embeddings of 384 floats, and nothing else.
     assert_eq!(count(&stats, "d2h_bytes"), 8 * 384 * 4, "{stats}");
     // The same embeddings as the CPU's.
     for (e, c) in emu.lines().zip(cpu.lines()) {
         let e: serde_json::Value = serde_json::from_str(e).unwrap();
         let c: serde_json::Value = serde_json::from_str(c).unwrap();
-        let (e, c) = (e["embedding"].as_array().unwrap(), c["embedding"].as_array().unwrap());
-        let dot: f64 = e.iter().zip(c).map(|(a, b)| a.as_f64().unwrap() * b.as_f64().unwrap()).sum();
+        let (e, c) = (
+            e["embedding"].as_array().unwrap(),
+            c["embedding"].as_array().unwrap(),
+        );
+        let dot: f64 = e
+            .iter()
+            .zip(c)
+            .map(|(a, b)| a.as_f64().unwrap() * b.as_f64().unwrap())
+            .sum();
         assert!(dot > 0.99999, "cosine {dot}");
     }
     assert_eq!(stats_of(&dir.join("cpu.json"))["device"], "cpu");
@@ -367,10 +392,20 @@ fn device_auto_says_it_picked_the_cpu_and_matches_device_cpu() {
     assert!(stderr.contains("device: cpu\n"), "{stderr}");
     assert_eq!(auto, cpu);
     // Without --verbose: one short line, and none at all for a command that runs no model.
-    let quiet = scalpel(&["embed", "--model", model.to_str().unwrap(), "--input",
-        input.to_str().unwrap(), "--output", output.with_extension("quiet").to_str().unwrap()]);
+    let quiet = scalpel(&[
+        "embed",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.with_extension("quiet").to_str().unwrap(),
+    ]);
     let quiet = String::from_utf8_lossy(&quiet.stderr).into_owned();
-    assert!(quiet.contains("device: cpu (no usable GPU; --verbose says why)\n"), "{quiet}");
+    assert!(
+        quiet.contains("device: cpu (no usable GPU; --verbose says why)\n"),
+        "{quiet}"
+    );
     assert!(!quiet.contains("libcuda"), "{quiet}");
     let inspect = scalpel(&["inspect", "--model", model.to_str().unwrap()]);
     assert!(inspect.status.success());
@@ -390,7 +425,11 @@ fn device_auto_says_it_picked_the_cpu_and_matches_device_cpu() {
 fn bench_kernels_times_every_family_on_the_emulator() {
     let out = scalpel(&["--device", "emu", "bench", "kernels", "--json"]);
     // (On a GPU, scripts/gpu_check.sh runs `bench kernels --device cuda` at full size itself.)
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let kernels: std::collections::BTreeSet<&str> =
         rows.iter().map(|r| r["kernel"].as_str().unwrap()).collect();
@@ -404,7 +443,10 @@ fn bench_kernels_times_every_family_on_the_emulator() {
         "embedding_forward",
         "adamw_step",
     ] {
-        assert!(kernels.contains(family), "{family} missing from {kernels:?}");
+        assert!(
+            kernels.contains(family),
+            "{family} missing from {kernels:?}"
+        );
     }
     for r in &rows {
         let ms = r["ms"].as_f64().unwrap();

@@ -110,11 +110,20 @@ fn save_load_round_trip_is_exact() {
     let x = inputs(5);
     let (a, b) = (model.forward(&x).unwrap(), loaded.forward(&x).unwrap());
     assert_eq!(a.shape(), [5, 3]);
-    assert_eq!(a.value().data().unwrap().as_bytes(), b.value().data().unwrap().as_bytes());
+    assert_eq!(
+        a.value().data().unwrap().as_bytes(),
+        b.value().data().unwrap().as_bytes()
+    );
     // The seed determines the initialisation.
     let other = Sequential::init(spec(), 43).unwrap();
     assert_ne!(
-        other.forward(&x).unwrap().value().data().unwrap().as_bytes(),
+        other
+            .forward(&x)
+            .unwrap()
+            .value()
+            .data()
+            .unwrap()
+            .as_bytes(),
         a.value().data().unwrap().as_bytes()
     );
 }
@@ -151,7 +160,8 @@ fn freezing_the_first_n_parameters_keeps_them_bit_identical() {
     );
     let after = model.params.to_tensors();
     for name in model.param_names() {
-        let same = before[&name].data().unwrap().as_bytes() == after[&name].data().unwrap().as_bytes();
+        let same =
+            before[&name].data().unwrap().as_bytes() == after[&name].data().unwrap().as_bytes();
         assert_eq!(
             same,
             frozen.contains(&name),

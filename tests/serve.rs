@@ -43,9 +43,17 @@ fn fixture_embeddings() -> Vec<f32> {
 
 fn assert_match_fixture(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (a, b)) in got.chunks_exact(DIM).zip(want.chunks_exact(DIM)).enumerate() {
+    for (i, (a, b)) in got
+        .chunks_exact(DIM)
+        .zip(want.chunks_exact(DIM))
+        .enumerate()
+    {
         let cos = cosine(a, b);
-        assert!(cos >= 0.99999, "{what}, line {}: cosine {cos} < 0.99999", i + 1);
+        assert!(
+            cos >= 0.99999,
+            "{what}, line {}: cosine {cos} < 0.99999",
+            i + 1
+        );
     }
 }
 
@@ -77,7 +85,9 @@ impl TestServer {
                 serve::serve(listener, app, shutdown).await.unwrap();
             });
         });
-        let addr = addr.recv_timeout(Duration::from_secs(30)).expect("server bound");
+        let addr = addr
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server bound");
         TestServer {
             addr,
             stop: Some(stop),
@@ -96,9 +106,17 @@ impl Drop for TestServer {
 }
 
 /// One HTTP/1.1 exchange on a fresh connection: `(status, body)`.
-fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
         body.len()
@@ -113,9 +131,13 @@ fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], bo
     let mut response = Vec::new();
     stream.read_to_end(&mut response).unwrap();
     let text = String::from_utf8(response).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a complete HTTP response");
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .expect("a complete HTTP response");
     assert!(
-        !head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
         "this client reads content-length bodies only"
     );
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
@@ -128,7 +150,8 @@ fn post(addr: SocketAddr, path: &str, body: &Value) -> (u16, Value) {
 
 fn post_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Value) {
     let (status, text) = http(addr, "POST", path, headers, body);
-    let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path} {status}: not JSON ({e}): {text}"));
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{path} {status}: not JSON ({e}): {text}"));
     (status, value)
 }
 
@@ -136,13 +159,20 @@ fn post_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &[u8]
 fn assert_error(got: (u16, Value), status: u16, kind: &str, what: &str) {
     assert_eq!(got.0, status, "{what}: {}", got.1);
     assert_eq!(got.1["error_type"], kind, "{what}: {}", got.1);
-    assert!(got.1["error"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {}", got.1);
+    assert!(
+        got.1["error"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: {}",
+        got.1
+    );
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
-
 
 #[test]
 fn embed_route_matches_sentence_transformers() {
@@ -150,15 +180,27 @@ fn embed_route_matches_sentence_transformers() {
         auto_truncate: true,
         ..ServeConfig::default()
     });
-    let (status, body) = post(server.addr, "/embed", &json!({ "inputs": fixture_sentences() }));
+    let (status, body) = post(
+        server.addr,
+        "/embed",
+        &json!({ "inputs": fixture_sentences() }),
+    );
     assert_eq!(status, 200, "{body}");
     let got: Vec<f32> = body.as_array().unwrap().iter().flat_map(floats).collect();
     assert_match_fixture(&got, &fixture_embeddings(), "/embed");
 
-    let (status, one) = post(server.addr, "/embed", &json!({ "inputs": fixture_sentences()[3] }));
+    let (status, one) = post(
+        server.addr,
+        "/embed",
+        &json!({ "inputs": fixture_sentences()[3] }),
+    );
     assert_eq!(status, 200);
     assert_eq!(one.as_array().unwrap().len(), 1);
-    assert_match_fixture(&floats(&one[0]), &fixture_embeddings()[3 * DIM..4 * DIM], "/embed one string");
+    assert_match_fixture(
+        &floats(&one[0]),
+        &fixture_embeddings()[3 * DIM..4 * DIM],
+        "/embed one string",
+    );
 
     // normalize: false gives the mean-pooled vector, the same direction at another length.
     let (status, raw) = post(
@@ -180,8 +222,15 @@ fn openai_route_float_base64_and_token_ids_match_sentence_transformers() {
         ..ServeConfig::default()
     });
     let want = fixture_embeddings();
-    let tokens: Value = serde_json::from_str(&std::fs::read_to_string(fixture("minilm/tokens.json")).unwrap()).unwrap();
-    let token_count: usize = tokens["tokens"].as_array().unwrap().iter().map(|t| t.as_array().unwrap().len()).sum();
+    let tokens: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("minilm/tokens.json")).unwrap())
+            .unwrap();
+    let token_count: usize = tokens["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_array().unwrap().len())
+        .sum();
     for format in ["float", "base64"] {
         let (status, body) = post(
             server.addr,
@@ -191,7 +240,10 @@ fn openai_route_float_base64_and_token_ids_match_sentence_transformers() {
         assert_eq!(status, 200, "{format}: {body}");
         assert_eq!(body["object"], "list");
         assert_eq!(body["model"], "all-MiniLM-L6-v2");
-        assert_eq!(body["usage"]["prompt_tokens"], token_count, "{format}: tokens after truncation");
+        assert_eq!(
+            body["usage"]["prompt_tokens"], token_count,
+            "{format}: tokens after truncation"
+        );
         assert_eq!(body["usage"]["total_tokens"], token_count);
         let data = body["data"].as_array().unwrap();
         let mut got = Vec::new();
@@ -211,29 +263,66 @@ fn openai_route_float_base64_and_token_ids_match_sentence_transformers() {
         assert_match_fixture(&got, &want, &format!("/v1/embeddings {format}"));
     }
     // Token ids as sentence-transformers' tokenizer made them, one list and a list of lists.
-    let (status, body) = post(server.addr, "/v1/embeddings", &json!({ "input": tokens["tokens"], "model": "m" }));
+    let (status, body) = post(
+        server.addr,
+        "/v1/embeddings",
+        &json!({ "input": tokens["tokens"], "model": "m" }),
+    );
     assert_eq!(status, 200, "{body}");
-    let got: Vec<f32> = body["data"].as_array().unwrap().iter().flat_map(|d| floats(&d["embedding"])).collect();
+    let got: Vec<f32> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|d| floats(&d["embedding"]))
+        .collect();
     assert_match_fixture(&got, &want, "/v1/embeddings token ids");
-    let (status, body) = post(server.addr, "/v1/embeddings", &json!({ "input": tokens["tokens"][5], "model": "m" }));
+    let (status, body) = post(
+        server.addr,
+        "/v1/embeddings",
+        &json!({ "input": tokens["tokens"][5], "model": "m" }),
+    );
     assert_eq!(status, 200, "{body}");
-    assert_match_fixture(&floats(&body["data"][0]["embedding"]), &want[5 * DIM..6 * DIM], "one id list");
+    assert_match_fixture(
+        &floats(&body["data"][0]["embedding"]),
+        &want[5 * DIM..6 * DIM],
+        "one id list",
+    );
 }
 
 #[test]
 fn server_embeddings_equal_scalpel_embed_through_stdin_and_stdout() {
     let sentences = fixture_sentences();
     let mut child = Command::new(env!("CARGO_BIN_EXE_scalpel"))
-        .args(["embed", "--input", "-", "--output", "-", "--threads", "2", "--device", "cpu", "--model"])
+        .args([
+            "embed",
+            "--input",
+            "-",
+            "--output",
+            "-",
+            "--threads",
+            "2",
+            "--device",
+            "cpu",
+            "--model",
+        ])
         .arg(minilm_dir())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(sentences.join("\n").as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(sentences.join("\n").as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -251,7 +340,11 @@ fn server_embeddings_equal_scalpel_embed_through_stdin_and_stdout() {
         assert_eq!(line["text"], sentences[i]);
         let diff = max_abs_diff(&floats(&line["embedding"]), &floats(served));
         // Different batch compositions (32 per forward on the CLI, one forward here).
-        assert!(diff <= 1e-6, "line {}: CLI vs server max |Δ| = {diff:e}", i + 1);
+        assert!(
+            diff <= 1e-6,
+            "line {}: CLI vs server max |Δ| = {diff:e}",
+            i + 1
+        );
     }
 }
 
@@ -260,29 +353,75 @@ fn malformed_bodies_are_400_and_422_with_json_errors() {
     let server = TestServer::start(ServeConfig::default());
     for route in ["/embed", "/v1/embeddings"] {
         let not_json = post_with(server.addr, route, &[], b"{\"inputs\": [\"a\"");
-        assert_error(not_json, 400, "validation", &format!("{route}: truncated JSON"));
+        assert_error(
+            not_json,
+            400,
+            "validation",
+            &format!("{route}: truncated JSON"),
+        );
     }
     let wrong_shape = post(server.addr, "/embed", &json!({ "inputs": 5 }));
     assert_error(wrong_shape, 422, "validation", "inputs: 5");
     let missing = post(server.addr, "/v1/embeddings", &json!({ "inputs": "a" }));
     assert_error(missing, 422, "validation", "no `input`");
-    let format = post(server.addr, "/v1/embeddings", &json!({ "input": "a", "encoding_format": "hex" }));
+    let format = post(
+        server.addr,
+        "/v1/embeddings",
+        &json!({ "input": "a", "encoding_format": "hex" }),
+    );
     assert_error(format, 422, "validation", "encoding_format hex");
-    let unknown_id = post(server.addr, "/v1/embeddings", &json!({ "input": [101, 999999, 102] }));
-    assert_error(unknown_id, 422, "validation", "token id outside the vocabulary");
+    let unknown_id = post(
+        server.addr,
+        "/v1/embeddings",
+        &json!({ "input": [101, 999999, 102] }),
+    );
+    assert_error(
+        unknown_id,
+        422,
+        "validation",
+        "token id outside the vocabulary",
+    );
     let (status, body) = http(server.addr, "GET", "/nowhere", &[], b"");
     assert_eq!(status, 404);
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error_type"], "not_found");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error_type"],
+        "not_found"
+    );
 }
 
 #[test]
 fn empty_inputs_are_422() {
     let server = TestServer::start(ServeConfig::default());
-    assert_error(post(server.addr, "/embed", &json!({ "inputs": [] })), 422, "empty", "no inputs");
-    assert_error(post(server.addr, "/embed", &json!({ "inputs": "" })), 422, "empty", "empty text");
-    assert_error(post(server.addr, "/embed", &json!({ "inputs": ["a", ""] })), 422, "empty", "one empty text");
-    assert_error(post(server.addr, "/v1/embeddings", &json!({ "input": [] })), 422, "empty", "openai: no inputs");
-    assert_error(post(server.addr, "/v1/embeddings", &json!({ "input": [[]] })), 422, "empty", "openai: empty ids");
+    assert_error(
+        post(server.addr, "/embed", &json!({ "inputs": [] })),
+        422,
+        "empty",
+        "no inputs",
+    );
+    assert_error(
+        post(server.addr, "/embed", &json!({ "inputs": "" })),
+        422,
+        "empty",
+        "empty text",
+    );
+    assert_error(
+        post(server.addr, "/embed", &json!({ "inputs": ["a", ""] })),
+        422,
+        "empty",
+        "one empty text",
+    );
+    assert_error(
+        post(server.addr, "/v1/embeddings", &json!({ "input": [] })),
+        422,
+        "empty",
+        "openai: no inputs",
+    );
+    assert_error(
+        post(server.addr, "/v1/embeddings", &json!({ "input": [[]] })),
+        422,
+        "empty",
+        "openai: empty ids",
+    );
 }
 
 #[test]
@@ -293,22 +432,59 @@ fn limits_are_413_and_auto_truncate_lifts_the_length_one() {
         ..ServeConfig::default()
     });
     let five = json!({ "inputs": ["a", "b", "c", "d", "e"] });
-    assert_error(post(server.addr, "/embed", &five), 413, "validation", "5 inputs over 4");
-    assert_error(post(server.addr, "/v1/embeddings", &json!({ "input": ["a", "b", "c", "d", "e"] })), 413, "validation", "openai: 5 inputs over 4");
-    let (status, _) = post(server.addr, "/embed", &json!({ "inputs": ["a", "b", "c", "d"] }));
+    assert_error(
+        post(server.addr, "/embed", &five),
+        413,
+        "validation",
+        "5 inputs over 4",
+    );
+    assert_error(
+        post(
+            server.addr,
+            "/v1/embeddings",
+            &json!({ "input": ["a", "b", "c", "d", "e"] }),
+        ),
+        413,
+        "validation",
+        "openai: 5 inputs over 4",
+    );
+    let (status, _) = post(
+        server.addr,
+        "/embed",
+        &json!({ "inputs": ["a", "b", "c", "d"] }),
+    );
     assert_eq!(status, 200, "4 inputs are within the limit");
 
     let big = json!({ "inputs": "word ".repeat(1000) }).to_string();
     assert!(big.len() > 4000);
-    assert_error(post_with(server.addr, "/embed", &[], big.as_bytes()), 413, "payload_too_large", "body over 4000 bytes");
+    assert_error(
+        post_with(server.addr, "/embed", &[], big.as_bytes()),
+        413,
+        "payload_too_large",
+        "body over 4000 bytes",
+    );
 
     let long = fixture_sentences()[LONG_LINE].clone();
     assert!(long.len() < 3900, "the long line fits the payload limit");
-    assert_error(post(server.addr, "/embed", &json!({ "inputs": long })), 413, "validation", "input over 256 tokens");
-    assert_error(post(server.addr, "/v1/embeddings", &json!({ "input": long })), 413, "validation", "openai: input over 256 tokens");
+    assert_error(
+        post(server.addr, "/embed", &json!({ "inputs": long })),
+        413,
+        "validation",
+        "input over 256 tokens",
+    );
+    assert_error(
+        post(server.addr, "/v1/embeddings", &json!({ "input": long })),
+        413,
+        "validation",
+        "openai: input over 256 tokens",
+    );
     // The request's own `truncate` allows it, as does --auto-truncate.
     let want = &fixture_embeddings()[LONG_LINE * DIM..(LONG_LINE + 1) * DIM];
-    let (status, body) = post(server.addr, "/embed", &json!({ "inputs": long, "truncate": true }));
+    let (status, body) = post(
+        server.addr,
+        "/embed",
+        &json!({ "inputs": long, "truncate": true }),
+    );
     assert_eq!(status, 200, "{body}");
     assert_match_fixture(&floats(&body[0]), want, "truncate: true");
     let truncating = TestServer::start(ServeConfig {
@@ -317,7 +493,11 @@ fn limits_are_413_and_auto_truncate_lifts_the_length_one() {
     });
     let (status, body) = post(truncating.addr, "/v1/embeddings", &json!({ "input": long }));
     assert_eq!(status, 200, "{body}");
-    assert_match_fixture(&floats(&body["data"][0]["embedding"]), want, "--auto-truncate");
+    assert_match_fixture(
+        &floats(&body["data"][0]["embedding"]),
+        want,
+        "--auto-truncate",
+    );
     assert_eq!(body["usage"]["prompt_tokens"], 256);
 }
 
@@ -328,20 +508,40 @@ fn a_wrong_api_key_is_401() {
         ..ServeConfig::default()
     });
     let body = json!({ "inputs": "hello" }).to_string();
-    assert_error(post_with(server.addr, "/embed", &[], body.as_bytes()), 401, "unauthorized", "no key");
     assert_error(
-        post_with(server.addr, "/embed", &[("Authorization", "Bearer open")], body.as_bytes()),
+        post_with(server.addr, "/embed", &[], body.as_bytes()),
+        401,
+        "unauthorized",
+        "no key",
+    );
+    assert_error(
+        post_with(
+            server.addr,
+            "/embed",
+            &[("Authorization", "Bearer open")],
+            body.as_bytes(),
+        ),
         401,
         "unauthorized",
         "wrong key",
     );
     assert_error(
-        post_with(server.addr, "/v1/embeddings", &[("Authorization", "sesame")], json!({ "input": "x" }).to_string().as_bytes()),
+        post_with(
+            server.addr,
+            "/v1/embeddings",
+            &[("Authorization", "sesame")],
+            json!({ "input": "x" }).to_string().as_bytes(),
+        ),
         401,
         "unauthorized",
         "key without Bearer",
     );
-    let (status, _) = post_with(server.addr, "/embed", &[("Authorization", "Bearer sesame")], body.as_bytes());
+    let (status, _) = post_with(
+        server.addr,
+        "/embed",
+        &[("Authorization", "Bearer sesame")],
+        body.as_bytes(),
+    );
     assert_eq!(status, 200);
     let (status, _) = http(server.addr, "GET", "/info", &[], b"");
     assert_eq!(status, 401);
@@ -358,7 +558,10 @@ fn wait_in_flight(addr: SocketAddr, requests: usize) {
         if text.lines().any(|l| l == want) {
             return;
         }
-        assert!(Instant::now() < deadline, "no request in flight after 60 s:\n{text}");
+        assert!(
+            Instant::now() < deadline,
+            "no request in flight after 60 s:\n{text}"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -384,8 +587,16 @@ fn past_max_concurrent_requests_is_429_at_once() {
     let started = Instant::now();
     let refused = post(addr, "/embed", &json!({ "inputs": "hello" }));
     let waited = started.elapsed();
-    assert_error(refused, 429, "overloaded", "second request with one allowed");
-    assert!(waited < Duration::from_secs(2), "the 429 came after {waited:?}, not at once");
+    assert_error(
+        refused,
+        429,
+        "overloaded",
+        "second request with one allowed",
+    );
+    assert!(
+        waited < Duration::from_secs(2),
+        "the 429 came after {waited:?}, not at once"
+    );
     let (status, body) = slow.join().unwrap();
     assert_eq!(status, 200);
     assert_eq!(body.as_array().unwrap().len(), SLOW_INPUTS);
@@ -422,7 +633,10 @@ fn health_info_and_metrics() {
     assert!(count(r#"scalpel_request_duration_seconds_count{route="/embed",status="200"}"#) >= 1.0);
     assert!(count("scalpel_batch_size_count") >= 1.0);
     assert!(count("scalpel_batch_tokens_sum") >= 2.0);
-    assert!(count("scalpel_tokens_total") >= 6.0, "[CLS] one [SEP], [CLS] two [SEP]");
+    assert!(
+        count("scalpel_tokens_total") >= 6.0,
+        "[CLS] one [SEP], [CLS] two [SEP]"
+    );
     assert!(count("scalpel_forward_tokens_per_second") > 0.0);
     count("scalpel_queue_requests");
     count("scalpel_queue_sequences");
@@ -431,7 +645,17 @@ fn health_info_and_metrics() {
 #[test]
 fn sigterm_stops_accepting_answers_what_is_in_flight_and_exits_0() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_scalpel"))
-        .args(["serve", "--port", "0", "--threads", "2", "--device", "cpu", "--auto-truncate", "--model"])
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--threads",
+            "2",
+            "--device",
+            "cpu",
+            "--auto-truncate",
+            "--model",
+        ])
         .arg(minilm_dir())
         .stderr(Stdio::piped())
         .spawn()
@@ -451,7 +675,10 @@ fn sigterm_stops_accepting_answers_what_is_in_flight_and_exits_0() {
     let addr = addr.expect("the server printed its address");
     let slow = std::thread::spawn(move || post(addr, "/embed", &slow_body()));
     wait_in_flight(addr, 1);
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(killed.success());
     let (status, body) = slow.join().unwrap();
     assert_eq!(status, 200, "the request in flight at SIGTERM is answered");
@@ -461,14 +688,23 @@ fn sigterm_stops_accepting_answers_what_is_in_flight_and_exits_0() {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "the server did not exit within 60 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "the server did not exit within 60 s of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut rest = String::new();
     stderr.read_to_string(&mut rest).unwrap();
     assert!(exit.success(), "exit {exit:?}: {rest}");
-    assert!(rest.contains("every admitted request has been answered"), "{rest}");
-    assert!(TcpStream::connect(addr).is_err(), "still accepting after shutdown");
+    assert!(
+        rest.contains("every admitted request has been answered"),
+        "{rest}"
+    );
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "still accepting after shutdown"
+    );
 }
 
 #[test]
@@ -485,9 +721,12 @@ fn concurrent_callers_get_one_threads_results() {
                 s.spawn(move || {
                     let mut got = Vec::new();
                     for round in 0..2 {
-                        let order: Vec<usize> = (0..sentences.len()).map(|i| (i * (2 * t + 1) + round) % sentences.len()).collect();
+                        let order: Vec<usize> = (0..sentences.len())
+                            .map(|i| (i * (2 * t + 1) + round) % sentences.len())
+                            .collect();
                         for chunk in order.chunks(t + 3) {
-                            let texts: Vec<&str> = chunk.iter().map(|&i| sentences[i].as_str()).collect();
+                            let texts: Vec<&str> =
+                                chunk.iter().map(|&i| sentences[i].as_str()).collect();
                             let rows = embedder.embed(&texts).unwrap();
                             got.extend(chunk.iter().copied().zip(rows));
                         }
@@ -502,7 +741,10 @@ fn concurrent_callers_get_one_threads_results() {
         assert_eq!(got.len(), 2 * sentences.len());
         for (i, row) in got {
             let diff = max_abs_diff(row, &alone[*i]);
-            assert!(diff <= 1e-6, "thread {t}, sentence {i}: max |Δ| = {diff:e} against one caller");
+            assert!(
+                diff <= 1e-6,
+                "thread {t}, sentence {i}: max |Δ| = {diff:e} against one caller"
+            );
         }
     }
 }
@@ -524,17 +766,31 @@ fn queued_requests_share_forwards_within_the_token_budget() {
     for (i, text) in texts.iter().enumerate() {
         let ids = embedder.tokenize(i, text, false).unwrap();
         let send = send.clone();
-        embedder.submit(vec![ids], Normalize::AsModel, move |rows| send.send((i, rows)).unwrap());
+        embedder.submit(vec![ids], Normalize::AsModel, move |rows| {
+            send.send((i, rows)).unwrap()
+        });
     }
     let want = fixture_embeddings();
     for _ in 0..texts.len() {
-        let (i, rows) = receive.recv_timeout(Duration::from_secs(120)).expect("every request answered");
-        assert_match_fixture(&rows.unwrap(), &want[i * DIM..(i + 1) * DIM], &format!("request {i}"));
+        let (i, rows) = receive
+            .recv_timeout(Duration::from_secs(120))
+            .expect("every request answered");
+        assert_match_fixture(
+            &rows.unwrap(),
+            &want[i * DIM..(i + 1) * DIM],
+            &format!("request {i}"),
+        );
     }
     let before = {
         let reports = reports.lock().unwrap();
-        assert_eq!(reports.iter().map(|r| r.sequences).sum::<usize>(), texts.len());
-        assert!(reports.iter().all(|r| r.padded_tokens <= 256), "a forward over the budget: {reports:?}");
+        assert_eq!(
+            reports.iter().map(|r| r.sequences).sum::<usize>(),
+            texts.len()
+        );
+        assert!(
+            reports.iter().all(|r| r.padded_tokens <= 256),
+            "a forward over the budget: {reports:?}"
+        );
         assert!(
             reports.iter().any(|r| r.requests > 1),
             "no two queued requests shared a forward: {reports:?}"
@@ -546,29 +802,73 @@ fn queued_requests_share_forwards_within_the_token_budget() {
     assert_match_fixture(&rows.concat(), &want, "split request");
     let reports = reports.lock().unwrap();
     let split = &reports[before..];
-    assert!(split.len() >= 2, "44 sentences, one of 256 tokens, in {} forward(s)", split.len());
-    assert!(split.iter().all(|r| r.padded_tokens <= 256 && r.requests == 1), "{split:?}");
-    assert_eq!(split.iter().map(|r| r.sequences).sum::<usize>(), sentences.len());
+    assert!(
+        split.len() >= 2,
+        "44 sentences, one of 256 tokens, in {} forward(s)",
+        split.len()
+    );
+    assert!(
+        split
+            .iter()
+            .all(|r| r.padded_tokens <= 256 && r.requests == 1),
+        "{split:?}"
+    );
+    assert_eq!(
+        split.iter().map(|r| r.sequences).sum::<usize>(),
+        sentences.len()
+    );
 }
 
 #[test]
 fn embedder_errors_name_the_problem() {
-    let missing = Embedder::builder("/nonexistent/model").build().err().expect("no model there");
-    assert!(matches!(missing, EmbedError::Model(_)) && missing.to_string().contains("/nonexistent/model"), "{missing}");
-    let threads = Embedder::builder(minilm_dir()).threads(0).build().err().unwrap();
+    let missing = Embedder::builder("/nonexistent/model")
+        .build()
+        .err()
+        .expect("no model there");
+    assert!(
+        matches!(missing, EmbedError::Model(_))
+            && missing.to_string().contains("/nonexistent/model"),
+        "{missing}"
+    );
+    let threads = Embedder::builder(minilm_dir())
+        .threads(0)
+        .build()
+        .err()
+        .unwrap();
     assert!(threads.to_string().contains("threads"), "{threads}");
-    let budget = Embedder::builder(minilm_dir()).max_batch_tokens(100).build().err().unwrap();
-    assert!(budget.to_string().contains("(100)") && budget.to_string().contains("(256)"), "{budget}");
+    let budget = Embedder::builder(minilm_dir())
+        .max_batch_tokens(100)
+        .build()
+        .err()
+        .unwrap();
+    assert!(
+        budget.to_string().contains("(100)") && budget.to_string().contains("(256)"),
+        "{budget}"
+    );
     let (embedder, _) = shared();
     let mut out = vec![0f32; DIM];
     match embedder.embed_into(&["a", "b"], &mut out) {
-        Err(EmbedError::OutputSize { expected, got }) => assert_eq!((expected, got), (2 * DIM, DIM)),
+        Err(EmbedError::OutputSize { expected, got }) => {
+            assert_eq!((expected, got), (2 * DIM, DIM))
+        }
         other => panic!("{other:?}"),
     }
     match embedder.tokenize(7, &fixture_sentences()[LONG_LINE], false) {
-        Err(EmbedError::TooLong { index: 7, tokens, limit: 256 }) => assert!(tokens > 256, "{tokens}"),
+        Err(EmbedError::TooLong {
+            index: 7,
+            tokens,
+            limit: 256,
+        }) => assert!(tokens > 256, "{tokens}"),
         other => panic!("{other:?}"),
     }
-    assert_eq!(embedder.tokenize(7, &fixture_sentences()[LONG_LINE], true).unwrap().len(), 256);
-    embedder.embed_into(&["a", "b"], &mut vec![0f32; 2 * DIM]).unwrap();
+    assert_eq!(
+        embedder
+            .tokenize(7, &fixture_sentences()[LONG_LINE], true)
+            .unwrap()
+            .len(),
+        256
+    );
+    embedder
+        .embed_into(&["a", "b"], &mut vec![0f32; 2 * DIM])
+        .unwrap();
 }

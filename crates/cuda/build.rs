@@ -192,7 +192,10 @@ fn main() {
 
     // Headers the kernel files include, handed to NVRTC from memory.
     let mut headers = String::new();
-    for path in std::fs::read_dir(&kernels_dir).unwrap().map(|e| e.unwrap().path()) {
+    for path in std::fs::read_dir(&kernels_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+    {
         if path.extension().is_some_and(|x| x == "cuh") {
             println!("cargo:rerun-if-changed={}", path.display());
             let _ = writeln!(

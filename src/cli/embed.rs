@@ -32,7 +32,8 @@ pub fn run(a: Args) -> CliResult {
     let mut input: Box<dyn BufRead> = if a.input == dash {
         Box::new(std::io::stdin().lock())
     } else {
-        let file = std::fs::File::open(&a.input).map_err(|e| format!("{}: {e}", a.input.display()))?;
+        let file =
+            std::fs::File::open(&a.input).map_err(|e| format!("{}: {e}", a.input.display()))?;
         Box::new(std::io::BufReader::new(file))
     };
     let mut output = Output::create(&a.output, &[&a.input, &a.model])?;
@@ -72,8 +73,12 @@ pub fn run(a: Args) -> CliResult {
             break;
         }
         for (text, row) in lines.iter().zip(embedder.embed(&lines)?) {
-            writeln!(output.writer, "{}", json!({ "text": text, "embedding": row }))
-                .map_err(|e| format!("{}: {e}", a.output.display()))?;
+            writeln!(
+                output.writer,
+                "{}",
+                json!({ "text": text, "embedding": row })
+            )
+            .map_err(|e| format!("{}: {e}", a.output.display()))?;
         }
         total += lines.len();
     }

@@ -31,11 +31,7 @@ pub fn run(a: Args) -> CliResult {
         return Err(format!("{}: no scored pairs to evaluate", f.path.display()).into());
     }
     let model = super::load_encoder(&a.model)?;
-    let teacher = a
-        .teacher
-        .as_deref()
-        .map(super::load_encoder)
-        .transpose()?;
+    let teacher = a.teacher.as_deref().map(super::load_encoder).transpose()?;
     let report = evaluate(&model, &files, teacher.as_ref())?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -89,7 +89,10 @@ pub fn run(cli: Cli) -> CliResult {
     if cli.command.computes() {
         match (fallback, cli.verbose) {
             (Some(why), true) => eprintln!("device: {} ({why})", device.name()),
-            (Some(_), false) => eprintln!("device: {} (no usable GPU; --verbose says why)", device.name()),
+            (Some(_), false) => eprintln!(
+                "device: {} (no usable GPU; --verbose says why)",
+                device.name()
+            ),
             (None, _) => eprintln!("device: {}", device.name()),
         }
     }
@@ -164,7 +167,11 @@ pub fn staging_path(path: &Path, inputs: &[&Path]) -> CliResult<PathBuf> {
     {
         return Err(format!("{}: refusing to overwrite an input file", path.display()).into());
     }
-    Ok(PathBuf::from(format!("{}.tmp-{}", path.display(), std::process::id())))
+    Ok(PathBuf::from(format!(
+        "{}.tmp-{}",
+        path.display(),
+        std::process::id()
+    )))
 }
 
 /// Renames the complete `tmp` to `path` (removing `tmp` if that fails).

@@ -1,6 +1,5 @@
 use std::path::PathBuf;
 
-
 use scalpel::surgery::data::read_lines;
 
 use super::{flags, CliResult};

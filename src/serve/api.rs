@@ -112,10 +112,18 @@ impl AppState {
     }
 
     /// Records the request's status and latency under `route`.
-    fn finish(&self, route: &str, started: Instant, result: Result<Response, ApiError>) -> Response {
+    fn finish(
+        &self,
+        route: &str,
+        started: Instant,
+        result: Result<Response, ApiError>,
+    ) -> Response {
         let response = result.unwrap_or_else(IntoResponse::into_response);
-        self.metrics
-            .observe_request(route, response.status().as_u16(), started.elapsed().as_secs_f64());
+        self.metrics.observe_request(
+            route,
+            response.status().as_u16(),
+            started.elapsed().as_secs_f64(),
+        );
         response
     }
 
@@ -128,7 +136,11 @@ impl AppState {
         normalize: Normalize,
     ) -> Result<(Vec<f32>, usize), ApiError> {
         if inputs.is_empty() {
-            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "empty", "no inputs"));
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "empty",
+                "no inputs",
+            ));
         }
         if inputs.len() > self.config.max_client_batch_size {
             return Err(ApiError::new(
@@ -245,19 +257,25 @@ pub(super) async fn embed(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    post_route(state, "/embed", headers, body, |state, request: EmbedRequest| async move {
-        let truncate = request.truncate.unwrap_or(state.config.auto_truncate);
-        let normalize = if request.normalize {
-            Normalize::Yes
-        } else {
-            Normalize::No
-        };
-        let (rows, _) = state
-            .embeddings(request.inputs.into_inputs(), truncate, normalize)
-            .await?;
-        let vectors: Vec<&[f32]> = rows.chunks_exact(state.embedder.dim()).collect();
-        Ok(Json(vectors).into_response())
-    })
+    post_route(
+        state,
+        "/embed",
+        headers,
+        body,
+        |state, request: EmbedRequest| async move {
+            let truncate = request.truncate.unwrap_or(state.config.auto_truncate);
+            let normalize = if request.normalize {
+                Normalize::Yes
+            } else {
+                Normalize::No
+            };
+            let (rows, _) = state
+                .embeddings(request.inputs.into_inputs(), truncate, normalize)
+                .await?;
+            let vectors: Vec<&[f32]> = rows.chunks_exact(state.embedder.dim()).collect();
+            Ok(Json(vectors).into_response())
+        },
+    )
     .await
 }
 
@@ -307,37 +325,43 @@ pub(super) async fn openai_embeddings(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    post_route(state, "/v1/embeddings", headers, body, |state, request: OpenAiRequest| async move {
-        let inputs = match request.input {
-            OpenAiInput::Texts(texts) => texts.into_inputs(),
-            OpenAiInput::Ids(ids) => vec![Input::Ids(ids)],
-            OpenAiInput::IdLists(lists) => lists.into_iter().map(Input::Ids).collect(),
-        };
-        let (rows, tokens) = state
-            .embeddings(inputs, state.config.auto_truncate, Normalize::AsModel)
-            .await?;
-        let data: Vec<OpenAiEmbedding> = rows
-            .chunks_exact(state.embedder.dim())
-            .enumerate()
-            .map(|(index, row)| OpenAiEmbedding {
-                object: "embedding",
-                index,
-                embedding: match request.encoding_format {
-                    EncodingFormat::Float => OpenAiVector::Float(row),
-                    EncodingFormat::Base64 => OpenAiVector::Base64(
-                        base64::engine::general_purpose::STANDARD.encode(le_bytes(row)),
-                    ),
-                },
-            })
-            .collect();
-        Ok(Json(json!({
-            "object": "list",
-            "data": data,
-            "model": state.model_name,
-            "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
-        }))
-        .into_response())
-    })
+    post_route(
+        state,
+        "/v1/embeddings",
+        headers,
+        body,
+        |state, request: OpenAiRequest| async move {
+            let inputs = match request.input {
+                OpenAiInput::Texts(texts) => texts.into_inputs(),
+                OpenAiInput::Ids(ids) => vec![Input::Ids(ids)],
+                OpenAiInput::IdLists(lists) => lists.into_iter().map(Input::Ids).collect(),
+            };
+            let (rows, tokens) = state
+                .embeddings(inputs, state.config.auto_truncate, Normalize::AsModel)
+                .await?;
+            let data: Vec<OpenAiEmbedding> = rows
+                .chunks_exact(state.embedder.dim())
+                .enumerate()
+                .map(|(index, row)| OpenAiEmbedding {
+                    object: "embedding",
+                    index,
+                    embedding: match request.encoding_format {
+                        EncodingFormat::Float => OpenAiVector::Float(row),
+                        EncodingFormat::Base64 => OpenAiVector::Base64(
+                            base64::engine::general_purpose::STANDARD.encode(le_bytes(row)),
+                        ),
+                    },
+                })
+                .collect();
+            Ok(Json(json!({
+                "object": "list",
+                "data": data,
+                "model": state.model_name,
+                "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
+            }))
+            .into_response())
+        },
+    )
     .await
 }
 
@@ -386,11 +410,7 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .queued_sequences
         .set(state.embedder.queued_sequences() as i64);
     match state.metrics.render() {
-        Ok(text) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            text,
-        )
-            .into_response(),
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
         Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e).into_response(),
     }
 }

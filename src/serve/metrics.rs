@@ -28,7 +28,10 @@ impl Metrics {
     pub fn new() -> prometheus::Result<Metrics> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("scalpel_requests_total", "HTTP requests answered, by route and status"),
+            Opts::new(
+                "scalpel_requests_total",
+                "HTTP requests answered, by route and status",
+            ),
             &["route", "status"],
         )?;
         // 0.5 ms to 8 s.
@@ -44,10 +47,8 @@ impl Metrics {
             "scalpel_queue_requests",
             "Requests admitted and not yet answered (at most --max-concurrent-requests)",
         )?;
-        let queued_sequences = IntGauge::new(
-            "scalpel_queue_sequences",
-            "Sequences waiting for a forward",
-        )?;
+        let queued_sequences =
+            IntGauge::new("scalpel_queue_sequences", "Sequences waiting for a forward")?;
         let batch_sequences = Histogram::with_opts(
             HistogramOpts::new("scalpel_batch_size", "Sequences per forward")
                 .buckets(exponential_buckets(1.0, 2.0, 11)?),
@@ -98,7 +99,8 @@ impl Metrics {
         self.batch_tokens.observe(batch.padded_tokens as f64);
         self.tokens.inc_by(batch.tokens as u64);
         if batch.seconds > 0.0 {
-            self.tokens_per_second.set(batch.tokens as f64 / batch.seconds);
+            self.tokens_per_second
+                .set(batch.tokens as f64 / batch.seconds);
         }
     }
 

@@ -110,10 +110,10 @@ struct AppState {
 /// [`on_batch`](crate::embedder::EmbedderBuilder::on_batch) reports to, so `/metrics` shows
 /// batch sizes.
 pub fn router(embedder: Arc<Embedder>, metrics: Arc<Metrics>, config: ServeConfig) -> Router {
-    let model_name = embedder
-        .model()
-        .file_name()
-        .map_or_else(|| embedder.model().display().to_string(), |n| n.to_string_lossy().into_owned());
+    let model_name = embedder.model().file_name().map_or_else(
+        || embedder.model().display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
     let state = Arc::new(AppState {
         admission: Arc::new(Semaphore::new(config.max_concurrent_requests)),
         embedder,

@@ -133,14 +133,20 @@ fn a_step_count_that_is_not_one_number_is_an_error() {
         let tensors = std::collections::BTreeMap::from([
             ("w.m".to_string(), moments.clone()),
             ("w.v".to_string(), moments.clone()),
-            ("w.step".to_string(), scalpel_tensor::Tensor::from_vec(&[n], step.clone()).unwrap()),
+            (
+                "w.step".to_string(),
+                scalpel_tensor::Tensor::from_vec(&[n], step.clone()).unwrap(),
+            ),
         ]);
         scalpel_tensor::safetensors::save(&path, &tensors, &Default::default()).unwrap();
         let err = Adam::new(AdamConfig::adamw(0.0), |_| true)
             .load(&path)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("`w.step` must be one non-negative count"), "{step:?}: {err}");
+        assert!(
+            err.contains("`w.step` must be one non-negative count"),
+            "{step:?}: {err}"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

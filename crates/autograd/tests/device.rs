@@ -303,10 +303,16 @@ fn mixing_devices_in_one_op_names_both() {
         .err()
         .expect("mixed devices must fail")
         .to_string();
-    assert!(err.contains("emu (CPU emulator)") && err.contains("cpu"), "{err}");
+    assert!(
+        err.contains("emu (CPU emulator)") && err.contains("cpu"),
+        "{err}"
+    );
     // Two runtimes are two devices (on a GPU machine: the GPU and the emulator).
     let other = Var::constant(accelerator().place(&x).unwrap());
-    let err = ops::add(&on_emu, &other).err().expect("two runtimes").to_string();
+    let err = ops::add(&on_emu, &other)
+        .err()
+        .expect("two runtimes")
+        .to_string();
     assert!(err.contains("two devices"), "{err}");
     // Host access to a device tensor is an error naming the device, not a panic.
     let err = on_emu.value().values::<f32>().unwrap_err().to_string();

@@ -311,7 +311,9 @@ fn embedding_with_repeated_ids() {
     let table = random(&[7, 5], 1.0, 100);
     let ids = [3, 1, 3, 0, 6, 3];
     let ids = ops::Indices::new(ids.to_vec(), &[2, 3]).unwrap();
-    check("embedding", &[table], &[2, 3, 5], |v| ops::embedding(&v[0], &ids));
+    check("embedding", &[table], &[2, 3, 5], |v| {
+        ops::embedding(&v[0], &ids)
+    });
 }
 
 #[test]

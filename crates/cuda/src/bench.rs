@@ -270,7 +270,11 @@ fn rowwise(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Resul
 
     let vocab = 30522;
     let table = upload_random(rt, &mut rng, vocab * cols)?;
-    let ids: Vec<i32> = rng.below(rows, vocab).into_iter().map(|i| i as i32).collect();
+    let ids: Vec<i32> = rng
+        .below(rows, vocab)
+        .into_iter()
+        .map(|i| i as i32)
+        .collect();
     let ids = rt.upload(&ids)?;
     let mut gathered = rt.uninit(n)?;
     let ms = time(rt, plan, || {
@@ -298,7 +302,9 @@ fn rowwise(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Resul
         decay: WeightDecay::Decoupled,
         step: 1,
     };
-    let ms = time(rt, plan, || ops::adam_step(rt, &step, &mut p, &g, &mut m, &mut v))?;
+    let ms = time(rt, plan, || {
+        ops::adam_step(rt, &step, &mut p, &g, &mut m, &mut v)
+    })?;
     out.push(KernelTiming {
         kernel: "adamw_step".into(),
         case: format!("{params} parameters"),

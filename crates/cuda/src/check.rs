@@ -518,7 +518,10 @@ pub fn embedding(rt: &Runtime, vocab: usize, rows: usize, dim: usize) -> Result<
     let ranges = check(
         "repeated_range_i32",
         format!("{case} period={period}"),
-        max_rel_error(&as_f32(&positions.to_host()?), &want.iter().map(|&x| x as f64).collect::<Vec<_>>()),
+        max_rel_error(
+            &as_f32(&positions.to_host()?),
+            &want.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+        ),
         0.0,
     );
     Ok(vec![forward, backward, ranges])

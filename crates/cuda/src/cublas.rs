@@ -58,7 +58,11 @@ impl Cublas {
     ) -> Result<()> {
         let element = std::mem::size_of::<T>();
         let expected = if precision == Precision::Bf16 { 2 } else { 4 };
-        if element != expected || a.len() != s.m * s.k || b.len() != s.k * s.n || c.len() != s.m * s.n {
+        if element != expected
+            || a.len() != s.m * s.k
+            || b.len() != s.k * s.n
+            || c.len() != s.m * s.n
+        {
             return Err(CudaError::Shape(format!(
                 "cuBLAS {precision:?} GEMM {s:?} on buffers of {}, {} and {} elements of {element} bytes",
                 a.len(),

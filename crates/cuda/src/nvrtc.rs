@@ -99,11 +99,18 @@ pub fn compile(file: &KernelFile, options: CompileOptions) -> Result<String> {
 fn compile_with_headers(file: &KernelFile, options: &[String]) -> Result<String> {
     use cudarc::nvrtc::{result, sys};
     let c = |s: &str| {
-        std::ffi::CString::new(s).map_err(|_| CudaError::Nvrtc(format!("{}: a NUL byte", file.file)))
+        std::ffi::CString::new(s)
+            .map_err(|_| CudaError::Nvrtc(format!("{}: a NUL byte", file.file)))
     };
     let headers = kernel_headers();
-    let sources = headers.iter().map(|h| c(h.source)).collect::<Result<Vec<_>>>()?;
-    let names = headers.iter().map(|h| c(h.name)).collect::<Result<Vec<_>>>()?;
+    let sources = headers
+        .iter()
+        .map(|h| c(h.source))
+        .collect::<Result<Vec<_>>>()?;
+    let names = headers
+        .iter()
+        .map(|h| c(h.name))
+        .collect::<Result<Vec<_>>>()?;
     let source_ptrs: Vec<*const std::ffi::c_char> = sources.iter().map(|s| s.as_ptr()).collect();
     let name_ptrs: Vec<*const std::ffi::c_char> = names.iter().map(|s| s.as_ptr()).collect();
     let (src, name) = (c(file.source)?, c(file.file)?);
@@ -130,8 +137,13 @@ fn compile_with_headers(file: &KernelFile, options: &[String]) -> Result<String>
             Ok(()) => result::get_ptx(program).map_err(|e| failed(&e)),
             Err(_) => {
                 let log = result::get_program_log(program).map_err(|e| failed(&e))?;
-                let log = std::ffi::CStr::from_ptr(log.as_ptr()).to_string_lossy().into_owned();
-                Err(CudaError::Nvrtc(format!("{} ({}):\n{log}", file.file, options[0])))
+                let log = std::ffi::CStr::from_ptr(log.as_ptr())
+                    .to_string_lossy()
+                    .into_owned();
+                Err(CudaError::Nvrtc(format!(
+                    "{} ({}):\n{log}",
+                    file.file, options[0]
+                )))
             }
         }
     };

@@ -333,10 +333,7 @@ impl Runtime {
             .iter_mut()
             .map(|s| s as *mut u64 as *mut c_void)
             .collect();
-        self.inner
-            .counters
-            .launches
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.counters.launches.fetch_add(1, Ordering::Relaxed);
         self.inner.device.launch(kernel, config, &mut pointers)
     }
 

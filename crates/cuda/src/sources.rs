@@ -16,8 +16,7 @@ pub struct KernelHeader {
 }
 
 static KERNEL_FILES: &[KernelFile] = include!(concat!(env!("OUT_DIR"), "/kernel_sources.rs"));
-static KERNEL_HEADERS: &[KernelHeader] =
-    include!(concat!(env!("OUT_DIR"), "/kernel_headers.rs"));
+static KERNEL_HEADERS: &[KernelHeader] = include!(concat!(env!("OUT_DIR"), "/kernel_headers.rs"));
 
 pub fn kernel_headers() -> &'static [KernelHeader] {
     KERNEL_HEADERS

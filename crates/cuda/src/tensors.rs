@@ -232,7 +232,15 @@ impl Backend for Runtime {
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         let (s, shape) = tops::linear_shape(x, w, b)?;
         let mut y = self.uninit_f32(s.m * s.n)?;
-        cuda::gemm(self, s, self.buffer("x", x)?, self.buffer("w", w)?, &mut y, 0.0).dev()?;
+        cuda::gemm(
+            self,
+            s,
+            self.buffer("x", x)?,
+            self.buffer("w", w)?,
+            &mut y,
+            0.0,
+        )
+        .dev()?;
         if let Some(b) = b {
             cuda::add_bias(self, s.n, self.buffer("bias", b)?, &mut y).dev()?;
         }
@@ -422,11 +430,7 @@ impl Backend for Runtime {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         tops::expect_shape("attention backward", "dout", dout, q.shape())?;
         let n = q.numel();
-        let (mut dq, mut dk, mut dv) = (
-            self.zeros_f32(n)?,
-            self.zeros_f32(n)?,
-            self.zeros_f32(n)?,
-        );
+        let (mut dq, mut dk, mut dv) = (self.zeros_f32(n)?, self.zeros_f32(n)?, self.zeros_f32(n)?);
         cuda::attention_backward(
             self,
             s,

@@ -62,7 +62,13 @@ impl TextTokenizer {
         let cut: usize = enc
             .get_overflowing()
             .iter()
-            .map(|piece| piece.get_special_tokens_mask().iter().filter(|&&m| m == 0).count())
+            .map(|piece| {
+                piece
+                    .get_special_tokens_mask()
+                    .iter()
+                    .filter(|&&m| m == 0)
+                    .count()
+            })
             .sum();
         Ok((enc.get_ids().to_vec(), cut))
     }

@@ -600,7 +600,10 @@ pub fn heal(
             loss: loss_value,
             lr,
             seconds: state.seconds,
-            device: device.stats().zip(stats_before).map(|(now, was)| now.since(&was)),
+            device: device
+                .stats()
+                .zip(stats_before)
+                .map(|(now, was)| now.since(&was)),
         });
         on_event(HealEvent::Step {
             log: state.log.last().expect("just pushed"),

@@ -22,8 +22,8 @@ pub mod safetensors;
 mod tensor;
 pub mod threads;
 
+pub use backend::{Backend, Device, DeviceMemory, DeviceStats};
 pub use dtype::{DType, Element};
 pub use error::{Result, TensorError};
 pub use float::Float;
-pub use backend::{Backend, Device, DeviceMemory, DeviceStats};
 pub use tensor::{Data, Tensor};

@@ -838,10 +838,18 @@ fn concurrent_parallel_for_callers_each_get_the_pool() {
         })
     };
     let jobs: Vec<(usize, usize)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..2).map(|c| s.spawn(move || threads_per_job(c))).collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        let handles: Vec<_> = (0..2)
+            .map(|c| s.spawn(move || threads_per_job(c)))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     });
     for (caller, used) in jobs {
-        assert_eq!(used, 2, "a job of caller {caller} ran on {used} thread(s), want the caller and one worker");
+        assert_eq!(
+            used, 2,
+            "a job of caller {caller} ran on {used} thread(s), want the caller and one worker"
+        );
     }
 }

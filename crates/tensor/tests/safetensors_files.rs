@@ -115,7 +115,11 @@ fn assert_same_tensors(actual: &BTreeMap<String, Tensor>, expected: &BTreeMap<St
         assert_eq!(loaded.shape(), tensor.shape(), "{name}");
         assert_eq!(loaded.dtype(), tensor.dtype(), "{name}");
         // Bitwise, so that -0.0 and NaN payloads count too.
-        assert_eq!(loaded.data().unwrap().as_bytes(), tensor.data().unwrap().as_bytes(), "{name}");
+        assert_eq!(
+            loaded.data().unwrap().as_bytes(),
+            tensor.data().unwrap().as_bytes(),
+            "{name}"
+        );
     }
 }
 
@@ -172,7 +176,11 @@ fn saved_file_has_the_standard_layout() {
             serde_json::json!([offset, end]),
             "{name}"
         );
-        assert_eq!(&data[offset..end], tensor.data().unwrap().as_bytes(), "{name}");
+        assert_eq!(
+            &data[offset..end],
+            tensor.data().unwrap().as_bytes(),
+            "{name}"
+        );
         offset = end;
     }
     assert_eq!(offset, data.len());

@@ -42,7 +42,9 @@ impl Indices {
     /// length; all zeros for `period` = 1).
     pub fn repeating(shape: &[usize], period: usize) -> Result<Indices> {
         if period == 0 {
-            return Err(AutogradError::Graph("indices repeating with period 0".into()));
+            return Err(AutogradError::Graph(
+                "indices repeating with period 0".into(),
+            ));
         }
         Ok(Indices {
             shape: shape.to_vec(),
@@ -79,7 +81,9 @@ impl Indices {
     fn max(&self) -> Option<usize> {
         match &self.kind {
             IndexKind::Explicit(ids) => ids.iter().copied().max(),
-            IndexKind::Repeating(period) => (!self.is_empty()).then(|| (period - 1).min(self.len() - 1)),
+            IndexKind::Repeating(period) => {
+                (!self.is_empty()).then(|| (period - 1).min(self.len() - 1))
+            }
         }
     }
 
