@@ -100,7 +100,7 @@ impl Adam {
                 let zeros = || -> Result<Tensor> {
                     Ok(match &device {
                         Device::Cpu => Tensor::zeros(grad.shape(), grad.dtype()),
-                        Device::Accelerator(be) => be.full(grad.shape(), 0.0)?,
+                        Device::Accelerator(be) => be.zeros(grad.shape())?,
                     })
                 };
                 let (m, v) = (zeros()?, zeros()?);

@@ -202,15 +202,9 @@ impl Backend for Runtime {
         wrap(t.shape(), self.upload(&values).dev()?)
     }
 
-    fn full(&self, shape: &[usize], value: f32) -> Result<Tensor> {
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
         let n = shape.iter().product();
-        let mut buffer = self.zeros_long_lived::<f32>(n).dev()?;
-        if value != 0.0 {
-            let ones = self.upload(&[value]).dev()?;
-            // Broadcast through the bias kernel: one row of `value` added to n rows of one.
-            cuda::add_bias(self, 1, &ones, &mut buffer).dev()?;
-        }
-        wrap(shape, buffer)
+        wrap(shape, self.zeros_long_lived::<f32>(n).dev()?)
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {

@@ -84,8 +84,8 @@ pub trait Backend: Send + Sync {
 
     /// A copy of host tensor `t` on this device.
     fn to_device(&self, t: &Tensor) -> Result<Tensor>;
-    /// A long-lived tensor of `value` on this device (optimiser state).
-    fn full(&self, shape: &[usize], value: f32) -> Result<Tensor>;
+    /// A long-lived f32 tensor of zeros on this device (optimiser state).
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor>;
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
     fn scale(&self, x: &Tensor, alpha: f64) -> Result<Tensor>;
