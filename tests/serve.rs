@@ -67,6 +67,10 @@ struct TestServer {
 impl TestServer {
     fn start(config: ServeConfig) -> TestServer {
         let (embedder, metrics) = shared().clone();
+        TestServer::over(embedder, metrics, config)
+    }
+
+    fn over(embedder: Arc<Embedder>, metrics: Arc<Metrics>, config: ServeConfig) -> TestServer {
         let app = serve::router(embedder, metrics, config);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (bound, addr) = std::sync::mpsc::channel();
@@ -575,18 +579,54 @@ fn slow_body() -> Value {
     json!({ "inputs": vec![fixture_sentences()[LONG_LINE].clone(); SLOW_INPUTS], "truncate": true })
 }
 
+/// A gate the embedder's worker waits at after each forward, before it answers: it holds a
+/// request in flight for as long as a test needs, however fast the machine.
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let open = self.open.lock().unwrap();
+        let (_open, timeout) = self
+            .opened
+            .wait_timeout_while(open, Duration::from_secs(120), |open| !*open)
+            .unwrap();
+        assert!(!timeout.timed_out(), "the gate stayed shut for 120 s");
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
 #[test]
 fn past_max_concurrent_requests_is_429_at_once() {
-    let server = TestServer::start(ServeConfig {
-        max_concurrent_requests: 1,
-        ..ServeConfig::default()
-    });
+    let gate = Arc::new(Gate::default());
+    let waiter = gate.clone();
+    let embedder = Embedder::builder(minilm_dir())
+        .threads(1)
+        .on_batch(move |_| waiter.wait())
+        .build()
+        .unwrap();
+    let server = TestServer::over(
+        Arc::new(embedder),
+        Arc::new(Metrics::new().unwrap()),
+        ServeConfig {
+            max_concurrent_requests: 1,
+            ..ServeConfig::default()
+        },
+    );
     let addr = server.addr;
-    let slow = std::thread::spawn(move || post(addr, "/embed", &slow_body()));
+    let held = std::thread::spawn(move || post(addr, "/embed", &json!({ "inputs": ["held"] })));
     wait_in_flight(addr, 1);
     let started = Instant::now();
     let refused = post(addr, "/embed", &json!({ "inputs": "hello" }));
     let waited = started.elapsed();
+    gate.open();
     assert_error(
         refused,
         429,
@@ -597,9 +637,9 @@ fn past_max_concurrent_requests_is_429_at_once() {
         waited < Duration::from_secs(2),
         "the 429 came after {waited:?}, not at once"
     );
-    let (status, body) = slow.join().unwrap();
-    assert_eq!(status, 200);
-    assert_eq!(body.as_array().unwrap().len(), SLOW_INPUTS);
+    let (status, body) = held.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.as_array().unwrap().len(), 1);
     let (status, _) = post(addr, "/embed", &json!({ "inputs": "hello" }));
     assert_eq!(status, 200, "admitted again once the first is answered");
 }
