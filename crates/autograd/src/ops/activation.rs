@@ -51,20 +51,16 @@ pub fn gelu_in_place(x: Var) -> Result<Var> {
     }
 }
 
-/// The kept-element scale `1/(1−p)` or 0, per element. Counter-based (a hash of seed and
-/// element index), so the mask does not depend on thread scheduling or on the device.
-fn dropout_mask(len: usize, p: f64, seed: u64) -> Vec<f64> {
-    let keep = 1.0 / (1.0 - p);
-    (0..len as u64)
-        .map(|i| {
-            let u = (splitmix64(seed ^ splitmix64(i)) >> 11) as f64 / (1u64 << 53) as f64;
-            if u < p {
-                0.0
-            } else {
-                keep
-            }
-        })
-        .collect()
+/// The inverted-dropout factor of element `index`: 0 with probability `p`, else `1/(1−p)`.
+/// Counter-based (a hash of seed and element index), so forward and backward recompute the same
+/// mask instead of storing it, and it does not depend on thread scheduling or on the device.
+fn dropout_factor(index: u64, p: f64, seed: u64) -> f64 {
+    let u = (splitmix64(seed ^ splitmix64(index)) >> 11) as f64 / (1u64 << 53) as f64;
+    if u < p {
+        0.0
+    } else {
+        1.0 / (1.0 - p)
+    }
 }
 
 fn splitmix64(mut z: u64) -> u64 {
@@ -74,22 +70,23 @@ fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// `x·mask` where `x` is. On a device the product is made on the host and copied back (there is
-/// no dropout kernel yet; `--device-stats` shows the traffic).
-fn apply_mask(x: &Tensor, mask: &[f64]) -> Result<Tensor> {
+/// `x` times the dropout mask of `(p, seed)`, where `x` is. On a device the product is made on
+/// the host and copied back (there is no dropout kernel yet; `--device-stats` shows the traffic).
+fn apply_dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     let values: Vec<f64> = x
         .to_host()?
         .to_vec::<f64>()
         .iter()
-        .zip(mask)
-        .map(|(v, m)| v * m)
+        .enumerate()
+        .map(|(i, v)| v * dropout_factor(i as u64, p, seed))
         .collect();
     let y = Tensor::from_vec(x.shape(), values)?.to_dtype(x.dtype());
     Ok(x.device().place(&y)?)
 }
 
 struct Dropout {
-    mask: Vec<f64>,
+    p: f64,
+    seed: u64,
 }
 
 impl Backward for Dropout {
@@ -104,12 +101,12 @@ impl Backward for Dropout {
         grad: &Tensor,
         _: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(apply_mask(grad, &self.mask)?)])
+        Ok(vec![Some(apply_dropout(grad, self.p, self.seed)?)])
     }
 }
 
 /// Inverted dropout with probability `p`; identity (and no node) when `p == 0`. The mask is
-/// generated and applied on the host, whatever the device (see `apply_mask`).
+/// applied on the host, whatever the device (see `apply_dropout`).
 pub fn dropout(x: &Var, p: f64, seed: u64) -> Result<Var> {
     if !(0.0..1.0).contains(&p) {
         return Err(AutogradError::Graph(format!(
@@ -119,7 +116,6 @@ pub fn dropout(x: &Var, p: f64, seed: u64) -> Result<Var> {
     if p == 0.0 || !x.value().dtype().is_float() {
         return Ok(x.clone());
     }
-    let mask = dropout_mask(x.value().numel(), p, seed);
-    let y = apply_mask(x.value(), &mask)?;
-    Ok(Var::from_op(y, Dropout { mask }, vec![x.clone()]))
+    let y = apply_dropout(x.value(), p, seed)?;
+    Ok(Var::from_op(y, Dropout { p, seed }, vec![x.clone()]))
 }
