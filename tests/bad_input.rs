@@ -421,6 +421,7 @@ const BAD_FLAG_VALUES: &[(&str, &str, &[&str])] = &[
     (SCORE, "--target-layers", &["0"]),
     (CUT, "--truncate", &["0"]),
     (CUT, "--auto", &["0"]),
+    (CUT, "--metric", &["all"]),
     (EMBED, "--batch-size", &["0"]),
     (EMBED, "--threads", &["0"]),
     (INSPECT, "--seq", &["0"]),

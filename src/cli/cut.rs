@@ -5,7 +5,7 @@ use scalpel::surgery::checkpoint::{check_output, write_model};
 use scalpel::surgery::cut::{keep_layers, parse_layer_list, LayerSelection};
 use serde_json::json;
 
-use super::score::{MetricArg, Scoring};
+use super::score::{MetricArg, OneMetric, Scoring};
 use super::{flags, CliResult};
 
 #[derive(clap::Args)]
@@ -31,8 +31,8 @@ pub struct Args {
     #[command(flatten)]
     scoring: Scoring,
     /// The metric `--auto` ranks layers by.
-    #[arg(long, value_enum, default_value_t = MetricArg::DropLoss)]
-    metric: MetricArg,
+    #[arg(long, value_enum, default_value_t = OneMetric::DropLoss)]
+    metric: OneMetric,
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
@@ -46,9 +46,6 @@ impl Args {
 }
 
 pub fn run(a: Args) -> CliResult {
-    if a.metric == MetricArg::All {
-        return Err("--metric all cannot choose layers: name one metric for --auto".into());
-    }
     let explicit = match (&a.drop, &a.keep, a.truncate, a.auto) {
         (Some(d), None, None, None) => Some(LayerSelection::Drop(parse_layer_list(d)?)),
         (None, Some(k), None, None) => Some(LayerSelection::Keep(parse_layer_list(k)?)),
@@ -66,7 +63,7 @@ pub fn run(a: Args) -> CliResult {
         Some(selection) => (selection.kept(total)?, json!(selection), None),
         None => {
             let k = a.auto.expect("matched above");
-            let report = a.scoring.run(&a.model, a.metric, Some(k))?;
+            let report = a.scoring.run(&a.model, MetricArg::One(a.metric), Some(k))?;
             let scores = &report.metrics[0];
             let keep = scores.keep.clone().expect("a target was given");
             print!("{}", report.to_table());

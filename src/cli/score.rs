@@ -1,18 +1,58 @@
 use std::path::{Path, PathBuf};
 
+use clap::builder::PossibleValue;
 use clap::ValueEnum;
 use scalpel::surgery::chart::{score_html, score_svg};
 use scalpel::surgery::score::{score_layers, Calibration, Metric, ScoreOptions, ScoreReport};
 
 use super::{flags, CliResult};
 
+/// One layer-importance metric: what `cut --auto` ranks by (`all` is not one, so the parser
+/// refuses it there).
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum MetricArg {
+pub enum OneMetric {
     GradNorm,
     BlockInfluence,
     Angular,
     DropLoss,
+}
+
+impl OneMetric {
+    fn metric(self) -> Metric {
+        match self {
+            OneMetric::GradNorm => Metric::GradNorm,
+            OneMetric::BlockInfluence => Metric::BlockInfluence,
+            OneMetric::Angular => Metric::Angular,
+            OneMetric::DropLoss => Metric::DropLoss,
+        }
+    }
+}
+
+/// `score --metric`: one metric or `all`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum MetricArg {
+    One(OneMetric),
     All,
+}
+
+impl ValueEnum for MetricArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        use OneMetric::*;
+        &[
+            MetricArg::One(GradNorm),
+            MetricArg::One(BlockInfluence),
+            MetricArg::One(Angular),
+            MetricArg::One(DropLoss),
+            MetricArg::All,
+        ]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        match self {
+            MetricArg::One(m) => m.to_possible_value(),
+            MetricArg::All => Some(PossibleValue::new("all")),
+        }
+    }
 }
 
 /// How layers are scored; shared by `score` and `cut --auto`.
@@ -47,10 +87,7 @@ impl Scoring {
         }
         let data = Calibration::from_files(&self.data, self.samples)?;
         let metrics = match metric {
-            MetricArg::GradNorm => vec![Metric::GradNorm],
-            MetricArg::BlockInfluence => vec![Metric::BlockInfluence],
-            MetricArg::Angular => vec![Metric::Angular],
-            MetricArg::DropLoss => vec![Metric::DropLoss],
+            MetricArg::One(m) => vec![m.metric()],
             MetricArg::All if data.pairs.is_empty() => {
                 eprintln!("note: no positive pairs in --data (STS .tsv or SICK files): skipping grad-norm");
                 vec![Metric::BlockInfluence, Metric::Angular, Metric::DropLoss]
