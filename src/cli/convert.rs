@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use scalpel::models::llama::LlamaCheckpoint;
-use scalpel::surgery::checkpoint::{check_output, write_folder};
+use scalpel::surgery::checkpoint::{check_output, write_llama};
 
 use super::CliResult;
 
@@ -40,9 +40,7 @@ pub fn run(args: Args) -> CliResult {
         },
         start.elapsed().as_secs_f64()
     );
-    write_folder(&args.output, |staging| {
-        Ok(checkpoint.write_hf_files(staging)?)
-    })?;
+    write_llama(&checkpoint, &args.output, &[])?;
     eprintln!("wrote {}", args.output.display());
     Ok(())
 }

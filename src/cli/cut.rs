@@ -1,8 +1,9 @@
 use std::path::PathBuf;
 
 use scalpel::models::bert::Bert;
-use scalpel::surgery::checkpoint::{check_output, write_model};
-use scalpel::surgery::cut::{keep_layers, parse_layer_list, LayerSelection};
+use scalpel::models::llama::LlamaCheckpoint;
+use scalpel::surgery::checkpoint::{check_output, write_llama, write_model};
+use scalpel::surgery::cut::{keep_layers, keep_llama_layers, parse_layer_list, LayerSelection};
 use serde_json::json;
 
 use super::score::{MetricArg, OneMetric, Scoring};
@@ -10,7 +11,8 @@ use super::{flags, CliResult};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Input model directory (never modified).
+    /// Input model (never modified): a BERT folder, or a Llama-family GGUF file (the output is
+    /// then a Hugging Face `LlamaForCausalLM` folder, as `scalpel convert` writes).
     #[arg(long)]
     model: PathBuf,
     /// Output model directory.
@@ -57,6 +59,16 @@ pub fn run(a: Args) -> CliResult {
         ),
     };
     check_output(&a.model, &a.output, a.force)?;
+    if a.model.extension().is_some_and(|e| e == "gguf") {
+        let Some(selection) = explicit else {
+            return Err(
+                "--auto scores layers, which is built for BERT encoders only so far: cut a GGUF \
+                 with --drop, --keep or --truncate"
+                    .into(),
+            );
+        };
+        return cut_gguf(&a, &selection);
+    }
     let bert = Bert::load(&a.model)?;
     let total = bert.num_layers();
     let (kept, reason, scores) = match explicit {
@@ -71,8 +83,41 @@ pub fn run(a: Args) -> CliResult {
             (keep, reason, Some(report))
         }
     };
-    let removed: Vec<usize> = (0..total).filter(|i| !kept.contains(i)).collect();
     let cut = keep_layers(&bert, &kept)?;
+    let record = surgery_record(&a, total, &kept, reason, scores)?;
+    write_model(
+        &cut,
+        &a.model,
+        &a.output,
+        a.force,
+        &[("surgery.json", record)],
+    )?;
+    report(&a, total, &kept);
+    Ok(())
+}
+
+/// A GGUF decoder cut by an explicit selection, written as a Hugging Face folder.
+fn cut_gguf(a: &Args, selection: &LayerSelection) -> CliResult {
+    check_output(&a.model, &a.output, a.force)?;
+    let checkpoint = LlamaCheckpoint::from_gguf(&a.model)?;
+    let total = checkpoint.config.num_hidden_layers;
+    let kept = selection.kept(total)?;
+    let record = surgery_record(a, total, &kept, json!(selection), None)?;
+    let cut = keep_llama_layers(checkpoint, &kept)?;
+    write_llama(&cut, &a.output, &[("surgery.json", record)])?;
+    report(a, total, &kept);
+    Ok(())
+}
+
+/// `surgery.json`: where the model came from, what was kept and removed, and why.
+fn surgery_record(
+    a: &Args,
+    total: usize,
+    kept: &[usize],
+    reason: serde_json::Value,
+    scores: Option<scalpel::surgery::score::ScoreReport>,
+) -> CliResult<Vec<u8>> {
+    let removed: Vec<usize> = (0..total).filter(|i| !kept.contains(i)).collect();
     let record = json!({
         "source": a.model.canonicalize().unwrap_or(a.model.clone()),
         "source_layers": total,
@@ -81,17 +126,13 @@ pub fn run(a: Args) -> CliResult {
         "reason": reason,
         "scores": scores,
     });
-    let record = serde_json::to_vec_pretty(&record)?;
-    write_model(
-        &cut,
-        &a.model,
-        &a.output,
-        a.force,
-        &[("surgery.json", record)],
-    )?;
+    Ok(serde_json::to_vec_pretty(&record)?)
+}
+
+fn report(a: &Args, total: usize, kept: &[usize]) {
+    let removed: Vec<usize> = (0..total).filter(|i| !kept.contains(i)).collect();
     println!(
         "kept layers {kept:?} of {total}, removed {removed:?} -> {}",
         a.output.display()
     );
-    Ok(())
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use scalpel_models::bert::Bert;
+use scalpel_models::llama::LlamaCheckpoint;
 use scalpel_tensor::safetensors;
 
 use crate::{io_err, Result, SurgeryError};
@@ -46,13 +47,28 @@ pub fn write_model(
     extra: &[(&str, Vec<u8>)],
 ) -> Result<()> {
     check_output(source, out, force)?;
-    write_staged(bert, source, out, |staging| {
-        for (name, bytes) in extra {
-            let path = staging.join(name);
-            std::fs::write(&path, bytes).map_err(io_err(&path))?;
-        }
-        Ok(())
+    write_staged(bert, source, out, |staging| write_files(staging, extra))
+}
+
+/// Writes a Llama checkpoint to `out` as a Hugging Face folder plus `extra` files, replacing
+/// `out`: the caller has checked (`check_output`) that it may.
+pub fn write_llama(
+    checkpoint: &LlamaCheckpoint,
+    out: &Path,
+    extra: &[(&str, Vec<u8>)],
+) -> Result<()> {
+    write_folder(out, |staging| {
+        checkpoint.write_hf_files(staging)?;
+        write_files(staging, extra)
     })
+}
+
+fn write_files(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
+    for (name, bytes) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).map_err(io_err(&path))?;
+    }
+    Ok(())
 }
 
 /// Writes `bert` and whatever `add_files` puts into the staging folder to `out`, replacing it.

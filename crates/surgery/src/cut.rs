@@ -1,10 +1,12 @@
-//! Layer removal: keep any subset of encoder layers, renumbered contiguously, with the config
-//! rewritten to match. The removed layers' tensors are gone, so their computation is too.
+//! Layer removal: keep any subset of the layers (a BERT encoder's or a Llama decoder's),
+//! renumbered contiguously, with the config rewritten to match. The removed layers' tensors are
+//! gone, so their computation is too.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use scalpel_autograd::Params;
 use scalpel_models::bert::Bert;
+use scalpel_models::llama::LlamaCheckpoint;
 
 use crate::{Result, SurgeryError};
 
@@ -87,21 +89,23 @@ pub fn parse_layer_list(text: &str) -> Result<Vec<usize>> {
     Ok(out)
 }
 
-/// A new model holding only the `kept` layers (sorted), renumbered `0..kept.len()`. Every other
-/// tensor is carried over unchanged; top-level config arrays with one entry per layer are
-/// filtered the same way.
-pub fn keep_layers(bert: &Bert, kept: &[usize]) -> Result<Bert> {
-    let old_total = bert.num_layers();
-    let head = format!("{}encoder.layer.", bert.prefix);
+/// The named tensors of a model with only the `kept` layers (sorted), renumbered
+/// `0..kept.len()`: a name `{prefix}{i}.{rest}` becomes `{prefix}{new}.{rest}` for a kept `i` and
+/// is dropped otherwise; names outside `prefix` are carried over unchanged.
+fn renumber_layers<T>(
+    named: impl IntoIterator<Item = (String, T)>,
+    prefix: &str,
+    kept: &[usize],
+) -> Result<Vec<(String, T)>> {
     let renumber: BTreeMap<usize, usize> = kept
         .iter()
         .enumerate()
         .map(|(new, &old)| (old, new))
         .collect();
-    let mut params = Params::default();
-    for (name, var) in bert.params.iter() {
-        let Some(rest) = name.strip_prefix(head.as_str()) else {
-            params.insert(name, var.clone());
+    let mut out = Vec::new();
+    for (name, value) in named {
+        let Some(rest) = name.strip_prefix(prefix) else {
+            out.push((name, value));
             continue;
         };
         let (index, suffix) = rest.split_once('.').unwrap_or((rest, ""));
@@ -109,8 +113,25 @@ pub fn keep_layers(bert: &Bert, kept: &[usize]) -> Result<Bert> {
             .parse()
             .map_err(|_| SurgeryError::Invalid(format!("tensor `{name}` has no layer index")))?;
         if let Some(new) = renumber.get(&old) {
-            params.insert(format!("{head}{new}.{suffix}"), var.clone());
+            out.push((format!("{prefix}{new}.{suffix}"), value));
         }
+    }
+    Ok(out)
+}
+
+/// A new model holding only the `kept` layers (sorted), renumbered `0..kept.len()`. Every other
+/// tensor is carried over unchanged; top-level config arrays with one entry per layer are
+/// filtered the same way.
+pub fn keep_layers(bert: &Bert, kept: &[usize]) -> Result<Bert> {
+    let old_total = bert.num_layers();
+    let head = format!("{}encoder.layer.", bert.prefix);
+    let named = bert
+        .params
+        .iter()
+        .map(|(name, var)| (name.to_string(), var.clone()));
+    let mut params = Params::default();
+    for (name, var) in renumber_layers(named, &head, kept)? {
+        params.insert(name, var);
     }
     let mut raw = bert.raw_config.clone();
     if let Some(obj) = raw.as_object_mut() {
@@ -127,4 +148,17 @@ pub fn keep_layers(bert: &Bert, kept: &[usize]) -> Result<Bert> {
     out.raw_config = raw;
     out.params = params;
     Ok(out)
+}
+
+/// A Llama checkpoint with only the `kept` decoder layers (`model.layers.N.*`), renumbered, and
+/// `num_hidden_layers` to match; embeddings, final norm and LM head unchanged.
+pub fn keep_llama_layers(checkpoint: LlamaCheckpoint, kept: &[usize]) -> Result<LlamaCheckpoint> {
+    let weights = renumber_layers(checkpoint.weights, "model.layers.", kept)?;
+    let mut config = checkpoint.config;
+    config.num_hidden_layers = kept.len();
+    Ok(LlamaCheckpoint {
+        config,
+        weights: weights.into_iter().collect(),
+        ..checkpoint
+    })
 }
