@@ -188,6 +188,12 @@ fn every_op_on_the_emulator_matches_the_cpu() {
         &[random(&mut rng, &[b * s, d], 1.0), t],
         &|v| ops::reshape(&ops::mse_loss(&v[0], &v[1])?, &[1]),
     );
+    let t = random(&mut rng, &[b * s, d], 1.0);
+    assert_same_on_emulator(
+        "cosine_loss (both sides)",
+        &[random(&mut rng, &[b * s, d], 1.0), t],
+        &|v| ops::reshape(&ops::cosine_loss(&v[0], &v[1])?, &[1]),
+    );
 }
 
 fn adam_run(device: &Device, p0: &[Tensor], g: &[Tensor], max_norm: f64) -> (Vec<Tensor>, f64) {

@@ -1,8 +1,7 @@
 //! Scalar losses. They are tiny next to the model (a `[batch, dim]` pair). On the CPU they are
 //! computed in f64 whatever the input dtype, and cast back. On a device, MSE runs on the
 //! elementwise and reduction kernels and cross-entropy on its kernels (f32), and only the loss
-//! (4 bytes) is read back; the cosine loss has no kernel: its inputs are read back and its
-//! gradients copied to the device. A loss is a host scalar on every device: it is read back
+//! (4 bytes) is read back; the cosine loss is MSE between L2-normalised rows. A loss is a host scalar on every device: it is read back
 //! anyway, and its backward takes the upstream gradient from the host.
 
 use scalpel_tensor::{ops as tops, Tensor};
@@ -99,72 +98,14 @@ pub fn mse_loss(s: &Var, t: &Var) -> Result<Var> {
 }
 
 /// Per row: `(cos, ‖s‖, ‖t‖)`.
-fn row_cosines(s: &Tensor, t: &Tensor) -> Result<Vec<(f64, f64, f64)>> {
-    let dim = s.dim(-1);
-    let (s, t) = (s.to_host()?.to_vec::<f64>(), t.to_host()?.to_vec::<f64>());
-    Ok(s.chunks_exact(dim)
-        .zip(t.chunks_exact(dim))
-        .map(|(a, b)| {
-            let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-            let na = a.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
-            let nb = b.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
-            (dot / (na * nb), na, nb)
-        })
-        .collect())
-}
-
-struct Cosine;
-
-impl Backward for Cosine {
-    fn name(&self) -> &'static str {
-        "cosine_loss"
-    }
-
-    fn backward(
-        &self,
-        inputs: &[Var],
-        _: &Tensor,
-        grad: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
-        let (s, t) = (inputs[0].value(), inputs[1].value());
-        let dim = s.dim(-1);
-        let rows = row_cosines(s, t)?;
-        let g = -grad.to_host()?.to_vec::<f64>()[0] / rows.len() as f64;
-        // d cos(a, b)/da = b/(‖a‖‖b‖) − cos·a/‖a‖².
-        let d_first = |a: &[f64], b: &[f64], swap: bool| -> Vec<f64> {
-            let mut out = Vec::with_capacity(a.len());
-            for ((ra, rb), &(cos, na, nb)) in
-                a.chunks_exact(dim).zip(b.chunks_exact(dim)).zip(&rows)
-            {
-                let (na, nb) = if swap { (nb, na) } else { (na, nb) };
-                out.extend(
-                    ra.iter()
-                        .zip(rb)
-                        .map(|(x, y)| g * (y / (na * nb) - cos * x / (na * na))),
-                );
-            }
-            out
-        };
-        let (sv, tv) = (s.to_host()?.to_vec::<f64>(), t.to_host()?.to_vec::<f64>());
-        let ds = from_f64(s.shape(), d_first(&sv, &tv, false), s)?;
-        pair_grads(needs, ds, || {
-            from_f64(s.shape(), d_first(&tv, &sv, true), s)
-        })
-    }
-}
-
-/// Mean over rows of `1 − cos(s_i, t_i)`. Computed on the host on every device (no kernel).
+/// Mean over rows of `1 − cos(s_i, t_i)`, as `(dim/2)·mse(ŝ, t̂)` of the L2-normalised rows:
+/// `‖ŝ − t̂‖² = 2 − 2cos`. Built from ops that every device has (so it stays on the device, and
+/// its gradient is theirs), and better conditioned than `1 − cos` where the rows nearly agree.
 pub fn cosine_loss(s: &Var, t: &Var) -> Result<Var> {
     check_pair("cosine_loss", s, t)?;
-    backend_of("cosine_loss", &[s.value(), t.value()])?;
-    let rows = row_cosines(s.value(), t.value())?;
-    let loss = rows.iter().map(|(c, _, _)| 1.0 - c).sum::<f64>() / rows.len() as f64;
-    Ok(Var::from_op(
-        scalar_like(loss, s.value()),
-        Cosine,
-        vec![s.clone(), t.clone()],
-    ))
+    let dim = s.shape()[s.shape().len() - 1];
+    let loss = mse_loss(&super::l2_normalize(s)?, &super::l2_normalize(t)?)?;
+    super::scale(&loss, dim as f64 / 2.0)
 }
 
 struct CrossEntropy {
