@@ -255,6 +255,16 @@ pub fn gelu_in_place(x: &mut Tensor) -> Result<()> {
     dispatch_float!("gelu", x.dtype(), run(x))
 }
 
+/// Inverted dropout: `x` times the counter-based mask of `(p, seed)` (`cpu::dropout`).
+pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    fn run<F: Float>(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+        let mut y = x.clone();
+        cpu::dropout::dropout(y.values_mut::<F>()?, p, seed);
+        Ok(y)
+    }
+    dispatch_float!("dropout", x.dtype(), run(x, p, seed))
+}
+
 /// Softmax over the last dimension.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     fn run<F: Float>(x: &Tensor) -> Result<Tensor> {

@@ -51,36 +51,10 @@ pub fn gelu_in_place(x: Var) -> Result<Var> {
     }
 }
 
-/// The inverted-dropout factor of element `index`: 0 with probability `p`, else `1/(1−p)`.
-/// Counter-based (a hash of seed and element index), so forward and backward recompute the same
-/// mask instead of storing it, and it does not depend on thread scheduling or on the device.
-fn dropout_factor(index: u64, p: f64, seed: u64) -> f64 {
-    let u = (splitmix64(seed ^ splitmix64(index)) >> 11) as f64 / (1u64 << 53) as f64;
-    if u < p {
-        0.0
-    } else {
-        1.0 / (1.0 - p)
-    }
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// `x` times the dropout mask of `(p, seed)`, where `x` is. On a device the product is made on
 /// the host and copied back (there is no dropout kernel yet; `--device-stats` shows the traffic).
 fn apply_dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    let values: Vec<f64> = x
-        .to_host()?
-        .to_vec::<f64>()
-        .iter()
-        .enumerate()
-        .map(|(i, v)| v * dropout_factor(i as u64, p, seed))
-        .collect();
-    let y = Tensor::from_vec(x.shape(), values)?.to_dtype(x.dtype());
+    let y = tops::dropout(&x.to_host()?, p, seed)?;
     Ok(x.device().place(&y)?)
 }
 

@@ -7,6 +7,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
