@@ -3,7 +3,7 @@
 
 Writes, under tests/fixtures/ (see tests/fixtures/README.md for the meaning of every tensor):
   minilm/sentences.txt, minilm/tokens.json, minilm/hidden.safetensors, minilm/embeddings.safetensors
-  ops/{attention,layernorm_eps1e-12,layernorm_eps1e-05,gelu,cross_entropy,pool_normalize,mse,cosine}.safetensors
+  ops/{attention,layernorm_eps1e-12,layernorm_eps1e-05,gelu,cross_entropy,pool_normalize,mse,cosine,distill_kl_t2}.safetensors
   heal/losses.json, heal/params.safetensors
 
 Run through scripts/reference/make_fixtures.sh, which sets up the pinned virtual environment.
@@ -338,9 +338,23 @@ def op_losses(g, out_dir):
          {"loss": "mean over rows of 1 - cos(s_i, t_i)"})
 
 
+def op_distill(g, out_dir):
+    temperature = 2.0
+    s = rand(g, 5, 11, scale=3.0)
+    t = 3.0 * torch.randn(5, 11, generator=g, dtype=torch.float64)
+    dout = scalar(0.5 + torch.rand((), generator=g, dtype=torch.float64).item())
+    loss = F.kl_div(F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1),
+                    log_target=True, reduction="batchmean") * temperature ** 2
+    (ds,) = grads(loss, (s,), dout)
+    save({"s": s, "t": t, "dout": dout, "loss": loss, "ds": ds}, out_dir / "distill_kl_t2.safetensors",
+         {"loss": "T^2 * mean over rows of KL(softmax(t/T) || softmax(s/T))", "temperature": temperature})
+
+
 def make_ops(out_dir, seed):
     g = torch.Generator().manual_seed(seed)
-    for fn in (op_attention, op_layernorm, op_gelu, op_cross_entropy, op_pool_normalize, op_losses):
+    # Appended in order: a new op draws after the others, so their fixtures do not change.
+    for fn in (op_attention, op_layernorm, op_gelu, op_cross_entropy, op_pool_normalize, op_losses,
+               op_distill):
         fn(g, out_dir)
     print(f"[ops] wrote {len(list(out_dir.glob('*.safetensors')))} files")
 

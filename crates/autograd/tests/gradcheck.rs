@@ -378,6 +378,27 @@ fn cosine_loss_both_operands() {
 }
 
 #[test]
+fn distill_kl_at_two_temperatures() {
+    let teacher = random(&[4, 9], 3.0, 175);
+    for temperature in [1.0, 2.5] {
+        check("distill_kl", &[random(&[4, 9], 3.0, 176)], &[], |v| {
+            ops::distill_kl(&v[0], &teacher, temperature)
+        });
+    }
+}
+
+#[test]
+fn distill_kl_of_the_teacher_itself_is_zero() {
+    let logits = random(&[3, 40], 5.0, 177);
+    let loss = ops::distill_kl(&Var::constant(logits.clone()), &logits, 1.5).unwrap();
+    let value = loss.value().to_vec::<f64>()[0];
+    assert!(
+        value.abs() < 1e-12,
+        "KL of a distribution with itself: {value}"
+    );
+}
+
+#[test]
 fn cross_entropy_with_repeated_targets() {
     let targets = [0, 6, 3, 3];
     check("cross_entropy", &[random(&[4, 7], 3.0, 180)], &[], |v| {

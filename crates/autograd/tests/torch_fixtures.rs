@@ -306,6 +306,21 @@ fn mse_f32() {
     pair_loss("mse.safetensors", ops::mse_loss, DType::F32);
 }
 
+/// `distill_kl` at the fixture's temperature (2, in its metadata) as a pair loss of logits.
+fn distill_t2(s: &Var, t: &Var) -> Result<Var> {
+    ops::distill_kl(s, t.value(), 2.0)
+}
+
+#[test]
+fn distill_kl_f64() {
+    pair_loss("distill_kl_t2.safetensors", distill_t2, DType::F64);
+}
+
+#[test]
+fn distill_kl_f32() {
+    pair_loss("distill_kl_t2.safetensors", distill_t2, DType::F32);
+}
+
 #[test]
 fn cosine_f64() {
     pair_loss("cosine.safetensors", ops::cosine_loss, DType::F64);

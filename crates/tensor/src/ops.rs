@@ -802,6 +802,61 @@ pub fn cross_entropy_backward(probs: &Tensor, targets: &[usize], dloss: f64) -> 
     )
 }
 
+/// Distillation of per-row distributions at `temperature`: `(Σ_rows KL(q ‖ p), p − q)` with
+/// `q = softmax(teacher/T)` and `p = softmax(student/T)`, both `[rows, classes]`.
+pub fn kl_divergence(
+    student: &Tensor,
+    teacher: &Tensor,
+    temperature: f64,
+) -> Result<(f64, Tensor)> {
+    fn run<F: Float>(
+        student: &Tensor,
+        teacher: &Tensor,
+        temperature: f64,
+    ) -> Result<(f64, Tensor)> {
+        let mut diff = Tensor::zeros(student.shape(), F::DTYPE);
+        let kl = cpu::softmax::kl_divergence_forward(
+            student.dim(1),
+            F::from_f64(temperature),
+            student.values::<F>()?,
+            teacher.values::<F>()?,
+            diff.values_mut::<F>()?,
+        );
+        Ok((kl, diff))
+    }
+    if student.rank() != 2 || student.shape() != teacher.shape() || student.numel() == 0 {
+        return Err(TensorError::shape(
+            "kl_divergence",
+            format!(
+                "student {:?} against teacher {:?}",
+                student.shape(),
+                teacher.shape()
+            ),
+        ));
+    }
+    if student.dtype() != teacher.dtype() {
+        return Err(TensorError::shape(
+            "kl_divergence",
+            format!(
+                "student {:?} against teacher {:?}",
+                student.dtype(),
+                teacher.dtype()
+            ),
+        ));
+    }
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(TensorError::shape(
+            "kl_divergence",
+            format!("temperature {temperature} is not a positive number"),
+        ));
+    }
+    dispatch_float!(
+        "kl_divergence",
+        student.dtype(),
+        run(student, teacher, temperature)
+    )
+}
+
 /// Sum of all elements, accumulated in f64.
 pub fn sum(x: &Tensor) -> Result<f64> {
     fn run<F: Float>(x: &Tensor) -> Result<f64> {

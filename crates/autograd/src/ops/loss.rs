@@ -108,6 +108,51 @@ pub fn cosine_loss(s: &Var, t: &Var) -> Result<Var> {
     super::scale(&loss, dim as f64 / 2.0)
 }
 
+struct Distill {
+    /// `p − q`, from the forward.
+    diff: Tensor,
+    temperature: f64,
+}
+
+impl Backward for Distill {
+    fn name(&self) -> &'static str {
+        "distill_kl"
+    }
+
+    fn backward(
+        &self,
+        _: &[Var],
+        _: &Tensor,
+        grad: &Tensor,
+        _: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        // d/ds of T²·KL(q ‖ softmax(s/T)) per row is T·(p − q); the loss is a mean over rows.
+        let rows = self.diff.dim(0) as f64;
+        let g = grad.to_host()?.to_vec::<f64>()[0] * self.temperature / rows;
+        Ok(vec![Some(tops::scale(&self.diff, g)?)])
+    }
+}
+
+/// Knowledge distillation of a next-token distribution (Hinton et al. 2015):
+/// `T²·mean_rows KL(softmax(teacher/T) ‖ softmax(student/T))` over `[rows, vocab]` logits; the
+/// `T²` keeps the gradient's scale independent of the temperature. The teacher is a constant.
+/// CPU only so far (a vocabulary-wide row per token; no kernel yet).
+pub fn distill_kl(student: &Var, teacher: &Tensor, temperature: f64) -> Result<Var> {
+    if let Some(be) = backend_of("distill_kl", &[student.value(), teacher])? {
+        return Err(AutogradError::Graph(format!(
+            "distill_kl has no kernel on {} yet: distil decoders on the CPU",
+            be.name()
+        )));
+    }
+    let (kl, diff) = tops::kl_divergence(student.value(), teacher, temperature)?;
+    let loss = temperature * temperature * kl / student.shape()[0] as f64;
+    Ok(Var::from_op(
+        scalar_like(loss, student.value()),
+        Distill { diff, temperature },
+        vec![student.clone()],
+    ))
+}
+
 struct CrossEntropy {
     targets: Vec<usize>,
     probs: Tensor,

@@ -19,7 +19,7 @@ pub(crate) use elementwise::add_tensors;
 pub use elementwise::{add, reshape, scale};
 pub use embedding::{embedding, Indices};
 pub use linear::{linear, linear_gelu, matmul};
-pub use loss::{cosine_loss, cross_entropy, mse_loss};
+pub use loss::{cosine_loss, cross_entropy, distill_kl, mse_loss};
 pub use norm::{add_layernorm, layernorm};
 pub use pair::pair_features;
 pub use pooling::{l2_normalize, mean_pool};

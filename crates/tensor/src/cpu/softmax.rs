@@ -180,3 +180,70 @@ pub fn cross_entropy_backward<F: Float>(
         d[t] -= scale;
     }
 }
+
+/// Rows per parallel task of the distillation KL: a row is a whole vocabulary (tens of
+/// thousands of columns), so a few rows already amortise a task.
+const KL_ROWS_PER_TASK: usize = 4;
+
+/// Distillation of a distribution per row: `q = softmax(teacher/T)`, `p = softmax(student/T)`.
+/// Returns `Σ_rows KL(q ‖ p)` and writes `p − q` (the gradient's direction) into `diff`. Log
+/// probabilities come from log-sum-exp, never from `ln p`, so a probability that underflows
+/// costs no precision; two exponentials per element, rows split over the threads.
+pub fn kl_divergence_forward<F: Float>(
+    cols: usize,
+    temperature: F,
+    student: &[F],
+    teacher: &[F],
+    diff: &mut [F],
+) -> f64 {
+    let chunk = KL_ROWS_PER_TASK * cols;
+    let mut totals = vec![0.0f64; student.len().div_ceil(chunk.max(1))];
+    let items: Vec<_> = student
+        .chunks(chunk)
+        .zip(teacher.chunks(chunk))
+        .zip(diff.chunks_mut(chunk))
+        .zip(totals.iter_mut())
+        .collect();
+    threads::parallel_each(items, |(((s, t), d), total)| {
+        let mut exp_teacher = vec![F::ZERO; cols];
+        let mut sum = 0.0;
+        for ((s, t), d) in s
+            .chunks_exact(cols)
+            .zip(t.chunks_exact(cols))
+            .zip(d.chunks_exact_mut(cols))
+        {
+            sum += kl_row(temperature, s, t, d, &mut exp_teacher);
+        }
+        *total = sum;
+    });
+    totals.iter().sum()
+}
+
+/// One row of [`kl_divergence_forward`]; `exp_teacher` is scratch of the row's length.
+fn kl_row<F: Float>(temperature: F, s: &[F], t: &[F], d: &mut [F], exp_teacher: &mut [F]) -> f64 {
+    let t_inv = F::ONE / temperature;
+    let max = |x: &[F]| x.iter().fold(F::neg_infinity(), |m, &v| m.max(v)) * t_inv;
+    let (max_s, max_t) = (max(s), max(t));
+    let (mut sum_s, mut sum_t) = (F::ZERO, F::ZERO);
+    for (((&s, &t), d), e) in s
+        .iter()
+        .zip(t)
+        .zip(d.iter_mut())
+        .zip(exp_teacher.iter_mut())
+    {
+        *d = (s * t_inv - max_s).exp();
+        *e = (t * t_inv - max_t).exp();
+        sum_s += *d;
+        sum_t += *e;
+    }
+    let (lse_s, lse_t) = (max_s + sum_s.ln(), max_t + sum_t.ln());
+    let (inv_s, inv_t) = (F::ONE / sum_s, F::ONE / sum_t);
+    let mut kl = 0.0;
+    for (((&s, &t), d), &e) in s.iter().zip(t).zip(d.iter_mut()).zip(exp_teacher.iter()) {
+        let q = e * inv_t;
+        // q (log q − log p), with log q and log p from the log-sum-exps.
+        kl += (q * ((t * t_inv - lse_t) - (s * t_inv - lse_s))).to_f64();
+        *d = *d * inv_s - q;
+    }
+    kl
+}
