@@ -4,7 +4,10 @@
 //! * a launch table, so the emulator launches kernels by name with a `void**` argument array
 //!   exactly like `cuLaunchKernel`;
 //! * `kernel_sources.rs`, which embeds the production sources and their kernel names for the
-//!   NVRTC path, and `kernel_headers.rs`, the shared `kernels/*.cuh` they include.
+//!   NVRTC path, and `kernel_headers.rs`, the shared `kernels/*.cuh` they include;
+//! * `launchers/<family>.rs`, one typed Rust launcher per entry point of `kernels/<family>.cu`,
+//!   generated from its parameter list, so the host side cannot disagree with the `.cu` on the
+//!   number, order, type or constness of the arguments.
 //!
 //! The only source rewrites are the two shared-memory forms host C++ cannot express; each keeps
 //! the line count so compiler messages and barrier sites point at the original `.cu` lines.
@@ -17,7 +20,7 @@ use regex::Regex;
 struct KernelFile {
     path: PathBuf,
     stem: String,
-    kernels: Vec<String>,
+    kernels: Vec<Kernel>,
     /// From `kernels/` (compiled by NVRTC too), not a planted-bug test kernel.
     production: bool,
     emulator_unit: PathBuf,
@@ -33,15 +36,149 @@ fn cu_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn kernel_names(source: &str) -> Vec<String> {
+/// One parameter of an entry point, as the Rust launcher takes it.
+enum Param {
+    /// `int`: a size, passed as `usize` and checked to fit.
+    Int(String),
+    /// `float`.
+    Float(String),
+    /// `const T*` (`output` false) or `T*`, with `T`'s Rust element type.
+    Pointer {
+        name: String,
+        element: &'static str,
+        output: bool,
+    },
+}
+
+struct Kernel {
+    name: String,
+    /// The `.cu` line the entry point starts on, and its parameter list as written there.
+    line: usize,
+    signature: String,
+    params: Vec<Param>,
+}
+
+/// The Rust element type of a kernel pointer's C element type.
+fn element_type(c: &str) -> Option<&'static str> {
+    Some(match c {
+        "float" => "f32",
+        "int" => "i32",
+        "unsigned" => "u32",
+        "__half" => "half::f16",
+        "__nv_bfloat16" => "half::bf16",
+        _ => return None,
+    })
+}
+
+fn parse_param(path: &Path, kernel: &str, text: &str) -> Param {
+    let fail = |why: &str| -> ! {
+        panic!(
+            "{}: {kernel}: parameter `{text}`: {why} (the launcher generator takes int, float \
+             and [const] float/int/unsigned/__half/__nv_bfloat16 pointers)",
+            path.display()
+        )
+    };
+    let pointer = text.contains('*');
+    let words: Vec<&str> = text
+        .split(|c: char| c.is_whitespace() || c == '*')
+        .filter(|w| !w.is_empty() && *w != "__restrict__")
+        .collect();
+    let output = !words.contains(&"const");
+    let words: Vec<&str> = words.into_iter().filter(|w| *w != "const").collect();
+    let [ty, name] = words[..] else {
+        fail("not `type name`")
+    };
+    let name = name.to_string();
+    if ["rt", "config"].contains(&name.as_str()) {
+        fail("the launcher's own arguments are named rt and config");
+    }
+    match (pointer, ty) {
+        (false, "int") => Param::Int(name),
+        (false, "float") => Param::Float(name),
+        (true, _) => Param::Pointer {
+            name,
+            element: element_type(ty).unwrap_or_else(|| fail("unknown element type")),
+            output,
+        },
+        _ => fail("unknown scalar type"),
+    }
+}
+
+fn kernels_of(path: &Path, source: &str) -> Vec<Kernel> {
     let entry = Regex::new(
-        r#"extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\("#,
+        r#"extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)"#,
     )
     .unwrap();
     entry
         .captures_iter(source)
-        .map(|c| c[1].to_string())
+        .map(|c| {
+            let name = c[1].to_string();
+            let list = c[2].split_whitespace().collect::<Vec<_>>().join(" ");
+            let params = if list.is_empty() || list == "void" {
+                Vec::new()
+            } else {
+                list.split(',')
+                    .map(|p| parse_param(path, &name, p.trim()))
+                    .collect()
+            };
+            Kernel {
+                line: source[..c.get(0).unwrap().start()].lines().count() + 1,
+                signature: format!("{name}({list})"),
+                name,
+                params,
+            }
+        })
         .collect()
+}
+
+/// The typed launchers of one kernel file: per entry point an `unsafe fn` taking the runtime,
+/// the launch configuration and the kernel's parameters in order (`usize` for `int`, `f32` for
+/// `float`, [`DeviceIn`]/[`DeviceOut`] for `const T*`/`T*`), which builds the argument array.
+fn launchers(file: &str, kernels: &[Kernel]) -> String {
+    let mut out = String::new();
+    for k in kernels {
+        let mut params = String::new();
+        let mut args = Vec::new();
+        for p in &k.params {
+            match p {
+                Param::Int(name) => {
+                    let _ = write!(params, ", {name}: usize");
+                    args.push(format!("crate::kernels::int({name:?}, {name})?"));
+                }
+                Param::Float(name) => {
+                    let _ = write!(params, ", {name}: f32");
+                    args.push(format!("crate::KernelArg::F32({name})"));
+                }
+                Param::Pointer {
+                    name,
+                    element,
+                    output,
+                } => {
+                    let kind = if *output { "DeviceOut" } else { "DeviceIn" };
+                    let _ = write!(params, ", {name}: crate::{kind}<'_, {element}>");
+                    args.push(format!("{name}.arg()"));
+                }
+            }
+        }
+        let _ = write!(
+            out,
+            "/// `{}` (kernels/{file}:{}).\n\
+             ///\n\
+             /// # Safety\n\
+             /// `config` and the size arguments must keep every thread inside the buffers given.\n\
+             #[allow(clippy::too_many_arguments)]\n\
+             pub(crate) unsafe fn {}(rt: &crate::Runtime, config: crate::LaunchConfig{params}) -> crate::Result<()> {{\n    \
+             // SAFETY: the arguments are this kernel's parameters in order and type; the caller\n    \
+             // answers for the bounds.\n    \
+             unsafe {{ rt.launch({:?}, config, &[{}]) }}\n}}\n\n",
+            k.signature,
+            k.line,
+            k.name,
+            k.name,
+            args.join(", ")
+        );
+    }
+    out
 }
 
 /// `__shared__ T x[A][B];` becomes a reference to storage the emulator refills before each
@@ -109,7 +246,7 @@ fn main() {
             println!("cargo:rerun-if-changed={}", path.display());
             let source = std::fs::read_to_string(&path).unwrap();
             let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
-            let kernels = kernel_names(&source);
+            let kernels = kernels_of(&path, &source);
             let index = files.len() + 1;
             let mut unit = format!(
                 "#line 1 \"{}\"\n{}\n",
@@ -121,7 +258,8 @@ fn main() {
             for k in &kernels {
                 let _ = writeln!(
                     unit,
-                    "    {{\"{k}\", [](void** args) {{ ::emu::invoke({k}, args); }}}},"
+                    "    {{\"{0}\", [](void** args) {{ ::emu::invoke({0}, args); }}}},",
+                    k.name
                 );
             }
             unit.push_str("    {nullptr, nullptr}};\n}\n");
@@ -179,14 +317,23 @@ fn main() {
     build.compile("scalpel_cuda_emu");
 
     let mut sources = String::new();
+    let launcher_dir = out.join("launchers");
+    std::fs::create_dir_all(&launcher_dir).unwrap();
     for f in files.iter().filter(|f| f.production) {
+        let names: Vec<&str> = f.kernels.iter().map(|k| k.name.as_str()).collect();
         let _ = writeln!(
             sources,
             "KernelFile {{ file: \"{}.cu\", source: include_str!({:?}), kernels: &{:?} }},",
             f.stem,
             f.path.display().to_string(),
-            f.kernels
+            names
         );
+        let file = format!("{}.cu", f.stem);
+        std::fs::write(
+            launcher_dir.join(format!("{}.rs", f.stem)),
+            launchers(&file, &f.kernels),
+        )
+        .unwrap();
     }
     std::fs::write(out.join("kernel_sources.rs"), format!("&[\n{sources}]\n")).unwrap();
 

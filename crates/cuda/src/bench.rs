@@ -12,7 +12,8 @@ use scalpel_tensor::cpu::layernorm::LayerNormShape;
 
 use crate::check::Inputs;
 use crate::cublas::{Cublas, Precision};
-use crate::ops::{self, AdamStep, WeightDecay};
+use crate::kernels::adamw::{AdamStep, WeightDecay};
+use crate::kernels::{adamw, attention, embedding, gelu, gemm, layernorm};
 use crate::{DeviceBuffer, Result, Runtime};
 
 /// What a kernel's time is measured against.
@@ -131,7 +132,7 @@ fn gemms(
             upload_random(rt, &mut rng, n * n)?,
         );
         let mut c = rt.uninit::<f32>(n * n)?;
-        let ms = time(rt, plan, || ops::gemm(rt, s, &a, &b, &mut c, 0.0))?;
+        let ms = time(rt, plan, || gemm::gemm(rt, s, &a, &b, &mut c, 0.0))?;
         let reference = |precision| -> Result<Option<f64>> {
             let Some(blas) = cublas else { return Ok(None) };
             let mut c = rt.uninit::<f32>(n * n)?;
@@ -162,7 +163,7 @@ fn gemms(
             rt.upload(&v)
         };
         let (ah, bh) = (to_bf16(n * n, &mut rng)?, to_bf16(n * n, &mut rng)?);
-        let ms = time(rt, plan, || ops::gemm_half(rt, s, &ah, &bh, &mut c, 0.0))?;
+        let ms = time(rt, plan, || gemm::gemm_half(rt, s, &ah, &bh, &mut c, 0.0))?;
         let cublas_ms = match cublas {
             Some(blas) => Some(time(rt, plan, || {
                 blas.gemm(Precision::Bf16, s, &ah, &bh, &mut c)
@@ -205,7 +206,7 @@ fn attention(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Res
         let pair = (batch * heads * seq * seq * head_dim) as f64 * 2.0;
         let case = format!("b{batch} h{heads} s{seq} d{head_dim}");
         let forward = time(rt, plan, || {
-            ops::attention_forward(rt, &s, &q, &k, &v, &mask, &mut o, &mut lse)
+            attention::attention_forward(rt, &s, &q, &k, &v, &mask, &mut o, &mut lse)
         })?;
         out.push(KernelTiming {
             kernel: "attention_forward".into(),
@@ -215,7 +216,7 @@ fn attention(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Res
             cublas_ms: None,
         });
         let backward = time(rt, plan, || {
-            ops::attention_backward(
+            attention::attention_backward(
                 rt, &s, &q, &k, &v, &mask, &o, &lse, &dout, &mut dq, &mut dk, &mut dv,
             )
         })?;
@@ -246,7 +247,7 @@ fn rowwise(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Resul
     };
     let f32_bytes = |count: usize| (count * 4) as f64;
     let ms = time(rt, plan, || {
-        ops::layernorm_forward(rt, &s, &x, &gamma, &beta, &mut y, &mut mean, &mut rstd)
+        layernorm::layernorm_forward(rt, &s, &x, &gamma, &beta, &mut y, &mut mean, &mut rstd)
     })?;
     out.push(KernelTiming {
         kernel: "layernorm_forward".into(),
@@ -259,7 +260,7 @@ fn rowwise(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Resul
     let wide = n * 4; // the FFN's intermediate activation
     let xw = upload_random(rt, &mut rng, wide)?;
     let mut yw = rt.uninit(wide)?;
-    let ms = time(rt, plan, || ops::gelu_forward(rt, &xw, &mut yw))?;
+    let ms = time(rt, plan, || gelu::gelu_forward(rt, &xw, &mut yw))?;
     out.push(KernelTiming {
         kernel: "gelu_forward".into(),
         case: format!("{rows}x{}", cols * 4),
@@ -278,7 +279,7 @@ fn rowwise(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Resul
     let ids = rt.upload(&ids)?;
     let mut gathered = rt.uninit(n)?;
     let ms = time(rt, plan, || {
-        ops::embedding_forward(rt, cols, &table, &ids, &mut gathered)
+        embedding::embedding_forward(rt, cols, &table, &ids, &mut gathered)
     })?;
     out.push(KernelTiming {
         kernel: "embedding_forward".into(),
@@ -303,7 +304,7 @@ fn rowwise(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Resul
         step: 1,
     };
     let ms = time(rt, plan, || {
-        ops::adam_step(rt, &step, &mut p, &g, &mut m, &mut v)
+        adamw::adam_step(rt, &step, &mut p, &g, &mut m, &mut v)
     })?;
     out.push(KernelTiming {
         kernel: "adamw_step".into(),

@@ -46,7 +46,7 @@ impl Cublas {
         })
     }
 
-    /// `C = op(A)·op(B)` for row-major operands as `ops::gemm` takes them. cuBLAS is
+    /// `C = op(A)·op(B)` for row-major operands as `kernels::gemm::gemm` takes them. cuBLAS is
     /// column-major, so this computes `Cᵀ = op(B)ᵀ·op(A)ᵀ` with the operands swapped.
     pub fn gemm<T: DeviceElement>(
         &self,

@@ -8,8 +8,9 @@
 //! * on the CPU through the emulator ([`Runtime::emulator`]): the same sources compiled as host
 //!   C++ against a small shim (`emu/shim.h`), so every kernel is tested on machines without a GPU.
 //!
-//! [`ops`] holds the host-side operations (shape checks, grid sizes, launches by name),
-//! [`check`] compares every kernel with the CPU references of `scalpel-tensor`, and [`report`]
+//! [`kernels`] holds, per kernel file, the host-side operations (shape checks, grid sizes,
+//! launches through launchers build.rs generates from the `.cu` signatures) and the checks
+//! against the CPU references of `scalpel-tensor` ([`check`] runs them all); [`report`]
 //! gathers compile results, register and spill counts and those comparisons into the
 //! `scalpel kernels` report.
 
@@ -22,8 +23,8 @@ pub mod cublas;
 mod driver;
 mod emulator;
 mod error;
+pub mod kernels;
 pub mod nvrtc;
-pub mod ops;
 mod probe;
 pub mod report;
 mod runtime;
@@ -33,6 +34,8 @@ mod toolkit;
 
 pub use error::{CudaError, Result};
 pub use probe::{gpu_runtime, probe, Probe};
-pub use runtime::{DeviceBuffer, DeviceElement, KernelArg, LaunchConfig, Runtime};
+pub use runtime::{
+    DeviceBuffer, DeviceElement, DeviceIn, DeviceOut, KernelArg, LaunchConfig, Runtime,
+};
 pub use sources::{kernel_files, kernel_headers, KernelFile, KernelHeader};
 pub use toolkit::Toolkit;

@@ -94,6 +94,33 @@ impl KernelArg {
     }
 }
 
+/// A `const T*` kernel parameter: the address of a buffer (or of an element in it) that the
+/// kernel only reads, borrowed from the buffer for as long as the argument lives.
+#[derive(Clone, Copy)]
+pub struct DeviceIn<'a, T: DeviceElement> {
+    addr: u64,
+    _buffer: PhantomData<&'a DeviceBuffer<T>>,
+}
+
+/// A `T*` kernel parameter: a buffer the kernel may write, borrowed mutably (so no other
+/// argument of the launch can alias it, as the kernels' `__restrict__` promises).
+pub struct DeviceOut<'a, T: DeviceElement> {
+    addr: u64,
+    _buffer: PhantomData<&'a mut DeviceBuffer<T>>,
+}
+
+impl<T: DeviceElement> DeviceIn<'_, T> {
+    pub(crate) fn arg(self) -> KernelArg {
+        KernelArg::Ptr(self.addr)
+    }
+}
+
+impl<T: DeviceElement> DeviceOut<'_, T> {
+    pub(crate) fn arg(self) -> KernelArg {
+        KernelArg::Ptr(self.addr)
+    }
+}
+
 /// Element types device buffers may hold.
 pub trait DeviceElement: bytemuck::Pod + Send + Sync + 'static {}
 impl DeviceElement for f32 {}
@@ -321,7 +348,7 @@ impl Runtime {
     /// # Safety
     /// `args` must match the kernel's parameter list in number, order and type, and the kernel
     /// must stay inside the buffers it is given for the launch configuration: neither can be
-    /// checked here. The typed functions in [`crate::ops`] uphold this.
+    /// checked here. The generated launchers and the operations of [`crate::kernels`] uphold this.
     pub unsafe fn launch(
         &self,
         kernel: &str,
@@ -366,6 +393,38 @@ impl<T: DeviceElement> DeviceBuffer<T> {
         KernelArg::Ptr(self.ptr)
     }
 
+    /// The buffer as a `const T*` kernel argument.
+    pub fn input(&self) -> DeviceIn<'_, T> {
+        DeviceIn {
+            addr: self.ptr,
+            _buffer: PhantomData,
+        }
+    }
+
+    /// The buffer from element `offset` on, as a `const T*` kernel argument.
+    pub fn input_at(&self, offset: usize) -> Result<DeviceIn<'_, T>> {
+        Ok(DeviceIn {
+            addr: self.addr_at(offset)?,
+            _buffer: PhantomData,
+        })
+    }
+
+    /// The buffer as a `T*` kernel argument.
+    pub fn output(&mut self) -> DeviceOut<'_, T> {
+        DeviceOut {
+            addr: self.ptr,
+            _buffer: PhantomData,
+        }
+    }
+
+    /// The buffer from element `offset` on, as a `T*` kernel argument.
+    pub fn output_at(&mut self, offset: usize) -> Result<DeviceOut<'_, T>> {
+        Ok(DeviceOut {
+            addr: self.addr_at(offset)?,
+            _buffer: PhantomData,
+        })
+    }
+
     pub fn copy_from_host(&mut self, host: &[T]) -> Result<()> {
         if host.len() != self.len {
             return Err(CudaError::Shape(format!(
@@ -407,18 +466,14 @@ impl<T: DeviceElement> DeviceBuffer<T> {
         &self.runtime
     }
 
-    /// The address `offset` elements into the buffer, as a kernel argument (a sub-matrix of a
-    /// batch); an error past the end.
-    pub fn arg_at(&self, offset: usize) -> Result<KernelArg> {
+    fn addr_at(&self, offset: usize) -> Result<u64> {
         if offset > self.len {
             return Err(CudaError::Shape(format!(
                 "offset {offset} past a buffer of {}",
                 self.len
             )));
         }
-        Ok(KernelArg::Ptr(
-            self.ptr + (offset * std::mem::size_of::<T>()) as u64,
-        ))
+        Ok(self.ptr + (offset * std::mem::size_of::<T>()) as u64)
     }
 
     pub(crate) fn check_runtime(&self, runtime: &Runtime) -> Result<()> {

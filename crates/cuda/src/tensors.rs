@@ -1,6 +1,6 @@
 //! The [`Backend`] of `scalpel-tensor` on a [`Runtime`]: tensor-level ops over device-resident
 //! f32 tensors. Each checks shapes as its `scalpel_tensor::ops` twin does, allocates its outputs
-//! from the runtime's caching allocator and launches the kernels of [`crate::ops`]; nothing is
+//! from the runtime's caching allocator and launches the kernels of [`crate::kernels`]; nothing is
 //! copied between host and device except class indices (cross-entropy targets, which live on the
 //! host), the scalars a caller reads back (a loss, a norm), and [`Backend::to_device`] /
 //! [`Backend::indices`] themselves.
@@ -15,7 +15,10 @@ use scalpel_tensor::cpu::layernorm::LayerNormShape;
 use scalpel_tensor::{ops as tops, Backend, DType, Data, DeviceMemory, DeviceStats, Tensor};
 use scalpel_tensor::{Result, TensorError};
 
-use crate::ops::{self as cuda, AdamStep, WeightDecay};
+use crate::kernels::adamw::{AdamStep, WeightDecay};
+use crate::kernels::{
+    adamw, attention, elementwise, embedding, gelu, gemm, layernorm, pooling, reduce, softmax,
+};
 use crate::{CudaError, DeviceBuffer, Runtime};
 
 /// The widest attention head the fused kernels take.
@@ -79,7 +82,7 @@ impl Runtime {
                 .downcast_ref::<DeviceBuffer<f32>>()
                 .expect("checked above");
             let mut copy = self.zeros::<f32>(source.len()).map_err(device_error)?;
-            cuda::axpy(self, 1.0, source, &mut copy).map_err(device_error)?;
+            elementwise::axpy(self, 1.0, source, &mut copy).map_err(device_error)?;
             Ok(Arc::new(copy) as Arc<dyn DeviceMemory>)
         })?;
         Ok(memory
@@ -210,7 +213,7 @@ impl Backend for Runtime {
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         tops::expect_shape("add", "right operand", b, a.shape())?;
         let mut out = self.uninit_f32(a.numel())?;
-        cuda::add(self, self.buffer("a", a)?, self.buffer("b", b)?, &mut out).dev()?;
+        elementwise::add(self, self.buffer("a", a)?, self.buffer("b", b)?, &mut out).dev()?;
         wrap(a.shape(), out)
     }
 
@@ -220,13 +223,13 @@ impl Backend for Runtime {
 
     fn scale_in_place(&self, x: &mut Tensor, alpha: f64) -> Result<()> {
         let buffer = self.buffer_mut("x", x)?;
-        cuda::scale(self, alpha as f32, buffer).dev()
+        elementwise::scale(self, alpha as f32, buffer).dev()
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         let (s, shape) = tops::linear_shape(x, w, b)?;
         let mut y = self.uninit_f32(s.m * s.n)?;
-        cuda::gemm(
+        gemm::gemm(
             self,
             s,
             self.buffer("x", x)?,
@@ -236,7 +239,7 @@ impl Backend for Runtime {
         )
         .dev()?;
         if let Some(b) = b {
-            cuda::add_bias(self, s.n, self.buffer("bias", b)?, &mut y).dev()?;
+            elementwise::add_bias(self, s.n, self.buffer("bias", b)?, &mut y).dev()?;
         }
         wrap(&shape, y)
     }
@@ -265,7 +268,7 @@ impl Backend for Runtime {
                 trans_a: false,
                 trans_b: false,
             };
-            cuda::gemm(self, s, dyd, wd, &mut dx, 0.0).dev()?;
+            gemm::gemm(self, s, dyd, wd, &mut dx, 0.0).dev()?;
             Some(wrap(x.shape(), dx)?)
         } else {
             None
@@ -278,9 +281,9 @@ impl Backend for Runtime {
             trans_a: true,
             trans_b: false,
         };
-        cuda::gemm(self, s, dyd, xd, &mut dw, 0.0).dev()?;
+        gemm::gemm(self, s, dyd, xd, &mut dw, 0.0).dev()?;
         let mut db = self.zeros_f32(out_f)?;
-        cuda::bias_backward(self, out_f, dyd, &mut db).dev()?;
+        elementwise::bias_backward(self, out_f, dyd, &mut db).dev()?;
         Ok((dx, wrap(w.shape(), dw)?, wrap(&[out_f], db)?))
     }
 
@@ -289,7 +292,7 @@ impl Backend for Runtime {
         let (ad, bd) = (self.buffer("a", a)?, self.buffer("b", b)?);
         let mut c = self.uninit_f32(batch * s.m * s.n)?;
         for i in 0..batch {
-            cuda::gemm_at(
+            gemm::gemm_at(
                 self,
                 s,
                 (ad, i * s.m * s.k),
@@ -303,14 +306,14 @@ impl Backend for Runtime {
 
     fn gelu(&self, x: &Tensor) -> Result<Tensor> {
         let mut y = self.uninit_f32(x.numel())?;
-        cuda::gelu_forward(self, self.buffer("x", x)?, &mut y).dev()?;
+        gelu::gelu_forward(self, self.buffer("x", x)?, &mut y).dev()?;
         wrap(x.shape(), y)
     }
 
     fn gelu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         tops::expect_shape("gelu backward", "dy", dy, x.shape())?;
         let mut dx = self.uninit_f32(x.numel())?;
-        cuda::gelu_backward(self, self.buffer("x", x)?, self.buffer("dy", dy)?, &mut dx).dev()?;
+        gelu::gelu_backward(self, self.buffer("x", x)?, self.buffer("dy", dy)?, &mut dx).dev()?;
         wrap(x.shape(), dx)
     }
 
@@ -326,7 +329,7 @@ impl Backend for Runtime {
         let mut y = self.uninit_f32(x.numel())?;
         let mut mean = self.uninit_f32(s.rows)?;
         let mut rstd = self.uninit_f32(s.rows)?;
-        cuda::layernorm_forward(
+        layernorm::layernorm_forward(
             self,
             &s,
             self.buffer("x", x)?,
@@ -357,7 +360,7 @@ impl Backend for Runtime {
         let mut dx = self.uninit_f32(x.numel())?;
         let mut dgamma = self.zeros_f32(s.cols)?;
         let mut dbeta = self.zeros_f32(s.cols)?;
-        cuda::layernorm_backward(
+        layernorm::layernorm_backward(
             self,
             &s,
             self.buffer("x", x)?,
@@ -394,7 +397,7 @@ impl Backend for Runtime {
         }
         let mut out = self.uninit_f32(q.numel())?;
         let mut lse = self.uninit_f32(s.batch * s.heads * s.seq)?;
-        cuda::attention_forward(
+        attention::attention_forward(
             self,
             &s,
             self.buffer("q", q)?,
@@ -425,7 +428,7 @@ impl Backend for Runtime {
         tops::expect_shape("attention backward", "dout", dout, q.shape())?;
         let n = q.numel();
         let (mut dq, mut dk, mut dv) = (self.zeros_f32(n)?, self.zeros_f32(n)?, self.zeros_f32(n)?);
-        cuda::attention_backward(
+        attention::attention_backward(
             self,
             s,
             self.buffer("q", q)?,
@@ -459,7 +462,7 @@ impl Backend for Runtime {
 
     fn repeated_range(&self, shape: &[usize], period: usize) -> Result<Tensor> {
         let mut out = self.uninit::<i32>(shape.iter().product()).dev()?;
-        cuda::repeated_range(self, period, &mut out).dev()?;
+        embedding::repeated_range(self, period, &mut out).dev()?;
         Tensor::from_device(shape, Arc::new(out))
     }
 
@@ -473,7 +476,8 @@ impl Backend for Runtime {
         let dim = table.dim(1);
         let mut out = self.uninit_f32(ids.numel() * dim)?;
         let ids_d = self.index_buffer("ids", ids)?;
-        cuda::embedding_forward(self, dim, self.buffer("table", table)?, ids_d, &mut out).dev()?;
+        embedding::embedding_forward(self, dim, self.buffer("table", table)?, ids_d, &mut out)
+            .dev()?;
         wrap(&[ids.numel(), dim], out)
     }
 
@@ -492,7 +496,7 @@ impl Backend for Runtime {
         tops::expect_shape("embedding backward", "dout", dout, &[ids.numel(), dim])?;
         let mut dtable = self.zeros_f32(rows * dim)?;
         let ids_d = self.index_buffer("ids", ids)?;
-        cuda::embedding_backward(self, dim, ids_d, self.buffer("dout", dout)?, &mut dtable)
+        embedding::embedding_backward(self, dim, ids_d, self.buffer("dout", dout)?, &mut dtable)
             .dev()?;
         wrap(table_shape, dtable)
     }
@@ -507,7 +511,7 @@ impl Backend for Runtime {
         tops::expect_shape("mean_pool", "mask", mask, &x.shape()[..2])?;
         let (b, s, d) = (x.dim(0), x.dim(1), x.dim(2));
         let mut out = self.uninit_f32(b * d)?;
-        cuda::mean_pool_forward(
+        pooling::mean_pool_forward(
             self,
             s,
             d,
@@ -533,7 +537,7 @@ impl Backend for Runtime {
         };
         tops::expect_shape("mean_pool backward", "dout", dout, &[b, d])?;
         let mut dx = self.uninit_f32(b * s * d)?;
-        cuda::mean_pool_backward(
+        pooling::mean_pool_backward(
             self,
             s,
             d,
@@ -553,14 +557,14 @@ impl Backend for Runtime {
         let rows = x.numel() / dim.max(1);
         let mut y = self.uninit_f32(x.numel())?;
         let mut norms = self.uninit_f32(rows)?;
-        cuda::l2_normalize_forward(self, dim, self.buffer("x", x)?, &mut y, &mut norms).dev()?;
+        pooling::l2_normalize_forward(self, dim, self.buffer("x", x)?, &mut y, &mut norms).dev()?;
         Ok((wrap(x.shape(), y)?, wrap(&[rows], norms)?))
     }
 
     fn l2_normalize_backward(&self, y: &Tensor, norms: &Tensor, dy: &Tensor) -> Result<Tensor> {
         tops::expect_shape("l2_normalize backward", "dy", dy, y.shape())?;
         let mut dx = self.uninit_f32(y.numel())?;
-        cuda::l2_normalize_backward(
+        pooling::l2_normalize_backward(
             self,
             y.dim(-1),
             self.buffer("y", y)?,
@@ -586,7 +590,7 @@ impl Backend for Runtime {
         check_ids("cross_entropy", targets, logits.dim(1))?;
         let mut probs = self.uninit_f32(logits.numel())?;
         let targets = self.ids(targets)?;
-        let loss = cuda::cross_entropy_forward(
+        let loss = softmax::cross_entropy_forward(
             self,
             logits.dim(1),
             self.buffer("logits", logits)?,
@@ -605,7 +609,7 @@ impl Backend for Runtime {
     ) -> Result<Tensor> {
         let mut d = self.uninit_f32(probs.numel())?;
         let targets = self.ids(targets)?;
-        cuda::cross_entropy_backward(
+        softmax::cross_entropy_backward(
             self,
             probs.dim(1),
             self.buffer("probs", probs)?,
@@ -627,7 +631,7 @@ impl Backend for Runtime {
             .iter()
             .map(|t| self.buffer("tensor", t))
             .collect::<Result<Vec<_>>>()?;
-        Ok(cuda::sum_of_squares_all(self, &buffers).dev()? as f64)
+        Ok(reduce::sum_of_squares_all(self, &buffers).dev()? as f64)
     }
 
     fn adam_update(
@@ -659,7 +663,7 @@ impl Backend for Runtime {
         let p = self.buffer_mut("param", param)?;
         let m = self.buffer_mut("m", m)?;
         let v = self.buffer_mut("v", v)?;
-        cuda::adam_step(self, &step, p, g, m, v).dev()
+        adamw::adam_step(self, &step, p, g, m, v).dev()
     }
 }
 
@@ -672,9 +676,9 @@ impl Runtime {
         alpha: f64,
     ) -> Result<Tensor> {
         let mut out = self.zeros_f32(a.numel())?;
-        cuda::axpy(self, alpha as f32, self.buffer("a", a)?, &mut out).dev()?;
+        elementwise::axpy(self, alpha as f32, self.buffer("a", a)?, &mut out).dev()?;
         if let Some(b) = b {
-            cuda::axpy(self, -alpha as f32, self.buffer("b", b)?, &mut out).dev()?;
+            elementwise::axpy(self, -alpha as f32, self.buffer("b", b)?, &mut out).dev()?;
         }
         wrap(a.shape(), out)
     }

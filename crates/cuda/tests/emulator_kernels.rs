@@ -5,6 +5,7 @@
 //! checks beyond the standard set.
 
 use scalpel_cuda::check::{self, KernelCheck};
+use scalpel_cuda::kernels::{self, attention, elementwise, gemm, layernorm, softmax};
 use scalpel_cuda::{kernel_files, Runtime};
 use scalpel_tensor::cpu::attention::AttentionShape;
 use scalpel_tensor::cpu::gemm::GemmShape;
@@ -60,6 +61,11 @@ fn every_kernel_file_has_a_family_test() {
     assert_eq!(
         files, FAMILIES,
         "add a test below for each new kernels/*.cu"
+    );
+    let registered: Vec<&str> = kernels::FAMILIES.iter().map(|(file, _)| *file).collect();
+    assert_eq!(
+        registered, FAMILIES,
+        "add each new kernels/*.cu to scalpel_cuda::kernels::FAMILIES"
     );
 }
 
@@ -141,7 +147,7 @@ fn gemm_f32_degenerate_and_multi_tile_shapes() {
     ];
     let checks: Vec<_> = shapes
         .into_iter()
-        .map(|s| check::gemm_f32(&rt, s, 1.0).unwrap())
+        .map(|s| gemm::check_f32(&rt, s, 1.0).unwrap())
         .collect();
     assert_pass(&checks);
 }
@@ -149,12 +155,12 @@ fn gemm_f32_degenerate_and_multi_tile_shapes() {
 #[test]
 fn layernorm_rows_narrower_than_a_warp() {
     // A row narrower than a warp leaves lanes idle.
-    assert_pass(&check::layernorm(&Runtime::emulator(), 3, 7).unwrap());
+    assert_pass(&layernorm::check_layernorm(&Runtime::emulator(), 3, 7).unwrap());
 }
 
 #[test]
 fn softmax_rows_narrower_than_a_warp() {
-    assert_pass(&check::softmax(&Runtime::emulator(), 9, 5).unwrap());
+    assert_pass(&softmax::check_softmax(&Runtime::emulator(), 9, 5).unwrap());
 }
 
 #[test]
@@ -162,7 +168,7 @@ fn shape_mismatch_is_an_error_not_a_launch() {
     let rt = Runtime::emulator();
     let (a, b) = (rt.zeros::<f32>(6).unwrap(), rt.zeros::<f32>(5).unwrap());
     let mut out = rt.zeros::<f32>(6).unwrap();
-    assert!(scalpel_cuda::ops::add(&rt, &a, &b, &mut out).is_err());
+    assert!(elementwise::add(&rt, &a, &b, &mut out).is_err());
 }
 
 #[test]
@@ -176,7 +182,7 @@ fn attention_wide_heads_use_larger_lane_groups() {
             heads: 2,
             head_dim,
         };
-        assert_pass(&check::attention(&rt, s).unwrap());
+        assert_pass(&attention::check_attention(&rt, s).unwrap());
     }
 }
 
@@ -195,6 +201,6 @@ fn attention_rejects_head_dim_over_64() {
         rt.zeros::<f32>(2 * 65).unwrap(),
         rt.zeros::<f32>(2).unwrap(),
     );
-    let r = scalpel_cuda::ops::attention_forward(&rt, &s, &x, &x, &x, &mask, &mut out, &mut lse);
+    let r = attention::attention_forward(&rt, &s, &x, &x, &x, &mask, &mut out, &mut lse);
     assert!(r.is_err());
 }

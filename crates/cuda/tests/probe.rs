@@ -3,7 +3,8 @@
 //! meant for a GPU machine sets `SCALPEL_EXPECT_GPU`, so that a GPU the probe cannot use is an
 //! error rather than a silent fallback to the second case.
 
-use scalpel_cuda::{check, probe, Runtime};
+use scalpel_cuda::kernels::gelu;
+use scalpel_cuda::{probe, Runtime};
 
 #[test]
 fn probe_matches_the_machine_and_names_what_is_missing() {
@@ -17,7 +18,7 @@ fn probe_matches_the_machine_and_names_what_is_missing() {
         assert!(!rt.is_emulator());
         assert_eq!(Some(rt.name()), p.gpu);
         assert!(!Runtime::best_available().is_emulator());
-        for c in check::gelu(&rt, 1037).unwrap() {
+        for c in gelu::check_gelu(&rt, 1037).unwrap() {
             assert!(
                 c.passed(),
                 "{} on {}: {:e}",

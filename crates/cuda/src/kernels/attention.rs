@@ -1,0 +1,360 @@
+//! `kernels/attention.cu`: fused scaled dot-product attention with a key-padding mask, forward
+//! (saving the log-sum-exp) and backward; and their checks.
+
+use scalpel_tensor::cpu::attention::{
+    attention_backward_reference, attention_forward_reference, AttentionShape,
+};
+
+use super::{div_ceil, expect_len, int};
+use crate::check::{check, max_rel_error, narrow, wide, worst, Inputs, KernelCheck, F32_TOLERANCE};
+use crate::{CudaError, DeviceBuffer, LaunchConfig, Result, Runtime};
+
+launchers!("attention");
+
+/// Threads per block of the attention kernels (`BLOCK_THREADS` in attention.cu).
+const ATTENTION_THREADS: u32 = 128;
+/// Rows of the streamed operand staged per shared-memory tile (`TILE_ROWS` in attention.cu).
+const ATTENTION_TILE_ROWS: u32 = 32;
+/// Head dims each lane of a row's lane group owns (`4 * LANE_CHUNKS` in attention.cu).
+const ATTENTION_DIMS_PER_LANE: usize = 16;
+/// The largest lane group, so head_dim ≤ 64: wider heads would need over 48 KiB of shared
+/// memory per block (an opt-in the launch path does not make).
+const ATTENTION_MAX_GROUP: usize = 4;
+
+/// Lanes per row for `head_dim`, and the launch: one block per (row tile, head, batch). Shared
+/// memory per staged row (`AttentionShared`): two tiles of `4·group` float4 chunks, one partial
+/// sum per thread, and `stats_per_row` floats (key bias, or lse and delta).
+fn attention_launch(s: &AttentionShape, stats_per_row: u32) -> Result<(usize, LaunchConfig)> {
+    let group = s
+        .head_dim
+        .div_ceil(ATTENTION_DIMS_PER_LANE)
+        .next_power_of_two();
+    if group > ATTENTION_MAX_GROUP {
+        return Err(CudaError::Shape(format!(
+            "attention head_dim {} is over the kernels' {}",
+            s.head_dim,
+            ATTENTION_DIMS_PER_LANE * ATTENTION_MAX_GROUP
+        )));
+    }
+    let rows_per_block = ATTENTION_THREADS as usize / group;
+    let lane_row_bytes = (ATTENTION_DIMS_PER_LANE * 4) as u32;
+    let config = LaunchConfig {
+        grid: [
+            div_ceil(s.seq, rows_per_block),
+            u32::try_from(s.heads).map_err(|_| CudaError::Shape("too many heads".into()))?,
+            u32::try_from(s.batch).map_err(|_| CudaError::Shape("batch too large".into()))?,
+        ],
+        block: [ATTENTION_THREADS, 1, 1],
+        shared_bytes: ATTENTION_TILE_ROWS
+            * (2 * group as u32 * lane_row_bytes + 4 * ATTENTION_THREADS + 4 * stats_per_row),
+    };
+    Ok((group, config))
+}
+
+fn attention_lengths(
+    rt: &Runtime,
+    s: &AttentionShape,
+    tensors: &[(&str, &DeviceBuffer<f32>)],
+    mask: &DeviceBuffer<f32>,
+    lse: &DeviceBuffer<f32>,
+) -> Result<()> {
+    for (what, t) in tensors {
+        expect_len(rt, what, t, s.batch * s.seq * s.width())?;
+    }
+    expect_len(rt, "mask", mask, s.batch * s.seq)?;
+    expect_len(rt, "lse", lse, s.batch * s.heads * s.seq)?;
+    int("batch·seq·width", s.batch * s.seq * s.width())?;
+    Ok(())
+}
+
+fn softmax_scale(s: &AttentionShape) -> f32 {
+    1.0 / (s.head_dim as f32).sqrt()
+}
+
+/// Fused attention forward: `q`, `k`, `v`, `out` are `[batch, seq, heads·head_dim]`, `mask`
+/// `[batch, seq]` (1 token, 0 padding); saves `lse` (`[batch, heads, seq]`) for the backward.
+/// Rows whose keys are all padding get zero output and `lse = −∞`. `head_dim` ≤ 64.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    rt: &Runtime,
+    s: &AttentionShape,
+    q: &DeviceBuffer<f32>,
+    k: &DeviceBuffer<f32>,
+    v: &DeviceBuffer<f32>,
+    mask: &DeviceBuffer<f32>,
+    out: &mut DeviceBuffer<f32>,
+    lse: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    attention_lengths(
+        rt,
+        s,
+        &[("q", q), ("k", k), ("v", v), ("out", out)],
+        mask,
+        lse,
+    )?;
+    if s.batch * s.seq * s.heads == 0 {
+        return Ok(());
+    }
+    let (group, config) = attention_launch(s, 1)?;
+    // SAFETY: lengths checked, grid and shared memory from attention_launch.
+    unsafe {
+        launch::attention_forward_f32(
+            rt,
+            config,
+            s.seq,
+            s.heads,
+            s.head_dim,
+            group,
+            softmax_scale(s),
+            q.input(),
+            k.input(),
+            v.input(),
+            mask.input(),
+            out.output(),
+            lse.output(),
+        )
+    }
+}
+
+/// Gradients of [`attention_forward`] from its saved `out` and `lse`; overwrites `dq`, `dk`,
+/// `dv`. Deterministic (no atomics): a dQ kernel per query tile, then a dK/dV kernel per key tile.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    rt: &Runtime,
+    s: &AttentionShape,
+    q: &DeviceBuffer<f32>,
+    k: &DeviceBuffer<f32>,
+    v: &DeviceBuffer<f32>,
+    mask: &DeviceBuffer<f32>,
+    out: &DeviceBuffer<f32>,
+    lse: &DeviceBuffer<f32>,
+    dout: &DeviceBuffer<f32>,
+    dq: &mut DeviceBuffer<f32>,
+    dk: &mut DeviceBuffer<f32>,
+    dv: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    attention_lengths(
+        rt,
+        s,
+        &[
+            ("q", q),
+            ("k", k),
+            ("v", v),
+            ("out", out),
+            ("dout", dout),
+            ("dq", dq),
+            ("dk", dk),
+            ("dv", dv),
+        ],
+        mask,
+        lse,
+    )?;
+    if s.batch * s.seq * s.heads == 0 {
+        return Ok(());
+    }
+    let mut delta = rt.zeros::<f32>(lse.len())?;
+    let scale = softmax_scale(s);
+    let (group, config) = attention_launch(s, 1)?;
+    // SAFETY: lengths checked (delta has lse's), launch from attention_launch.
+    unsafe {
+        launch::attention_backward_dq_f32(
+            rt,
+            config,
+            s.seq,
+            s.heads,
+            s.head_dim,
+            group,
+            scale,
+            q.input(),
+            k.input(),
+            v.input(),
+            mask.input(),
+            out.input(),
+            lse.input(),
+            dout.input(),
+            dq.output(),
+            delta.output(),
+        )?
+    };
+    let (group, config) = attention_launch(s, 2)?;
+    // SAFETY: as above.
+    unsafe {
+        launch::attention_backward_dkdv_f32(
+            rt,
+            config,
+            s.seq,
+            s.heads,
+            s.head_dim,
+            group,
+            scale,
+            q.input(),
+            k.input(),
+            v.input(),
+            mask.input(),
+            lse.input(),
+            delta.input(),
+            dout.input(),
+            dk.output(),
+            dv.output(),
+        )
+    }
+}
+
+/// [`max_rel_error`] over the finite references; infinite references (`lse = −∞` of fully
+/// masked rows) must be matched exactly.
+fn max_rel_error_finite(got: &[f32], want: &[f64]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let (finite, infinite): (Vec<_>, Vec<_>) =
+        got.iter().zip(want).partition(|(_, w)| w.is_finite());
+    if infinite.iter().any(|&(&g, &w)| g as f64 != w) {
+        return f64::INFINITY;
+    }
+    let (got, want): (Vec<f32>, Vec<f64>) = finite.into_iter().unzip();
+    max_rel_error(&got, &want)
+}
+
+/// Key-padding mask with every case the kernels distinguish: batch entries cycle through no
+/// padding, the last third padded, and all padding (fully masked rows: zero output, −∞ lse).
+fn attention_mask(batch: usize, seq: usize) -> Vec<f32> {
+    (0..batch * seq)
+        .map(|i| {
+            let (b, t) = (i / seq, i % seq);
+            match b % 3 {
+                0 => 1.0,
+                1 if t < seq - seq / 3 => 1.0,
+                _ => 0.0,
+            }
+        })
+        .collect()
+}
+
+/// Fused attention forward (out and lse) and backward (dQ; dK and dV) against the f64
+/// references. The backward runs on the reference's `out` and `lse`, so it is checked on its own.
+pub fn check_attention(rt: &Runtime, s: AttentionShape) -> Result<Vec<KernelCheck>> {
+    let case = format!(
+        "batch={} seq={} heads={} head_dim={}, padded and fully masked rows",
+        s.batch, s.seq, s.heads, s.head_dim
+    );
+    let n = s.batch * s.seq * s.width();
+    let rows = s.batch * s.heads * s.seq;
+    let mut rng = Inputs::new(12);
+    let (q, k, v) = (
+        rng.uniform(n, -2.0, 2.0),
+        rng.uniform(n, -2.0, 2.0),
+        rng.uniform(n, -2.0, 2.0),
+    );
+    let dout = rng.uniform(n, -1.0, 1.0);
+    let mask = attention_mask(s.batch, s.seq);
+    let (dq_in, dk_in, dv_in, dmask) = (
+        rt.upload(&q)?,
+        rt.upload(&k)?,
+        rt.upload(&v)?,
+        rt.upload(&mask)?,
+    );
+
+    let (mut out, mut lse) = (
+        rt.upload(&vec![f32::NAN; n])?,
+        rt.upload(&vec![f32::NAN; rows])?,
+    );
+    attention_forward(rt, &s, &dq_in, &dk_in, &dv_in, &dmask, &mut out, &mut lse)?;
+    let (mut want_out, mut want_lse) = (vec![0.0; n], vec![0.0; rows]);
+    attention_forward_reference(
+        &s,
+        &wide(&q),
+        &wide(&k),
+        &wide(&v),
+        &wide(&mask),
+        &mut want_out,
+        &mut want_lse,
+    );
+    let forward = worst(&[
+        max_rel_error(&out.to_host()?, &want_out),
+        max_rel_error_finite(&lse.to_host()?, &want_lse),
+    ]);
+
+    let (out32, lse32) = (narrow(&want_out), narrow(&want_lse));
+    let (mut dq, mut dk, mut dv) = (
+        rt.upload(&vec![f32::NAN; n])?,
+        rt.upload(&vec![f32::NAN; n])?,
+        rt.upload(&vec![f32::NAN; n])?,
+    );
+    attention_backward(
+        rt,
+        &s,
+        &dq_in,
+        &dk_in,
+        &dv_in,
+        &dmask,
+        &rt.upload(&out32)?,
+        &rt.upload(&lse32)?,
+        &rt.upload(&dout)?,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+    )?;
+    let (mut want_dq, mut want_dk, mut want_dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    attention_backward_reference(
+        &s,
+        &wide(&q),
+        &wide(&k),
+        &wide(&v),
+        &wide(&mask),
+        &wide(&out32),
+        &wide(&lse32),
+        &wide(&dout),
+        &mut want_dq,
+        &mut want_dk,
+        &mut want_dv,
+    );
+    Ok(vec![
+        check(
+            "attention_forward_f32",
+            case.clone(),
+            forward,
+            F32_TOLERANCE,
+        ),
+        check(
+            "attention_backward_dq_f32",
+            case.clone(),
+            max_rel_error(&dq.to_host()?, &want_dq),
+            F32_TOLERANCE,
+        ),
+        check(
+            "attention_backward_dkdv_f32",
+            case,
+            worst(&[
+                max_rel_error(&dk.to_host()?, &want_dk),
+                max_rel_error(&dv.to_host()?, &want_dv),
+            ]),
+            F32_TOLERANCE,
+        ),
+    ])
+}
+
+/// The standard attention checks: ragged sequences, head dims needing 2 lanes per row.
+fn standard_shapes() -> Vec<AttentionShape> {
+    vec![
+        AttentionShape {
+            batch: 3,
+            seq: 37,
+            heads: 3,
+            head_dim: 32,
+        },
+        AttentionShape {
+            batch: 2,
+            seq: 70,
+            heads: 3,
+            head_dim: 20,
+        },
+    ]
+}
+
+pub fn standard_checks(rt: &Runtime) -> Result<Vec<KernelCheck>> {
+    let mut out = Vec::new();
+    for s in standard_shapes() {
+        out.extend(check_attention(rt, s)?);
+    }
+    Ok(out)
+}
