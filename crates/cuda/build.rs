@@ -42,6 +42,8 @@ enum Param {
     Int(String),
     /// `float`.
     Float(String),
+    /// `unsigned`: a 32-bit word (a hash seed's half, a threshold), passed as `u32`.
+    Unsigned(String),
     /// `const T*` (`output` false) or `T*`, with `T`'s Rust element type.
     Pointer {
         name: String,
@@ -73,8 +75,8 @@ fn element_type(c: &str) -> Option<&'static str> {
 fn parse_param(path: &Path, kernel: &str, text: &str) -> Param {
     let fail = |why: &str| -> ! {
         panic!(
-            "{}: {kernel}: parameter `{text}`: {why} (the launcher generator takes int, float \
-             and [const] float/int/unsigned/__half/__nv_bfloat16 pointers)",
+            "{}: {kernel}: parameter `{text}`: {why} (the launcher generator takes int, float, \
+             unsigned and [const] float/int/unsigned/__half/__nv_bfloat16 pointers)",
             path.display()
         )
     };
@@ -95,6 +97,7 @@ fn parse_param(path: &Path, kernel: &str, text: &str) -> Param {
     match (pointer, ty) {
         (false, "int") => Param::Int(name),
         (false, "float") => Param::Float(name),
+        (false, "unsigned") => Param::Unsigned(name),
         (true, _) => Param::Pointer {
             name,
             element: element_type(ty).unwrap_or_else(|| fail("unknown element type")),
@@ -132,8 +135,9 @@ fn kernels_of(path: &Path, source: &str) -> Vec<Kernel> {
 }
 
 /// The typed launchers of one kernel file: per entry point an `unsafe fn` taking the runtime,
-/// the launch configuration and the kernel's parameters in order (`usize` for `int`, `f32` for
-/// `float`, [`DeviceIn`]/[`DeviceOut`] for `const T*`/`T*`), which builds the argument array.
+/// the launch configuration and the kernel's parameters in order (`usize` for `int`, `u32` for
+/// `unsigned`, `f32` for `float`, [`DeviceIn`]/[`DeviceOut`] for `const T*`/`T*`), which builds
+/// the argument array.
 fn launchers(file: &str, kernels: &[Kernel]) -> String {
     let mut out = String::new();
     for k in kernels {
@@ -148,6 +152,10 @@ fn launchers(file: &str, kernels: &[Kernel]) -> String {
                 Param::Float(name) => {
                     let _ = write!(params, ", {name}: f32");
                     args.push(format!("crate::KernelArg::F32({name})"));
+                }
+                Param::Unsigned(name) => {
+                    let _ = write!(params, ", {name}: u32");
+                    args.push(format!("crate::KernelArg::U32({name})"));
                 }
                 Param::Pointer {
                     name,

@@ -155,6 +155,9 @@ fn every_op_on_the_emulator_matches_the_cpu() {
         ops::layernorm(&v[0], &v[1], &v[2], 1e-12)
     });
     assert_same_on_emulator("gelu", std::slice::from_ref(&x), &|v| ops::gelu(&v[0]));
+    assert_same_on_emulator("dropout", std::slice::from_ref(&x), &|v| {
+        ops::dropout(&v[0], 0.25, 0xfeed_beef_0123)
+    });
     let y = random(&mut rng, &[b, s, d], 1.0);
     assert_same_on_emulator("add", &[x.clone(), y], &|v| ops::add(&v[0], &v[1]));
     assert_same_on_emulator("scale", std::slice::from_ref(&x), &|v| {

@@ -80,6 +80,7 @@ impl LaunchConfig {
 pub enum KernelArg {
     Ptr(u64),
     I32(i32),
+    U32(u32),
     F32(f32),
 }
 
@@ -89,6 +90,7 @@ impl KernelArg {
         match self {
             KernelArg::Ptr(p) => p,
             KernelArg::I32(v) => v as u32 as u64,
+            KernelArg::U32(v) => v as u64,
             KernelArg::F32(v) => v.to_bits() as u64,
         }
     }

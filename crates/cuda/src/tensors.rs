@@ -17,7 +17,8 @@ use scalpel_tensor::{Result, TensorError};
 
 use crate::kernels::adamw::{AdamStep, WeightDecay};
 use crate::kernels::{
-    adamw, attention, elementwise, embedding, gelu, gemm, layernorm, pooling, reduce, softmax,
+    adamw, attention, dropout, elementwise, embedding, gelu, gemm, layernorm, pooling, reduce,
+    softmax,
 };
 use crate::{CudaError, DeviceBuffer, Runtime};
 
@@ -315,6 +316,12 @@ impl Backend for Runtime {
         let mut dx = self.uninit_f32(x.numel())?;
         gelu::gelu_backward(self, self.buffer("x", x)?, self.buffer("dy", dy)?, &mut dx).dev()?;
         wrap(x.shape(), dx)
+    }
+
+    fn dropout(&self, x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+        let mut y = self.uninit_f32(x.numel())?;
+        dropout::dropout(self, p, seed, self.buffer("x", x)?, &mut y).dev()?;
+        wrap(x.shape(), y)
     }
 
     fn layernorm(

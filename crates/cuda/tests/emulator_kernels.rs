@@ -41,9 +41,10 @@ fn family_passes(file: &str) {
 }
 
 /// The kernel files the tests below cover, one test each.
-const FAMILIES: [&str; 10] = [
+const FAMILIES: [&str; 11] = [
     "adamw.cu",
     "attention.cu",
+    "dropout.cu",
     "elementwise.cu",
     "embedding.cu",
     "gelu.cu",
@@ -71,52 +72,57 @@ fn every_kernel_file_has_a_family_test() {
 
 #[test]
 fn adamw_family() {
-    family_passes(FAMILIES[0]);
+    family_passes("adamw.cu");
 }
 
 #[test]
 fn attention_family() {
-    family_passes(FAMILIES[1]);
+    family_passes("attention.cu");
+}
+
+#[test]
+fn dropout_family() {
+    family_passes("dropout.cu");
 }
 
 #[test]
 fn elementwise_family() {
-    family_passes(FAMILIES[2]);
+    family_passes("elementwise.cu");
 }
 
 #[test]
 fn embedding_family() {
-    family_passes(FAMILIES[3]);
+    family_passes("embedding.cu");
 }
 
 #[test]
 fn gelu_family() {
-    family_passes(FAMILIES[4]);
+    family_passes("gelu.cu");
 }
 
 #[test]
 fn gemm_family() {
-    family_passes(FAMILIES[5]);
+    family_passes("gemm.cu");
 }
 
 #[test]
 fn layernorm_family() {
-    family_passes(FAMILIES[6]);
+    family_passes("layernorm.cu");
 }
 
 #[test]
 fn pooling_family() {
-    family_passes(FAMILIES[7]);
+    family_passes("pooling.cu");
 }
 
 #[test]
 fn reduce_family() {
-    family_passes(FAMILIES[8]);
+    family_passes("reduce.cu");
 }
 
 #[test]
 fn softmax_family() {
-    family_passes(FAMILIES[9]);
+    family_passes("softmax.cu");
 }
 
 #[test]

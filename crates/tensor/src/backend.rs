@@ -102,6 +102,9 @@ pub trait Backend: Send + Sync {
     fn matmul(&self, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor>;
     fn gelu(&self, x: &Tensor) -> Result<Tensor>;
     fn gelu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor>;
+    /// `x` times the counter-based dropout mask of `(p, seed)` (`ops::dropout`), forward and
+    /// backward alike.
+    fn dropout(&self, x: &Tensor, p: f64, seed: u64) -> Result<Tensor>;
     fn layernorm(
         &self,
         x: &Tensor,

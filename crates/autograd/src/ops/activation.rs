@@ -51,11 +51,12 @@ pub fn gelu_in_place(x: Var) -> Result<Var> {
     }
 }
 
-/// `x` times the dropout mask of `(p, seed)`, where `x` is. On a device the product is made on
-/// the host and copied back (there is no dropout kernel yet; `--device-stats` shows the traffic).
+/// `x` times the dropout mask of `(p, seed)`, where `x` is (the mask is the same everywhere).
 fn apply_dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    let y = tops::dropout(&x.to_host()?, p, seed)?;
-    Ok(x.device().place(&y)?)
+    Ok(match backend_of("dropout", &[x])? {
+        Some(be) => be.dropout(x, p, seed)?,
+        None => tops::dropout(x, p, seed)?,
+    })
 }
 
 struct Dropout {
@@ -79,8 +80,7 @@ impl Backward for Dropout {
     }
 }
 
-/// Inverted dropout with probability `p`; identity (and no node) when `p == 0`. The mask is
-/// applied on the host, whatever the device (see `apply_dropout`).
+/// Inverted dropout with probability `p`; identity (and no node) when `p == 0`.
 pub fn dropout(x: &Var, p: f64, seed: u64) -> Result<Var> {
     if !(0.0..1.0).contains(&p) {
         return Err(AutogradError::Graph(format!(

@@ -18,6 +18,7 @@ macro_rules! launchers {
 
 pub mod adamw;
 pub mod attention;
+pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
 pub mod gelu;
@@ -31,9 +32,10 @@ pub mod softmax;
 pub type StandardChecks = fn(&Runtime) -> Result<Vec<KernelCheck>>;
 
 /// Every kernel file with its standard checks: what the tests and `scalpel kernels` run.
-pub const FAMILIES: [(&str, StandardChecks); 10] = [
+pub const FAMILIES: [(&str, StandardChecks); 11] = [
     ("adamw.cu", adamw::standard_checks),
     ("attention.cu", attention::standard_checks),
+    ("dropout.cu", dropout::standard_checks),
     ("elementwise.cu", elementwise::standard_checks),
     ("embedding.cu", embedding::standard_checks),
     ("gelu.cu", gelu::standard_checks),

@@ -1,7 +1,8 @@
-//! Inverted dropout with a counter-based mask: element `i` is kept (and scaled by `1/(1−p)`)
-//! unless a hash of `(seed, i)` falls below `p`. The mask is a pure function of seed and index,
-//! so the backward recomputes it instead of storing it, threads need not agree on an order, and
-//! the CUDA kernel (`kernels/dropout.cu`) draws the same mask bit for bit.
+//! Inverted dropout with a counter-based mask: element `i` is dropped when the top 32 bits of a
+//! hash of `(seed, i)` fall below `p·2³²`, and kept and scaled by `1/(1−p)` otherwise. The mask
+//! is a pure function of seed and index, so the backward recomputes it instead of storing it,
+//! threads need not agree on an order, and the CUDA kernel (`kernels/dropout.cu`) draws the same
+//! mask bit for bit (and, in f32, the same values).
 
 use crate::Float;
 
@@ -14,20 +15,25 @@ pub fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The factor element `index` is multiplied by: 0 with probability `p`, else `1/(1−p)`.
-pub fn dropout_factor(index: u64, p: f64, seed: u64) -> f64 {
-    // The top 53 bits as a uniform double in [0, 1).
-    let u = (splitmix64(seed ^ splitmix64(index)) >> 11) as f64 / (1u64 << 53) as f64;
-    if u < p {
-        0.0
-    } else {
-        1.0 / (1.0 - p)
-    }
+/// The drop threshold of probability `p` on the hash's top 32 bits (`p` quantised to 2⁻³²).
+pub fn dropout_threshold(p: f64) -> u32 {
+    (p * 4_294_967_296.0).round().min(u32::MAX as f64) as u32
 }
 
-/// `x ← x · mask(p, seed)`, the product rounded once from f64 (as the CUDA kernel does).
+/// Whether element `index` is dropped under `threshold` ([`dropout_threshold`]) and `seed`.
+pub fn dropped(index: u64, threshold: u32, seed: u64) -> bool {
+    ((splitmix64(seed ^ splitmix64(index)) >> 32) as u32) < threshold
+}
+
+/// `x ← x · mask(p, seed)`: dropped elements become 0, kept ones are multiplied by `1/(1−p)`
+/// (in `F`, so f32 rounds as the kernel does).
 pub fn dropout<F: Float>(x: &mut [F], p: f64, seed: u64) {
+    let (threshold, keep) = (dropout_threshold(p), F::from_f64(1.0 / (1.0 - p)));
     for (i, v) in x.iter_mut().enumerate() {
-        *v = F::from_f64(v.to_f64() * dropout_factor(i as u64, p, seed));
+        *v = if dropped(i as u64, threshold, seed) {
+            F::ZERO
+        } else {
+            *v * keep
+        };
     }
 }
