@@ -1,7 +1,9 @@
 use std::fmt;
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
 
 use half::{bf16, f16};
+use memmap2::Mmap;
 
 use crate::backend::{Device, DeviceMemory};
 use crate::{DType, Element, Result, TensorError};
@@ -68,12 +70,61 @@ impl Data {
     }
 }
 
-/// A tensor's elements: host memory, or memory on a device (shared on clone: device tensors are
-/// immutable except through their backend's in-place updates, which copy a shared buffer first).
+/// A tensor's elements: host memory, a read-only file mapping, or memory on a device (shared on
+/// clone: device tensors are immutable except through their backend's in-place updates, which
+/// copy a shared buffer first).
 #[derive(Clone)]
 enum Storage {
     Host(Data),
+    Mapped(Mapped),
     Device(Arc<dyn DeviceMemory>),
+}
+
+/// Elements read in place from a read-only memory map of a file (see `safetensors::load`): the
+/// bytes are the little-endian elements, aligned for the dtype. Writing to them (`values_mut`)
+/// first copies them into owned storage, so the file is never modified, and the map stays alive
+/// as long as any tensor borrows from it.
+#[derive(Clone)]
+struct Mapped {
+    map: Arc<Mmap>,
+    bytes: Range<usize>,
+    dtype: DType,
+    /// The owned copy [`Tensor::data`] hands out, made on its first call.
+    copy: OnceLock<Data>,
+}
+
+impl Mapped {
+    fn bytes(&self) -> &[u8] {
+        &self.map[self.bytes.clone()]
+    }
+
+    fn len(&self) -> usize {
+        self.bytes.len() / self.dtype.size_in_bytes()
+    }
+
+    fn values<T: Element>(&self) -> Option<&[T]> {
+        // Alignment and length were checked by `Tensor::from_mapped`.
+        (T::DTYPE == self.dtype).then(|| bytemuck::cast_slice(self.bytes()))
+    }
+
+    /// The owned copy, taking the one [`Tensor::data`] made if there is one.
+    fn take_owned(&mut self) -> Data {
+        self.copy.take().unwrap_or_else(|| self.to_data())
+    }
+
+    fn to_data(&self) -> Data {
+        fn owned<T: Element>(m: &Mapped) -> Data {
+            T::into_data(m.values::<T>().expect("dtype matched").to_vec())
+        }
+        match self.dtype {
+            DType::F32 => owned::<f32>(self),
+            DType::F64 => owned::<f64>(self),
+            DType::F16 => owned::<f16>(self),
+            DType::BF16 => owned::<bf16>(self),
+            DType::I32 => owned::<i32>(self),
+            DType::I64 => owned::<i64>(self),
+        }
+    }
 }
 
 /// A dense, contiguous, row-major tensor.
@@ -84,14 +135,28 @@ pub struct Tensor {
 }
 
 impl PartialEq for Tensor {
-    /// Host tensors compare by value; device tensors are equal when they share their memory.
+    /// Host tensors (owned or mapped) compare by value; device tensors are equal when they share
+    /// their memory.
     fn eq(&self, other: &Tensor) -> bool {
-        self.shape == other.shape
-            && match (&self.storage, &other.storage) {
-                (Storage::Host(a), Storage::Host(b)) => a == b,
-                (Storage::Device(a), Storage::Device(b)) => Arc::ptr_eq(a, b),
-                _ => false,
-            }
+        fn same<T: Element + PartialEq>(a: &Tensor, b: &Tensor) -> bool {
+            a.values::<T>().ok() == b.values::<T>().ok()
+        }
+        if self.shape != other.shape {
+            return false;
+        }
+        match (&self.storage, &other.storage) {
+            (Storage::Device(a), Storage::Device(b)) => Arc::ptr_eq(a, b),
+            (Storage::Device(_), _) | (_, Storage::Device(_)) => false,
+            _ if self.dtype() != other.dtype() => false,
+            _ => match self.dtype() {
+                DType::F32 => same::<f32>(self, other),
+                DType::F64 => same::<f64>(self, other),
+                DType::F16 => same::<f16>(self, other),
+                DType::BF16 => same::<bf16>(self, other),
+                DType::I32 => same::<i32>(self, other),
+                DType::I64 => same::<i64>(self, other),
+            },
+        }
     }
 }
 
@@ -123,6 +188,48 @@ impl Tensor {
             shape: shape.to_vec(),
             storage: Storage::Host(data),
         })
+    }
+
+    /// A tensor whose elements are `bytes` of `map`, used in place: the little-endian elements
+    /// of `dtype`, aligned for it. `None` when they cannot be used in place (misaligned, or a
+    /// big-endian host), for the caller to copy them instead; an error when the byte count is
+    /// not `shape`'s.
+    pub(crate) fn from_mapped(
+        shape: &[usize],
+        map: &Arc<Mmap>,
+        bytes: Range<usize>,
+        dtype: DType,
+    ) -> Result<Option<Tensor>> {
+        let numel: usize = shape.iter().product();
+        let size = dtype.size_in_bytes();
+        if bytes.end > map.len() || bytes.len() != numel * size {
+            return Err(TensorError::shape(
+                "from_mapped",
+                format!(
+                    "shape {shape:?} of {dtype:?} needs {} bytes, given {bytes:?} of a {}-byte map",
+                    numel * size,
+                    map.len()
+                ),
+            ));
+        }
+        let aligned = (map.as_ptr() as usize + bytes.start).is_multiple_of(size);
+        if !aligned || cfg!(target_endian = "big") {
+            return Ok(None);
+        }
+        Ok(Some(Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Mapped(Mapped {
+                map: Arc::clone(map),
+                bytes,
+                dtype,
+                copy: OnceLock::new(),
+            }),
+        }))
+    }
+
+    /// Whether the elements are read in place from a file mapping (until written to).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mapped(_))
     }
 
     /// Wraps device memory holding `shape`'s elements (called by device backends).
@@ -184,6 +291,7 @@ impl Tensor {
     pub fn numel(&self) -> usize {
         match &self.storage {
             Storage::Host(data) => data.len(),
+            Storage::Mapped(mapped) => mapped.len(),
             Storage::Device(memory) => memory.len(),
         }
     }
@@ -191,6 +299,7 @@ impl Tensor {
     pub fn dtype(&self) -> DType {
         match &self.storage {
             Storage::Host(data) => data.dtype(),
+            Storage::Mapped(mapped) => mapped.dtype,
             Storage::Device(memory) => memory.dtype(),
         }
     }
@@ -198,19 +307,20 @@ impl Tensor {
     /// Where the elements are.
     pub fn device(&self) -> Device {
         match &self.storage {
-            Storage::Host(_) => Device::Cpu,
+            Storage::Host(_) | Storage::Mapped(_) => Device::Cpu,
             Storage::Device(memory) => Device::Accelerator(memory.backend()),
         }
     }
 
+    /// Whether the elements are in host memory (owned or mapped).
     pub fn is_host(&self) -> bool {
-        matches!(self.storage, Storage::Host(_))
+        !matches!(self.storage, Storage::Device(_))
     }
 
     /// The device memory of a device tensor.
     pub fn device_memory(&self) -> Option<&Arc<dyn DeviceMemory>> {
         match &self.storage {
-            Storage::Host(_) => None,
+            Storage::Host(_) | Storage::Mapped(_) => None,
             Storage::Device(memory) => Some(memory),
         }
     }
@@ -230,45 +340,66 @@ impl Tensor {
         Ok(Arc::get_mut(memory))
     }
 
-    /// A host copy of a device tensor, or a clone of a host one.
+    /// A host copy of a device tensor, or a clone of a host one (a mapped one stays mapped).
     pub fn to_host(&self) -> Result<Tensor> {
         match &self.storage {
-            Storage::Host(_) => Ok(self.clone()),
+            Storage::Host(_) | Storage::Mapped(_) => Ok(self.clone()),
             Storage::Device(memory) => Tensor::from_data(&self.shape, memory.read()?),
         }
     }
 
-    /// The host elements; an error for a device tensor (see [`Tensor::to_host`]).
+    /// The host elements; an error for a device tensor (see [`Tensor::to_host`]). A mapped
+    /// tensor's elements are copied out on the first call (and kept): [`Tensor::values`] and
+    /// [`Tensor::bytes`] read them in place.
     pub fn data(&self) -> Result<&Data> {
         match &self.storage {
             Storage::Host(data) => Ok(data),
+            Storage::Mapped(mapped) => Ok(mapped.copy.get_or_init(|| mapped.to_data())),
             Storage::Device(memory) => Err(on_device("data", memory.as_ref())),
         }
     }
 
-    /// The host elements, read back first from a device.
+    /// The raw little-endian bytes of the host elements, as safetensors stores them; an error
+    /// for a device tensor.
+    pub fn bytes(&self) -> Result<&[u8]> {
+        match &self.storage {
+            Storage::Host(data) => Ok(data.as_bytes()),
+            Storage::Mapped(mapped) => Ok(mapped.bytes()),
+            Storage::Device(memory) => Err(on_device("bytes", memory.as_ref())),
+        }
+    }
+
+    /// The host elements, read back first from a device (copied out of a mapping).
     pub fn into_data(self) -> Result<Data> {
         match self.storage {
             Storage::Host(data) => Ok(data),
+            Storage::Mapped(mut mapped) => Ok(mapped.take_owned()),
             Storage::Device(memory) => memory.read(),
         }
     }
 
     /// Borrows the host elements as `T`; an error names the dtype actually held, or the device.
     pub fn values<T: Element>(&self) -> Result<&[T]> {
-        let data = match &self.storage {
-            Storage::Host(data) => data,
+        let values = match &self.storage {
+            Storage::Host(data) => T::slice(data),
+            Storage::Mapped(mapped) => mapped.values(),
             Storage::Device(memory) => return Err(on_device("values", memory.as_ref())),
         };
-        T::slice(data).ok_or(TensorError::DType {
+        values.ok_or(TensorError::DType {
             op: "values",
-            dtype: data.dtype(),
+            dtype: self.dtype(),
         })
     }
 
+    /// Borrows the host elements as `T` for writing; a mapped tensor is copied into owned
+    /// storage first (copy-on-write: the file is never written).
     pub fn values_mut<T: Element>(&mut self) -> Result<&mut [T]> {
+        if let Storage::Mapped(mapped) = &mut self.storage {
+            self.storage = Storage::Host(mapped.take_owned());
+        }
         let data = match &mut self.storage {
             Storage::Host(data) => data,
+            Storage::Mapped(_) => unreachable!("copied into owned storage above"),
             Storage::Device(memory) => return Err(on_device("values_mut", memory.as_ref())),
         };
         let dtype = data.dtype();
@@ -282,18 +413,15 @@ impl Tensor {
     /// is read back first; a failing device read is a panic here (use [`Tensor::to_host`] to
     /// handle it).
     pub fn to_vec<T: Element>(&self) -> Vec<T> {
-        let data = match &self.storage {
-            Storage::Host(data) => data,
-            Storage::Device(_) => {
-                return self
-                    .to_host()
-                    .unwrap_or_else(|e| panic!("reading a device tensor back: {e}"))
-                    .to_vec()
-            }
-        };
-        match T::slice(data) {
-            Some(v) => v.to_vec(),
-            None => self.to_dtype(T::DTYPE).into_vec(),
+        if !self.is_host() {
+            return self
+                .to_host()
+                .unwrap_or_else(|e| panic!("reading a device tensor back: {e}"))
+                .to_vec();
+        }
+        match self.values::<T>() {
+            Ok(v) => v.to_vec(),
+            Err(_) => self.to_dtype(T::DTYPE).into_vec(),
         }
     }
 
@@ -326,35 +454,35 @@ impl Tensor {
             return self.clone();
         }
         let host;
-        let data = match &self.storage {
-            Storage::Host(data) => data,
-            Storage::Device(_) => {
-                host = self
-                    .to_host()
-                    .unwrap_or_else(|e| panic!("reading a device tensor back: {e}"));
-                host.data().expect("a host tensor")
-            }
+        let src = if self.is_host() {
+            self
+        } else {
+            host = self
+                .to_host()
+                .unwrap_or_else(|e| panic!("reading a device tensor back: {e}"));
+            &host
         };
-        fn convert<S: Element, D: Element>(src: &[S]) -> Vec<D> {
-            src.iter().map(|&x| D::from_f64(x.to_f64())).collect()
+        fn convert<S: Element, D: Element>(src: &Tensor) -> Vec<D> {
+            let values = src.values::<S>().expect("the dtype held");
+            values.iter().map(|&x| D::from_f64(x.to_f64())).collect()
         }
-        fn to<D: Element>(data: &Data) -> Vec<D> {
-            match data {
-                Data::F32(v) => convert(v),
-                Data::F64(v) => convert(v),
-                Data::F16(v) => convert(v),
-                Data::BF16(v) => convert(v),
-                Data::I32(v) => convert(v),
-                Data::I64(v) => convert(v),
-            }
+        fn to<D: Element>(src: &Tensor) -> Data {
+            D::into_data(match src.dtype() {
+                DType::F32 => convert::<f32, D>(src),
+                DType::F64 => convert::<f64, D>(src),
+                DType::F16 => convert::<f16, D>(src),
+                DType::BF16 => convert::<bf16, D>(src),
+                DType::I32 => convert::<i32, D>(src),
+                DType::I64 => convert::<i64, D>(src),
+            })
         }
         let data = match dtype {
-            DType::F32 => Data::F32(to(data)),
-            DType::F64 => Data::F64(to(data)),
-            DType::F16 => Data::F16(to(data)),
-            DType::BF16 => Data::BF16(to(data)),
-            DType::I32 => Data::I32(to(data)),
-            DType::I64 => Data::I64(to(data)),
+            DType::F32 => to::<f32>(src),
+            DType::F64 => to::<f64>(src),
+            DType::F16 => to::<f16>(src),
+            DType::BF16 => to::<bf16>(src),
+            DType::I32 => to::<i32>(src),
+            DType::I64 => to::<i64>(src),
         };
         Tensor {
             shape: self.shape.clone(),
@@ -458,6 +586,7 @@ impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.storage {
             Storage::Host(_) => write!(f, "Tensor({:?}, {:?})", self.shape, self.dtype()),
+            Storage::Mapped(_) => write!(f, "Tensor({:?}, {:?}, mapped)", self.shape, self.dtype()),
             Storage::Device(m) => write!(
                 f,
                 "Tensor({:?}, {:?}, on {})",

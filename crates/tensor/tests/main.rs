@@ -3,4 +3,5 @@
 mod bf16_gemm;
 mod concat;
 mod kernels;
+mod mapped;
 mod safetensors_files;

@@ -10,7 +10,7 @@ use scalpel_tensor::safetensors::{self, TensorFile};
 use scalpel_tensor::{DType, Tensor, TensorError};
 
 /// A fresh, empty directory for one test under Cargo's per-target scratch space.
-fn scratch_dir(test: &str) -> PathBuf {
+pub(crate) fn scratch_dir(test: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join("safetensors")
         .join(test);
@@ -29,7 +29,7 @@ fn dir_entries(dir: &Path) -> Vec<String> {
 }
 
 /// A file laid out by hand: little-endian header length, the header text, the data section.
-fn file_bytes(header: &str, data: &[u8]) -> Vec<u8> {
+pub(crate) fn file_bytes(header: &str, data: &[u8]) -> Vec<u8> {
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(header.as_bytes());
     bytes.extend_from_slice(data);
