@@ -68,11 +68,13 @@ impl Data {
     }
 }
 
-/// A tensor's elements: host memory, or memory on a device (shared on clone: device tensors are
-/// immutable except through their backend's in-place updates, which copy a shared buffer first).
+/// A tensor's elements: host memory, or memory on a device. Both are shared on clone and copied
+/// on the first write to a shared buffer ([`Tensor::values_mut`], a device backend's in-place
+/// updates), so a clone costs nothing and the buffer's address identifies the storage while it
+/// lives (the CPU GEMM keys packed weights by it, `cpu::gemm_weights`).
 #[derive(Clone)]
 enum Storage {
-    Host(Data),
+    Host(Arc<Data>),
     Device(Arc<dyn DeviceMemory>),
 }
 
@@ -121,7 +123,7 @@ impl Tensor {
         }
         Ok(Tensor {
             shape: shape.to_vec(),
-            storage: Storage::Host(data),
+            storage: Storage::Host(Arc::new(data)),
         })
     }
 
@@ -147,7 +149,7 @@ impl Tensor {
         let numel = shape.iter().product();
         Tensor {
             shape: shape.to_vec(),
-            storage: Storage::Host(Data::zeros(dtype, numel)),
+            storage: Storage::Host(Arc::new(Data::zeros(dtype, numel))),
         }
     }
 
@@ -155,7 +157,7 @@ impl Tensor {
         let numel = shape.iter().product();
         Tensor {
             shape: shape.to_vec(),
-            storage: Storage::Host(T::into_data(vec![value; numel])),
+            storage: Storage::Host(Arc::new(T::into_data(vec![value; numel]))),
         }
     }
 
@@ -238,10 +240,18 @@ impl Tensor {
         }
     }
 
+    /// The host storage itself, whose address identifies it while it lives.
+    pub(crate) fn host_storage(&self) -> Option<&Arc<Data>> {
+        match &self.storage {
+            Storage::Host(data) => Some(data),
+            Storage::Device(_) => None,
+        }
+    }
+
     /// The host elements; an error for a device tensor (see [`Tensor::to_host`]).
     pub fn data(&self) -> Result<&Data> {
         match &self.storage {
-            Storage::Host(data) => Ok(data),
+            Storage::Host(data) => Ok(data.as_ref()),
             Storage::Device(memory) => Err(on_device("data", memory.as_ref())),
         }
     }
@@ -249,7 +259,7 @@ impl Tensor {
     /// The host elements, read back first from a device.
     pub fn into_data(self) -> Result<Data> {
         match self.storage {
-            Storage::Host(data) => Ok(data),
+            Storage::Host(data) => Ok(Arc::unwrap_or_clone(data)),
             Storage::Device(memory) => memory.read(),
         }
     }
@@ -268,7 +278,7 @@ impl Tensor {
 
     pub fn values_mut<T: Element>(&mut self) -> Result<&mut [T]> {
         let data = match &mut self.storage {
-            Storage::Host(data) => data,
+            Storage::Host(data) => Arc::make_mut(data),
             Storage::Device(memory) => return Err(on_device("values_mut", memory.as_ref())),
         };
         let dtype = data.dtype();
@@ -302,7 +312,7 @@ impl Tensor {
             return self.to_vec();
         };
         match T::slice(&data) {
-            Some(_) => match (data, T::DTYPE) {
+            Some(_) => match (Arc::unwrap_or_clone(data), T::DTYPE) {
                 (Data::F32(v), DType::F32) => bytemuck::cast_vec(v),
                 (Data::F64(v), DType::F64) => bytemuck::cast_vec(v),
                 (Data::F16(v), DType::F16) => bytemuck::cast_vec(v),
@@ -327,7 +337,7 @@ impl Tensor {
         }
         let host;
         let data = match &self.storage {
-            Storage::Host(data) => data,
+            Storage::Host(data) => data.as_ref(),
             Storage::Device(_) => {
                 host = self
                     .to_host()
@@ -358,7 +368,7 @@ impl Tensor {
         };
         Tensor {
             shape: self.shape.clone(),
-            storage: Storage::Host(data),
+            storage: Storage::Host(Arc::new(data)),
         }
     }
 
