@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use scalpel::bench::{ForwardWorkload, TrainWorkload};
-use scalpel::tensor::Device;
+use scalpel::tensor::{DType, Device};
 
 fn model_dir() -> Option<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
@@ -32,7 +32,8 @@ fn forward(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(5));
     // 1×8 takes the packed GEMM path with the 8-row edge kernel; 1×16 a full and a 2-row tile.
     for (batch, seq) in [(1, 8), (1, 16), (1, 128), (8, 128)] {
-        let w = ForwardWorkload::new(&dir, batch, seq, &Device::Cpu).expect("model loads");
+        let w =
+            ForwardWorkload::new(&dir, batch, seq, &Device::Cpu, DType::F32).expect("model loads");
         group.bench_function(BenchmarkId::from_parameter(format!("{batch}x{seq}")), |b| {
             b.iter(|| w.run().expect("forward runs"))
         });

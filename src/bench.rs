@@ -14,7 +14,7 @@ use scalpel_models::tokenizer::Batch;
 use scalpel_surgery::cut::keep_layers;
 use scalpel_tensor::cpu::gemm::{gemm, Activation, GemmShape};
 use scalpel_tensor::cpu::gemm_bf16::{gemm_bf16_packed, Bf16Path, PackedBf16Weight};
-use scalpel_tensor::{Device, Tensor};
+use scalpel_tensor::{DType, Device, Tensor};
 
 /// Any error a workload reports.
 pub type BenchResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
@@ -229,16 +229,19 @@ pub struct ForwardWorkload {
 }
 
 impl ForwardWorkload {
-    /// The model's weights go to `device` once; each run sends the batch and reads back the
-    /// embeddings, as an embedding request would.
+    /// The model's weights go to `device` once, its linear layers in `dtype`
+    /// ([`Bert::set_linear_dtype`](scalpel_models::bert::Bert::set_linear_dtype)); each run
+    /// sends the batch and reads back the embeddings, as an embedding request would.
     pub fn new(
         model: &Path,
         batch: usize,
         seq: usize,
         device: &Device,
+        dtype: DType,
     ) -> BenchResult<ForwardWorkload> {
         let mut encoder = SentenceEncoder::load(model)?;
         check_seq(&encoder, seq)?;
+        encoder.bert.set_linear_dtype(dtype)?;
         encoder.to_device(device)?;
         Ok(ForwardWorkload {
             encoder,

@@ -37,7 +37,7 @@ use scalpel_models::bert::ForwardOptions;
 use scalpel_models::sentence::SentenceEncoder;
 use scalpel_models::tokenizer::{Batch, TextTokenizer};
 use scalpel_models::ModelError;
-use scalpel_tensor::{threads, Device, Tensor};
+use scalpel_tensor::{threads, DType, Device, Tensor};
 
 /// What can go wrong embedding text.
 #[derive(Debug)]
@@ -177,6 +177,7 @@ pub struct EmbedderBuilder {
     max_batch_requests: Option<usize>,
     max_batch_sequences: Option<usize>,
     prepack: bool,
+    dtype: DType,
     observer: Option<BatchObserver>,
 }
 
@@ -222,6 +223,16 @@ impl EmbedderBuilder {
         self
     }
 
+    /// The format of the linear layers' weights and products (default [`DType::F32`], exact):
+    /// [`DType::BF16`] holds those weights in bf16 and runs each linear layer as a bf16 GEMM
+    /// with f32 accumulation, everything else in f32
+    /// ([`Bert::set_linear_dtype`](scalpel_models::bert::Bert::set_linear_dtype)). BF16 runs on
+    /// the CPU only.
+    pub fn dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
     /// Calls `observer` on the worker thread after every forward (for metrics; keep it cheap).
     pub fn on_batch(mut self, observer: impl Fn(&BatchReport) + Send + Sync + 'static) -> Self {
         self.observer = Some(Arc::new(observer));
@@ -250,6 +261,14 @@ impl EmbedderBuilder {
                 self.max_batch_tokens
             )));
         }
+        if self.dtype != DType::F32 && !self.device.is_cpu() {
+            return Err(EmbedError::Config(format!(
+                "{:?} inference runs on the CPU only, not on {}",
+                self.dtype,
+                self.device.name()
+            )));
+        }
+        encoder.bert.set_linear_dtype(self.dtype)?;
         encoder.to_device(&self.device)?;
         if self.prepack && self.device.is_cpu() {
             encoder.bert.prepack_linear_weights()?;
@@ -285,6 +304,7 @@ impl EmbedderBuilder {
             max_seq_len,
             vocab_size,
             device_name,
+            dtype: self.dtype,
             model: self.model,
         })
     }
@@ -303,6 +323,7 @@ pub struct Embedder {
     max_seq_len: usize,
     vocab_size: usize,
     device_name: String,
+    dtype: DType,
     model: PathBuf,
 }
 
@@ -323,6 +344,7 @@ impl Embedder {
             max_batch_requests: None,
             max_batch_sequences: None,
             prepack: true,
+            dtype: DType::F32,
             observer: None,
         }
     }
@@ -346,6 +368,11 @@ impl Embedder {
     /// The device's name (`cpu`, `emu (CPU emulator)`, `cuda (...)`).
     pub fn device_name(&self) -> &str {
         &self.device_name
+    }
+
+    /// The format of the linear layers ([`EmbedderBuilder::dtype`]).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The model folder this embedder was built from.

@@ -8,6 +8,7 @@ mod common;
 
 mod bad_input;
 mod bert_grads;
+mod bf16_inference;
 mod decoder_cut;
 #[cfg(feature = "cuda")]
 mod device;

@@ -9,6 +9,9 @@ Workloads (the ones `scalpel bench` runs, built identically here):
     both operands on each call and returns bf16);
   * all-MiniLM-L6-v2 inference (forward + mean pooling + L2 normalisation) at 2 threads for
     batch 1 × seq 16, 1 × seq 128 and 32 × seq 128;
+  * the same inference in bf16 at 1 × 128 and 32 × 128: scalpel `bench forward --dtype bf16`
+    (linear weights held in bf16, bf16 GEMMs with f32 accumulation) against PyTorch's forward
+    under `torch.autocast("cpu", dtype=torch.bfloat16)`; ONNX Runtime's column stays f32;
   * one training step of the 4-layer cut (layers 4 and 5 removed) at batch 32 × seq 128,
     2 threads: forward, pooled embedding, MSE against a fixed target, backward, AdamW over all
     parameters (no decay on biases and LayerNorm), dropout 0;
@@ -134,7 +137,11 @@ class TorchWorker:
             def fwd():
                 with torch.inference_mode():
                     self._embed(model, ids, mask)
-            return time_runs(fwd, warmup, runs)
+
+            def autocast_fwd():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    fwd()
+            return time_runs(autocast_fwd if req.get("dtype") == "bf16" else fwd, warmup, runs)
         if kind == "train":
             key = (tuple(req["drop"]), req["batch"], req["seq"])
             if self.train_state is None or self.train_state[0] != key:
@@ -344,6 +351,8 @@ def scalpel_cmd(args, w, runs, warmup):
         cmd += ["--n", str(w["n"]), "--dtype", w.get("dtype", "f32")]
     else:
         cmd += ["--model", args.model, "--batch", str(w["batch"]), "--seq", str(w["seq"])]
+    if w["kind"] == "forward":
+        cmd += ["--dtype", w.get("dtype", "f32")]
     if w.get("drop"):
         cmd += ["--drop", ",".join(map(str, w["drop"]))]
     return cmd
@@ -405,6 +414,10 @@ def main():
          "threads": 2, "ort": True},
         {"name": "forward 32x128, 2 threads", "kind": "forward", "batch": 32, "seq": 128,
          "threads": 2, "ort": True},
+        {"name": "forward bf16 1x128, 2 threads", "kind": "forward", "batch": 1, "seq": 128,
+         "threads": 2, "dtype": "bf16", "ort": True},
+        {"name": "forward bf16 32x128, 2 threads", "kind": "forward", "batch": 32, "seq": 128,
+         "threads": 2, "dtype": "bf16", "ort": True},
         {"name": "train step L4 32x128, 2 threads", "kind": "train", "batch": 32, "seq": 128,
          "threads": 2, "drop": [4, 5], "ort": False},
     ]

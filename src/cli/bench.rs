@@ -5,7 +5,7 @@ use scalpel::bench::{measure, peak_rss_mb, ForwardWorkload, GemmWorkload, Timing
 use scalpel::surgery::cut::parse_layer_list;
 use scalpel::tensor::cpu::gemm::GemmShape;
 use scalpel::tensor::cpu::gemm_bf16::Bf16Path;
-use scalpel::tensor::threads;
+use scalpel::tensor::{threads, DType};
 use serde_json::{json, Value};
 
 use super::{flags, CliResult};
@@ -72,6 +72,10 @@ enum Workload {
         batch: usize,
         #[arg(long, default_value_t = 128, value_parser = flags::positive)]
         seq: usize,
+        /// Linear layers in `f32` (exact) or `bf16` (bf16 weights and GEMM inputs, f32
+        /// accumulation; CPU only).
+        #[arg(long, default_value = "f32", value_parser = flags::inference_dtype)]
+        dtype: DType,
         #[command(flatten)]
         common: Common,
     },
@@ -150,19 +154,20 @@ pub fn run(a: Args) -> CliResult {
             model,
             batch,
             seq,
+            dtype,
             common,
         } => {
             check_batch(batch)?;
-            let w = ForwardWorkload::new(&model, batch, seq, super::device())?;
+            let w = ForwardWorkload::new(&model, batch, seq, super::device(), dtype)?;
             let t = measure(common.warmup, runs(&common)?, || {
                 w.run()?;
                 Ok(())
             })?;
             let label = format!(
-                "forward {} layers, batch {batch} x seq {seq}, {threads} threads",
+                "forward {} layers, batch {batch} x seq {seq}, {dtype:?}, {threads} threads",
                 w.encoder.bert.num_layers()
             );
-            let extra = json!({"batch": batch, "seq": seq, "threads": threads, "layers": w.encoder.bert.num_layers()});
+            let extra = json!({"batch": batch, "seq": seq, "threads": threads, "layers": w.encoder.bert.num_layers(), "dtype": format!("{dtype:?}")});
             report_with_rss(&common, &label, &t, extra)
         }
         Workload::Train {

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use scalpel::surgery::data::MAX_LINE_BYTES;
+use scalpel::tensor::DType;
 
 use super::{flags, CliResult};
 
@@ -21,6 +22,10 @@ pub struct Args {
     /// Sentences per forward (sorted by length first, so a batch carries little padding).
     #[arg(long, default_value_t = 32, value_parser = flags::positive)]
     batch_size: usize,
+    /// Linear layers in `f32` (exact) or `bf16`: weights held in bf16, each linear layer a bf16
+    /// GEMM with f32 accumulation, the rest in f32 (CPU only).
+    #[arg(long, default_value = "f32", value_parser = flags::inference_dtype)]
+    dtype: DType,
 }
 
 /// Lines read and embedded at a time: the output is written chunk by chunk, never held whole;
@@ -40,6 +45,7 @@ pub fn run(a: Args) -> CliResult {
     let embedder = scalpel::Embedder::builder(&a.model)
         .device(super::device().clone())
         .max_batch_sequences(a.batch_size.max(1))
+        .dtype(a.dtype)
         .build()?;
     let started = std::time::Instant::now();
     let (mut line_number, mut total) = (0, 0);

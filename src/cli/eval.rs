@@ -3,7 +3,9 @@ use std::path::PathBuf;
 use scalpel::surgery::data::{read_pairs, PairFile};
 use scalpel::surgery::eval::evaluate;
 
-use super::CliResult;
+use scalpel::tensor::DType;
+
+use super::{flags, CliResult};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,6 +20,11 @@ pub struct Args {
     teacher: Option<PathBuf>,
     #[arg(long)]
     json: bool,
+    /// Linear layers of the model in `f32` (exact) or `bf16` (the teacher stays f32): weights
+    /// held in bf16, each linear layer a bf16 GEMM with f32 accumulation, the rest in f32 (CPU
+    /// only).
+    #[arg(long, default_value = "f32", value_parser = flags::inference_dtype)]
+    dtype: DType,
 }
 
 /// Spearman ×100 of cosine similarity against the gold scores, per file and averaged.
@@ -30,7 +37,8 @@ pub fn run(a: Args) -> CliResult {
     if let Some(f) = files.iter().find(|f| f.scored().next().is_none()) {
         return Err(format!("{}: no scored pairs to evaluate", f.path.display()).into());
     }
-    let model = super::load_encoder(&a.model)?;
+    let mut model = super::load_encoder(&a.model)?;
+    model.bert.set_linear_dtype(a.dtype)?;
     let teacher = a.teacher.as_deref().map(super::load_encoder).transpose()?;
     let report = evaluate(&model, &files, teacher.as_ref())?;
     if a.json {

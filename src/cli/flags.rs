@@ -11,6 +11,15 @@ pub fn positive(text: &str) -> Result<usize, String> {
     }
 }
 
+/// The format of a model's linear layers at inference (`--dtype`): `f32` (exact) or `bf16`.
+pub fn inference_dtype(text: &str) -> Result<scalpel::tensor::DType, String> {
+    match text {
+        "f32" => Ok(scalpel::tensor::DType::F32),
+        "bf16" => Ok(scalpel::tensor::DType::BF16),
+        _ => Err("must be f32 or bf16".into()),
+    }
+}
+
 /// A finite number greater than 0 (learning rates, clipping norms, minutes).
 pub fn finite_positive(text: &str) -> Result<f64, String> {
     finite_in(text, |x| x > 0.0, "must be greater than 0")

@@ -2,9 +2,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use scalpel::serve::{self, Metrics, ServeConfig};
+use scalpel::tensor::DType;
 use scalpel::Embedder;
 
-use super::CliResult;
+use super::{flags, CliResult};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -39,6 +40,10 @@ pub struct Args {
     /// Require `Authorization: Bearer KEY` on /embed, /v1/embeddings and /info (401 otherwise).
     #[arg(long, value_name = "KEY")]
     api_key: Option<String>,
+    /// Linear layers in `f32` (exact) or `bf16`: weights held in bf16, each linear layer a bf16
+    /// GEMM with f32 accumulation, the rest in f32 (CPU only). `/info` reports it.
+    #[arg(long, default_value = "f32", value_parser = flags::inference_dtype)]
+    dtype: DType,
 }
 
 pub fn run(a: Args) -> CliResult {
@@ -54,7 +59,8 @@ pub fn run(a: Args) -> CliResult {
     let metrics = Arc::new(Metrics::new()?);
     let mut builder = Embedder::builder(&a.model)
         .device(super::device().clone())
-        .max_batch_tokens(a.max_batch_tokens);
+        .max_batch_tokens(a.max_batch_tokens)
+        .dtype(a.dtype);
     if let Some(n) = a.max_batch_requests {
         builder = builder.max_batch_requests(n);
     }

@@ -18,6 +18,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::AppState;
 use crate::embedder::{EmbedError, Normalize};
+use scalpel_tensor::DType;
 
 /// A refused or failed request, answered as `{"error": message, "error_type": kind}`.
 pub(super) struct ApiError {
@@ -389,7 +390,7 @@ pub(super) async fn info(State(state): State<Arc<AppState>>, headers: HeaderMap)
             "model_path": state.embedder.model().display().to_string(),
             "dim": state.embedder.dim(),
             "max_input_length": state.embedder.max_seq_len(),
-            "dtype": "float32",
+            "dtype": if state.embedder.dtype() == DType::BF16 { "bfloat16" } else { "float32" },
             "device": state.embedder.device_name(),
             "max_batch_tokens": c.max_batch_tokens,
             "max_batch_requests": c.max_batch_requests,

@@ -1,9 +1,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use scalpel_tensor::cpu::gemm::PackedB;
-use scalpel_tensor::{DType, Tensor};
+use scalpel_tensor::Tensor;
 
 use crate::{AutogradError, Result};
 
@@ -30,9 +29,6 @@ struct VarInner {
     value: Tensor,
     requires_grad: bool,
     node: Option<Node>,
-    /// The value packed as a linear weight for the CPU GEMM, made on first use by a constant;
-    /// [`Var::value_mut`] drops it, so it always matches `value`.
-    packed_weight: OnceLock<PackedB>,
 }
 
 /// A tensor in the computation, cheap to clone (reference counted).
@@ -48,7 +44,6 @@ impl Var {
             value,
             requires_grad,
             node,
-            packed_weight: OnceLock::new(),
         }))
     }
 
@@ -94,22 +89,6 @@ impl Var {
         self.0.requires_grad
     }
 
-    /// This constant `[out, in]` `f32` weight packed for the CPU GEMM of `x·Wᵀ`: packed on first
-    /// use, kept until the value changes. `None` for trainable variables (their value changes
-    /// every step, so packing once would not pay) and for anything that is not a 2-D `f32`.
-    pub fn packed_linear_weight(&self) -> Option<&PackedB> {
-        let w = self.value();
-        if self.requires_grad() || w.rank() != 2 || w.dtype() != DType::F32 {
-            return None;
-        }
-        let values = w.values::<f32>().ok()?;
-        Some(
-            self.0
-                .packed_weight
-                .get_or_init(|| PackedB::for_linear(values, w.dim(0), w.dim(1))),
-        )
-    }
-
     /// The value itself, when this is a constant nothing else holds: an op may then overwrite it
     /// instead of allocating its output (inference). Otherwise hands the variable back.
     pub fn into_unshared_constant(self) -> std::result::Result<Tensor, Var> {
@@ -137,13 +116,10 @@ impl Var {
                 value: inner.value.clone(),
                 requires_grad: inner.requires_grad,
                 node: None,
-                packed_weight: OnceLock::new(),
             };
             self.0 = Arc::new(copy);
         }
-        let inner = Arc::get_mut(&mut self.0).expect("unique after copy");
-        inner.packed_weight.take(); // the value may change: the packing would go stale
-        Ok(&mut inner.value)
+        Ok(&mut Arc::get_mut(&mut self.0).expect("unique after copy").value)
     }
 
     /// Reverse-mode sweep from this scalar. Returns the gradient of every leaf that requires one

@@ -468,20 +468,41 @@ fn all_constant_inputs_record_no_graph() {
     assert!(loss.backward().unwrap().get(&w).is_none());
 }
 
-/// A constant weight is packed once for the CPU GEMM (the inference path); the packing must give
-/// exactly the per-call result, follow the value through `value_mut`, and never be made for a
-/// trainable weight.
+/// A constant weight is packed once for the CPU GEMM (the inference path), keyed by its
+/// storage: the packing must give exactly the per-call result, be shared by every variable
+/// holding the weight, be gone once the weight is written (`value_mut`), and never be made for a
+/// trainable weight or by an input too large to gain from it.
 #[test]
 fn constant_linear_weight_packing_follows_its_value() {
-    use scalpel_tensor::{ops as tops, DType};
+    use scalpel_tensor::cpu::gemm::Activation;
+    use scalpel_tensor::cpu::gemm_weights;
+    use scalpel_tensor::ops::{self as tops, WeightUse, PACK_ONCE_MAX_ROWS};
+    use scalpel_tensor::DType;
     let f32_random = |shape: &[usize], seed| random(shape, 1.0, seed).to_dtype(DType::F32);
+    let per_call = |x: &Var, w: &Var, b: &Var| {
+        let (x, w, b) = (x.value(), w.value(), b.value());
+        tops::linear(x, w, Some(b), Activation::Identity, WeightUse::Varying).unwrap()
+    };
     let x = Var::constant(f32_random(&[3, 5, 40], 11));
     let mut w = Var::constant(f32_random(&[37, 40], 12));
     let b = Var::constant(f32_random(&[37], 13));
+
+    // More rows than pay for packing: none is made, and the result is the per-call one.
+    let large = Var::constant(f32_random(&[PACK_ONCE_MAX_ROWS + 1, 40], 14));
+    let large_result = ops::linear(&large, &w, Some(&b)).unwrap();
+    assert!(gemm_weights::cached(w.value()).is_none());
+    assert_eq!(large_result.value(), &per_call(&large, &w, &b));
+
     let packed_result = ops::linear(&x, &w, Some(&b)).unwrap();
-    assert!(w.packed_linear_weight().is_some());
-    let per_call = tops::linear(x.value(), w.value(), Some(b.value())).unwrap();
-    assert_eq!(packed_result.value(), &per_call);
+    let packing = gemm_weights::cached(w.value()).expect("packed on first use");
+    assert_eq!(packed_result.value(), &per_call(&x, &w, &b));
+    // A large input now uses the packing that exists, with the same result.
+    let from_packing = ops::linear(&large, &w, Some(&b)).unwrap();
+    assert_eq!(from_packing.value(), large_result.value());
+    let alias = Var::constant(w.value().clone());
+    let alias_packing = gemm_weights::cached(alias.value()).expect("shared storage");
+    assert!(std::sync::Arc::ptr_eq(&alias_packing, &packing));
+    drop((alias, alias_packing, packing));
 
     w.value_mut()
         .unwrap()
@@ -489,14 +510,14 @@ fn constant_linear_weight_packing_follows_its_value() {
         .unwrap()
         .iter_mut()
         .for_each(|v| *v = -2.0 * *v + 0.5);
-    let after = ops::linear(&x, &w, Some(&b)).unwrap();
-    let want = tops::linear(x.value(), w.value(), Some(b.value())).unwrap();
-    assert_eq!(
-        after.value(),
-        &want,
-        "a stale packing was used after value_mut"
+    assert!(
+        gemm_weights::cached(w.value()).is_none(),
+        "a packing outlived a write to its weight"
     );
+    let after = ops::linear(&x, &w, Some(&b)).unwrap();
+    assert_eq!(after.value(), &per_call(&x, &w, &b));
 
-    let trainable = Var::parameter(w.value().clone());
-    assert!(trainable.packed_linear_weight().is_none());
+    let trainable = Var::parameter(f32_random(&[37, 40], 15));
+    ops::linear(&x, &trainable, Some(&b)).unwrap();
+    assert!(gemm_weights::cached(trainable.value()).is_none());
 }

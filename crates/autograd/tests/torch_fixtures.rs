@@ -173,7 +173,9 @@ fn gelu(dtype: DType) {
     f.assert_forward("y", y.value());
     let grads = inject(&y, &f.input("dout")).unwrap().backward().unwrap();
     f.assert_grad("dx", grads.get(&x));
-    let constant = Var::constant(f.input("x"));
+    // Storage of its own: `input` shares the fixture's, which a write would first copy.
+    let x = f.input("x");
+    let constant = Var::constant(Tensor::from_data(x.shape(), x.data().unwrap().clone()).unwrap());
     let address = |v: &Var| match dtype {
         DType::F32 => v.value().values::<f32>().unwrap().as_ptr() as usize,
         _ => v.value().values::<f64>().unwrap().as_ptr() as usize,

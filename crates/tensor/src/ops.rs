@@ -3,7 +3,10 @@
 //! Forward ops that save statistics for their backward (`layernorm`, `attention`,
 //! `l2_normalize`) return them alongside the output; inference simply drops them.
 
+use std::sync::Arc;
+
 use crate::cpu::gemm::{Activation, GemmShape, PackedB};
+use crate::cpu::gemm_weights::{self, PackedWeight};
 use crate::cpu::{self, attention::AttentionShape, layernorm::LayerNormShape};
 use crate::{DType, Float, Result, Tensor, TensorError};
 
@@ -151,39 +154,35 @@ pub fn matmul_shape(
     Ok((ba, s, shape))
 }
 
-/// `y = x·Wᵀ + b` over the last dimension of `x`; `w` is `[out, in]` as PyTorch stores it.
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    linear_with(x, w, None, b, Activation::Identity)
+/// Whether a linear's weight will be multiplied again unchanged, which lets the CPU GEMM keep a
+/// packing of it ([`cpu::gemm_weights`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightUse {
+    /// A constant (a frozen or inference weight): packed once and kept while it lives, as
+    /// [`PACK_ONCE_MAX_ROWS`] says.
+    Constant,
+    /// Changes between calls (a trained parameter): never packed beyond the call.
+    Varying,
 }
 
-/// [`linear`] with `W` also packed in advance ([`PackedB::for_linear`]): the same result (to
-/// rounding, for inputs of at most 8 rows) without packing `W` again on every call.
-pub fn linear_prepacked(
-    x: &Tensor,
-    w: &Tensor,
-    packed: &PackedB,
-    b: Option<&Tensor>,
-) -> Result<Tensor> {
-    linear_with(x, w, Some(packed), b, Activation::Identity)
-}
+/// Inputs of at most this many rows multiply a constant `f32` weight from its packing made once:
+/// for batch-1 inputs, repacking every weight on every call cost more than the multiply. Larger
+/// inputs use a packing that exists already but do not make one: they amortise the per-call
+/// packing, and a packed copy of every weight adds the model's size again.
+pub const PACK_ONCE_MAX_ROWS: usize = 512;
 
-/// `gelu(x·Wᵀ + b)`, the GELU applied to each output tile as the GEMM stores it (an inference
-/// fast path: it keeps no pre-activation for a backward), `W` optionally packed in advance.
-pub fn linear_gelu(
+/// `act(x·Wᵀ + b)` over the last dimension of `x`; `w` is `[out, in]` as PyTorch stores it. The
+/// activation is applied to each tile as the GEMM stores it (an inference fast path: no
+/// pre-activation is kept for a backward). `x`, `w` and `b` share a float dtype, or `w` is `bf16`
+/// with `x` and `b` `f32`: then `x` is rounded to bf16 at the GEMM's input and the products
+/// accumulate in f32 (`cpu::gemm_bf16`), `w` always multiplied from a packing (kept if
+/// `Constant`).
+pub fn linear(
     x: &Tensor,
     w: &Tensor,
-    packed: Option<&PackedB>,
-    b: Option<&Tensor>,
-) -> Result<Tensor> {
-    linear_with(x, w, packed, b, Activation::Gelu)
-}
-
-fn linear_with(
-    x: &Tensor,
-    w: &Tensor,
-    packed: Option<&PackedB>,
     b: Option<&Tensor>,
     act: Activation,
+    weight: WeightUse,
 ) -> Result<Tensor> {
     fn run<F: Float>(
         x: &Tensor,
@@ -198,23 +197,70 @@ fn linear_with(
         let bias = b.map(|b| b.values::<F>()).transpose()?;
         gemm_new(s, x, w, packed, bias, act, &shape)
     }
-    let dtype = same_dtype("linear", &[x, w])?;
-    let (s, shape) = linear_shape(x, w, b)?;
-    if packed.is_some_and(|p| !p.matches(&s)) {
-        return Err(TensorError::shape(
-            "linear",
-            format!(
-                "the packed weight was not packed from a {:?} weight",
-                w.shape()
-            ),
-        ));
+    if (x.dtype(), w.dtype()) == (DType::F32, DType::BF16) {
+        return linear_bf16(x, w, b, act, weight);
     }
-    dispatch_float!("linear", dtype, run(x, w, packed, b, act, s, shape))
+    let (s, shape) = linear_shape(x, w, b)?;
+    let packing = match weight {
+        WeightUse::Constant if x.dtype() == DType::F32 && s.m <= PACK_ONCE_MAX_ROWS => {
+            gemm_weights::packed(w)
+        }
+        WeightUse::Constant if x.dtype() == DType::F32 => gemm_weights::cached(w),
+        _ => None,
+    };
+    let packed = match packing.as_deref() {
+        Some(PackedWeight::F32(p)) => Some(p),
+        _ => None,
+    };
+    dispatch_float!("linear", x.dtype(), run(x, w, packed, b, act, s, shape))
 }
 
-/// Checks [`linear`]'s operands: the product `x·Wᵀ` over all rows of `x`, and the result's shape.
+/// [`linear`] with a `bf16` weight.
+fn linear_bf16(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    act: Activation,
+    weight: WeightUse,
+) -> Result<Tensor> {
+    let (s, shape) = linear_dims(x, w, b)?;
+    if let Some(b) = b.filter(|b| b.dtype() != DType::F32) {
+        return Err(TensorError::shape(
+            "linear",
+            format!("a bf16 weight takes an F32 bias, got {:?}", b.dtype()),
+        ));
+    }
+    let packing = match weight {
+        WeightUse::Constant => gemm_weights::packed(w),
+        WeightUse::Varying => PackedWeight::pack(w).map(Arc::new),
+    };
+    let Some(PackedWeight::Bf16(packed)) = packing.as_deref() else {
+        unreachable!("a 2-D bf16 host weight always packs for the bf16 GEMM")
+    };
+    let (x, bias) = (
+        x.values::<f32>()?,
+        b.map(|b| b.values::<f32>()).transpose()?,
+    );
+    let mut out = Vec::with_capacity(s.m * s.n);
+    let uninit = &mut out.spare_capacity_mut()[..s.m * s.n];
+    cpu::gemm_bf16::gemm_bf16_into_uninit(x, s.m, packed, bias, act, uninit);
+    // SAFETY: `gemm_bf16_into_uninit` initialised all m·n elements.
+    unsafe { out.set_len(s.m * s.n) };
+    Tensor::from_vec(&shape, out)
+}
+
+/// Checks [`linear`]'s operands for one dtype: the product `x·Wᵀ` over all rows of `x`, and the
+/// result's shape.
 pub fn linear_shape(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(GemmShape, Vec<usize>)> {
     same_dtype("linear", &[x, w])?;
+    if let Some(b) = b {
+        same_dtype("linear", &[x, b])?;
+    }
+    linear_dims(x, w, b)
+}
+
+/// [`linear_shape`] without the dtypes.
+fn linear_dims(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(GemmShape, Vec<usize>)> {
     if w.rank() != 2 || x.rank() == 0 || x.dim(-1) != w.dim(1) {
         return Err(TensorError::shape(
             "linear",
@@ -223,7 +269,6 @@ pub fn linear_shape(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(GemmS
     }
     let (out_f, in_f) = (w.dim(0), w.dim(1));
     if let Some(b) = b {
-        same_dtype("linear", &[x, b])?;
         expect_shape("linear", "bias", b, &[out_f])?;
     }
     let rows = x.numel() / in_f;

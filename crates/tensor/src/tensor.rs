@@ -1,6 +1,6 @@
 use std::fmt;
 use std::ops::Range;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -70,13 +70,15 @@ impl Data {
     }
 }
 
-/// A tensor's elements: host memory, a read-only file mapping, or memory on a device (shared on
-/// clone: device tensors are immutable except through their backend's in-place updates, which
-/// copy a shared buffer first).
+/// A tensor's elements: host memory, a read-only file mapping, or memory on a device. All are
+/// shared on clone. Host and mapped storage are copied on the first write to a shared buffer
+/// ([`Tensor::values_mut`]; a mapping always, so the file is never written), device storage by
+/// its backend's in-place updates. So a clone costs nothing, and the storage's address
+/// identifies it while it lives (the CPU GEMM keys packed weights by it, `cpu::gemm_weights`).
 #[derive(Clone)]
 enum Storage {
-    Host(Data),
-    Mapped(Mapped),
+    Host(Arc<Data>),
+    Mapped(Arc<Mapped>),
     Device(Arc<dyn DeviceMemory>),
 }
 
@@ -84,8 +86,7 @@ enum Storage {
 /// bytes are the little-endian elements, aligned for the dtype. Writing to them (`values_mut`)
 /// first copies them into owned storage, so the file is never modified, and the map stays alive
 /// as long as any tensor borrows from it.
-#[derive(Clone)]
-struct Mapped {
+pub(crate) struct Mapped {
     map: Arc<Mmap>,
     bytes: Range<usize>,
     dtype: DType,
@@ -107,9 +108,17 @@ impl Mapped {
         (T::DTYPE == self.dtype).then(|| bytemuck::cast_slice(self.bytes()))
     }
 
-    /// The owned copy, taking the one [`Tensor::data`] made if there is one.
-    fn take_owned(&mut self) -> Data {
-        self.copy.take().unwrap_or_else(|| self.to_data())
+    /// An owned copy: the one [`Tensor::data`] made if there is one (taken when nothing else
+    /// shares the mapping).
+    fn into_owned(mapped: Arc<Mapped>) -> Data {
+        match Arc::try_unwrap(mapped) {
+            Ok(mut only) => only.copy.take().unwrap_or_else(|| only.to_data()),
+            Err(shared) => shared
+                .copy
+                .get()
+                .cloned()
+                .unwrap_or_else(|| shared.to_data()),
+        }
     }
 
     fn to_data(&self) -> Data {
@@ -123,6 +132,22 @@ impl Mapped {
             DType::BF16 => owned::<bf16>(self),
             DType::I32 => owned::<i32>(self),
             DType::I64 => owned::<i64>(self),
+        }
+    }
+}
+
+/// A weak reference to a tensor's host or mapped storage (see [`Tensor::host_storage`]).
+pub(crate) enum WeakStorage {
+    Host(Weak<Data>),
+    Mapped(Weak<Mapped>),
+}
+
+impl WeakStorage {
+    /// Whether some tensor still holds the storage.
+    pub(crate) fn is_alive(&self) -> bool {
+        match self {
+            WeakStorage::Host(w) => w.strong_count() > 0,
+            WeakStorage::Mapped(w) => w.strong_count() > 0,
         }
     }
 }
@@ -186,7 +211,7 @@ impl Tensor {
         }
         Ok(Tensor {
             shape: shape.to_vec(),
-            storage: Storage::Host(data),
+            storage: Storage::Host(Arc::new(data)),
         })
     }
 
@@ -218,12 +243,12 @@ impl Tensor {
         }
         Ok(Some(Tensor {
             shape: shape.to_vec(),
-            storage: Storage::Mapped(Mapped {
+            storage: Storage::Mapped(Arc::new(Mapped {
                 map: Arc::clone(map),
                 bytes,
                 dtype,
                 copy: OnceLock::new(),
-            }),
+            })),
         }))
     }
 
@@ -254,7 +279,7 @@ impl Tensor {
         let numel = shape.iter().product();
         Tensor {
             shape: shape.to_vec(),
-            storage: Storage::Host(Data::zeros(dtype, numel)),
+            storage: Storage::Host(Arc::new(Data::zeros(dtype, numel))),
         }
     }
 
@@ -262,7 +287,7 @@ impl Tensor {
         let numel = shape.iter().product();
         Tensor {
             shape: shape.to_vec(),
-            storage: Storage::Host(T::into_data(vec![value; numel])),
+            storage: Storage::Host(Arc::new(T::into_data(vec![value; numel]))),
         }
     }
 
@@ -348,12 +373,28 @@ impl Tensor {
         }
     }
 
+    /// A weak handle on the host or mapped storage, and its address, which identifies it while
+    /// it lives; `None` on a device.
+    pub(crate) fn host_storage(&self) -> Option<(usize, WeakStorage)> {
+        match &self.storage {
+            Storage::Host(data) => Some((
+                Arc::as_ptr(data) as *const u8 as usize,
+                WeakStorage::Host(Arc::downgrade(data)),
+            )),
+            Storage::Mapped(mapped) => Some((
+                Arc::as_ptr(mapped) as *const u8 as usize,
+                WeakStorage::Mapped(Arc::downgrade(mapped)),
+            )),
+            Storage::Device(_) => None,
+        }
+    }
+
     /// The host elements; an error for a device tensor (see [`Tensor::to_host`]). A mapped
     /// tensor's elements are copied out on the first call (and kept): [`Tensor::values`] and
     /// [`Tensor::bytes`] read them in place.
     pub fn data(&self) -> Result<&Data> {
         match &self.storage {
-            Storage::Host(data) => Ok(data),
+            Storage::Host(data) => Ok(data.as_ref()),
             Storage::Mapped(mapped) => Ok(mapped.copy.get_or_init(|| mapped.to_data())),
             Storage::Device(memory) => Err(on_device("data", memory.as_ref())),
         }
@@ -372,8 +413,8 @@ impl Tensor {
     /// The host elements, read back first from a device (copied out of a mapping).
     pub fn into_data(self) -> Result<Data> {
         match self.storage {
-            Storage::Host(data) => Ok(data),
-            Storage::Mapped(mut mapped) => Ok(mapped.take_owned()),
+            Storage::Host(data) => Ok(Arc::unwrap_or_clone(data)),
+            Storage::Mapped(mapped) => Ok(Mapped::into_owned(mapped)),
             Storage::Device(memory) => memory.read(),
         }
     }
@@ -394,11 +435,11 @@ impl Tensor {
     /// Borrows the host elements as `T` for writing; a mapped tensor is copied into owned
     /// storage first (copy-on-write: the file is never written).
     pub fn values_mut<T: Element>(&mut self) -> Result<&mut [T]> {
-        if let Storage::Mapped(mapped) = &mut self.storage {
-            self.storage = Storage::Host(mapped.take_owned());
+        if let Storage::Mapped(mapped) = &self.storage {
+            self.storage = Storage::Host(Arc::new(Mapped::into_owned(Arc::clone(mapped))));
         }
         let data = match &mut self.storage {
-            Storage::Host(data) => data,
+            Storage::Host(data) => Arc::make_mut(data),
             Storage::Mapped(_) => unreachable!("copied into owned storage above"),
             Storage::Device(memory) => return Err(on_device("values_mut", memory.as_ref())),
         };
@@ -430,7 +471,7 @@ impl Tensor {
             return self.to_vec();
         };
         match T::slice(&data) {
-            Some(_) => match (data, T::DTYPE) {
+            Some(_) => match (Arc::unwrap_or_clone(data), T::DTYPE) {
                 (Data::F32(v), DType::F32) => bytemuck::cast_vec(v),
                 (Data::F64(v), DType::F64) => bytemuck::cast_vec(v),
                 (Data::F16(v), DType::F16) => bytemuck::cast_vec(v),
@@ -486,7 +527,7 @@ impl Tensor {
         };
         Tensor {
             shape: self.shape.clone(),
-            storage: Storage::Host(data),
+            storage: Storage::Host(Arc::new(data)),
         }
     }
 

@@ -146,3 +146,35 @@ fn a_misaligned_tensor_is_copied_with_the_right_values() {
     assert_eq!(loaded["h"].values::<f16>().unwrap(), [f16::from_f32(0.25)]);
     assert_eq!(loaded["w"].values::<f32>().unwrap(), [3.5, -7.0]);
 }
+
+#[test]
+fn a_mapped_weight_packs_once_for_all_its_clones_and_frees_the_packing_with_them() {
+    use scalpel_tensor::cpu::gemm_weights::{cached, packed};
+    let dir = scratch_dir("mapped_packing");
+    let path = dir.join("w.safetensors");
+    let saved = named(vec![(
+        "w",
+        Tensor::from_vec(&[16, 24], ramp(16 * 24, 0.01)).unwrap(),
+    )]);
+    safetensors::save(&path, &saved, &BTreeMap::new()).unwrap();
+    let w = safetensors::load(&path)
+        .unwrap()
+        .tensors
+        .remove("w")
+        .unwrap();
+    assert!(w.is_mapped());
+    let packing = std::sync::Arc::downgrade(&packed(&w).expect("an f32 matrix packs"));
+    let clone = w.clone();
+    drop(w);
+    assert!(
+        cached(&clone).is_some_and(|p| std::ptr::eq(&*p, packing.as_ptr())),
+        "a clone of a mapped weight finds its packing"
+    );
+    drop(clone);
+    // Any lookup frees the entries of dropped weights.
+    cached(&Tensor::zeros(&[1, 1], DType::F32));
+    assert!(
+        packing.upgrade().is_none(),
+        "the packing outlived its weight"
+    );
+}

@@ -1,4 +1,5 @@
-use scalpel_tensor::cpu::gemm::PackedB;
+use scalpel_tensor::cpu::gemm::Activation;
+use scalpel_tensor::ops::WeightUse;
 use scalpel_tensor::{ops as tops, Tensor};
 
 use crate::device::backend_of;
@@ -40,7 +41,13 @@ pub fn linear(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     tensors.extend(b.map(Var::value));
     let y = match backend_of("linear", &tensors)? {
         Some(be) => be.linear(x.value(), w.value(), b.map(Var::value))?,
-        None => linear_cpu(x, w, b)?,
+        None => tops::linear(
+            x.value(),
+            w.value(),
+            b.map(Var::value),
+            Activation::Identity,
+            weight_use(w),
+        )?,
     };
     let mut inputs = vec![x.clone(), w.clone()];
     inputs.extend(b.cloned());
@@ -53,25 +60,14 @@ pub fn linear(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     ))
 }
 
-/// Inputs of at most this many rows multiply a constant weight from its packing made once
-/// ([`Var::packed_linear_weight`]): for them, packing the weight on every call would cost more
-/// than the product. Larger inputs amortise the per-call packing and keep memory flat (a packed
-/// copy of every weight would add the model's size again).
-const PREPACKED_MAX_ROWS: usize = 512;
-
-/// The packing of `w` to multiply `x` with, if `x` is small enough to want one.
-fn packed_weight_for<'a>(x: &Var, w: &'a Var) -> Option<&'a PackedB> {
-    let rows = x.value().numel() / x.shape().last().copied().unwrap_or(1).max(1);
-    (rows <= PREPACKED_MAX_ROWS)
-        .then(|| w.packed_linear_weight())
-        .flatten()
-}
-
-fn linear_cpu(x: &Var, w: &Var, b: Option<&Var>) -> Result<Tensor> {
-    Ok(match packed_weight_for(x, w) {
-        Some(packed) => tops::linear_prepacked(x.value(), w.value(), packed, b.map(Var::value))?,
-        None => tops::linear(x.value(), w.value(), b.map(Var::value))?,
-    })
+/// A weight that receives no gradient is a constant to the CPU GEMM, which may then keep it
+/// packed.
+fn weight_use(w: &Var) -> WeightUse {
+    if w.requires_grad() {
+        WeightUse::Varying
+    } else {
+        WeightUse::Constant
+    }
 }
 
 /// `gelu(x·Wᵀ + b)`, a transformer's FFN up-projection. At inference (nothing needs a gradient,
@@ -83,8 +79,13 @@ pub fn linear_gelu(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     tensors.extend(b.map(Var::value));
     let constants = !x.requires_grad() && !w.requires_grad() && !b.is_some_and(Var::requires_grad);
     if constants && backend_of("linear_gelu", &tensors)?.is_none() {
-        let packed = packed_weight_for(x, w);
-        let y = tops::linear_gelu(x.value(), w.value(), packed, b.map(Var::value))?;
+        let y = tops::linear(
+            x.value(),
+            w.value(),
+            b.map(Var::value),
+            Activation::Gelu,
+            WeightUse::Constant,
+        )?;
         return Ok(Var::constant(y));
     }
     gelu_in_place(linear(x, w, b)?)

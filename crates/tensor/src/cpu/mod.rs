@@ -12,6 +12,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
 pub mod gemm_bf16;
+pub mod gemm_weights;
 pub mod layernorm;
 pub mod pooling;
 pub mod simd;

@@ -1,0 +1,109 @@
+//! bf16 inference (`--dtype bf16`): the linear layers' weights held in bf16 and multiplied by
+//! the bf16 GEMM (inputs rounded to bf16, f32 accumulation), against the f32 references of
+//! sentence-transformers (tests/fixtures/minilm, tests/fixtures/surgery/scores.json).
+
+use std::process::Command;
+
+use crate::common;
+
+use common::*;
+use scalpel::tensor::cpu::gemm_bf16::Bf16Path;
+use scalpel::tensor::DType;
+use scalpel::Embedder;
+
+/// Every fixture sentence (the truncated 256-token line included) within cosine 0.999 of
+/// sentence-transformers' f32 embedding, and far enough from it that bf16 is what ran (f32
+/// agrees to 0.99999 on every line).
+#[test]
+fn bf16_embeddings_match_sentence_transformers_within_cosine_0_999() {
+    let embedder = Embedder::builder(minilm_dir())
+        .dtype(DType::BF16)
+        .build()
+        .unwrap();
+    assert_eq!(embedder.dtype(), DType::BF16);
+    let sentences = fixture_sentences();
+    let got = embedder.embed(&sentences).unwrap();
+    let want = load_fixture("minilm/embeddings.safetensors")["embeddings"].to_vec::<f32>();
+    let cosines: Vec<f64> = got
+        .iter()
+        .zip(want.chunks_exact(384))
+        .map(|(a, b)| cosine(a, b))
+        .collect();
+    for (i, &cos) in cosines.iter().enumerate() {
+        assert!(cos >= 0.999, "line {}: cosine {cos} < 0.999", i + 1);
+    }
+    let worst = cosines.iter().copied().fold(1.0, f64::min);
+    assert!(
+        worst < 0.99999,
+        "worst cosine {worst}: as close as f32, so bf16 did not run ({:?})",
+        Bf16Path::best()
+    );
+}
+
+/// STS 2015 (all five files) evaluated in bf16 through `scalpel eval --dtype bf16`: each file's
+/// Spearman within 0.3 points of sentence-transformers' f32 score (which the f32 path matches
+/// within 0.02, tests/surgery_scores.rs).
+#[test]
+fn bf16_sts2015_spearman_within_0_3_of_f32() {
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("surgery/scores.json")).unwrap())
+            .unwrap();
+    let files = [
+        "images",
+        "answers-students",
+        "headlines",
+        "belief",
+        "answers-forums",
+    ];
+    let sts = repo().join("../shared/data/sts/semeval-2015");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_scalpel"));
+    cmd.args(["eval", "--dtype", "bf16", "--json", "--model"])
+        .arg(minilm_dir())
+        .arg("--sts");
+    for f in &files {
+        let path = sts.join(format!("{f}.test.tsv"));
+        assert!(
+            path.exists(),
+            "{} is missing: the STS data lives in ../shared",
+            path.display()
+        );
+        cmd.arg(path);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (i, f) in files.iter().enumerate() {
+        let expected = &reference["evaluation"][format!("semeval-2015/{f}.test.tsv")];
+        let ours = &report["files"][i];
+        assert_eq!(ours["pairs"], expected["pairs"], "{f}");
+        let (bf16, f32) = (
+            ours["spearman"].as_f64().unwrap(),
+            expected["spearman"].as_f64().unwrap(),
+        );
+        eprintln!("{f}: bf16 {bf16:.3}, f32 {f32:.3}, Δ {:+.3}", bf16 - f32);
+        assert!(
+            (bf16 - f32).abs() <= 0.3,
+            "{f}: bf16 Spearman {bf16:.3}, f32 {f32:.3}"
+        );
+    }
+}
+
+/// `--dtype` takes f32 or bf16 and nothing else, naming the flag.
+#[test]
+fn dtype_flag_refuses_other_formats() {
+    let out = Command::new(env!("CARGO_BIN_EXE_scalpel"))
+        .args(["bench", "forward", "--dtype", "f16", "--model"])
+        .arg(minilm_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--dtype") && stderr.contains("f32 or bf16"),
+        "{stderr}"
+    );
+}
