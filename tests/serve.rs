@@ -570,15 +570,6 @@ fn wait_in_flight(addr: SocketAddr, requests: usize) {
     }
 }
 
-/// Copies of the longest fixture line in [`slow_body`].
-const SLOW_INPUTS: usize = 128;
-
-/// A request that keeps the worker busy for a while (128 × 256 tokens: about 3 s on 2 idle
-/// threads).
-fn slow_body() -> Value {
-    json!({ "inputs": vec![fixture_sentences()[LONG_LINE].clone(); SLOW_INPUTS], "truncate": true })
-}
-
 /// A gate the embedder's worker waits at after each forward, before it answers: it holds a
 /// request in flight for as long as a test needs, however fast the machine.
 #[derive(Default)]
@@ -682,18 +673,54 @@ fn health_info_and_metrics() {
     count("scalpel_queue_sequences");
 }
 
+/// Reads one response (head, and a `Content-Length` body) from a connection left open.
+fn read_response(stream: &mut TcpStream) -> (u16, String) {
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).unwrap();
+        assert_eq!(
+            n,
+            1,
+            "the connection closed after {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let length = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).unwrap();
+    (status, String::from_utf8(body).unwrap())
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream
+}
+
 #[test]
-fn sigterm_stops_accepting_answers_what_is_in_flight_and_exits_0() {
+fn sigterm_answers_the_request_in_flight_closes_idle_connections_and_exits_0() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_scalpel"))
         .args([
             "serve",
             "--port",
             "0",
             "--threads",
-            "2",
+            "1",
             "--device",
             "cpu",
-            "--auto-truncate",
             "--model",
         ])
         .arg(minilm_dir())
@@ -713,16 +740,47 @@ fn sigterm_stops_accepting_answers_what_is_in_flight_and_exits_0() {
         }
     }
     let addr = addr.expect("the server printed its address");
-    let slow = std::thread::spawn(move || post(addr, "/embed", &slow_body()));
-    wait_in_flight(addr, 1);
+    // A kept-alive connection answered once and then silent, and one that never sent anything:
+    // neither may hold up the shutdown.
+    let mut idle = connect(addr);
+    write!(idle, "GET /health HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut idle).0, 200);
+    let mut silent = connect(addr);
+    // The request in flight: the server answers `100 Continue` when its handler starts reading
+    // the body, so from then on the request is the server's, however fast the machine; the body
+    // is sent only after shutdown has begun.
+    let body = json!({ "inputs": ["in flight at SIGTERM"] }).to_string();
+    let mut in_flight = connect(addr);
+    write!(
+        in_flight,
+        "POST /embed HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut in_flight).0, 100);
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
-    let (status, body) = slow.join().unwrap();
-    assert_eq!(status, 200, "the request in flight at SIGTERM is answered");
-    assert_eq!(body.as_array().unwrap().len(), SLOW_INPUTS);
+    // Shutdown has begun once the listener is closed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(addr).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "still accepting 60 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    in_flight.write_all(body.as_bytes()).unwrap();
+    let (status, text) = read_response(&mut in_flight);
+    assert_eq!(
+        status, 200,
+        "the request in flight at SIGTERM is answered: {text}"
+    );
+    let rows: Vec<Vec<f32>> = serde_json::from_str(&text).unwrap();
+    assert_eq!((rows.len(), rows[0].len()), (1, DIM));
     let deadline = Instant::now() + Duration::from_secs(60);
     let exit = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -741,10 +799,12 @@ fn sigterm_stops_accepting_answers_what_is_in_flight_and_exits_0() {
         rest.contains("every admitted request has been answered"),
         "{rest}"
     );
-    assert!(
-        TcpStream::connect(addr).is_err(),
-        "still accepting after shutdown"
-    );
+    for (name, stream) in [("idle", &mut idle), ("silent", &mut silent)] {
+        assert!(
+            stream.read(&mut [0u8; 1]).map_or(true, |n| n == 0),
+            "the {name} connection is still open"
+        );
+    }
 }
 
 #[test]
