@@ -147,12 +147,20 @@ fn gemms(
             work,
             cublas_ms: reference(Precision::F32)?,
         });
+        let tf32_reference = reference(Precision::Tf32)?;
         out.push(KernelTiming {
             kernel: "gemm_f32 (vs cuBLAS TF32)".into(),
             case: case.clone(),
             ms,
             work,
-            cublas_ms: reference(Precision::Tf32)?,
+            cublas_ms: tf32_reference,
+        });
+        out.push(KernelTiming {
+            kernel: "gemm_tf32".into(),
+            case: case.clone(),
+            ms: time(rt, plan, || gemm::gemm_tf32(rt, s, &a, &b, &mut c, 0.0))?,
+            work,
+            cublas_ms: tf32_reference,
         });
         let to_bf16 = |len: usize, rng: &mut Inputs| -> Result<DeviceBuffer<bf16>> {
             let v: Vec<bf16> = rng
