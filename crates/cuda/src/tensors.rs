@@ -404,6 +404,7 @@ impl Backend for Runtime {
             self.buffer("k", k)?,
             self.buffer("v", v)?,
             self.buffer("mask", mask)?,
+            false,
             &mut out,
             &mut lse,
         )
@@ -435,6 +436,7 @@ impl Backend for Runtime {
             self.buffer("k", k)?,
             self.buffer("v", v)?,
             self.buffer("mask", mask)?,
+            false,
             self.buffer("out", out)?,
             self.buffer("lse", lse)?,
             self.buffer("dout", dout)?,
