@@ -1,6 +1,8 @@
 // Fused scaled dot-product attention with a key-padding mask, FlashAttention-2 style
 // (crates/tensor/src/cpu/attention.rs): q, k, v, out are [batch, seq, heads*head_dim], mask is
-// [batch, seq] (1 token, 0 padding), lse is [batch, heads, seq]. The seq x seq score matrix
+// [batch, seq] (1 token, 0 padding), lse is [batch, heads, seq]. With `causal` != 0 query i also
+// sees only keys j <= i (a decoder's mask), and each block skips the key (or query) tiles that
+// mask removes entirely, about halving the work. The seq x seq score matrix
 // never reaches global memory: the forward keeps an online softmax per query row and saves
 // lse = log sum_j exp(s_ij); the backward recomputes P = exp(S - lse) tile by tile.
 // Fully masked rows give zero output, lse = -inf and zero gradients.
@@ -141,6 +143,12 @@ __device__ __forceinline__ void stage_tiles(float4* first_tile, float4* second_t
     }
 }
 
+// The last key row (exclusive) any query row of this block sees: every key, or under the causal
+// mask the keys up to the block's last query row. Uniform across the block (barriers inside).
+__device__ __forceinline__ int key_end(int seq, int rows_per_block, int causal) {
+    return causal ? min(seq, (int)(blockIdx.x + 1) * rows_per_block) : seq;
+}
+
 // Additive key mask of the key tile at key0: 0 for tokens, -inf for padding and past seq.
 __device__ __forceinline__ void stage_key_bias(float* key_bias, const float* __restrict__ mask, int key0, int seq, int b) {
     for (int j = threadIdx.x; j < TILE_ROWS; j += BLOCK_THREADS) {
@@ -172,7 +180,7 @@ __device__ __forceinline__ AttentionShared attention_shared_layout(float4* base,
 extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
     attention_forward_f32(int seq, int heads, int head_dim, int group, float scale, const float* __restrict__ q,
                           const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ mask,
-                          float* __restrict__ out, float* __restrict__ lse) {
+                          int causal, float* __restrict__ out, float* __restrict__ lse) {
     extern __shared__ float4 attention_shared[];
     const int chunks = LANE_CHUNKS * group;
     const AttentionShared sh = attention_shared_layout(attention_shared, chunks);
@@ -188,7 +196,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
     load_lane_chunks(q_scaled, q + row_offset, row_valid, head_dim, scale, lane_in_group, group);
     zero_chunks(o);
     float m = neg_inf(), l = 0.0f;
-    for (int key0 = 0; key0 < seq; key0 += TILE_ROWS) {
+    const int keys = key_end(seq, BLOCK_THREADS / group, causal);
+    for (int key0 = 0; key0 < keys; key0 += TILE_ROWS) {
         __syncthreads();  // every row is done with the previous tile and its partials
         stage_tiles(sh.first_tile, sh.second_tile, k, v, key0, seq, heads, head_dim, chunks, b, h);
         stage_key_bias(sh.stats, mask, key0, seq, b);
@@ -199,6 +208,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
 #pragma unroll
         for (int j = 0; j < TILE_ROWS; ++j) {
             s[j] += key_bias[j];
+            if (causal && key0 + j > i) s[j] = neg_inf();  // (as a select in one expression, sm_80 spilled)
             tile_max = fmaxf(tile_max, s[j]);
         }
         float m_new = fmaxf(m, tile_max);
@@ -231,7 +241,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
 extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
     attention_backward_dq_f32(int seq, int heads, int head_dim, int group, float scale, const float* __restrict__ q,
                               const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ mask,
-                              const float* __restrict__ out, const float* __restrict__ lse,
+                              int causal, const float* __restrict__ out, const float* __restrict__ lse,
                               const float* __restrict__ dout, float* __restrict__ dq, float* __restrict__ delta) {
     extern __shared__ float4 attention_shared[];
     const int chunks = LANE_CHUNKS * group;
@@ -261,7 +271,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
     const float row_lse = row_valid ? lse[stat] : neg_inf();
     const bool row_live = row_lse != neg_inf();
 
-    for (int key0 = 0; key0 < seq; key0 += TILE_ROWS) {
+    const int keys = key_end(seq, BLOCK_THREADS / group, causal);
+    for (int key0 = 0; key0 < keys; key0 += TILE_ROWS) {
         __syncthreads();
         stage_tiles(sh.first_tile, sh.second_tile, k, v, key0, seq, heads, head_dim, chunks, b, h);
         stage_key_bias(sh.stats, mask, key0, seq, b);
@@ -269,7 +280,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
         float p[TILE_ROWS], dp[TILE_ROWS];
         tile_dots(p, q_scaled, key_tile, sh.partials, chunks, lane_in_group, group);
 #pragma unroll
-        for (int j = 0; j < TILE_ROWS; ++j) p[j] = row_live ? expf(p[j] + key_bias[j] - row_lse) : 0.0f;
+        for (int j = 0; j < TILE_ROWS; ++j)
+            p[j] = row_live && !(causal && key0 + j > i) ? expf(p[j] + key_bias[j] - row_lse) : 0.0f;
         __syncthreads();  // every lane has read the score partials
         tile_dots(dp, dout_row, value_tile, sh.partials, chunks, lane_in_group, group);
 #pragma unroll
@@ -284,7 +296,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
 extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
     attention_backward_dkdv_f32(int seq, int heads, int head_dim, int group, float scale, const float* __restrict__ q,
                                 const float* __restrict__ k, const float* __restrict__ v,
-                                const float* __restrict__ mask, const float* __restrict__ lse,
+                                const float* __restrict__ mask, int causal, const float* __restrict__ lse,
                                 const float* __restrict__ delta, const float* __restrict__ dout,
                                 float* __restrict__ dk, float* __restrict__ dv) {
     extern __shared__ float4 attention_shared[];
@@ -307,7 +319,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
     zero_chunks(dk_acc);
     zero_chunks(dv_acc);
 
-    for (int query0 = 0; query0 < seq; query0 += TILE_ROWS) {
+    // Under the causal mask, query rows before the block's first key row see none of its keys.
+    const int first_query = causal ? (int)blockIdx.x * (BLOCK_THREADS / group) / TILE_ROWS * TILE_ROWS : 0;
+    for (int query0 = first_query; query0 < seq; query0 += TILE_ROWS) {
         __syncthreads();
         stage_tiles(sh.first_tile, sh.second_tile, q, dout, query0, seq, heads, head_dim, chunks, b, h);
         for (int r = threadIdx.x; r < TILE_ROWS; r += BLOCK_THREADS) {
@@ -318,10 +332,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
         __syncthreads();
         float p[TILE_ROWS], dp[TILE_ROWS];
         tile_dots(p, key_row, query_tile, sh.partials, chunks, lane_in_group, group);
-        // Masked keys, fully masked query rows and rows past seq contribute nothing.
+        // Masked keys, fully masked query rows, rows past seq and (causal) rows before this key
+        // contribute nothing.
 #pragma unroll
         for (int r = 0; r < TILE_ROWS; ++r)
-            p[r] = key_live && lse_tile[r] != neg_inf() ? expf(scale * p[r] - lse_tile[r]) : 0.0f;
+            p[r] = key_live && lse_tile[r] != neg_inf() && !(causal && query0 + r < j) ? expf(scale * p[r] - lse_tile[r])
+                                                                                        : 0.0f;
         __syncthreads();  // every lane has read the score partials
         tile_dots(dp, value_row, dout_tile, sh.partials, chunks, lane_in_group, group);
         // Two passes rather than one: fewer tile values live at once (no spills).

@@ -10,11 +10,13 @@
 // memory bandwidth, not the FP32 units, bounds it on an H100 (roughly a third of FP32 peak).
 // HBM traffic is (m n k)(1/64 + 1/64) * 4 bytes, far below that bound.
 //
-// Tensor cores (gemm_f16_*, gemm_bf16_*): f16/bf16 inputs, f32 accumulate, via wmma 16x16x16.
-// 64 x 64 block tile, k step 32, 4 warps each owning 32 x 32 (2 x 2 fragments). Tiles are
-// staged row-major in shared memory (transposing while loading) with 8-element padding; the
-// epilogue goes through shared memory for bounds and beta. Bound by the shared-memory path and
-// the small tile, not the tensor cores; larger tiles and cp.async pipelining are the next step.
+// Tensor cores (gemm_f16_*, gemm_bf16_*, gemm_tf32_*): f16/bf16 operands via wmma 16x16x16, or
+// f32 operands rounded to TF32 (10-bit mantissa, round to nearest, ties away: cvt.rna) via wmma
+// 16x16x8; f32 accumulation in all. 64 x 64 block tile, k step 32, 4 warps each owning 32 x 32
+// (2 x 2 fragments). Tiles are staged row-major in shared memory (transposing while loading)
+// with 8-element padding; the epilogue goes through shared memory for bounds and beta. Shared
+// memory: 26 KiB (f16/bf16), 36 KiB (TF32). Bound by the shared-memory path and the small tile,
+// not the tensor cores; larger tiles and cp.async pipelining are the next step.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -113,8 +115,24 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() {
     return __float2bfloat16(0.0f);
 }
+template <>
+__device__ __forceinline__ float zero_of<float>() {
+    return 0.0f;
+}
 
-template <class T, bool TRANS_A, bool TRANS_B>
+// TF32 operand fragments are rounded after loading (CUDA leaves the low 13 bits undefined
+// otherwise); 16-bit fragments are used as loaded.
+template <class Use, class Layout>
+__device__ __forceinline__ void round_operands(nvcuda::wmma::fragment<Use, 16, 16, 8, nvcuda::wmma::precision::tf32, Layout>& f) {
+#pragma unroll
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] = nvcuda::wmma::__float_to_tf32(f.x[i]);
+}
+template <class Fragment>
+__device__ __forceinline__ void round_operands(Fragment&) {}
+
+// T: the operands' element type in memory; OPERAND: the fragments' (T, or precision::tf32 for
+// float); FRAG_K: the fragments' depth (16, or 8 for TF32).
+template <class T, class OPERAND, int FRAG_K, bool TRANS_A, bool TRANS_B>
 __device__ __forceinline__ void gemm_wmma_tile(int m, int n, int k, const T* __restrict__ a, const T* __restrict__ b,
                                                float* __restrict__ c, float beta) {
     using namespace nvcuda;
@@ -124,12 +142,15 @@ __device__ __forceinline__ void gemm_wmma_tile(int m, int n, int k, const T* __r
     const int tid = threadIdx.x, warp = tid / 32;
     const int warp_m = (warp / 2) * 32, warp_n = (warp % 2) * 32;
     const int m0 = blockIdx.y * WMMA_BM, n0 = blockIdx.x * WMMA_BN;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+    wmma::fragment<wmma::accumulator, 16, 16, FRAG_K, float> acc[2][2];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
     for (int k0 = 0; k0 < k; k0 += WMMA_BK) {
+        // Unrolled by two only: unrolled fully (or by 4), the 32-bit TF32 staging spilled on
+        // sm_90 (96 registers, 12 bytes of spill stores); by two it takes 80 and spills nothing.
+#pragma unroll 2
         for (int idx = tid; idx < WMMA_BM * WMMA_BK; idx += WMMA_THREADS) {
             int row = TRANS_A ? idx % WMMA_BM : idx / WMMA_BK;
             int kk = TRANS_A ? idx / WMMA_BM : idx % WMMA_BK;
@@ -138,6 +159,7 @@ __device__ __forceinline__ void gemm_wmma_tile(int m, int n, int k, const T* __r
             if (gi < m && gp < k) v = TRANS_A ? a[(long long)gp * m + gi] : a[(long long)gi * k + gp];
             as[row][kk] = v;
         }
+#pragma unroll 2
         for (int idx = tid; idx < WMMA_BK * WMMA_BN; idx += WMMA_THREADS) {
             int col = TRANS_B ? idx / WMMA_BK : idx % WMMA_BN;
             int kk = TRANS_B ? idx % WMMA_BK : idx / WMMA_BN;
@@ -148,13 +170,19 @@ __device__ __forceinline__ void gemm_wmma_tile(int m, int n, int k, const T* __r
         }
         __syncthreads();
 #pragma unroll
-        for (int kk = 0; kk < WMMA_BK; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
+        for (int kk = 0; kk < WMMA_BK; kk += FRAG_K) {
+            wmma::fragment<wmma::matrix_a, 16, 16, FRAG_K, OPERAND, wmma::row_major> fa[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, FRAG_K, OPERAND, wmma::row_major> fb[2];
 #pragma unroll
-            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &as[warp_m + 16 * i][kk], WMMA_BK + WMMA_PAD);
+            for (int i = 0; i < 2; ++i) {
+                wmma::load_matrix_sync(fa[i], &as[warp_m + 16 * i][kk], WMMA_BK + WMMA_PAD);
+                round_operands(fa[i]);
+            }
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &bs[kk][warp_n + 16 * j], WMMA_BN + WMMA_PAD);
+            for (int j = 0; j < 2; ++j) {
+                wmma::load_matrix_sync(fb[j], &bs[kk][warp_n + 16 * j], WMMA_BN + WMMA_PAD);
+                round_operands(fb[j]);
+            }
 #pragma unroll
             for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -179,33 +207,49 @@ __device__ __forceinline__ void gemm_wmma_tile(int m, int n, int k, const T* __r
 
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_f16_nn(int m, int n, int k, const __half* __restrict__ a,
                                                                         const __half* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__half, false, false>(m, n, k, a, b, c, beta);
+    gemm_wmma_tile<__half, __half, 16, false, false>(m, n, k, a, b, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_f16_nt(int m, int n, int k, const __half* __restrict__ a,
                                                                         const __half* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__half, false, true>(m, n, k, a, b, c, beta);
+    gemm_wmma_tile<__half, __half, 16, false, true>(m, n, k, a, b, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_f16_tn(int m, int n, int k, const __half* __restrict__ a,
                                                                         const __half* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__half, true, false>(m, n, k, a, b, c, beta);
+    gemm_wmma_tile<__half, __half, 16, true, false>(m, n, k, a, b, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_f16_tt(int m, int n, int k, const __half* __restrict__ a,
                                                                         const __half* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__half, true, true>(m, n, k, a, b, c, beta);
+    gemm_wmma_tile<__half, __half, 16, true, true>(m, n, k, a, b, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_bf16_nn(int m, int n, int k, const __nv_bfloat16* __restrict__ a,
                                                                         const __nv_bfloat16* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__nv_bfloat16, false, false>(m, n, k, a, b, c, beta);
+    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, false, false>(m, n, k, a, b, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_bf16_nt(int m, int n, int k, const __nv_bfloat16* __restrict__ a,
                                                                         const __nv_bfloat16* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__nv_bfloat16, false, true>(m, n, k, a, b, c, beta);
+    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, false, true>(m, n, k, a, b, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_bf16_tn(int m, int n, int k, const __nv_bfloat16* __restrict__ a,
                                                                         const __nv_bfloat16* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__nv_bfloat16, true, false>(m, n, k, a, b, c, beta);
+    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, true, false>(m, n, k, a, b, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_bf16_tt(int m, int n, int k, const __nv_bfloat16* __restrict__ a,
                                                                         const __nv_bfloat16* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__nv_bfloat16, true, true>(m, n, k, a, b, c, beta);
+    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, true, true>(m, n, k, a, b, c, beta);
+}
+extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_tf32_nn(int m, int n, int k, const float* __restrict__ a,
+                                                                        const float* __restrict__ b, float* __restrict__ c, float beta) {
+    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, false, false>(m, n, k, a, b, c, beta);
+}
+extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_tf32_nt(int m, int n, int k, const float* __restrict__ a,
+                                                                        const float* __restrict__ b, float* __restrict__ c, float beta) {
+    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, false, true>(m, n, k, a, b, c, beta);
+}
+extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_tf32_tn(int m, int n, int k, const float* __restrict__ a,
+                                                                        const float* __restrict__ b, float* __restrict__ c, float beta) {
+    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, true, false>(m, n, k, a, b, c, beta);
+}
+extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_tf32_tt(int m, int n, int k, const float* __restrict__ a,
+                                                                        const float* __restrict__ b, float* __restrict__ c, float beta) {
+    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, true, true>(m, n, k, a, b, c, beta);
 }

@@ -147,12 +147,20 @@ fn gemms(
             work,
             cublas_ms: reference(Precision::F32)?,
         });
+        let tf32_reference = reference(Precision::Tf32)?;
         out.push(KernelTiming {
             kernel: "gemm_f32 (vs cuBLAS TF32)".into(),
             case: case.clone(),
             ms,
             work,
-            cublas_ms: reference(Precision::Tf32)?,
+            cublas_ms: tf32_reference,
+        });
+        out.push(KernelTiming {
+            kernel: "gemm_tf32".into(),
+            case: case.clone(),
+            ms: time(rt, plan, || gemm::gemm_tf32(rt, s, &a, &b, &mut c, 0.0))?,
+            work,
+            cublas_ms: tf32_reference,
         });
         let to_bf16 = |len: usize, rng: &mut Inputs| -> Result<DeviceBuffer<bf16>> {
             let v: Vec<bf16> = rng
@@ -202,31 +210,42 @@ fn attention(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Res
         let mut o = rt.uninit::<f32>(n)?;
         let mut lse = rt.uninit::<f32>(batch * heads * seq)?;
         let (mut dq, mut dk, mut dv) = (rt.zeros(n)?, rt.zeros(n)?, rt.zeros(n)?);
-        // QKᵀ and PV: 2·2·b·h·s²·d; the backward recomputes P and does four such products.
-        let pair = (batch * heads * seq * seq * head_dim) as f64 * 2.0;
-        let case = format!("b{batch} h{heads} s{seq} d{head_dim}");
-        let forward = time(rt, plan, || {
-            attention::attention_forward(rt, &s, &q, &k, &v, &mask, &mut o, &mut lse)
-        })?;
-        out.push(KernelTiming {
-            kernel: "attention_forward".into(),
-            case: case.clone(),
-            ms: forward,
-            work: Work::Flops(2.0 * pair),
-            cublas_ms: None,
-        });
-        let backward = time(rt, plan, || {
-            attention::attention_backward(
-                rt, &s, &q, &k, &v, &mask, &o, &lse, &dout, &mut dq, &mut dk, &mut dv,
-            )
-        })?;
-        out.push(KernelTiming {
-            kernel: "attention_backward".into(),
-            case,
-            ms: backward,
-            work: Work::Flops(5.0 * pair),
-            cublas_ms: None,
-        });
+        for causal in [false, true] {
+            // QKᵀ and PV: 2·2·b·h·s²·d (the causal mask keeps s(s+1)/2 of the s² scores); the
+            // backward recomputes P and does four such products.
+            let scores = if causal {
+                seq * (seq + 1) / 2
+            } else {
+                seq * seq
+            };
+            let pair = (batch * heads * scores * head_dim) as f64 * 2.0;
+            let case = format!(
+                "b{batch} h{heads} s{seq} d{head_dim}{}",
+                if causal { " causal" } else { "" }
+            );
+            let forward = time(rt, plan, || {
+                attention::attention_forward(rt, &s, &q, &k, &v, &mask, causal, &mut o, &mut lse)
+            })?;
+            out.push(KernelTiming {
+                kernel: "attention_forward".into(),
+                case: case.clone(),
+                ms: forward,
+                work: Work::Flops(2.0 * pair),
+                cublas_ms: None,
+            });
+            let backward = time(rt, plan, || {
+                attention::attention_backward(
+                    rt, &s, &q, &k, &v, &mask, causal, &o, &lse, &dout, &mut dq, &mut dk, &mut dv,
+                )
+            })?;
+            out.push(KernelTiming {
+                kernel: "attention_backward".into(),
+                case,
+                ms: backward,
+                work: Work::Flops(5.0 * pair),
+                cublas_ms: None,
+            });
+        }
     }
     Ok(())
 }

@@ -411,6 +411,7 @@ impl Backend for Runtime {
             self.buffer("k", k)?,
             self.buffer("v", v)?,
             self.buffer("mask", mask)?,
+            false,
             &mut out,
             &mut lse,
         )
@@ -442,6 +443,7 @@ impl Backend for Runtime {
             self.buffer("k", k)?,
             self.buffer("v", v)?,
             self.buffer("mask", mask)?,
+            false,
             self.buffer("out", out)?,
             self.buffer("lse", lse)?,
             self.buffer("dout", dout)?,

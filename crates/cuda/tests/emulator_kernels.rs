@@ -188,7 +188,9 @@ fn attention_wide_heads_use_larger_lane_groups() {
             heads: 2,
             head_dim,
         };
-        assert_pass(&attention::check_attention(&rt, s).unwrap());
+        for causal in [false, true] {
+            assert_pass(&attention::check_attention(&rt, s, causal).unwrap());
+        }
     }
 }
 
@@ -207,6 +209,6 @@ fn attention_rejects_head_dim_over_64() {
         rt.zeros::<f32>(2 * 65).unwrap(),
         rt.zeros::<f32>(2).unwrap(),
     );
-    let r = attention::attention_forward(&rt, &s, &x, &x, &x, &mask, &mut out, &mut lse);
+    let r = attention::attention_forward(&rt, &s, &x, &x, &x, &mask, false, &mut out, &mut lse);
     assert!(r.is_err());
 }

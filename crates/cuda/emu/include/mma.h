@@ -3,6 +3,8 @@
 // are warp-collective (every lane of the warp must call them from the same site), and a store
 // writes each element from exactly one lane, as the hardware does.
 #pragma once
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "cuda_bf16.h"
@@ -10,6 +12,32 @@
 
 namespace nvcuda {
 namespace wmma {
+
+namespace precision {
+// TF32 operands: stored as float, multiplied with a 10-bit mantissa (the kernel rounds them with
+// __float_to_tf32 after loading, as CUDA requires).
+struct tf32 {};
+}  // namespace precision
+
+// cvt.rna.tf32.f32: round to the nearest value with a 10-bit mantissa, ties away from zero; the
+// low 13 bits of the result are zero.
+inline float __float_to_tf32(float in) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &in, 4);
+    if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;
+    float out;
+    std::memcpy(&out, &bits, 4);
+    return out;
+}
+
+template <class T>
+struct storage_of {
+    using type = T;
+};
+template <>
+struct storage_of<precision::tf32> {
+    using type = float;
+};
 
 struct matrix_a {};
 struct matrix_b {};
@@ -24,20 +52,23 @@ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <class Use, int M, int N, int K, class T, class Layout = void>
 struct fragment {
+    using element_type = typename storage_of<T>::type;
     static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
     static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
     static constexpr int num_elements = rows * cols;
     // Row-major, whatever the memory layout it was loaded from.
-    T x[num_elements];
+    element_type x[num_elements];
 };
 
 template <class Use, int M, int N, int K, class T, class Layout>
-void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, T value) {
+void fill_fragment(fragment<Use, M, N, K, T, Layout>& f,
+                   typename fragment<Use, M, N, K, T, Layout>::element_type value) {
     for (int i = 0; i < f.num_elements; ++i) f.x[i] = value;
 }
 
 template <class Use, int M, int N, int K, class T, class Layout>
-void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f,
+                      const typename fragment<Use, M, N, K, T, Layout>::element_type* p, unsigned ldm) {
     ::emu::syncwarp(0xffffffffu, EMU_SITE);
     using F = fragment<Use, M, N, K, T, Layout>;
     for (int r = 0; r < F::rows; ++r)

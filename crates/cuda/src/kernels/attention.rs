@@ -73,7 +73,8 @@ fn softmax_scale(s: &AttentionShape) -> f32 {
 
 /// Fused attention forward: `q`, `k`, `v`, `out` are `[batch, seq, heads·head_dim]`, `mask`
 /// `[batch, seq]` (1 token, 0 padding); saves `lse` (`[batch, heads, seq]`) for the backward.
-/// Rows whose keys are all padding get zero output and `lse = −∞`. `head_dim` ≤ 64.
+/// `causal`: query `i` sees keys `j ≤ i` only (a decoder's mask, on top of the padding mask).
+/// Rows whose visible keys are all padding get zero output and `lse = −∞`. `head_dim` ≤ 64.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     rt: &Runtime,
@@ -82,6 +83,7 @@ pub fn attention_forward(
     k: &DeviceBuffer<f32>,
     v: &DeviceBuffer<f32>,
     mask: &DeviceBuffer<f32>,
+    causal: bool,
     out: &mut DeviceBuffer<f32>,
     lse: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
@@ -110,6 +112,7 @@ pub fn attention_forward(
             k.input(),
             v.input(),
             mask.input(),
+            causal as usize,
             out.output(),
             lse.output(),
         )
@@ -126,6 +129,7 @@ pub fn attention_backward(
     k: &DeviceBuffer<f32>,
     v: &DeviceBuffer<f32>,
     mask: &DeviceBuffer<f32>,
+    causal: bool,
     out: &DeviceBuffer<f32>,
     lse: &DeviceBuffer<f32>,
     dout: &DeviceBuffer<f32>,
@@ -169,6 +173,7 @@ pub fn attention_backward(
             k.input(),
             v.input(),
             mask.input(),
+            causal as usize,
             out.input(),
             lse.input(),
             dout.input(),
@@ -191,6 +196,7 @@ pub fn attention_backward(
             k.input(),
             v.input(),
             mask.input(),
+            causal as usize,
             lse.input(),
             delta.input(),
             dout.input(),
@@ -231,11 +237,16 @@ fn attention_mask(batch: usize, seq: usize) -> Vec<f32> {
 }
 
 /// Fused attention forward (out and lse) and backward (dQ; dK and dV) against the f64
-/// references. The backward runs on the reference's `out` and `lse`, so it is checked on its own.
-pub fn check_attention(rt: &Runtime, s: AttentionShape) -> Result<Vec<KernelCheck>> {
+/// references, padding-masked and optionally `causal`. The backward runs on the reference's
+/// `out` and `lse`, so it is checked on its own.
+pub fn check_attention(rt: &Runtime, s: AttentionShape, causal: bool) -> Result<Vec<KernelCheck>> {
     let case = format!(
-        "batch={} seq={} heads={} head_dim={}, padded and fully masked rows",
-        s.batch, s.seq, s.heads, s.head_dim
+        "batch={} seq={} heads={} head_dim={}, padded and fully masked rows{}",
+        s.batch,
+        s.seq,
+        s.heads,
+        s.head_dim,
+        if causal { ", causal" } else { "" }
     );
     let n = s.batch * s.seq * s.width();
     let rows = s.batch * s.heads * s.seq;
@@ -258,17 +269,18 @@ pub fn check_attention(rt: &Runtime, s: AttentionShape) -> Result<Vec<KernelChec
         rt.upload(&vec![f32::NAN; n])?,
         rt.upload(&vec![f32::NAN; rows])?,
     );
-    attention_forward(rt, &s, &dq_in, &dk_in, &dv_in, &dmask, &mut out, &mut lse)?;
-    let (mut want_out, mut want_lse) = (vec![0.0; n], vec![0.0; rows]);
-    attention_forward_reference(
-        &s,
-        &wide(&q),
-        &wide(&k),
-        &wide(&v),
-        &wide(&mask),
-        &mut want_out,
-        &mut want_lse,
-    );
+    attention_forward(
+        rt, &s, &dq_in, &dk_in, &dv_in, &dmask, causal, &mut out, &mut lse,
+    )?;
+    let reference = Reference {
+        s,
+        q: wide(&q),
+        k: wide(&k),
+        v: wide(&v),
+        mask: wide(&mask),
+        causal,
+    };
+    let (want_out, want_lse) = reference.forward();
     let forward = worst(&[
         max_rel_error(&out.to_host()?, &want_out),
         max_rel_error_finite(&lse.to_host()?, &want_lse),
@@ -287,6 +299,7 @@ pub fn check_attention(rt: &Runtime, s: AttentionShape) -> Result<Vec<KernelChec
         &dk_in,
         &dv_in,
         &dmask,
+        causal,
         &rt.upload(&out32)?,
         &rt.upload(&lse32)?,
         &rt.upload(&dout)?,
@@ -294,20 +307,8 @@ pub fn check_attention(rt: &Runtime, s: AttentionShape) -> Result<Vec<KernelChec
         &mut dk,
         &mut dv,
     )?;
-    let (mut want_dq, mut want_dk, mut want_dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-    attention_backward_reference(
-        &s,
-        &wide(&q),
-        &wide(&k),
-        &wide(&v),
-        &wide(&mask),
-        &wide(&out32),
-        &wide(&lse32),
-        &wide(&dout),
-        &mut want_dq,
-        &mut want_dk,
-        &mut want_dv,
-    );
+    let (want_dq, want_dk, want_dv) =
+        reference.backward(&wide(&out32), &wide(&lse32), &wide(&dout));
     Ok(vec![
         check(
             "attention_forward_f32",
@@ -333,6 +334,106 @@ pub fn check_attention(rt: &Runtime, s: AttentionShape) -> Result<Vec<KernelChec
     ])
 }
 
+/// The CPU references of `scalpel_tensor::cpu::attention` on one set of f64 inputs. The CPU op
+/// has no causal mode, so a causal reference is built from it: query row `i` of batch entry `b`
+/// is row `i` of a batch-1 problem whose key mask is `b`'s padding mask cut to keys `j ≤ i`, and
+/// its gradients come from that problem with every other row's `dout` zero (summed over `i` for
+/// dK and dV).
+struct Reference {
+    s: AttentionShape,
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    mask: Vec<f64>,
+    causal: bool,
+}
+
+impl Reference {
+    /// One batch entry's slice of a `[batch, seq, width]` tensor.
+    fn entry<'a>(&self, x: &'a [f64], b: usize) -> &'a [f64] {
+        let len = self.s.seq * self.s.width();
+        &x[b * len..][..len]
+    }
+
+    /// The batch-1 problems of the causal construction: (entry b, row i, its key mask).
+    fn causal_rows(&self) -> impl Iterator<Item = (usize, usize, Vec<f64>)> + '_ {
+        let seq = self.s.seq;
+        (0..self.s.batch).flat_map(move |b| {
+            (0..seq).map(move |i| {
+                let mask = (0..seq)
+                    .map(|j| if j <= i { self.mask[b * seq + j] } else { 0.0 })
+                    .collect();
+                (b, i, mask)
+            })
+        })
+    }
+
+    fn one(&self) -> AttentionShape {
+        AttentionShape { batch: 1, ..self.s }
+    }
+
+    /// `out` and `lse`.
+    fn forward(&self) -> (Vec<f64>, Vec<f64>) {
+        let s = &self.s;
+        let (mut out, mut lse) = (
+            vec![0.0; self.q.len()],
+            vec![0.0; s.batch * s.heads * s.seq],
+        );
+        if !self.causal {
+            attention_forward_reference(
+                s, &self.q, &self.k, &self.v, &self.mask, &mut out, &mut lse,
+            );
+            return (out, lse);
+        }
+        let one = self.one();
+        let (mut o, mut l) = (vec![0.0; s.seq * s.width()], vec![0.0; s.heads * s.seq]);
+        for (b, i, mask) in self.causal_rows() {
+            let [q, k, v] = [&self.q[..], &self.k[..], &self.v[..]].map(|x| self.entry(x, b));
+            attention_forward_reference(&one, q, k, v, &mask, &mut o, &mut l);
+            let row = (b * s.seq + i) * s.width();
+            out[row..][..s.width()].copy_from_slice(&o[i * s.width()..][..s.width()]);
+            for h in 0..s.heads {
+                lse[(b * s.heads + h) * s.seq + i] = l[h * s.seq + i];
+            }
+        }
+        (out, lse)
+    }
+
+    /// `dq`, `dk`, `dv` from the saved `out` and `lse`.
+    fn backward(&self, out: &[f64], lse: &[f64], dout: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let s = &self.s;
+        let n = self.q.len();
+        let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        if !self.causal {
+            attention_backward_reference(
+                s, &self.q, &self.k, &self.v, &self.mask, out, lse, dout, &mut dq, &mut dk, &mut dv,
+            );
+            return (dq, dk, dv);
+        }
+        let (one, width, len) = (self.one(), s.width(), s.seq * s.width());
+        let (mut gq, mut gk, mut gv) = (vec![0.0; len], vec![0.0; len], vec![0.0; len]);
+        for (b, i, mask) in self.causal_rows() {
+            let [q, k, v, o] =
+                [&self.q[..], &self.k[..], &self.v[..], out].map(|x| self.entry(x, b));
+            let l = &lse[b * s.heads * s.seq..][..s.heads * s.seq];
+            let mut row_dout = vec![0.0; len];
+            row_dout[i * width..][..width]
+                .copy_from_slice(&self.entry(dout, b)[i * width..][..width]);
+            attention_backward_reference(
+                &one, q, k, v, &mask, o, l, &row_dout, &mut gq, &mut gk, &mut gv,
+            );
+            dq[b * len + i * width..][..width].copy_from_slice(&gq[i * width..][..width]);
+            for (sum, g) in dk[b * len..][..len].iter_mut().zip(&gk) {
+                *sum += g;
+            }
+            for (sum, g) in dv[b * len..][..len].iter_mut().zip(&gv) {
+                *sum += g;
+            }
+        }
+        (dq, dk, dv)
+    }
+}
+
 /// The standard attention checks: ragged sequences, head dims needing 2 lanes per row.
 fn standard_shapes() -> Vec<AttentionShape> {
     vec![
@@ -354,7 +455,9 @@ fn standard_shapes() -> Vec<AttentionShape> {
 pub fn standard_checks(rt: &Runtime) -> Result<Vec<KernelCheck>> {
     let mut out = Vec::new();
     for s in standard_shapes() {
-        out.extend(check_attention(rt, s)?);
+        for causal in [false, true] {
+            out.extend(check_attention(rt, s, causal)?);
+        }
     }
     Ok(out)
 }
