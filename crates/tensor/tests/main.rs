@@ -2,5 +2,6 @@
 
 mod bf16_gemm;
 mod concat;
+mod decoder_kernels;
 mod kernels;
 mod safetensors_files;

@@ -7,14 +7,18 @@
 
 pub mod activation;
 pub mod attention;
+pub mod causal_attention;
 pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
 pub mod gemm_bf16;
 pub mod layernorm;
 pub mod pooling;
+pub mod rmsnorm;
+pub mod rope;
 pub mod simd;
 pub mod softmax;
+pub mod swiglu;
 
 use crate::{DType, Float};
 
