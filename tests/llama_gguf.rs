@@ -222,7 +222,7 @@ fn tokenizer_matches_transformers() {
         .contains("<|im_start|>"));
 }
 
-fn scalpel(args: &[&str]) -> std::process::Output {
+pub(crate) fn scalpel(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_scalpel"))
         .args(["--device", "cpu"])
         .args(args)
@@ -310,7 +310,7 @@ fn tiny_tokens() -> Vec<String> {
 
 /// A consistent tiny Llama (F32 weights; row r of every matrix holds the value r, so row order is
 /// visible) that `edit` may spoil.
-fn tiny_llama(edit: impl FnOnce(&mut GgufWriter)) -> GgufWriter {
+pub(crate) fn tiny_llama(edit: impl FnOnce(&mut GgufWriter)) -> GgufWriter {
     let tokens = tiny_tokens();
     let vocab = tokens.len() as u64;
     let head_dim = HIDDEN / u64::from(HEADS);
@@ -362,7 +362,7 @@ fn tiny_llama(edit: impl FnOnce(&mut GgufWriter)) -> GgufWriter {
     file
 }
 
-fn write_tiny(test: &str, file: &GgufWriter) -> PathBuf {
+pub(crate) fn write_tiny(test: &str, file: &GgufWriter) -> PathBuf {
     let path = scratch(&format!("llama-{test}")).join("tiny.gguf");
     std::fs::write(&path, file.bytes()).unwrap();
     path

@@ -16,6 +16,7 @@ mod gguf;
 mod heal_parity;
 mod heal_resume;
 mod llama_gguf;
+mod llama_model;
 mod minilm;
 mod new_head;
 mod sequential;

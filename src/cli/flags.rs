@@ -49,3 +49,12 @@ fn finite_in(text: &str, in_range: fn(f64) -> bool, range: &str) -> Result<f64, 
     }
     Ok(x)
 }
+
+/// A fraction in (0, 1] (nucleus sampling's top-p: 1 keeps every token).
+pub fn nucleus(text: &str) -> Result<f64, String> {
+    finite_in(
+        text,
+        |x| x > 0.0 && x <= 1.0,
+        "must be in (0, 1]: above 0 and at most 1",
+    )
+}

@@ -4,10 +4,12 @@ mod cut;
 mod embed;
 mod eval;
 mod flags;
+mod generate;
 mod heal;
 mod inspect;
 mod kernels;
 mod new_head;
+mod perplexity;
 mod score;
 mod serve;
 mod similarity;
@@ -75,6 +77,10 @@ enum Command {
     Bench(bench::Args),
     /// Convert a Llama-family GGUF file into a Hugging Face folder (f32 safetensors, tokenizer).
     Convert(convert::Args),
+    /// Continue a prompt with a Llama-family model (GGUF or folder), streaming the text.
+    Generate(generate::Args),
+    /// Sliding-window perplexity of a Llama-family model on text files.
+    Perplexity(perplexity::Args),
     /// Serve embeddings over HTTP (text-embeddings-inference and OpenAI routes) with dynamic batching.
     Serve(serve::Args),
 }
@@ -146,6 +152,8 @@ fn run_command(command: Command) -> CliResult {
         Command::Bench(a) => bench::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Perplexity(a) => perplexity::run(a),
     }
 }
 

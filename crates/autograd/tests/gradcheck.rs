@@ -17,7 +17,7 @@ const STEP: f64 = 1e-5;
 const TOLERANCE: f64 = 1e-7;
 
 /// Uniform values in `[-scale, scale)`, reproducible per `seed`.
-fn random(shape: &[usize], scale: f64, seed: u64) -> Tensor {
+pub(crate) fn random(shape: &[usize], scale: f64, seed: u64) -> Tensor {
     let mut rng = StdRng::seed_from_u64(seed);
     let n = shape.iter().product();
     let values: Vec<f64> = (0..n).map(|_| rng.gen_range(-scale..scale)).collect();
@@ -41,7 +41,12 @@ fn weighted_sum(out: &Var, weights: &Tensor) -> Result<Var> {
 /// Runs the finite-difference check of `f` (whose output is weighted by a random tensor of
 /// `out_shape`) and asserts the tolerance. Scalar losses (`out_shape` `[]`) are weighted too, so
 /// their backward sees an upstream gradient other than 1.
-fn check(name: &str, inputs: &[Tensor], out_shape: &[usize], f: impl Fn(&[Var]) -> Result<Var>) {
+pub(crate) fn check(
+    name: &str,
+    inputs: &[Tensor],
+    out_shape: &[usize],
+    f: impl Fn(&[Var]) -> Result<Var>,
+) {
     let weights = random(out_shape, 1.0, 0xC0FFEE);
     let error = max_gradient_error(inputs, |v| weighted_sum(&f(v)?, &weights), STEP).unwrap();
     assert!(

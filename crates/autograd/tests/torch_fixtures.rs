@@ -47,7 +47,7 @@ fn tolerances(dtype: DType) -> (Tolerance, Tolerance) {
 }
 
 /// One fixture file, with its float inputs converted to the dtype under test.
-struct Fixture {
+pub(crate) struct Fixture {
     name: &'static str,
     tensors: BTreeMap<String, Tensor>,
     dtype: DType,
@@ -56,7 +56,7 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn load(name: &'static str, dtype: DType) -> Fixture {
+    pub(crate) fn load(name: &'static str, dtype: DType) -> Fixture {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/fixtures/ops")
             .join(name);
@@ -71,18 +71,18 @@ impl Fixture {
         }
     }
 
-    fn get(&self, key: &str) -> &Tensor {
+    pub(crate) fn get(&self, key: &str) -> &Tensor {
         self.tensors
             .get(key)
             .unwrap_or_else(|| panic!("{}: no tensor `{key}`", self.name))
     }
 
     /// An input in the dtype under test.
-    fn input(&self, key: &str) -> Tensor {
+    pub(crate) fn input(&self, key: &str) -> Tensor {
         self.get(key).to_dtype(self.dtype)
     }
 
-    fn scalar(&self, key: &str) -> f64 {
+    pub(crate) fn scalar(&self, key: &str) -> f64 {
         self.get(key).to_vec::<f64>()[0]
     }
 
@@ -113,18 +113,18 @@ impl Fixture {
         }
     }
 
-    fn assert_forward(&self, what: &str, actual: &Tensor) {
+    pub(crate) fn assert_forward(&self, what: &str, actual: &Tensor) {
         self.assert_close(what, actual, self.forward);
     }
 
-    fn assert_grad(&self, what: &str, actual: Option<&Tensor>) {
+    pub(crate) fn assert_grad(&self, what: &str, actual: Option<&Tensor>) {
         let actual = actual.unwrap_or_else(|| panic!("{}: no gradient for `{what}`", self.name));
         self.assert_close(what, actual, self.grad);
     }
 }
 
 /// `sum(out ∘ dout)` as a `[1, 1]` variable, so the backward of `out` starts from `dout`.
-fn inject(out: &Var, dout: &Tensor) -> Result<Var> {
+pub(crate) fn inject(out: &Var, dout: &Tensor) -> Result<Var> {
     let n = out.value().numel();
     let flat = ops::reshape(out, &[1, n])?;
     ops::linear(&flat, &Var::constant(dout.clone().reshape(&[1, n])?), None)

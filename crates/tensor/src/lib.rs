@@ -5,13 +5,15 @@
 //!   provides.
 //! * [`cpu`]: hand-written CPU kernels, one file per kernel family, each with its plain scalar
 //!   reference beside the fast (SIMD, threaded) version.
-//! * [`ops`]: tensor-level entry points that check shapes and dispatch on dtype to the kernels.
+//! * [`ops`]: tensor-level entry points that check shapes and dispatch on dtype to the kernels;
+//!   [`decoder_ops`] the same for the decoder (Llama) ops.
 //! * [`safetensors`]: loading and saving named tensors, with errors that name the problem.
 //! * [`gguf`]: reading llama.cpp's GGUF files (metadata, tensor infos, dequantization to f32).
 //! * [`heap`]: allocator tuning so freed tensor buffers are reused rather than unmapped.
 
 pub mod backend;
 pub mod cpu;
+pub mod decoder_ops;
 mod dtype;
 mod error;
 mod float;

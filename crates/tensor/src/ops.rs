@@ -20,6 +20,7 @@ macro_rules! dispatch_float {
         }
     };
 }
+pub(crate) use dispatch_float;
 
 /// The dtype all `tensors` share; an error naming both when they differ.
 pub fn same_dtype(op: &'static str, tensors: &[&Tensor]) -> Result<DType> {

@@ -20,7 +20,7 @@ const EPS: f64 = f32::EPSILON as f64;
 const THREAD_COUNTS: [usize; 2] = [1, 3];
 
 /// Every ISA this CPU supports (which always includes `Portable`), each with 1 and 3 threads.
-fn for_each_config(mut f: impl FnMut(Isa, &str)) {
+pub(crate) fn for_each_config(mut f: impl FnMut(Isa, &str)) {
     let isas = Isa::available();
     assert_eq!(isas.last(), Some(&Isa::Portable));
     for isa in isas {
@@ -35,7 +35,7 @@ pub(crate) fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> 
     (0..n).map(|_| rng.gen_range(lo..hi)).collect()
 }
 
-fn widen(x: &[f32]) -> Vec<f64> {
+pub(crate) fn widen(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| v as f64).collect()
 }
 

@@ -2,6 +2,7 @@
 
 mod bf16_gemm;
 mod concat;
+mod decoder_kernels;
 mod kernels;
 mod mapped;
 mod safetensors_files;

@@ -5,6 +5,7 @@
 
 mod activation;
 mod attention;
+mod causal_attention;
 mod elementwise;
 mod embedding;
 mod linear;
@@ -12,9 +13,13 @@ mod loss;
 mod norm;
 mod pair;
 mod pooling;
+mod rmsnorm;
+mod rope;
+mod swiglu;
 
 pub use activation::{dropout, gelu, gelu_in_place};
 pub use attention::attention;
+pub use causal_attention::causal_attention;
 pub(crate) use elementwise::add_tensors;
 pub use elementwise::{add, reshape, scale};
 pub use embedding::{embedding, Indices};
@@ -23,3 +28,6 @@ pub use loss::{cosine_loss, cross_entropy, distill_kl, mse_loss};
 pub use norm::{add_layernorm, layernorm};
 pub use pair::pair_features;
 pub use pooling::{l2_normalize, mean_pool};
+pub use rmsnorm::rmsnorm;
+pub use rope::rope;
+pub use swiglu::swiglu;

@@ -156,6 +156,129 @@ impl LlamaConfig {
         })
     }
 
+    /// Reads a Hugging Face `config.json` of a `LlamaForCausalLM` (what `scalpel convert`
+    /// writes). Anything this implementation does not compute (scaled or partial rotary
+    /// embeddings, biases, another activation) is an error naming the field.
+    pub fn from_hf_json(raw: &serde_json::Value, path: &std::path::Path) -> Result<LlamaConfig> {
+        let invalid = |detail: String| ModelError::Config {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let architectures: Vec<&str> = raw["architectures"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        if !architectures.contains(&"LlamaForCausalLM") {
+            return Err(invalid(format!(
+                "architectures {architectures:?} is not supported (supported: LlamaForCausalLM)"
+            )));
+        }
+        let count = |key: &str| -> Result<Option<usize>> {
+            match &raw[key] {
+                serde_json::Value::Null => Ok(None),
+                v => match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
+                    Some(n) if n > 0 => Ok(Some(n)),
+                    _ => Err(invalid(format!("`{key}` is {v}, not a usable size"))),
+                },
+            }
+        };
+        let required = |key: &str| -> Result<usize> {
+            count(key)?.ok_or_else(|| invalid(format!("`{key}` is missing")))
+        };
+        let hidden_size = required("hidden_size")?;
+        let num_attention_heads = required("num_attention_heads")?;
+        let num_key_value_heads = count("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        if !num_attention_heads.is_multiple_of(num_key_value_heads) {
+            return Err(invalid(format!(
+                "num_attention_heads {num_attention_heads} is not a multiple of \
+                 num_key_value_heads {num_key_value_heads}"
+            )));
+        }
+        let head_dim = match count("head_dim")? {
+            Some(d) => d,
+            None if hidden_size.is_multiple_of(num_attention_heads) => {
+                hidden_size / num_attention_heads
+            }
+            None => {
+                return Err(invalid(format!(
+                    "hidden_size {hidden_size} is not a multiple of num_attention_heads \
+                     {num_attention_heads}"
+                )))
+            }
+        };
+        if !head_dim.is_multiple_of(2) {
+            return Err(invalid(format!(
+                "head_dim {head_dim} is odd: rotary embeddings rotate pairs"
+            )));
+        }
+        let act = raw["hidden_act"].as_str().unwrap_or("silu");
+        if act != "silu" {
+            return Err(invalid(format!(
+                "hidden_act `{act}` is not supported (only silu)"
+            )));
+        }
+        for key in ["attention_bias", "mlp_bias"] {
+            if raw[key].as_bool() == Some(true) {
+                return Err(invalid(format!("`{key}` true is not supported")));
+            }
+        }
+        // transformers 5 nests the rotary settings in `rope_parameters`; 4.x keeps them flat.
+        let rope = &raw["rope_parameters"];
+        let scaling = match &raw["rope_scaling"] {
+            serde_json::Value::Null => rope["rope_type"].as_str().unwrap_or("default"),
+            s => s["rope_type"]
+                .as_str()
+                .or(s["type"].as_str())
+                .unwrap_or("?"),
+        };
+        if scaling != "default" {
+            return Err(invalid(format!(
+                "rope scaling `{scaling}` is not supported (only unscaled rotary embeddings)"
+            )));
+        }
+        let float = |v: &serde_json::Value, key: &str, default: f64| -> Result<f64> {
+            match v {
+                serde_json::Value::Null => Ok(default),
+                v => v
+                    .as_f64()
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .ok_or_else(|| invalid(format!("`{key}` is {v}, not a positive number"))),
+            }
+        };
+        let rope_theta = match &raw["rope_theta"] {
+            serde_json::Value::Null => float(&rope["rope_theta"], "rope_theta", 10000.0)?,
+            v => float(v, "rope_theta", 10000.0)?,
+        };
+        let vocab_size = required("vocab_size")?;
+        let token_id = |key: &str| -> Result<Option<u32>> {
+            match &raw[key] {
+                serde_json::Value::Null => Ok(None),
+                v => match v.as_u64() {
+                    Some(id) if (id as usize) < vocab_size => Ok(Some(id as u32)),
+                    _ => Err(invalid(format!(
+                        "`{key}` is {v}, not a token id below vocab_size {vocab_size}"
+                    ))),
+                },
+            }
+        };
+        Ok(LlamaConfig {
+            num_hidden_layers: required("num_hidden_layers")?,
+            hidden_size,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            intermediate_size: required("intermediate_size")?,
+            vocab_size,
+            max_position_embeddings: required("max_position_embeddings")?,
+            rope_theta,
+            rms_norm_eps: float(&raw["rms_norm_eps"], "rms_norm_eps", 1e-6)?,
+            tie_word_embeddings: raw["tie_word_embeddings"].as_bool().unwrap_or(false),
+            bos_token_id: token_id("bos_token_id")?,
+            eos_token_id: token_id("eos_token_id")?,
+            pad_token_id: token_id("pad_token_id")?,
+        })
+    }
+
     /// Rows of the key and value projections.
     pub fn kv_dim(&self) -> usize {
         self.num_key_value_heads * self.head_dim

@@ -348,7 +348,7 @@ pub fn attention_forward_with_isa(
 /// returns `lse = log Σ_j exp(scale·row_j + bias_j)`. A row whose keys are all masked becomes
 /// zeros with `lse = −∞`, so its output is zero.
 #[inline(always)]
-fn softmax_row<S: Simd>(simd: S, scale: f32, bias: &[f32], row: &mut [f32]) -> f32 {
+pub(crate) fn softmax_row<S: Simd>(simd: S, scale: f32, bias: &[f32], row: &mut [f32]) -> f32 {
     let (n, lanes) = (row.len(), S::LANES);
     let scale_v = simd.splat(scale);
     let mut max = simd.splat(f32::NEG_INFINITY);
@@ -483,7 +483,7 @@ pub fn attention_backward_with_isa(
 /// with respect to the unscaled scores. A row with `lse = −∞` (every key masked) had a zero
 /// output, so both rows become zero.
 #[inline(always)]
-fn score_grads_row<S: Simd>(
+pub(crate) fn score_grads_row<S: Simd>(
     simd: S,
     scale: f32,
     bias: &[f32],

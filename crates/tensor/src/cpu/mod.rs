@@ -7,6 +7,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod causal_attention;
 pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
@@ -15,8 +16,11 @@ pub mod gemm_bf16;
 pub mod gemm_weights;
 pub mod layernorm;
 pub mod pooling;
+pub mod rmsnorm;
+pub mod rope;
 pub mod simd;
 pub mod softmax;
+pub mod swiglu;
 
 use crate::{DType, Float};
 

@@ -1,0 +1,39 @@
+use scalpel_tensor::{decoder_ops as dops, Tensor};
+
+use crate::device::require_host;
+use crate::{Backward, Result, Var};
+
+struct RmsNorm {
+    rstd: Tensor,
+}
+
+impl Backward for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rmsnorm"
+    }
+
+    fn backward(
+        &self,
+        inputs: &[Var],
+        _: &Tensor,
+        grad: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let (x, w) = (inputs[0].value(), inputs[1].value());
+        require_host("rmsnorm backward", &[x, w, grad])?;
+        let (dx, dw) = dops::rmsnorm_backward(x, w, &self.rstd, grad)?;
+        Ok(vec![needs[0].then_some(dx), needs[1].then_some(dw)])
+    }
+}
+
+/// RMSNorm over the last dimension with weight `w` (Llama's `LlamaRMSNorm`); saves `rstd`.
+pub fn rmsnorm(x: &Var, w: &Var, eps: f64) -> Result<Var> {
+    let (xt, wt) = (x.value(), w.value());
+    require_host("rmsnorm", &[xt, wt])?;
+    let (y, rstd) = dops::rmsnorm(xt, wt, eps)?;
+    Ok(Var::from_op(
+        y,
+        RmsNorm { rstd },
+        vec![x.clone(), w.clone()],
+    ))
+}

@@ -1,0 +1,262 @@
+//! The Llama decoder: token embedding; per layer RMSNorm → grouped-query causal self-attention
+//! (q/k/v/o projections, RoPE on q and k) → residual → RMSNorm → SwiGLU MLP → residual; the final
+//! RMSNorm and the LM head (the token embedding when tied). Written once against `Var`, so the
+//! same forward serves inference (constants, no graph) and training (parameters thawed).
+//!
+//! A [`KvCache`] keeps each layer's rotated keys and values of the positions seen so far, so that
+//! a decoding step runs the new tokens only, against every cached key.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use scalpel_autograd::ops::{self, Indices};
+use scalpel_autograd::{Params, Var};
+use scalpel_tensor::{DType, Tensor};
+
+use super::LlamaConfig;
+use crate::{ModelError, Result};
+
+/// The Hugging Face names and shapes of every tensor a model of `config` has.
+pub fn expected_tensors(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, kv, ffn) = (c.hidden_size, c.kv_dim(), c.intermediate_size);
+    let q = c.num_attention_heads * c.head_dim;
+    let mut out = vec![
+        (
+            "model.embed_tokens.weight".to_string(),
+            vec![c.vocab_size, h],
+        ),
+        ("model.norm.weight".to_string(), vec![h]),
+    ];
+    if !c.tie_word_embeddings {
+        out.push(("lm_head.weight".into(), vec![c.vocab_size, h]));
+    }
+    for l in 0..c.num_hidden_layers {
+        let layer: [(&str, Vec<usize>); 9] = [
+            ("input_layernorm.weight", vec![h]),
+            ("self_attn.q_proj.weight", vec![q, h]),
+            ("self_attn.k_proj.weight", vec![kv, h]),
+            ("self_attn.v_proj.weight", vec![kv, h]),
+            ("self_attn.o_proj.weight", vec![h, q]),
+            ("post_attention_layernorm.weight", vec![h]),
+            ("mlp.gate_proj.weight", vec![ffn, h]),
+            ("mlp.up_proj.weight", vec![ffn, h]),
+            ("mlp.down_proj.weight", vec![h, ffn]),
+        ];
+        out.extend(
+            layer
+                .into_iter()
+                .map(|(name, shape)| (format!("model.layers.{l}.{name}"), shape)),
+        );
+    }
+    out
+}
+
+/// Per layer, the rotated keys and the values of every position seen so far, `[1, len, kv_dim]`
+/// each (one sequence: decoding runs at batch 1).
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(config: &LlamaConfig) -> KvCache {
+        KvCache {
+            layers: vec![None; config.num_hidden_layers],
+            len: 0,
+        }
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends layer `layer`'s new keys and values and returns all of them. Copying the cache on
+    /// each step costs 2·len·kv_dim floats per layer, under 5 MB a token at 200 positions
+    /// against the 0.5 GB of weights the step reads.
+    fn extend(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let joined = match self.layers[layer].take() {
+            None => (k.clone(), v.clone()),
+            Some((ck, cv)) => {
+                let join = |cached: Tensor, new: &Tensor| -> Result<Tensor> {
+                    let width = new.dim(2);
+                    let rows = [
+                        cached.reshape(&[self.len, width])?,
+                        new.clone().reshape(&[new.dim(1), width])?,
+                    ];
+                    let len = self.len + new.dim(1);
+                    Ok(Tensor::concat(&rows)?.reshape(&[1, len, width])?)
+                };
+                (join(ck, k)?, join(cv, v)?)
+            }
+        };
+        self.layers[layer] = Some(joined.clone());
+        Ok(joined)
+    }
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    /// Hugging Face names.
+    pub params: Params,
+}
+
+impl Llama {
+    /// Checks that `weights` are exactly the tensors `config` implies (none missing, none extra,
+    /// every shape right, all finite) and builds the model; other float dtypes become f32.
+    pub fn new(
+        config: LlamaConfig,
+        weights: BTreeMap<String, Tensor>,
+        path: &Path,
+    ) -> Result<Llama> {
+        let expected = expected_tensors(&config);
+        for (name, shape) in &expected {
+            let t = weights.get(name).ok_or_else(|| ModelError::MissingTensor {
+                path: path.to_path_buf(),
+                name: name.clone(),
+            })?;
+            if t.shape() != shape.as_slice() {
+                return Err(ModelError::TensorShape {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    actual: t.shape().to_vec(),
+                });
+            }
+        }
+        if let Some(extra) = weights
+            .keys()
+            .find(|n| !expected.iter().any(|(e, _)| e == *n))
+        {
+            return Err(ModelError::Config {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "tensor `{extra}` is not part of a {}-layer Llama model",
+                    config.num_hidden_layers
+                ),
+            });
+        }
+        let weights: BTreeMap<String, Tensor> = weights
+            .into_iter()
+            .map(|(n, t)| match t.dtype() {
+                DType::F32 => (n, t),
+                _ => (n, t.to_dtype(DType::F32)),
+            })
+            .collect();
+        crate::check_finite(&weights, path)?;
+        Ok(Llama {
+            config,
+            params: Params::from_tensors(weights),
+        })
+    }
+
+    fn p(&self, name: &str) -> Result<&Var> {
+        Ok(self.params.get(name)?)
+    }
+
+    fn layer_p(&self, layer: usize, name: &str) -> Result<&Var> {
+        self.p(&format!("model.layers.{layer}.{name}"))
+    }
+
+    /// The final-normalised hidden states `[batch, seq, hidden]` of `ids` (`batch` sequences of
+    /// equal length, row-major). With a cache (one sequence), the tokens continue the cached
+    /// positions and their keys and values are appended to it.
+    pub fn hidden_states(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Var> {
+        let c = &self.config;
+        if batch == 0 || ids.is_empty() || ids.len() % batch != 0 {
+            return Err(ModelError::Input(format!(
+                "{} token ids do not form {batch} sequences of equal non-zero length",
+                ids.len()
+            )));
+        }
+        let seq = ids.len() / batch;
+        let start = cache.as_ref().map_or(0, |cache| cache.len());
+        if cache.is_some() && batch != 1 {
+            return Err(ModelError::Input(format!(
+                "a KV cache holds one sequence, not {batch}"
+            )));
+        }
+        if start + seq > c.max_position_embeddings {
+            return Err(ModelError::Input(format!(
+                "{} tokens exceed the model's context of {} (llama.context_length / \
+                 max_position_embeddings)",
+                start + seq,
+                c.max_position_embeddings
+            )));
+        }
+        let positions: Vec<usize> = (start..start + seq).collect();
+        let ids = Indices::new(ids.iter().map(|&i| i as usize).collect(), &[batch, seq])?;
+        let mut x = ops::embedding(self.p("model.embed_tokens.weight")?, &ids)?;
+        let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        for l in 0..c.num_hidden_layers {
+            let lin = |x: &Var, name: &str| -> Result<Var> {
+                Ok(ops::linear(
+                    x,
+                    self.layer_p(l, &format!("{name}.weight"))?,
+                    None,
+                )?)
+            };
+            let h = ops::rmsnorm(
+                &x,
+                self.layer_p(l, "input_layernorm.weight")?,
+                c.rms_norm_eps,
+            )?;
+            let q = ops::rope(&lin(&h, "self_attn.q_proj")?, d, &positions, c.rope_theta)?;
+            let mut k = ops::rope(&lin(&h, "self_attn.k_proj")?, d, &positions, c.rope_theta)?;
+            let mut v = lin(&h, "self_attn.v_proj")?;
+            if let Some(cache) = cache.as_deref_mut() {
+                let (all_k, all_v) = cache.extend(l, k.value(), v.value())?;
+                (k, v) = (Var::constant(all_k), Var::constant(all_v));
+            }
+            let attn = ops::causal_attention(&q, &k, &v, heads, kv_heads)?;
+            x = ops::add(&x, &lin(&attn, "self_attn.o_proj")?)?;
+            let h = ops::rmsnorm(
+                &x,
+                self.layer_p(l, "post_attention_layernorm.weight")?,
+                c.rms_norm_eps,
+            )?;
+            let gated = ops::swiglu(&lin(&h, "mlp.gate_proj")?, &lin(&h, "mlp.up_proj")?)?;
+            x = ops::add(&x, &lin(&gated, "mlp.down_proj")?)?;
+        }
+        if let Some(cache) = cache {
+            cache.len += seq;
+        }
+        Ok(ops::rmsnorm(
+            &x,
+            self.p("model.norm.weight")?,
+            c.rms_norm_eps,
+        )?)
+    }
+
+    /// Next-token logits `[..., vocab]` of hidden states `[..., hidden]`.
+    pub fn logits(&self, hidden: &Var) -> Result<Var> {
+        let head = if self.config.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        Ok(ops::linear(hidden, self.p(head)?, None)?)
+    }
+
+    /// The logits `[vocab]` after the last of `ids` (one sequence), through `cache`: what a
+    /// decoding step needs. Only the last position goes through the LM head.
+    pub fn next_token_logits(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let hidden = self.hidden_states(ids, 1, Some(cache))?;
+        let h = self.config.hidden_size;
+        let last = hidden
+            .value()
+            .clone()
+            .reshape(&[ids.len(), h])?
+            .rows(ids.len() - 1..ids.len())?;
+        Ok(self.logits(&Var::constant(last))?.value().to_vec::<f32>())
+    }
+}

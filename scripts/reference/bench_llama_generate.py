@@ -1,0 +1,64 @@
+"""Generation speed at batch 1: `scalpel generate` against transformers' `generate` on the same
+GGUF, prompt and token count, both greedy on the same number of threads, alternating runs in one
+process (transformers' model is loaded once; each scalpel run is a fresh process and reports its
+own generation time, loading excluded). Prints each run and the medians as JSON.
+
+  /work/venvs/gguf/bin/python scripts/reference/bench_llama_generate.py \
+      --scalpel target/release/scalpel [--threads 2 --tokens 64 --rounds 5]
+"""
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+import pathlib
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from make_llama_fixtures import GGUF_DIR, GGUF_NAME  # noqa: E402
+from make_llama_model_fixtures import GREEDY_MESSAGE  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scalpel", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(GGUF_DIR, gguf_file=GGUF_NAME)
+    model = AutoModelForCausalLM.from_pretrained(GGUF_DIR, gguf_file=GGUF_NAME).eval()
+    chat = [{"role": "user", "content": GREEDY_MESSAGE}]
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    gguf = str(GGUF_DIR / GGUF_NAME)
+    runs = {"transformers": [], "scalpel": []}
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, do_sample=False, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+        elapsed = time.perf_counter() - start
+        runs["transformers"].append((out.shape[1] - ids.shape[1]) / elapsed)
+        cmd = [args.scalpel, "--device", "cpu", "--threads", str(args.threads), "generate", "--model", gguf,
+               "--prompt", GREEDY_MESSAGE, "--chat", "--max-tokens", str(args.tokens)]
+        stderr = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+        match = re.search(r"(\d+) tokens in [\d.]+ s: ([\d.]+) tokens/s", stderr)
+        if not match or int(match.group(1)) != args.tokens:
+            sys.exit(f"scalpel generated something else: {stderr}")
+        runs["scalpel"].append(float(match.group(2)))
+        print(json.dumps({k: round(v[-1], 2) for k, v in runs.items()}), flush=True)
+    medians = {k: statistics.median(v) for k, v in runs.items()}
+    print(json.dumps({"threads": args.threads, "tokens": args.tokens, "rounds": args.rounds,
+                      "median_tokens_per_s": medians, "ratio": medians["scalpel"] / medians["transformers"]}))
+
+
+if __name__ == "__main__":
+    main()
