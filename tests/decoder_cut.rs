@@ -90,26 +90,118 @@ fn cutting_a_gguf_keeps_the_chosen_layers_renumbered() {
 }
 
 #[test]
-fn bad_decoder_cuts_are_errors_naming_the_problem() {
+fn bad_decoder_cuts_and_scores_are_errors_naming_the_problem() {
     let source = common::smollm2_gguf();
-    let out = scratch("decoder-cut-bad").join("never-written");
-    let cases: [(&[&str], &str); 2] = [
-        (&["--drop", "30"], "layer 30 is out of range"),
-        (&["--auto", "24", "--data", "d.txt"], "--auto scores layers"),
+    let dir = scratch("decoder-cut-bad");
+    let text = dir.join("text.txt");
+    std::fs::write(
+        &text,
+        "The quick brown fox jumps over the lazy dog. ".repeat(20),
+    )
+    .unwrap();
+    let out = dir.join("never-written");
+    let (model, output, data) = (
+        source.to_str().unwrap(),
+        out.to_str().unwrap(),
+        text.to_str().unwrap(),
+    );
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["cut", "--model", model, "--output", output, "--drop", "30"],
+            "layer 30 is out of range",
+        ),
+        (
+            &[
+                "cut",
+                "--model",
+                model,
+                "--output",
+                output,
+                "--auto",
+                "24",
+                "--data",
+                data,
+                "--metric",
+                "grad-norm",
+            ],
+            "grad-norm scores sentence encoders",
+        ),
+        (
+            &[
+                "score",
+                "--model",
+                model,
+                "--data",
+                data,
+                "--metric",
+                "greedy-ppl",
+            ],
+            "give --target-layers",
+        ),
     ];
-    for (selection, needle) in cases {
-        let mut args = vec![
-            "cut",
-            "--model",
-            source.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(selection);
-        let run = scalpel(&args);
+    for (args, needle) in cases {
+        let run = scalpel(args);
         let stderr = String::from_utf8_lossy(&run.stderr);
-        assert!(!run.status.success(), "{selection:?} succeeded");
-        assert!(stderr.contains(needle), "{selection:?}: {stderr}");
-        assert!(!out.exists(), "{selection:?} wrote {}", out.display());
+        assert!(!run.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
     }
+}
+
+/// Block influence, angular distance (every token and last token) and drop-one perplexity of
+/// the real SmolLM2 on two 16-token windows, against transformers on the same GGUF
+/// (`scripts/reference/make_decoder_score_fixture.py`).
+#[test]
+fn decoder_layer_scores_match_transformers() {
+    use scalpel::surgery::decoder::{calibration_perplexity, score_decoder, DecoderCalibration};
+    use scalpel::surgery::score::Metric;
+    let fixture = read_json(&common::fixture("llama/decoder_scores.json"));
+    let windows: Vec<Vec<u32>> = serde_json::from_value(fixture["windows"].clone()).unwrap();
+    let data = DecoderCalibration { windows };
+    let mut checkpoint = LlamaCheckpoint::from_gguf(&common::smollm2_gguf()).unwrap();
+    let model = checkpoint.model(&common::smollm2_gguf()).unwrap();
+    let full = calibration_perplexity(&model, &data).unwrap();
+    let want_full = fixture["perplexity"].as_f64().unwrap();
+    assert!(
+        (full / want_full - 1.0).abs() < 1e-4,
+        "perplexity {full} against transformers' {want_full}"
+    );
+    let metrics = [
+        Metric::BlockInfluence,
+        Metric::Angular,
+        Metric::AngularLast,
+        Metric::DropPpl,
+    ];
+    let report = score_decoder(&model, &data, &metrics, 1, Some(24)).unwrap();
+    for (metric, key) in metrics[..3]
+        .iter()
+        .zip(["block_influence", "angular", "angular_last"])
+    {
+        let want: Vec<f64> = serde_json::from_value(fixture["scores"][key].clone()).unwrap();
+        let got = &report.get(*metric).unwrap().per_layer;
+        for (l, (g, w)) in got.iter().zip(&want).enumerate() {
+            let g = g.unwrap();
+            assert!(
+                (g - w).abs() <= 1e-4 * w.abs().max(1e-2),
+                "{key} of layer {l}: {g} against transformers' {w}"
+            );
+        }
+    }
+    let dropped: Vec<f64> =
+        serde_json::from_value(fixture["perplexity_without_layer"].clone()).unwrap();
+    let got = &report.get(Metric::DropPpl).unwrap().per_layer;
+    for (l, (g, w)) in got.iter().zip(&dropped).enumerate() {
+        let without = g.unwrap() + full;
+        assert!(
+            (without / w - 1.0).abs() < 1e-3,
+            "perplexity without layer {l}: {without} against transformers' {w}"
+        );
+    }
+    // The 24 layers drop-ppl keeps are those whose removal costs most.
+    let keep = report.get(Metric::DropPpl).unwrap().keep.clone().unwrap();
+    let mut by_cost: Vec<usize> = (0..30).collect();
+    by_cost.sort_by(|&a, &b| dropped[b].total_cmp(&dropped[a]));
+    let mut want_keep = by_cost[..24].to_vec();
+    want_keep.sort_unstable();
+    assert_eq!(keep, want_keep);
 }

@@ -6,6 +6,8 @@ use scalpel::surgery::checkpoint::{check_output, write_llama, write_model};
 use scalpel::surgery::cut::{keep_layers, keep_llama_layers, parse_layer_list, LayerSelection};
 use serde_json::json;
 
+use scalpel::surgery::score::ScoreReport;
+
 use super::score::{MetricArg, OneMetric, Scoring};
 use super::{flags, CliResult};
 
@@ -32,9 +34,10 @@ pub struct Args {
     auto: Option<usize>,
     #[command(flatten)]
     scoring: Scoring,
-    /// The metric `--auto` ranks layers by.
-    #[arg(long, value_enum, default_value_t = OneMetric::DropLoss)]
-    metric: OneMetric,
+    /// The metric `--auto` ranks layers by (default: drop-loss for an encoder, drop-ppl for a
+    /// decoder).
+    #[arg(long, value_enum)]
+    metric: Option<OneMetric>,
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
@@ -59,27 +62,15 @@ pub fn run(a: Args) -> CliResult {
         ),
     };
     check_output(&a.model, &a.output, a.force)?;
-    if a.model.extension().is_some_and(|e| e == "gguf") {
-        let Some(selection) = explicit else {
-            return Err(
-                "--auto scores layers, which is built for BERT encoders only so far: cut a GGUF \
-                 with --drop, --keep or --truncate"
-                    .into(),
-            );
-        };
-        return cut_gguf(&a, &selection);
+    if super::is_decoder(&a.model) {
+        return cut_decoder(&a, explicit);
     }
     let bert = Bert::load(&a.model)?;
     let total = bert.num_layers();
     let (kept, reason, scores) = match explicit {
         Some(selection) => (selection.kept(total)?, json!(selection), None),
         None => {
-            let k = a.auto.expect("matched above");
-            let report = a.scoring.run(&a.model, MetricArg::One(a.metric), Some(k))?;
-            let scores = &report.metrics[0];
-            let keep = scores.keep.clone().expect("a target was given");
-            print!("{}", report.to_table());
-            let reason = json!({"auto": {"keep": k, "metric": scores.metric.name()}});
+            let (keep, reason, report) = auto_selection(&a, OneMetric::DropLoss)?;
             (keep, reason, Some(report))
         }
     };
@@ -96,13 +87,38 @@ pub fn run(a: Args) -> CliResult {
     Ok(())
 }
 
-/// A GGUF decoder cut by an explicit selection, written as a Hugging Face folder.
-fn cut_gguf(a: &Args, selection: &LayerSelection) -> CliResult {
+/// `--auto`'s choice: the layers `metric` (or `--metric`) keeps, why, and the scores.
+fn auto_selection(
+    a: &Args,
+    default: OneMetric,
+) -> CliResult<(Vec<usize>, serde_json::Value, ScoreReport)> {
+    let k = a.auto.expect("only called for --auto");
+    let report = a.scoring.run(
+        &a.model,
+        MetricArg::One(a.metric.unwrap_or(default)),
+        Some(k),
+    )?;
+    let scores = &report.metrics[0];
+    let keep = scores.keep.clone().expect("a target was given");
+    print!("{}", report.to_table());
+    let reason = json!({"auto": {"keep": k, "metric": scores.metric.name()}});
+    Ok((keep, reason, report))
+}
+
+/// A Llama-family decoder (GGUF or folder) cut to an explicit or scored selection, written as
+/// a Hugging Face folder.
+fn cut_decoder(a: &Args, explicit: Option<LayerSelection>) -> CliResult {
     check_output(&a.model, &a.output, a.force)?;
-    let checkpoint = LlamaCheckpoint::from_gguf(&a.model)?;
+    let checkpoint = LlamaCheckpoint::load(&a.model)?;
     let total = checkpoint.config.num_hidden_layers;
-    let kept = selection.kept(total)?;
-    let record = surgery_record(a, total, &kept, json!(selection), None)?;
+    let (kept, reason, scores) = match explicit {
+        Some(selection) => (selection.kept(total)?, json!(selection), None),
+        None => {
+            let (keep, reason, report) = auto_selection(a, OneMetric::DropPpl)?;
+            (keep, reason, Some(report))
+        }
+    };
+    let record = surgery_record(a, total, &kept, reason, scores)?;
     let cut = keep_llama_layers(checkpoint, &kept)?;
     write_llama(&cut, &a.output, &[("surgery.json", record)])?;
     report(a, total, &kept);
@@ -115,7 +131,7 @@ fn surgery_record(
     total: usize,
     kept: &[usize],
     reason: serde_json::Value,
-    scores: Option<scalpel::surgery::score::ScoreReport>,
+    scores: Option<ScoreReport>,
 ) -> CliResult<Vec<u8>> {
     let removed: Vec<usize> = (0..total).filter(|i| !kept.contains(i)).collect();
     let record = json!({

@@ -159,6 +159,18 @@ fn run_command(command: Command) -> CliResult {
 
 /// Writes `contents` to `path` through a temporary file and a rename, so an interrupted run never
 /// leaves a half-written output, and refuses to overwrite any of `inputs`.
+/// Whether `model` is a Llama-family decoder: a (GGUF) file, or a folder whose `config.json`
+/// says `"model_type": "llama"`. Everything else is taken for a BERT encoder folder.
+pub fn is_decoder(model: &Path) -> bool {
+    if !model.is_dir() {
+        return true;
+    }
+    std::fs::read_to_string(model.join("config.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .is_some_and(|config| config["model_type"] == "llama")
+}
+
 pub fn write_atomically(path: &Path, contents: &[u8], inputs: &[&Path]) -> CliResult {
     let tmp = staging_path(path, inputs)?;
     std::fs::write(&tmp, contents).map_err(|e| format!("{}: {e}", tmp.display()))?;

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use scalpel::models::llama::perplexity::perplexity;
+use scalpel::models::llama::LlamaCheckpoint;
 
 use super::generate::load_llama;
 use super::{flags, CliResult};
@@ -26,10 +27,11 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(args: Args) -> CliResult {
-    let (checkpoint, model) = load_llama(&args.model)?;
+/// The UTF-8 text files joined by blank lines (as the transformers perplexity guide joins its
+/// dataset), tokenized as one stream.
+pub fn text_token_ids(checkpoint: &LlamaCheckpoint, paths: &[PathBuf]) -> CliResult<Vec<u32>> {
     let mut texts = Vec::new();
-    for path in &args.text {
+    for path in paths {
         let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let text = String::from_utf8(bytes).map_err(|e| {
             format!(
@@ -40,12 +42,17 @@ pub fn run(args: Args) -> CliResult {
         })?;
         texts.push(text);
     }
-    let ids = checkpoint
+    Ok(checkpoint
         .tokenizer
         .encode(texts.join("\n\n"), true)
         .map_err(|e| format!("tokenizing the text: {e}"))?
         .get_ids()
-        .to_vec();
+        .to_vec())
+}
+
+pub fn run(args: Args) -> CliResult {
+    let (checkpoint, model) = load_llama(&args.model)?;
+    let ids = text_token_ids(&checkpoint, &args.text)?;
     let start = Instant::now();
     let result = perplexity(&model, &ids, args.context, args.stride)?;
     let elapsed = start.elapsed().as_secs_f64();

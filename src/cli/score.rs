@@ -3,18 +3,23 @@ use std::path::{Path, PathBuf};
 use clap::builder::PossibleValue;
 use clap::ValueEnum;
 use scalpel::surgery::chart::{score_html, score_svg};
+use scalpel::surgery::decoder::{score_decoder, DecoderCalibration};
 use scalpel::surgery::score::{score_layers, Calibration, Metric, ScoreOptions, ScoreReport};
 
 use super::{flags, CliResult};
 
 /// One layer-importance metric: what `cut --auto` ranks by (`all` is not one, so the parser
-/// refuses it there).
+/// refuses it there). grad-norm and drop-loss are for encoders, angular-last, drop-ppl and
+/// greedy-ppl for decoders.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OneMetric {
     GradNorm,
     BlockInfluence,
     Angular,
     DropLoss,
+    AngularLast,
+    DropPpl,
+    GreedyPpl,
 }
 
 impl OneMetric {
@@ -24,6 +29,9 @@ impl OneMetric {
             OneMetric::BlockInfluence => Metric::BlockInfluence,
             OneMetric::Angular => Metric::Angular,
             OneMetric::DropLoss => Metric::DropLoss,
+            OneMetric::AngularLast => Metric::AngularLast,
+            OneMetric::DropPpl => Metric::DropPpl,
+            OneMetric::GreedyPpl => Metric::GreedyPpl,
         }
     }
 }
@@ -43,6 +51,9 @@ impl ValueEnum for MetricArg {
             MetricArg::One(BlockInfluence),
             MetricArg::One(Angular),
             MetricArg::One(DropLoss),
+            MetricArg::One(AngularLast),
+            MetricArg::One(DropPpl),
+            MetricArg::One(GreedyPpl),
             MetricArg::All,
         ]
     }
@@ -59,7 +70,8 @@ impl ValueEnum for MetricArg {
 #[derive(clap::Args)]
 pub struct Scoring {
     /// Calibration data: a text file (one sentence per line) or STS/SICK pair files; the
-    /// gradient metric needs pair files. Several files: `--data a b` or repeated flags.
+    /// gradient metric needs pair files. For a decoder, running text (e.g. wikitext), tokenized
+    /// as one stream and cut into windows. Several files: `--data a b` or repeated flags.
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
     /// Sentences (and positive pairs) sampled from the data.
@@ -71,6 +83,12 @@ pub struct Scoring {
     /// Sentences per forward batch (pairs per contrastive batch for grad-norm).
     #[arg(long, default_value_t = 32, value_parser = flags::positive)]
     batch_size: usize,
+    /// Decoders: calibration windows sampled from the text.
+    #[arg(long, default_value_t = 8, value_parser = flags::positive)]
+    windows: usize,
+    /// Decoders: tokens per calibration window.
+    #[arg(long, default_value_t = 128, value_parser = flags::positive)]
+    window_tokens: usize,
 }
 
 impl Scoring {
@@ -85,6 +103,9 @@ impl Scoring {
         if self.data.is_empty() {
             return Err("--data is required: calibration sentences to score the layers on".into());
         }
+        if super::is_decoder(model) {
+            return self.run_decoder(model, metric, target_layers);
+        }
         let data = Calibration::from_files(&self.data, self.samples)?;
         let metrics = match metric {
             MetricArg::One(m) => vec![m.metric()],
@@ -92,7 +113,7 @@ impl Scoring {
                 eprintln!("note: no positive pairs in --data (STS .tsv or SICK files): skipping grad-norm");
                 vec![Metric::BlockInfluence, Metric::Angular, Metric::DropLoss]
             }
-            MetricArg::All => Metric::ALL.to_vec(),
+            MetricArg::All => Metric::ENCODER.to_vec(),
         };
         let mut encoder = super::load_encoder(model)?;
         let opts = ScoreOptions {
@@ -102,6 +123,32 @@ impl Scoring {
             target_layers,
         };
         Ok(score_layers(&mut encoder, &data, &opts)?)
+    }
+
+    fn run_decoder(
+        &self,
+        model: &Path,
+        metric: MetricArg,
+        target_layers: Option<usize>,
+    ) -> CliResult<ScoreReport> {
+        let metrics = match metric {
+            MetricArg::One(m) => vec![m.metric()],
+            MetricArg::All => {
+                let mut all = Metric::DECODER.to_vec();
+                all.extend(target_layers.map(|_| Metric::GreedyPpl));
+                all
+            }
+        };
+        let (checkpoint, llama) = super::generate::load_llama(model)?;
+        let ids = super::perplexity::text_token_ids(&checkpoint, &self.data)?;
+        let data = DecoderCalibration::from_ids(&ids, self.window_tokens, self.windows)?;
+        Ok(score_decoder(
+            &llama,
+            &data,
+            &metrics,
+            self.span,
+            target_layers,
+        )?)
     }
 }
 

@@ -43,7 +43,9 @@ pub fn score_svg(report: &ScoreReport, title: &str) -> String {
             .fold(0.0f64, |a, &b| a.max(b.abs()));
         let dropped = m.dropped(report.layers).unwrap_or_default();
         let label = match m.metric {
-            crate::score::Metric::Angular => format!("angular (span {})", report.span),
+            crate::score::Metric::Angular | crate::score::Metric::AngularLast => {
+                format!("{} (span {})", m.metric.name(), report.span)
+            }
             other => other.name().to_string(),
         };
         let _ = write!(

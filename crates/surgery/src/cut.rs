@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use scalpel_autograd::Params;
 use scalpel_models::bert::Bert;
-use scalpel_models::llama::LlamaCheckpoint;
+use scalpel_models::llama::{Llama, LlamaCheckpoint};
 
 use crate::{Result, SurgeryError};
 
@@ -148,6 +148,22 @@ pub fn keep_layers(bert: &Bert, kept: &[usize]) -> Result<Bert> {
     out.raw_config = raw;
     out.params = params;
     Ok(out)
+}
+
+/// The in-memory model with only the `kept` decoder layers (their parameters shared, not
+/// copied): what scoring by removal evaluates.
+pub fn keep_llama_model_layers(model: &Llama, kept: &[usize]) -> Result<Llama> {
+    let named = model
+        .params
+        .iter()
+        .map(|(name, var)| (name.to_string(), var.clone()));
+    let mut params = Params::default();
+    for (name, var) in renumber_layers(named, "model.layers.", kept)? {
+        params.insert(name, var);
+    }
+    let mut config = model.config.clone();
+    config.num_hidden_layers = kept.len();
+    Ok(Llama { config, params })
 }
 
 /// A Llama checkpoint with only the `kept` decoder layers (`model.layers.N.*`), renumbered, and

@@ -6,6 +6,7 @@ pub mod chart;
 pub mod checkpoint;
 pub mod cut;
 pub mod data;
+pub mod decoder;
 pub mod eval;
 pub mod head;
 pub mod heal;

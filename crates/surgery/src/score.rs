@@ -29,14 +29,28 @@ pub enum Metric {
     BlockInfluence,
     Angular,
     DropLoss,
+    /// Decoders: the angular distance over each window's last token.
+    AngularLast,
+    /// Decoders: calibration perplexity increase when that one layer is removed.
+    DropPpl,
+    /// Decoders: SLEB's greedy removal by perplexity.
+    GreedyPpl,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 4] = [
+    /// What `--metric all` runs on a sentence encoder.
+    pub const ENCODER: [Metric; 4] = [
         Metric::GradNorm,
         Metric::BlockInfluence,
         Metric::Angular,
         Metric::DropLoss,
+    ];
+    /// What `--metric all` runs on a decoder (greedy-ppl too when there is a target).
+    pub const DECODER: [Metric; 4] = [
+        Metric::BlockInfluence,
+        Metric::Angular,
+        Metric::AngularLast,
+        Metric::DropPpl,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +59,9 @@ impl Metric {
             Metric::BlockInfluence => "block-influence",
             Metric::Angular => "angular",
             Metric::DropLoss => "drop-loss",
+            Metric::AngularLast => "angular-last",
+            Metric::DropPpl => "drop-ppl",
+            Metric::GreedyPpl => "greedy-ppl",
         }
     }
 }
@@ -221,6 +238,13 @@ pub fn score_layers(
             )?,
             Metric::DropLoss => {
                 drop_loss(encoder, &data.sentences, batch_size, opts.target_layers)?
+            }
+            Metric::AngularLast | Metric::DropPpl | Metric::GreedyPpl => {
+                return Err(SurgeryError::Invalid(format!(
+                    "{} scores decoders; for a sentence encoder use grad-norm, \
+                     block-influence, angular or drop-loss",
+                    metric.name()
+                )))
             }
         };
         metrics.push(scores);

@@ -171,6 +171,41 @@ impl Llama {
         batch: usize,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Var> {
+        let start = cache.as_ref().map_or(0, |cache| cache.len());
+        if cache.is_some() && batch != 1 {
+            return Err(ModelError::Input(format!(
+                "a KV cache holds one sequence, not {batch}"
+            )));
+        }
+        let (mut x, positions) = self.embed(ids, batch, start)?;
+        for l in 0..self.config.num_hidden_layers {
+            x = self.layer(l, &x, &positions, cache.as_deref_mut())?;
+        }
+        if let Some(cache) = cache {
+            cache.len += positions.len();
+        }
+        Ok(ops::rmsnorm(
+            &x,
+            self.p("model.norm.weight")?,
+            self.config.rms_norm_eps,
+        )?)
+    }
+
+    /// The residual stream entering each layer and leaving the last (`num_hidden_layers + 1`
+    /// states `[batch, seq, hidden]`, before the final norm): what layer scoring compares.
+    pub fn layer_states(&self, ids: &[u32], batch: usize) -> Result<Vec<Var>> {
+        let (mut x, positions) = self.embed(ids, batch, 0)?;
+        let mut states = vec![x.clone()];
+        for l in 0..self.config.num_hidden_layers {
+            x = self.layer(l, &x, &positions, None)?;
+            states.push(x.clone());
+        }
+        Ok(states)
+    }
+
+    /// The token embeddings of `ids` (`batch` equal-length sequences) and their positions, the
+    /// first at `start`.
+    fn embed(&self, ids: &[u32], batch: usize, start: usize) -> Result<(Var, Vec<usize>)> {
         let c = &self.config;
         if batch == 0 || ids.is_empty() || ids.len() % batch != 0 {
             return Err(ModelError::Input(format!(
@@ -179,12 +214,6 @@ impl Llama {
             )));
         }
         let seq = ids.len() / batch;
-        let start = cache.as_ref().map_or(0, |cache| cache.len());
-        if cache.is_some() && batch != 1 {
-            return Err(ModelError::Input(format!(
-                "a KV cache holds one sequence, not {batch}"
-            )));
-        }
         if start + seq > c.max_position_embeddings {
             return Err(ModelError::Input(format!(
                 "{} tokens exceed the model's context of {} (llama.context_length / \
@@ -193,48 +222,50 @@ impl Llama {
                 c.max_position_embeddings
             )));
         }
-        let positions: Vec<usize> = (start..start + seq).collect();
         let ids = Indices::new(ids.iter().map(|&i| i as usize).collect(), &[batch, seq])?;
-        let mut x = ops::embedding(self.p("model.embed_tokens.weight")?, &ids)?;
+        let x = ops::embedding(self.p("model.embed_tokens.weight")?, &ids)?;
+        Ok((x, (start..start + seq).collect()))
+    }
+
+    /// Decoder layer `l` on the residual stream `x`; with a cache, its keys and values are
+    /// appended and attention sees all the cached ones.
+    fn layer(
+        &self,
+        l: usize,
+        x: &Var,
+        positions: &[usize],
+        cache: Option<&mut KvCache>,
+    ) -> Result<Var> {
+        let c = &self.config;
         let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        for l in 0..c.num_hidden_layers {
-            let lin = |x: &Var, name: &str| -> Result<Var> {
-                Ok(ops::linear(
-                    x,
-                    self.layer_p(l, &format!("{name}.weight"))?,
-                    None,
-                )?)
-            };
-            let h = ops::rmsnorm(
-                &x,
-                self.layer_p(l, "input_layernorm.weight")?,
-                c.rms_norm_eps,
-            )?;
-            let q = ops::rope(&lin(&h, "self_attn.q_proj")?, d, &positions, c.rope_theta)?;
-            let mut k = ops::rope(&lin(&h, "self_attn.k_proj")?, d, &positions, c.rope_theta)?;
-            let mut v = lin(&h, "self_attn.v_proj")?;
-            if let Some(cache) = cache.as_deref_mut() {
-                let (all_k, all_v) = cache.extend(l, k.value(), v.value())?;
-                (k, v) = (Var::constant(all_k), Var::constant(all_v));
-            }
-            let attn = ops::causal_attention(&q, &k, &v, heads, kv_heads)?;
-            x = ops::add(&x, &lin(&attn, "self_attn.o_proj")?)?;
-            let h = ops::rmsnorm(
-                &x,
-                self.layer_p(l, "post_attention_layernorm.weight")?,
-                c.rms_norm_eps,
-            )?;
-            let gated = ops::swiglu(&lin(&h, "mlp.gate_proj")?, &lin(&h, "mlp.up_proj")?)?;
-            x = ops::add(&x, &lin(&gated, "mlp.down_proj")?)?;
-        }
-        if let Some(cache) = cache {
-            cache.len += seq;
-        }
-        Ok(ops::rmsnorm(
-            &x,
-            self.p("model.norm.weight")?,
+        let lin = |x: &Var, name: &str| -> Result<Var> {
+            Ok(ops::linear(
+                x,
+                self.layer_p(l, &format!("{name}.weight"))?,
+                None,
+            )?)
+        };
+        let h = ops::rmsnorm(
+            x,
+            self.layer_p(l, "input_layernorm.weight")?,
             c.rms_norm_eps,
-        )?)
+        )?;
+        let q = ops::rope(&lin(&h, "self_attn.q_proj")?, d, positions, c.rope_theta)?;
+        let mut k = ops::rope(&lin(&h, "self_attn.k_proj")?, d, positions, c.rope_theta)?;
+        let mut v = lin(&h, "self_attn.v_proj")?;
+        if let Some(cache) = cache {
+            let (all_k, all_v) = cache.extend(l, k.value(), v.value())?;
+            (k, v) = (Var::constant(all_k), Var::constant(all_v));
+        }
+        let attn = ops::causal_attention(&q, &k, &v, heads, kv_heads)?;
+        let x = ops::add(x, &lin(&attn, "self_attn.o_proj")?)?;
+        let h = ops::rmsnorm(
+            &x,
+            self.layer_p(l, "post_attention_layernorm.weight")?,
+            c.rms_norm_eps,
+        )?;
+        let gated = ops::swiglu(&lin(&h, "mlp.gate_proj")?, &lin(&h, "mlp.up_proj")?)?;
+        Ok(ops::add(&x, &lin(&gated, "mlp.down_proj")?)?)
     }
 
     /// Next-token logits `[..., vocab]` of hidden states `[..., hidden]`.
