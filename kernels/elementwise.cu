@@ -2,7 +2,8 @@
 // that feed the tensor-core GEMM.
 //
 // Layout: flat arrays, one element per thread in a grid-stride loop (256-thread blocks).
-// Bytes per element: add 12, axpy 12, scale 8, add_bias 8 (+ the bias, cached), casts 6.
+// Bytes per element: add 12, axpy 12, scale 8, casts 6. (A linear layer's bias is added in the
+// GEMM's epilogue, gemm.cu.)
 // On an H100 every kernel here is bound by HBM bandwidth (~3.3 TB/s); none does enough
 // arithmetic per byte to matter. bias_backward is a column reduction over rows: each block owns
 // 32 columns and 8 row-lanes, so the result is deterministic (no atomics) and reads coalesce.
@@ -25,11 +26,6 @@ extern "C" __global__ void axpy_f32(int n, float alpha, const float* __restrict_
 // x *= alpha
 extern "C" __global__ void scale_f32(int n, float alpha, float* __restrict__ x) {
     GRID_STRIDE(i, n) x[i] *= alpha;
-}
-
-// x[r, c] += bias[c] for a rows x cols matrix.
-extern "C" __global__ void add_bias_f32(int rows, int cols, const float* __restrict__ bias, float* __restrict__ x) {
-    GRID_STRIDE(i, (long long)rows * cols) x[i] += bias[i % cols];
 }
 
 // dbias[c] += sum over rows of dy[r, c]. Block (32, 8): threadIdx.x picks the column within the

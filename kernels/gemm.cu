@@ -1,6 +1,8 @@
-// General matrix multiply, C = op(A) op(B) + beta C, exactly as crates/tensor/src/cpu/gemm.rs:
-// A is logically m x k (stored k x m when transposed), B logically k x n (stored n x k when
-// transposed), C is m x n row-major, and beta == 0 overwrites C without reading it.
+// General matrix multiply, C = op(A) op(B) + bias + beta C, exactly as crates/tensor/src/cpu/gemm.rs
+// (its epilogue with the identity activation): A is logically m x k (stored k x m when
+// transposed), B logically k x n (stored n x k when transposed), C is m x n row-major, bias
+// (n values, one per column; null for none) is added as each element is stored, so a linear
+// layer's bias costs no pass of its own, and beta == 0 overwrites C without reading it.
 // One entry point per transpose combination (_nn, _nt, _tn, _tt: first letter A, second B).
 //
 // f32 (gemm_f32_*): 64 x 64 block tile, k step 16, 256 threads each owning a 4 x 4 register
@@ -28,7 +30,8 @@
 
 template <bool TRANS_A, bool TRANS_B>
 __device__ __forceinline__ void gemm_f32_tile(int m, int n, int k, const float* __restrict__ a,
-                                              const float* __restrict__ b, float* __restrict__ c, float beta) {
+                                              const float* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
     __shared__ float as[GEMM_BK][GEMM_BM + 1];
     __shared__ float bs[GEMM_BK][GEMM_BN + 1];
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
@@ -77,26 +80,31 @@ __device__ __forceinline__ void gemm_f32_tile(int m, int n, int k, const float* 
             int gj = n0 + tx + 16 * j;
             if (gj >= n) continue;
             float* out = c + (long long)gi * n + gj;
-            *out = beta == 0.0f ? acc[i][j] : beta * *out + acc[i][j];
+            float v = bias ? acc[i][j] + bias[gj] : acc[i][j];
+            *out = beta == 0.0f ? v : beta * *out + v;
         }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_f32_nn(int m, int n, int k, const float* __restrict__ a,
-                                                                        const float* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_f32_tile<false, false>(m, n, k, a, b, c, beta);
+                                                                        const float* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
+    gemm_f32_tile<false, false>(m, n, k, a, b, bias, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_f32_nt(int m, int n, int k, const float* __restrict__ a,
-                                                                        const float* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_f32_tile<false, true>(m, n, k, a, b, c, beta);
+                                                                        const float* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
+    gemm_f32_tile<false, true>(m, n, k, a, b, bias, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_f32_tn(int m, int n, int k, const float* __restrict__ a,
-                                                                        const float* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_f32_tile<true, false>(m, n, k, a, b, c, beta);
+                                                                        const float* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
+    gemm_f32_tile<true, false>(m, n, k, a, b, bias, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_f32_tt(int m, int n, int k, const float* __restrict__ a,
-                                                                        const float* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_f32_tile<true, true>(m, n, k, a, b, c, beta);
+                                                                        const float* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
+    gemm_f32_tile<true, true>(m, n, k, a, b, bias, c, beta);
 }
 
 #define WMMA_BM 64
@@ -134,7 +142,8 @@ __device__ __forceinline__ void round_operands(Fragment&) {}
 // float); FRAG_K: the fragments' depth (16, or 8 for TF32).
 template <class T, class OPERAND, int FRAG_K, bool TRANS_A, bool TRANS_B>
 __device__ __forceinline__ void gemm_wmma_tile(int m, int n, int k, const T* __restrict__ a, const T* __restrict__ b,
-                                               float* __restrict__ c, float beta) {
+                                               const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
     using namespace nvcuda;
     __shared__ __align__(32) T as[WMMA_BM][WMMA_BK + WMMA_PAD];
     __shared__ __align__(32) T bs[WMMA_BK][WMMA_BN + WMMA_PAD];
@@ -201,55 +210,68 @@ __device__ __forceinline__ void gemm_wmma_tile(int m, int n, int k, const T* __r
         int gi = m0 + row, gj = n0 + col;
         if (gi >= m || gj >= n) continue;
         float* out = c + (long long)gi * n + gj;
-        *out = beta == 0.0f ? cs[row][col] : beta * *out + cs[row][col];
+        float v = bias ? cs[row][col] + bias[gj] : cs[row][col];
+        *out = beta == 0.0f ? v : beta * *out + v;
     }
 }
 
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_f16_nn(int m, int n, int k, const __half* __restrict__ a,
-                                                                        const __half* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__half, __half, 16, false, false>(m, n, k, a, b, c, beta);
+                                                                        const __half* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
+    gemm_wmma_tile<__half, __half, 16, false, false>(m, n, k, a, b, bias, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_f16_nt(int m, int n, int k, const __half* __restrict__ a,
-                                                                        const __half* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__half, __half, 16, false, true>(m, n, k, a, b, c, beta);
+                                                                        const __half* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
+    gemm_wmma_tile<__half, __half, 16, false, true>(m, n, k, a, b, bias, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_f16_tn(int m, int n, int k, const __half* __restrict__ a,
-                                                                        const __half* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__half, __half, 16, true, false>(m, n, k, a, b, c, beta);
+                                                                        const __half* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
+    gemm_wmma_tile<__half, __half, 16, true, false>(m, n, k, a, b, bias, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_f16_tt(int m, int n, int k, const __half* __restrict__ a,
-                                                                        const __half* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__half, __half, 16, true, true>(m, n, k, a, b, c, beta);
+                                                                        const __half* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
+    gemm_wmma_tile<__half, __half, 16, true, true>(m, n, k, a, b, bias, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_bf16_nn(int m, int n, int k, const __nv_bfloat16* __restrict__ a,
-                                                                        const __nv_bfloat16* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, false, false>(m, n, k, a, b, c, beta);
+                                                                        const __nv_bfloat16* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
+    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, false, false>(m, n, k, a, b, bias, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_bf16_nt(int m, int n, int k, const __nv_bfloat16* __restrict__ a,
-                                                                        const __nv_bfloat16* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, false, true>(m, n, k, a, b, c, beta);
+                                                                        const __nv_bfloat16* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
+    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, false, true>(m, n, k, a, b, bias, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_bf16_tn(int m, int n, int k, const __nv_bfloat16* __restrict__ a,
-                                                                        const __nv_bfloat16* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, true, false>(m, n, k, a, b, c, beta);
+                                                                        const __nv_bfloat16* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
+    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, true, false>(m, n, k, a, b, bias, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_bf16_tt(int m, int n, int k, const __nv_bfloat16* __restrict__ a,
-                                                                        const __nv_bfloat16* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, true, true>(m, n, k, a, b, c, beta);
+                                                                        const __nv_bfloat16* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
+    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, true, true>(m, n, k, a, b, bias, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_tf32_nn(int m, int n, int k, const float* __restrict__ a,
-                                                                        const float* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, false, false>(m, n, k, a, b, c, beta);
+                                                                        const float* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
+    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, false, false>(m, n, k, a, b, bias, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_tf32_nt(int m, int n, int k, const float* __restrict__ a,
-                                                                        const float* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, false, true>(m, n, k, a, b, c, beta);
+                                                                        const float* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
+    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, false, true>(m, n, k, a, b, bias, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_tf32_tn(int m, int n, int k, const float* __restrict__ a,
-                                                                        const float* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, true, false>(m, n, k, a, b, c, beta);
+                                                                        const float* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
+    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, true, false>(m, n, k, a, b, bias, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_tf32_tt(int m, int n, int k, const float* __restrict__ a,
-                                                                        const float* __restrict__ b, float* __restrict__ c, float beta) {
-    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, true, true>(m, n, k, a, b, c, beta);
+                                                                        const float* __restrict__ b, const float* __restrict__ bias,
+    float* __restrict__ c, float beta) {
+    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, true, true>(m, n, k, a, b, bias, c, beta);
 }

@@ -132,7 +132,7 @@ fn gemms(
             upload_random(rt, &mut rng, n * n)?,
         );
         let mut c = rt.uninit::<f32>(n * n)?;
-        let ms = time(rt, plan, || gemm::gemm(rt, s, &a, &b, &mut c, 0.0))?;
+        let ms = time(rt, plan, || gemm::gemm(rt, s, &a, &b, None, &mut c, 0.0))?;
         let reference = |precision| -> Result<Option<f64>> {
             let Some(blas) = cublas else { return Ok(None) };
             let mut c = rt.uninit::<f32>(n * n)?;
@@ -158,7 +158,9 @@ fn gemms(
         out.push(KernelTiming {
             kernel: "gemm_tf32".into(),
             case: case.clone(),
-            ms: time(rt, plan, || gemm::gemm_tf32(rt, s, &a, &b, &mut c, 0.0))?,
+            ms: time(rt, plan, || {
+                gemm::gemm_tf32(rt, s, &a, &b, None, &mut c, 0.0)
+            })?,
             work,
             cublas_ms: tf32_reference,
         });
@@ -171,7 +173,9 @@ fn gemms(
             rt.upload(&v)
         };
         let (ah, bh) = (to_bf16(n * n, &mut rng)?, to_bf16(n * n, &mut rng)?);
-        let ms = time(rt, plan, || gemm::gemm_half(rt, s, &ah, &bh, &mut c, 0.0))?;
+        let ms = time(rt, plan, || {
+            gemm::gemm_half(rt, s, &ah, &bh, None, &mut c, 0.0)
+        })?;
         let cublas_ms = match cublas {
             Some(blas) => Some(time(rt, plan, || {
                 blas.gemm(Precision::Bf16, s, &ah, &bh, &mut c)

@@ -112,6 +112,14 @@ pub struct DeviceOut<'a, T: DeviceElement> {
 }
 
 impl<T: DeviceElement> DeviceIn<'_, T> {
+    /// A null `const T*`, for kernels that take one to mean "none" (the GEMM's bias).
+    pub(crate) fn null() -> DeviceIn<'static, T> {
+        DeviceIn {
+            addr: 0,
+            _buffer: PhantomData,
+        }
+    }
+
     pub(crate) fn arg(self) -> KernelArg {
         KernelArg::Ptr(self.addr)
     }

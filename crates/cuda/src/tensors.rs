@@ -230,18 +230,17 @@ impl Backend for Runtime {
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         let (s, shape) = tops::linear_shape(x, w, b)?;
         let mut y = self.uninit_f32(s.m * s.n)?;
+        let bias = b.map(|b| self.buffer("bias", b)).transpose()?;
         gemm::gemm(
             self,
             s,
             self.buffer("x", x)?,
             self.buffer("w", w)?,
+            bias,
             &mut y,
             0.0,
         )
         .dev()?;
-        if let Some(b) = b {
-            elementwise::add_bias(self, s.n, self.buffer("bias", b)?, &mut y).dev()?;
-        }
         wrap(&shape, y)
     }
 
@@ -269,7 +268,7 @@ impl Backend for Runtime {
                 trans_a: false,
                 trans_b: false,
             };
-            gemm::gemm(self, s, dyd, wd, &mut dx, 0.0).dev()?;
+            gemm::gemm(self, s, dyd, wd, None, &mut dx, 0.0).dev()?;
             Some(wrap(x.shape(), dx)?)
         } else {
             None
@@ -282,7 +281,7 @@ impl Backend for Runtime {
             trans_a: true,
             trans_b: false,
         };
-        gemm::gemm(self, s, dyd, xd, &mut dw, 0.0).dev()?;
+        gemm::gemm(self, s, dyd, xd, None, &mut dw, 0.0).dev()?;
         let mut db = self.zeros_f32(out_f)?;
         elementwise::bias_backward(self, out_f, dyd, &mut db).dev()?;
         Ok((dx, wrap(w.shape(), dw)?, wrap(&[out_f], db)?))

@@ -153,7 +153,17 @@ fn gemm_f32_degenerate_and_multi_tile_shapes() {
     ];
     let checks: Vec<_> = shapes
         .into_iter()
-        .map(|s| gemm::check_f32(&rt, s, 1.0).unwrap())
+        .map(|s| {
+            gemm::check_f32(
+                &rt,
+                gemm::GemmCase {
+                    s,
+                    beta: 1.0,
+                    bias: true,
+                },
+            )
+            .unwrap()
+        })
         .collect();
     assert_pass(&checks);
 }

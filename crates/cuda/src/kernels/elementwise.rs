@@ -1,4 +1,4 @@
-//! `kernels/elementwise.cu`: add, axpy, scale, bias add and its backward, the f32 → f16/bf16
+//! `kernels/elementwise.cu`: add, axpy, scale, the bias gradient, the f32 → f16/bf16
 //! casts that feed the tensor-core GEMM; and their checks.
 
 use half::{bf16, f16};
@@ -44,21 +44,6 @@ pub fn scale(rt: &Runtime, alpha: f32, x: &mut DeviceBuffer<f32>) -> Result<()> 
     x.check_runtime(rt)?;
     // SAFETY: `n` is the buffer's length.
     unsafe { launch::scale_f32(rt, grid_stride(n), n, alpha, x.output()) }
-}
-
-/// Adds the `cols`-wide `bias` to every row of `x`.
-pub fn add_bias(
-    rt: &Runtime,
-    cols: usize,
-    bias: &DeviceBuffer<f32>,
-    x: &mut DeviceBuffer<f32>,
-) -> Result<()> {
-    let rows = rows_of("x", x.len(), cols)?;
-    expect_len(rt, "bias", bias, cols)?;
-    x.check_runtime(rt)?;
-    let config = grid_stride(x.len());
-    // SAFETY: lengths checked.
-    unsafe { launch::add_bias_f32(rt, config, rows, cols, bias.input(), x.output()) }
 }
 
 /// `dbias += Σ_rows dy`.
@@ -175,17 +160,6 @@ pub fn check_elementwise(rt: &Runtime, rows: usize, cols: usize) -> Result<Vec<K
     elementwise::scale(-1.3f32 as f64, &mut want);
     out.push(check(
         "scale_f32",
-        case.clone(),
-        max_rel_error(&x.to_host()?, &want),
-        F32_TOLERANCE,
-    ));
-
-    let mut x = rt.upload(&a)?;
-    add_bias(rt, cols, &rt.upload(&bias)?, &mut x)?;
-    let mut want = wide(&a);
-    elementwise::add_bias(cols, &wide(&bias), &mut want);
-    out.push(check(
-        "add_bias_f32",
         case.clone(),
         max_rel_error(&x.to_host()?, &want),
         F32_TOLERANCE,

@@ -13,7 +13,7 @@ use crate::{DeviceBuffer, DeviceElement, DeviceIn, DeviceOut, LaunchConfig, Resu
 
 launchers!("gemm");
 
-/// The launcher type every GEMM entry point shares: `(m, n, k, a, b, c, beta)`.
+/// The launcher type every GEMM entry point shares: `(m, n, k, a, b, bias, c, beta)`.
 pub type GemmLauncher<T> = unsafe fn(
     &Runtime,
     LaunchConfig,
@@ -22,6 +22,7 @@ pub type GemmLauncher<T> = unsafe fn(
     usize,
     DeviceIn<'_, T>,
     DeviceIn<'_, T>,
+    DeviceIn<'_, f32>,
     DeviceOut<'_, f32>,
     f32,
 ) -> Result<()>;
@@ -109,18 +110,23 @@ const GEMM_TF32: [GemmLauncher<f32>; 4] = [
 /// A matrix operand: a buffer and the element offset of the matrix in it (a batch's i-th).
 type Operand<'a, B> = (B, usize);
 
+#[allow(clippy::too_many_arguments)]
 fn gemm_launch<T: DeviceElement>(
     rt: &Runtime,
     kernel: GemmKernel<T>,
     s: GemmShape,
     (a, a_at): Operand<&DeviceBuffer<T>>,
     (b, b_at): Operand<&DeviceBuffer<T>>,
+    bias: Option<&DeviceBuffer<f32>>,
     (c, c_at): Operand<&mut DeviceBuffer<f32>>,
     beta: f32,
 ) -> Result<()> {
     expect_len_at(rt, "A", a, a_at, s.m * s.k)?;
     expect_len_at(rt, "B", b, b_at, s.k * s.n)?;
     expect_len_at(rt, "C", c, c_at, s.m * s.n)?;
+    if let Some(bias) = bias {
+        expect_len(rt, "bias", bias, s.n)?;
+    }
     if s.m == 0 || s.n == 0 {
         return Ok(());
     }
@@ -139,6 +145,7 @@ fn gemm_launch<T: DeviceElement>(
             s.k,
             a.input_at(a_at)?,
             b.input_at(b_at)?,
+            bias.map_or(DeviceIn::null(), DeviceBuffer::input),
             c.output_at(c_at)?,
             beta,
         )
@@ -159,19 +166,21 @@ pub fn gemm_at(
     b: Operand<&DeviceBuffer<f32>>,
     c: Operand<&mut DeviceBuffer<f32>>,
 ) -> Result<()> {
-    gemm_launch(rt, F32_KERNEL, s, a, b, c, 0.0)
+    gemm_launch(rt, F32_KERNEL, s, a, b, None, c, 0.0)
 }
 
-/// `C = op(A)·op(B) + beta·C` in f32 (beta = 0 overwrites C without reading it).
+/// `C = op(A)·op(B) + bias + beta·C` in f32: `bias` (one value per column of C) is added in the
+/// epilogue; beta = 0 overwrites C without reading it.
 pub fn gemm(
     rt: &Runtime,
     s: GemmShape,
     a: &DeviceBuffer<f32>,
     b: &DeviceBuffer<f32>,
+    bias: Option<&DeviceBuffer<f32>>,
     c: &mut DeviceBuffer<f32>,
     beta: f32,
 ) -> Result<()> {
-    gemm_whole(rt, F32_KERNEL, s, a, b, c, beta)
+    gemm_whole(rt, F32_KERNEL, s, a, b, bias, c, beta)
 }
 
 /// [`gemm`] on tensor cores with the f32 operands rounded to TF32 (10-bit mantissa, to nearest,
@@ -181,10 +190,11 @@ pub fn gemm_tf32(
     s: GemmShape,
     a: &DeviceBuffer<f32>,
     b: &DeviceBuffer<f32>,
+    bias: Option<&DeviceBuffer<f32>>,
     c: &mut DeviceBuffer<f32>,
     beta: f32,
 ) -> Result<()> {
-    gemm_whole(rt, tensor_core(&GEMM_TF32), s, a, b, c, beta)
+    gemm_whole(rt, tensor_core(&GEMM_TF32), s, a, b, bias, c, beta)
 }
 
 /// [`gemm`] on tensor cores: f16 or bf16 operands, f32 accumulation and output.
@@ -193,79 +203,154 @@ pub fn gemm_half<T: HalfElement>(
     s: GemmShape,
     a: &DeviceBuffer<T>,
     b: &DeviceBuffer<T>,
+    bias: Option<&DeviceBuffer<f32>>,
     c: &mut DeviceBuffer<f32>,
     beta: f32,
 ) -> Result<()> {
-    gemm_whole(rt, tensor_core(&T::GEMM), s, a, b, c, beta)
+    gemm_whole(rt, tensor_core(&T::GEMM), s, a, b, bias, c, beta)
 }
 
 /// [`gemm_launch`] on buffers that are exactly the matrices.
+#[allow(clippy::too_many_arguments)]
 fn gemm_whole<T: DeviceElement>(
     rt: &Runtime,
     kernel: GemmKernel<T>,
     s: GemmShape,
     a: &DeviceBuffer<T>,
     b: &DeviceBuffer<T>,
+    bias: Option<&DeviceBuffer<f32>>,
     c: &mut DeviceBuffer<f32>,
     beta: f32,
 ) -> Result<()> {
     expect_len(rt, "A", a, s.m * s.k)?;
     expect_len(rt, "B", b, s.k * s.n)?;
     expect_len(rt, "C", c, s.m * s.n)?;
-    gemm_launch(rt, kernel, s, (a, 0), (b, 0), (c, 0), beta)
+    gemm_launch(rt, kernel, s, (a, 0), (b, 0), bias, (c, 0), beta)
 }
 
-fn gemm_case(s: GemmShape, beta: f32) -> String {
-    format!("m={} n={} k={} beta={beta}", s.m, s.n, s.k)
+/// One GEMM check: the shape, beta, and whether a bias is added.
+#[derive(Clone, Copy, Debug)]
+pub struct GemmCase {
+    pub s: GemmShape,
+    pub beta: f32,
+    pub bias: bool,
 }
 
-/// Random A, B, C and the f64 reference result.
-fn gemm_inputs(s: GemmShape, beta: f32, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f64>) {
-    let mut rng = Inputs::new(seed);
-    let a = rng.uniform(s.m * s.k, -1.0, 1.0);
-    let b = rng.uniform(s.k * s.n, -1.0, 1.0);
-    let c = rng.uniform(s.m * s.n, -1.0, 1.0);
-    let mut want = wide(&c);
-    gemm_reference(s, &wide(&a), &wide(&b), &mut want, beta as f64);
-    (a, b, c, want)
+impl GemmCase {
+    fn name(&self) -> String {
+        let s = self.s;
+        format!(
+            "m={} n={} k={} beta={}{}",
+            s.m,
+            s.n,
+            s.k,
+            self.beta,
+            if self.bias { " bias" } else { "" }
+        )
+    }
 }
 
-pub fn check_f32(rt: &Runtime, s: GemmShape, beta: f32) -> Result<KernelCheck> {
-    let (a, b, c, want) = gemm_inputs(s, beta, 1);
-    let (da, db, mut dc) = (rt.upload(&a)?, rt.upload(&b)?, rt.upload(&c)?);
-    gemm(rt, s, &da, &db, &mut dc, beta)?;
+/// Random A, B, bias (if the case has one) and C.
+struct GemmInputs {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    c: Vec<f32>,
+}
+
+impl GemmInputs {
+    fn new(case: GemmCase, seed: u64) -> Self {
+        let s = case.s;
+        let mut rng = Inputs::new(seed);
+        GemmInputs {
+            a: rng.uniform(s.m * s.k, -1.0, 1.0),
+            b: rng.uniform(s.k * s.n, -1.0, 1.0),
+            bias: case.bias.then(|| rng.uniform(s.n, -1.0, 1.0)),
+            c: rng.uniform(s.m * s.n, -1.0, 1.0),
+        }
+    }
+
+    /// The f64 reference `op(A)·op(B) + bias + beta·C` on `round`ed A and B.
+    fn reference(&self, case: GemmCase, round: fn(f32) -> f32) -> Vec<f64> {
+        let rounded = |x: &[f32]| x.iter().map(|&v| round(v) as f64).collect::<Vec<_>>();
+        let mut want = wide(&self.c);
+        gemm_reference(
+            case.s,
+            &rounded(&self.a),
+            &rounded(&self.b),
+            &mut want,
+            case.beta as f64,
+        );
+        if let Some(bias) = &self.bias {
+            for row in want.chunks_mut(case.s.n) {
+                row.iter_mut().zip(bias).for_each(|(w, &b)| *w += b as f64);
+            }
+        }
+        want
+    }
+
+    /// Runs `gemm` on the inputs uploaded (A, B, the bias, C) and reads C back.
+    fn run(
+        &self,
+        rt: &Runtime,
+        gemm: impl FnOnce(
+            &DeviceBuffer<f32>,
+            &DeviceBuffer<f32>,
+            Option<&DeviceBuffer<f32>>,
+            &mut DeviceBuffer<f32>,
+        ) -> Result<()>,
+    ) -> Result<Vec<f32>> {
+        let bias = self.bias.as_deref().map(|b| rt.upload(b)).transpose()?;
+        let mut c = rt.upload(&self.c)?;
+        gemm(
+            &rt.upload(&self.a)?,
+            &rt.upload(&self.b)?,
+            bias.as_ref(),
+            &mut c,
+        )?;
+        c.to_host()
+    }
+}
+
+pub fn check_f32(rt: &Runtime, case: GemmCase) -> Result<KernelCheck> {
+    let inputs = GemmInputs::new(case, 1);
+    let got = inputs.run(rt, |a, b, bias, c| {
+        gemm(rt, case.s, a, b, bias, c, case.beta)
+    })?;
     Ok(check(
-        &format!("gemm_f32_{}", VARIANTS[variant(s)]),
-        gemm_case(s, beta),
-        max_rel_error(&dc.to_host()?, &want),
+        &format!("gemm_f32_{}", VARIANTS[variant(case.s)]),
+        case.name(),
+        max_rel_error(&got, &inputs.reference(case, |x| x)),
         F32_TOLERANCE,
     ))
 }
 
-pub fn check_half<T: HalfElement>(
-    rt: &Runtime,
-    s: GemmShape,
-    beta: f32,
-) -> Result<Vec<KernelCheck>> {
-    let kernel = format!("gemm_{}_{}", T::NAME, VARIANTS[variant(s)]);
-    check_tensor_core(rt, s, beta, &kernel, T::round, HALF_TOLERANCE, |a, b, c| {
-        let (mut ha, mut hb) = (rt.uninit::<T>(a.len())?, rt.uninit::<T>(b.len())?);
-        elementwise::cast(rt, a, &mut ha)?;
-        elementwise::cast(rt, b, &mut hb)?;
-        gemm_half(rt, s, &ha, &hb, c, beta)
-    })
-}
-
-pub fn check_tf32(rt: &Runtime, s: GemmShape, beta: f32) -> Result<Vec<KernelCheck>> {
-    let kernel = format!("gemm_tf32_{}", VARIANTS[variant(s)]);
+pub fn check_half<T: HalfElement>(rt: &Runtime, case: GemmCase) -> Result<Vec<KernelCheck>> {
+    let kernel = format!("gemm_{}_{}", T::NAME, VARIANTS[variant(case.s)]);
     check_tensor_core(
         rt,
-        s,
-        beta,
+        case,
+        &kernel,
+        T::round,
+        HALF_TOLERANCE,
+        |a, b, bias, c| {
+            let (mut ha, mut hb) = (rt.uninit::<T>(a.len())?, rt.uninit::<T>(b.len())?);
+            elementwise::cast(rt, a, &mut ha)?;
+            elementwise::cast(rt, b, &mut hb)?;
+            gemm_half(rt, case.s, &ha, &hb, bias, c, case.beta)
+        },
+    )
+}
+
+pub fn check_tf32(rt: &Runtime, case: GemmCase) -> Result<Vec<KernelCheck>> {
+    let kernel = format!("gemm_tf32_{}", VARIANTS[variant(case.s)]);
+    check_tensor_core(
+        rt,
+        case,
         &kernel,
         round_to_tf32,
         TF32_TOLERANCE,
-        |a, b, c| gemm_tf32(rt, s, a, b, c, beta),
+        |a, b, bias, c| gemm_tf32(rt, case.s, a, b, bias, c, case.beta),
     )
 }
 
@@ -279,84 +364,74 @@ fn round_to_tf32(x: f32) -> f32 {
     f32::from_bits((bits + 0x1000) & 0xffff_e000)
 }
 
-/// A tensor-core GEMM (`run` on f32 device operands A, B and C) against two f64 references:
-/// the product of the operands rounded as the kernel rounds them (`round`), which only the f32
-/// accumulation may miss (F32_TOLERANCE), and the product of the f32 operands, which the rounding
-/// misses by up to `tolerance`.
+/// A tensor-core GEMM (`run` on f32 device operands A, B, the bias and C) against two f64
+/// references: the product of the operands rounded as the kernel rounds them (`round`), which
+/// only the f32 accumulation may miss (F32_TOLERANCE), and the product of the f32 operands, which
+/// the rounding misses by up to `tolerance`.
 fn check_tensor_core(
     rt: &Runtime,
-    s: GemmShape,
-    beta: f32,
+    case: GemmCase,
     kernel: &str,
     round: fn(f32) -> f32,
     tolerance: f64,
-    run: impl FnOnce(&DeviceBuffer<f32>, &DeviceBuffer<f32>, &mut DeviceBuffer<f32>) -> Result<()>,
+    run: impl FnOnce(
+        &DeviceBuffer<f32>,
+        &DeviceBuffer<f32>,
+        Option<&DeviceBuffer<f32>>,
+        &mut DeviceBuffer<f32>,
+    ) -> Result<()>,
 ) -> Result<Vec<KernelCheck>> {
-    let (a, b, c, want) = gemm_inputs(s, beta, 2);
-    let mut dc = rt.upload(&c)?;
-    run(&rt.upload(&a)?, &rt.upload(&b)?, &mut dc)?;
-    let got = dc.to_host()?;
-    let rounded = |x: &[f32]| x.iter().map(|&v| round(v) as f64).collect::<Vec<_>>();
-    let mut want_rounded = wide(&c);
-    gemm_reference(
-        s,
-        &rounded(&a),
-        &rounded(&b),
-        &mut want_rounded,
-        beta as f64,
-    );
+    let inputs = GemmInputs::new(case, 2);
+    let got = inputs.run(rt, run)?;
     Ok(vec![
         check(
             kernel,
-            format!("{}, operands rounded on the host", gemm_case(s, beta)),
-            max_rel_error(&got, &want_rounded),
+            format!("{}, operands rounded on the host", case.name()),
+            max_rel_error(&got, &inputs.reference(case, round)),
             F32_TOLERANCE,
         ),
         check(
             kernel,
-            format!("{}, f32 operands", gemm_case(s, beta)),
-            max_rel_error(&got, &want),
+            format!("{}, f32 operands", case.name()),
+            max_rel_error(&got, &inputs.reference(case, |x| x)),
             tolerance,
         ),
     ])
 }
 
-/// Shapes of the standard GEMM checks: every transpose combination at ragged sizes, with and
-/// without accumulation into C.
-fn standard_shapes() -> Vec<(GemmShape, f32)> {
-    let mut shapes = Vec::new();
+/// The standard GEMM checks: every transpose combination at ragged sizes, with a bias, and
+/// accumulating into C.
+fn standard_cases() -> Vec<GemmCase> {
+    let mut cases = Vec::new();
     for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
-        shapes.push((
-            GemmShape {
-                m: 70,
-                n: 83,
-                k: 45,
-                trans_a,
-                trans_b,
-            },
-            0.0,
-        ));
-        shapes.push((
-            GemmShape {
-                m: 33,
-                n: 65,
-                k: 17,
-                trans_a,
-                trans_b,
-            },
-            0.5,
-        ));
+        let shape = |m, n, k| GemmShape {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+        };
+        cases.push(GemmCase {
+            s: shape(70, 83, 45),
+            beta: 0.0,
+            bias: true,
+        });
+        cases.push(GemmCase {
+            s: shape(33, 65, 17),
+            beta: 0.5,
+            bias: false,
+        });
     }
-    shapes
+    cases
 }
 
 pub fn standard_checks(rt: &Runtime) -> Result<Vec<KernelCheck>> {
     let mut out = Vec::new();
-    for (s, beta) in standard_shapes() {
-        out.push(check_f32(rt, s, beta)?);
-        out.extend(check_half::<f16>(rt, s, beta)?);
-        out.extend(check_half::<bf16>(rt, s, beta)?);
-        out.extend(check_tf32(rt, s, beta)?);
+    for case in standard_cases() {
+        out.push(check_f32(rt, case)?);
+        out.extend(check_half::<f16>(rt, case)?);
+        out.extend(check_half::<bf16>(rt, case)?);
+        out.extend(check_tf32(rt, case)?);
     }
     Ok(out)
 }
