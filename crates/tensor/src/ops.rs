@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use crate::cpu::gemm::{Activation, GemmShape, PackedB};
+use crate::cpu::gemm_bf16::PackedBf16Weight;
 use crate::cpu::gemm_weights::{self, PackedWeight};
 use crate::cpu::{self, attention::AttentionShape, layernorm::LayerNormShape};
 use crate::{DType, Float, Result, Tensor, TensorError};
@@ -199,7 +200,15 @@ pub fn linear(
         gemm_new(s, x, w, packed, bias, act, &shape)
     }
     if (x.dtype(), w.dtype()) == (DType::F32, DType::BF16) {
-        return linear_bf16(x, w, b, act, weight);
+        let (s, shape) = linear_dims(x, w, b)?;
+        let packing = match weight {
+            WeightUse::Constant => gemm_weights::packed(w),
+            WeightUse::Varying => PackedWeight::pack(w).map(Arc::new),
+        };
+        let Some(PackedWeight::Bf16(packed)) = packing.as_deref() else {
+            unreachable!("a 2-D bf16 host weight always packs for the bf16 GEMM")
+        };
+        return linear_bf16(x, packed, b, act, s, &shape);
     }
     let (s, shape) = linear_shape(x, w, b)?;
     let packing = match weight {
@@ -216,28 +225,21 @@ pub fn linear(
     dispatch_float!("linear", x.dtype(), run(x, w, packed, b, act, s, shape))
 }
 
-/// [`linear`] with a `bf16` weight.
+/// [`linear`] with a `bf16` weight, `packed` for the bf16 GEMM.
 fn linear_bf16(
     x: &Tensor,
-    w: &Tensor,
+    packed: &PackedBf16Weight,
     b: Option<&Tensor>,
     act: Activation,
-    weight: WeightUse,
+    s: GemmShape,
+    shape: &[usize],
 ) -> Result<Tensor> {
-    let (s, shape) = linear_dims(x, w, b)?;
     if let Some(b) = b.filter(|b| b.dtype() != DType::F32) {
         return Err(TensorError::shape(
             "linear",
             format!("a bf16 weight takes an F32 bias, got {:?}", b.dtype()),
         ));
     }
-    let packing = match weight {
-        WeightUse::Constant => gemm_weights::packed(w),
-        WeightUse::Varying => PackedWeight::pack(w).map(Arc::new),
-    };
-    let Some(PackedWeight::Bf16(packed)) = packing.as_deref() else {
-        unreachable!("a 2-D bf16 host weight always packs for the bf16 GEMM")
-    };
     let (x, bias) = (
         x.values::<f32>()?,
         b.map(|b| b.values::<f32>()).transpose()?,
@@ -247,7 +249,7 @@ fn linear_bf16(
     cpu::gemm_bf16::gemm_bf16_into_uninit(x, s.m, packed, bias, act, uninit);
     // SAFETY: `gemm_bf16_into_uninit` initialised all m·n elements.
     unsafe { out.set_len(s.m * s.n) };
-    Tensor::from_vec(&shape, out)
+    Tensor::from_vec(shape, out)
 }
 
 /// Checks [`linear`]'s operands for one dtype: the product `x·Wᵀ` over all rows of `x`, and the
