@@ -249,10 +249,8 @@ fn tiny_model(test: &str) -> (std::path::PathBuf, Llama, LlamaCheckpoint) {
     (path, model, checkpoint)
 }
 
-/// `scalpel convert`'s folder loads as a Llama and computes the GGUF's logits exactly.
-#[test]
-fn converted_folder_runs_like_its_gguf() {
-    let (path, from_gguf, _) = tiny_model("converted-runs");
+/// `scalpel convert` of a tiny file into a `converted` folder beside it.
+fn convert_tiny(path: &std::path::Path) -> std::path::PathBuf {
     let folder = path.with_file_name("converted");
     let out = scalpel(&[
         "convert",
@@ -266,6 +264,14 @@ fn converted_folder_runs_like_its_gguf() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    folder
+}
+
+/// `scalpel convert`'s folder loads as a Llama and computes the GGUF's logits exactly.
+#[test]
+fn converted_folder_runs_like_its_gguf() {
+    let (path, from_gguf, _) = tiny_model("converted-runs");
+    let folder = convert_tiny(&path);
     let mut checkpoint = LlamaCheckpoint::load(&folder).unwrap();
     let from_folder = checkpoint.model(&folder).unwrap();
     assert_eq!(from_folder.config, from_gguf.config);
@@ -368,19 +374,7 @@ fn generate_command_streams_and_reports_speed() {
 #[test]
 fn bad_llama_folders_are_named() {
     let (path, _, _) = tiny_model("bad-folders");
-    let folder = path.with_file_name("converted");
-    let out = scalpel(&[
-        "convert",
-        "--model",
-        path.to_str().unwrap(),
-        "--output",
-        folder.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let folder = convert_tiny(&path);
     let config_path = folder.join("config.json");
     let original: Value =
         serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
