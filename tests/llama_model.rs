@@ -249,10 +249,8 @@ fn tiny_model(test: &str) -> (std::path::PathBuf, Llama, LlamaCheckpoint) {
     (path, model, checkpoint)
 }
 
-/// `scalpel convert`'s folder loads as a Llama and computes the GGUF's logits exactly.
-#[test]
-fn converted_folder_runs_like_its_gguf() {
-    let (path, from_gguf, _) = tiny_model("converted-runs");
+/// `scalpel convert` of a tiny file into a `converted` folder beside it.
+fn convert_tiny(path: &std::path::Path) -> std::path::PathBuf {
     let folder = path.with_file_name("converted");
     let out = scalpel(&[
         "convert",
@@ -266,6 +264,14 @@ fn converted_folder_runs_like_its_gguf() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    folder
+}
+
+/// `scalpel convert`'s folder loads as a Llama and computes the GGUF's logits exactly.
+#[test]
+fn converted_folder_runs_like_its_gguf() {
+    let (path, from_gguf, _) = tiny_model("converted-runs");
+    let folder = convert_tiny(&path);
     let mut checkpoint = LlamaCheckpoint::load(&folder).unwrap();
     let from_folder = checkpoint.model(&folder).unwrap();
     assert_eq!(from_folder.config, from_gguf.config);
@@ -284,8 +290,7 @@ fn a_prompt_longer_than_the_context_is_an_error() {
     let context = model.config.max_position_embeddings;
     let prompt = vec![1u32; context + 1];
     let err = generate(&model, &prompt, 4, &Sampling::GREEDY, &[], |_| Ok(()))
-        .err()
-        .expect("a prompt over the context")
+        .expect_err("a prompt over the context")
         .to_string();
     assert!(
         err.contains(&format!(
@@ -360,6 +365,60 @@ fn generate_command_streams_and_reports_speed() {
         assert!(
             !out.status.success() && stderr.contains(flag),
             "{flag} {value}: {stderr}"
+        );
+    }
+}
+
+/// A converted folder whose config or weights disagree with what a Llama needs is refused,
+/// naming the file and the field or tensor.
+#[test]
+fn bad_llama_folders_are_named() {
+    let (path, _, _) = tiny_model("bad-folders");
+    let folder = convert_tiny(&path);
+    let config_path = folder.join("config.json");
+    let original: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let cases: [(&str, &str, Value, &str); 4] = [
+        (
+            "architecture",
+            "architectures",
+            serde_json::json!(["MistralForCausalLM"]),
+            "is not supported (supported: LlamaForCausalLM)",
+        ),
+        (
+            "heads",
+            "num_key_value_heads",
+            serde_json::json!(3),
+            "num_attention_heads 2 is not a multiple of num_key_value_heads 3",
+        ),
+        (
+            "rope scaling",
+            "rope_scaling",
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            "rope scaling `yarn` is not supported",
+        ),
+        (
+            "ffn width",
+            "intermediate_size",
+            serde_json::json!(12),
+            "mlp.gate_proj.weight` has shape [16, 8], the config implies [12, 8]",
+        ),
+    ];
+    for (case, key, value, needle) in cases {
+        let mut config = original.clone();
+        config[key] = value;
+        std::fs::write(&config_path, serde_json::to_string(&config).unwrap()).unwrap();
+        let message = match LlamaCheckpoint::load(&folder).and_then(|mut c| c.model(&folder)) {
+            Ok(_) => panic!("{case}: the folder loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            message.contains(needle),
+            "{case}: `{message}` lacks `{needle}`"
+        );
+        assert!(
+            message.contains(&folder.display().to_string()),
+            "{case}: `{message}` names no file"
         );
     }
 }

@@ -3,12 +3,17 @@ GGUF, prompt and token count, both greedy on the same number of threads, alterna
 process (transformers' model is loaded once; each scalpel run is a fresh process and reports its
 own generation time, loading excluded). Prints each run and the medians as JSON.
 
+OMP_WAIT_POLICY is set to PASSIVE before torch loads unless already set: on a shared machine,
+OpenMP's spinning workers were preempted mid-barrier and made transformers several times slower
+(the same setting as benches/serve uses for the Python servers).
+
   /work/venvs/gguf/bin/python scripts/reference/bench_llama_generate.py \
       --scalpel target/release/scalpel [--threads 2 --tokens 64 --rounds 5]
 """
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -16,7 +21,8 @@ import sys
 import time
 import pathlib
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from make_llama_fixtures import GGUF_DIR, GGUF_NAME  # noqa: E402

@@ -107,7 +107,7 @@ pub fn run(args: Args) -> CliResult {
             .decode(&generated, true)
             .map_err(|e| scalpel::models::ModelError::Input(format!("decoding: {e}")))?;
         if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
-            let _ = stdout.write_all(text[printed..].as_bytes());
+            let _ = stdout.write_all(&text.as_bytes()[printed..]);
             let _ = stdout.flush();
             printed = text.len();
         }
@@ -119,7 +119,7 @@ pub fn run(args: Args) -> CliResult {
         .decode(&tokens, true)
         .unwrap_or_default();
     if text.len() > printed && text.is_char_boundary(printed) {
-        stdout.write_all(text[printed..].as_bytes())?;
+        stdout.write_all(&text.as_bytes()[printed..])?;
     }
     stdout.write_all(b"\n")?;
     stdout.flush()?;

@@ -75,9 +75,9 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Appends layer `layer`'s new keys and values and returns all of them. Copying the cache on
-    /// each step costs 2·len·kv_dim floats per layer, under 5 MB a token at 200 positions
-    /// against the 0.5 GB of weights the step reads.
+    /// Appends layer `layer`'s new keys and values and returns all of them. The cache is copied
+    /// on each step: 2·len·kv_dim floats per layer, 9 MB a token over SmolLM2's 30 layers at 200
+    /// positions, against the 540 MB of f32 weights the step reads.
     fn extend(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let joined = match self.layers[layer].take() {
             None => (k.clone(), v.clone()),
@@ -207,7 +207,7 @@ impl Llama {
     /// first at `start`.
     fn embed(&self, ids: &[u32], batch: usize, start: usize) -> Result<(Var, Vec<usize>)> {
         let c = &self.config;
-        if batch == 0 || ids.is_empty() || ids.len() % batch != 0 {
+        if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
             return Err(ModelError::Input(format!(
                 "{} token ids do not form {batch} sequences of equal non-zero length",
                 ids.len()

@@ -35,12 +35,29 @@ impl AttentionShape {
     }
 }
 
-fn dot<F: Float>(a: &[F], b: &[F]) -> F {
+pub(crate) fn dot<F: Float>(a: &[F], b: &[F]) -> F {
     let mut acc = F::ZERO;
     for (&x, &y) in a.iter().zip(b) {
         acc += x * y;
     }
     acc
+}
+
+/// The scalar backward's term for query row `oi` and key row `oj` (element offsets) with
+/// probability `p` and score gradient `ds`: `dV_j += p·dO_i`, `dQ_i += ds·K_j`, `dK_j += ds·Q_i`.
+pub(crate) fn add_pair_grads<F: Float>(
+    d: usize,
+    p: F,
+    ds: F,
+    (oi, oj): (usize, usize),
+    (q, k, dout): (&[F], &[F], &[F]),
+    (dq, dk, dv): (&mut [F], &mut [F], &mut [F]),
+) {
+    for c in 0..d {
+        dv[oj + c] += p * dout[oi + c];
+        dq[oi + c] += ds * k[oj + c];
+        dk[oj + c] += ds * q[oi + c];
+    }
 }
 
 /// Scores of query row `i` against every key, masked keys set to −∞.
@@ -148,11 +165,14 @@ pub fn attention_backward_reference<F: Float>(
                     let oj = s.at(b, j, h);
                     let dp = dot(&dout[oi..][..d], &v[oj..][..d]);
                     let ds = p * (dp - delta) * scale;
-                    for c in 0..d {
-                        dv[oj + c] += p * dout[oi + c];
-                        dq[oi + c] += ds * k[oj + c];
-                        dk[oj + c] += ds * q[oi + c];
-                    }
+                    add_pair_grads(
+                        d,
+                        p,
+                        ds,
+                        (oi, oj),
+                        (q, k, dout),
+                        (&mut *dq, &mut *dk, &mut *dv),
+                    );
                 }
             }
         }

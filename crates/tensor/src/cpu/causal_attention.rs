@@ -10,7 +10,7 @@
 //! (`[batch, heads, q_len]`) and the backward recomputes the probabilities from it, as the
 //! encoder's attention (`cpu::attention`) does; its row kernels are shared.
 
-use crate::cpu::attention::{score_grads_row, softmax_row};
+use crate::cpu::attention::{add_pair_grads, dot, score_grads_row, softmax_row};
 use crate::cpu::gemm::{gemm_on_this_thread, GemmShape};
 use crate::cpu::simd::{dispatch, dot as dot_simd, Isa};
 use crate::cpu::{as_f32, as_f32_mut};
@@ -79,14 +79,6 @@ impl CausalAttentionShape {
             "causal attention: lse has wrong length"
         );
     }
-}
-
-fn dot<F: Float>(a: &[F], b: &[F]) -> F {
-    let mut acc = F::ZERO;
-    for (&x, &y) in a.iter().zip(b) {
-        acc += x * y;
-    }
-    acc
 }
 
 /// Scaled scores of query row `(b, i, h)` against its visible keys, into `row[..visible]`.
@@ -183,11 +175,14 @@ pub fn causal_attention_backward_reference<F: Float>(
                     let oj = s.kv_at(b, j, g);
                     let dp = dot(&dout[oi..][..d], &v[oj..][..d]);
                     let ds = p * (dp - delta) * scale;
-                    for c in 0..d {
-                        dv[oj + c] += p * dout[oi + c];
-                        dq[oi + c] += ds * k[oj + c];
-                        dk[oj + c] += ds * q[oi + c];
-                    }
+                    add_pair_grads(
+                        d,
+                        p,
+                        ds,
+                        (oi, oj),
+                        (q, k, dout),
+                        (&mut *dq, &mut *dk, &mut *dv),
+                    );
                 }
             }
         }

@@ -21,8 +21,8 @@ pub struct RopeTable<F> {
 impl<F: Float> RopeTable<F> {
     /// The angles as transformers computes them, in f32: the inverse frequencies
     /// `1/θ^(2i/d)` and their products with the positions are rounded to f32 (the cosine and
-    /// sine of that f32 angle are then taken in f64). Computing the angles in f64 instead moved
-    /// the positions-500 angles by up to 3e-5, which is visible in the logits.
+    /// sine of that f32 angle are then taken in f64), so both sides rotate by the same angles
+    /// (an f32 angle near position 500 is only good to about 3e-5).
     pub fn new(head_dim: usize, theta: f64, positions: &[usize]) -> RopeTable<F> {
         assert!(
             head_dim.is_multiple_of(2),
