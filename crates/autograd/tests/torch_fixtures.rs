@@ -173,9 +173,11 @@ fn gelu(dtype: DType) {
     f.assert_forward("y", y.value());
     let grads = inject(&y, &f.input("dout")).unwrap().backward().unwrap();
     f.assert_grad("dx", grads.get(&x));
-    // Storage of its own: `input` shares the fixture's, which a write would first copy.
-    let x = f.input("x");
-    let constant = Var::constant(Tensor::from_data(x.shape(), x.data().unwrap().clone()).unwrap());
+    // Storage of its own: a tensor mapped from (or sharing) the fixture's is copied on its first
+    // write.
+    let input = f.input("x");
+    let shape = input.shape().to_vec();
+    let constant = Var::constant(Tensor::from_data(&shape, input.into_data().unwrap()).unwrap());
     let address = |v: &Var| match dtype {
         DType::F32 => v.value().values::<f32>().unwrap().as_ptr() as usize,
         _ => v.value().values::<f64>().unwrap().as_ptr() as usize,
