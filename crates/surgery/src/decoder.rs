@@ -17,7 +17,7 @@ use scalpel_models::llama::Llama;
 
 use crate::cut::keep_llama_model_layers;
 use crate::heal::BatchOrder;
-use crate::score::{keep_highest, Metric, MetricScores, ScoreReport};
+use crate::score::{angular_scores, with_keep, Metric, MetricScores, ScoreReport};
 use crate::{Result, SurgeryError};
 
 /// Calibration for a decoder: equal-length windows of token ids cut from running text.
@@ -105,14 +105,6 @@ pub fn score_decoder(
     })
 }
 
-fn with_keep(metric: Metric, per_layer: Vec<f64>, target: Option<usize>) -> MetricScores {
-    MetricScores {
-        metric,
-        keep: target.map(|k| keep_highest(&per_layer, k)),
-        per_layer: per_layer.into_iter().map(Some).collect(),
-    }
-}
-
 #[derive(Clone, Copy)]
 enum Tokens {
     All,
@@ -162,35 +154,13 @@ fn angular(
     tokens: Tokens,
     target: Option<usize>,
 ) -> Result<MetricScores> {
-    let layers = model.config.num_hidden_layers;
-    let distance = |c: f64| c.acos() / std::f64::consts::PI;
-    let shown = distances(model, data, span, tokens, distance)?;
-    // A cut to k layers removes one block of L−k consecutive layers: the block whose input and
-    // output are closest.
-    let keep = match target {
-        None => None,
-        Some(k) => {
-            let block = layers - k;
-            let d = distances(model, data, block, tokens, distance)?;
-            let start = (0..d.len())
-                .min_by(|&a, &b| d[a].total_cmp(&d[b]))
-                .expect("at least one block fits");
-            Some(
-                (0..layers)
-                    .filter(|l| *l < start || *l >= start + block)
-                    .collect(),
-            )
-        }
+    let metric = match tokens {
+        Tokens::All => Metric::Angular,
+        Tokens::Last => Metric::AngularLast,
     };
-    let mut per_layer: Vec<Option<f64>> = shown.into_iter().map(Some).collect();
-    per_layer.resize(layers, None);
-    Ok(MetricScores {
-        metric: match tokens {
-            Tokens::All => Metric::Angular,
-            Tokens::Last => Metric::AngularLast,
-        },
-        per_layer,
-        keep,
+    let layers = model.config.num_hidden_layers;
+    angular_scores(metric, layers, span, target, |span, f| {
+        distances(model, data, span, tokens, f)
     })
 }
 

@@ -259,7 +259,11 @@ pub fn score_layers(
     })
 }
 
-fn with_keep(metric: Metric, per_layer: Vec<f64>, target: Option<usize>) -> MetricScores {
+pub(crate) fn with_keep(
+    metric: Metric,
+    per_layer: Vec<f64>,
+    target: Option<usize>,
+) -> MetricScores {
     MetricScores {
         metric,
         keep: target.map(|k| keep_highest(&per_layer, k)),
@@ -319,15 +323,29 @@ fn angular(
     target: Option<usize>,
 ) -> Result<MetricScores> {
     let layers = encoder.bert.num_layers();
+    angular_scores(Metric::Angular, layers, span, target, |span, f| {
+        token_distances(encoder, sentences, batch_size, span, f)
+    })
+}
+
+/// The angular distance `arccos(cos)/π` over a span of `span` layers as each start layer's
+/// score, from `distances(span, f)` (the mean of `f(cos(x_l, x_{l+span}))` per start layer). A
+/// cut to k layers removes one block of L−k consecutive layers: the block whose input and output
+/// are closest.
+pub(crate) fn angular_scores(
+    metric: Metric,
+    layers: usize,
+    span: usize,
+    target: Option<usize>,
+    distances: impl Fn(usize, &dyn Fn(f64) -> f64) -> Result<Vec<f64>>,
+) -> Result<MetricScores> {
     let distance = |c: f64| c.acos() / std::f64::consts::PI;
-    let shown = token_distances(encoder, sentences, batch_size, span, distance)?;
-    // A cut to k layers removes one block of L−k consecutive layers: the block whose input and
-    // output are closest.
+    let shown = distances(span, &distance)?;
     let keep = match target {
         None => None,
         Some(k) => {
             let block = layers - k;
-            let d = token_distances(encoder, sentences, batch_size, block, distance)?;
+            let d = distances(block, &distance)?;
             let start = (0..d.len())
                 .min_by(|&a, &b| d[a].total_cmp(&d[b]))
                 .expect("at least one block fits");
@@ -341,7 +359,7 @@ fn angular(
     let mut per_layer: Vec<Option<f64>> = shown.into_iter().map(Some).collect();
     per_layer.resize(layers, None);
     Ok(MetricScores {
-        metric: Metric::Angular,
+        metric,
         per_layer,
         keep,
     })
