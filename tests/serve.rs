@@ -86,7 +86,9 @@ impl TestServer {
                 let shutdown = async {
                     let _ = stopped.await;
                 };
-                serve::serve(listener, app, shutdown).await.unwrap();
+                serve::serve(listener, app, shutdown, Duration::from_secs(60))
+                    .await
+                    .unwrap();
             });
         });
         let addr = addr
@@ -712,34 +714,7 @@ fn connect(addr: SocketAddr) -> TcpStream {
 
 #[test]
 fn sigterm_answers_the_request_in_flight_closes_idle_connections_and_exits_0() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_scalpel"))
-        .args([
-            "serve",
-            "--port",
-            "0",
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-            "--model",
-        ])
-        .arg(minilm_dir())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut addr = None;
-    for _ in 0..20 {
-        let mut line = String::new();
-        if stderr.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        if let Some(a) = line.trim().strip_prefix("listening on http://") {
-            addr = Some(a.parse::<SocketAddr>().unwrap());
-            break;
-        }
-    }
-    let addr = addr.expect("the server printed its address");
+    let (mut child, mut stderr, addr) = serve_process(&[]);
     // A kept-alive connection answered once and then silent, and one that never sent anything:
     // neither may hold up the shutdown.
     let mut idle = connect(addr);
@@ -781,19 +756,7 @@ fn sigterm_answers_the_request_in_flight_closes_idle_connections_and_exits_0() {
     );
     let rows: Vec<Vec<f32>> = serde_json::from_str(&text).unwrap();
     assert_eq!((rows.len(), rows[0].len()), (1, DIM));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let exit = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server did not exit within 60 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut rest = String::new();
-    stderr.read_to_string(&mut rest).unwrap();
+    let (exit, rest) = exit_of(&mut child, &mut stderr, Duration::from_secs(60));
     assert!(exit.success(), "exit {exit:?}: {rest}");
     assert!(
         rest.contains("every admitted request has been answered"),
@@ -805,6 +768,89 @@ fn sigterm_answers_the_request_in_flight_closes_idle_connections_and_exits_0() {
             "the {name} connection is still open"
         );
     }
+}
+
+/// `scalpel serve` on port 0 with `extra` flags: the process, its stderr, its address.
+fn serve_process(
+    extra: &[&str],
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStderr>,
+    SocketAddr,
+) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_scalpel"))
+        .args(["serve", "--port", "0", "--threads", "1", "--device", "cpu"])
+        .args(extra)
+        .arg("--model")
+        .arg(minilm_dir())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    for _ in 0..20 {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if let Some(a) = line.trim().strip_prefix("listening on http://") {
+            let addr = a.parse::<SocketAddr>().unwrap();
+            return (child, stderr, addr);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the server did not print its address");
+}
+
+/// Waits up to `limit` for `child` to exit: its status and the rest of its stderr.
+fn exit_of(
+    child: &mut std::process::Child,
+    stderr: &mut BufReader<std::process::ChildStderr>,
+    limit: Duration,
+) -> (std::process::ExitStatus, String) {
+    let deadline = Instant::now() + limit;
+    let exit = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not exit within {limit:?} of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    (exit, rest)
+}
+
+#[test]
+fn a_client_stalled_inside_its_request_cannot_hold_the_shutdown() {
+    let (mut child, mut stderr, addr) = serve_process(&["--shutdown-timeout", "1"]);
+    // Headers promising a body of 100 bytes, then 5 of them, then nothing (slowloris). The
+    // `100 Continue` says the handler is reading the body, so the server holds the connection
+    // before the signal comes, however fast the machine.
+    let mut stalled = connect(addr);
+    write!(
+        stalled,
+        "POST /embed HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut stalled).0, 100);
+    stalled.write_all(b"{\"inp").unwrap();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let (exit, rest) = exit_of(&mut child, &mut stderr, Duration::from_secs(30));
+    assert!(exit.success(), "exit {exit:?}: {rest}");
+    assert!(rest.contains("still open 1 s after the signal"), "{rest}");
+    assert!(
+        stalled.read(&mut [0u8; 1]).map_or(true, |n| n == 0),
+        "the stalled connection is still open"
+    );
 }
 
 #[test]

@@ -44,6 +44,10 @@ pub struct Args {
     /// GEMM with f32 accumulation, the rest in f32 (CPU only). `/info` reports it.
     #[arg(long, default_value = "f32", value_parser = flags::inference_dtype)]
     dtype: DType,
+    /// Seconds after SIGTERM or Ctrl-C to wait for open connections to finish before closing
+    /// them (a client stalled inside its request cannot hold the process longer).
+    #[arg(long, default_value_t = 30.0, value_parser = flags::finite_positive)]
+    shutdown_timeout: f64,
 }
 
 pub fn run(a: Args) -> CliResult {
@@ -90,8 +94,17 @@ pub fn run(a: Args) -> CliResult {
             .await
             .map_err(|e| format!("cannot listen on {}:{}: {e}", a.host, a.port))?;
         eprintln!("listening on http://{}", listener.local_addr()?);
-        serve::serve(listener, app, serve::shutdown_signal()).await?;
-        eprintln!("shutting down: every admitted request has been answered");
+        let drain_limit = std::time::Duration::from_secs_f64(a.shutdown_timeout);
+        match serve::serve(listener, app, serve::shutdown_signal(), drain_limit).await? {
+            serve::Stopped::Drained => {
+                eprintln!("shutting down: every admitted request has been answered")
+            }
+            serve::Stopped::AtDrainLimit => eprintln!(
+                "shutting down: connections still open {} s after the signal were closed \
+                 (--shutdown-timeout)",
+                a.shutdown_timeout
+            ),
+        }
         CliResult::Ok(())
     })
 }

@@ -6,7 +6,9 @@
 //! flight, the next gets a 429. An admitted request is tokenized on the HTTP thread and queued
 //! on the [`Embedder`], whose batching worker joins whatever is queued into forwards up to the
 //! token budget; the handler awaits its rows. On shutdown the listener stops accepting, every
-//! admitted request is answered, and the embedder drains its queue before the process exits.
+//! admitted request is answered, and the embedder drains its queue before the process exits;
+//! connections still open after the drain limit (a client stalled inside its headers or body,
+//! which no request timeout covers) are closed then, so no client can hold the process.
 //!
 //! The routes are an axum [`Router`], so a service can mount them in its own tokio runtime:
 //!
@@ -27,7 +29,8 @@
 //! let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
 //! let addr = listener.local_addr()?;
 //! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-//! let server = runtime.spawn(serve::serve(listener, app, async { stopped.await.ok(); }));
+//! let drain_limit = std::time::Duration::from_secs(30);
+//! let server = runtime.spawn(serve::serve(listener, app, async { stopped.await.ok(); }, drain_limit));
 //!
 //! let body = r#"{"inputs": ["A man is playing a guitar."]}"#;
 //! let mut conn = std::net::TcpStream::connect(addr)?;
@@ -48,8 +51,9 @@
 mod api;
 mod metrics;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -132,16 +136,39 @@ pub fn router(embedder: Arc<Embedder>, metrics: Arc<Metrics>, config: ServeConfi
         .with_state(state)
 }
 
+/// How a server stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every connection finished: every admitted request was answered.
+    Drained,
+    /// Connections were still open `drain_limit` after the signal and were closed.
+    AtDrainLimit,
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting and returns once
-/// every open request has been answered.
+/// every open connection has finished, or `drain_limit` after the signal, whichever is first.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    drain_limit: Duration,
+) -> std::io::Result<Stopped> {
+    let (begun, signalled) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = begun.send(());
+    });
+    let limit = async move {
+        match signalled.await {
+            Ok(()) => tokio::time::sleep(drain_limit).await,
+            // The server returned without a signal: it is the other branch that completes.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = server.into_future() => result.map(|()| Stopped::Drained),
+        () = limit => Ok(Stopped::AtDrainLimit),
+    }
 }
 
 /// Completes on Ctrl-C (SIGINT) or SIGTERM.
