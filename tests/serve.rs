@@ -638,6 +638,24 @@ fn past_max_concurrent_requests_is_429_at_once() {
 }
 
 #[test]
+fn info_reports_a_bf16_server_as_bfloat16() {
+    let embedder = Embedder::builder(minilm_dir())
+        .threads(1)
+        .dtype(scalpel::tensor::DType::BF16)
+        .build()
+        .unwrap();
+    let server = TestServer::over(
+        Arc::new(embedder),
+        Arc::new(Metrics::new().unwrap()),
+        ServeConfig::default(),
+    );
+    let (status, info) = http(server.addr, "GET", "/info", &[], b"");
+    assert_eq!(status, 200, "{info}");
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["dtype"], "bfloat16");
+}
+
+#[test]
 fn health_info_and_metrics() {
     let server = TestServer::start(ServeConfig::default());
     let (status, body) = http(server.addr, "GET", "/health", &[], b"");
@@ -649,6 +667,7 @@ fn health_info_and_metrics() {
     assert_eq!(info["dim"], 384);
     assert_eq!(info["max_input_length"], 256);
     assert_eq!(info["device"], "cpu");
+    assert_eq!(info["dtype"], "float32");
     assert_eq!(info["max_concurrent_requests"], 512);
     assert_eq!(info["max_client_batch_size"], 128);
     let (status, _) = post(server.addr, "/embed", &json!({ "inputs": ["one", "two"] }));
