@@ -44,6 +44,10 @@ pub struct Args {
 }
 
 impl Args {
+    pub fn model(&self) -> &std::path::Path {
+        &self.model
+    }
+
     /// Only `--auto` runs the model (to score its layers).
     pub fn computes(&self) -> bool {
         self.auto.is_some()

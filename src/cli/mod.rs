@@ -89,10 +89,26 @@ pub fn run(cli: Cli) -> CliResult {
     if let Some(n) = cli.threads {
         scalpel::tensor::threads::set_num_threads(n);
     }
-    let (device, fallback) = scalpel::autograd::device::resolve(cli.device)?;
+    use scalpel::autograd::device::DeviceKind;
+    let decoder = cli.command.runs_decoder();
+    if decoder && matches!(cli.device, DeviceKind::Cuda | DeviceKind::Emu) {
+        return Err(format!(
+            "--device {}: Llama decoders run on the CPU only so far (RMSNorm, RoPE, SwiGLU and \
+             causal attention have no device kernels yet); use --device cpu or auto",
+            cli.device
+        )
+        .into());
+    }
+    let (device, fallback) = if decoder {
+        (scalpel::tensor::Device::Cpu, None)
+    } else {
+        scalpel::autograd::device::resolve(cli.device)?
+    };
     // Said once, where a command computes; the long story only when asked (`scalpel kernels`
     // reports the CUDA setup in full anyway).
-    if cli.command.computes() {
+    if decoder {
+        eprintln!("device: cpu (Llama decoders run on the CPU only so far)");
+    } else if cli.command.computes() {
         match (fallback, cli.verbose) {
             (Some(why), true) => eprintln!("device: {} ({why})", device.name()),
             (Some(_), false) => eprintln!(
@@ -134,6 +150,18 @@ impl Command {
             Command::Cut(a) => a.computes(),
             Command::Inspect(_) | Command::Kernels(_) | Command::Convert(_) => false,
             _ => true,
+        }
+    }
+}
+
+impl Command {
+    /// Whether the command runs a Llama decoder, which has CPU kernels only so far.
+    fn runs_decoder(&self) -> bool {
+        match self {
+            Command::Generate(_) | Command::Perplexity(_) => true,
+            Command::Score(a) => is_decoder(a.model()),
+            Command::Cut(a) => a.computes() && is_decoder(a.model()),
+            _ => false,
         }
     }
 }

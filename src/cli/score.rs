@@ -170,6 +170,12 @@ pub struct Args {
     report: Option<PathBuf>,
 }
 
+impl Args {
+    pub fn model(&self) -> &Path {
+        &self.model
+    }
+}
+
 /// Per-layer importance on calibration data, each metric's suggested cut, and a chart.
 pub fn run(a: Args) -> CliResult {
     if let Some(path) = &a.report {
