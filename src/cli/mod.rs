@@ -188,9 +188,10 @@ fn run_command(command: Command) -> CliResult {
 /// Writes `contents` to `path` through a temporary file and a rename, so an interrupted run never
 /// leaves a half-written output, and refuses to overwrite any of `inputs`.
 /// Whether `model` is a Llama-family decoder: a (GGUF) file, or a folder whose `config.json`
-/// says `"model_type": "llama"`. Everything else is taken for a BERT encoder folder.
+/// says `"model_type": "llama"`. Everything else, a missing path included, is taken for a BERT
+/// encoder folder (whose loader names what is missing).
 pub fn is_decoder(model: &Path) -> bool {
-    if !model.is_dir() {
+    if model.is_file() {
         return true;
     }
     std::fs::read_to_string(model.join("config.json"))
