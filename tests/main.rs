@@ -13,6 +13,7 @@ mod decoder_cut;
 #[cfg(feature = "cuda")]
 mod device;
 mod gguf;
+mod heal_bf16;
 mod heal_parity;
 mod heal_resume;
 mod llama_gguf;

@@ -90,6 +90,10 @@ enum Workload {
         /// Remove these encoder layers in memory first (e.g. `4,5` for the 4-layer MiniLM).
         #[arg(long)]
         drop: Option<String>,
+        /// The GEMMs of the step in `f32` or `bf16` (mixed precision as `heal --precision bf16`:
+        /// bf16 forward and input-gradient GEMMs over f32 weights; CPU only).
+        #[arg(long, default_value = "f32", value_parser = flags::inference_dtype)]
+        precision: DType,
         #[command(flatten)]
         common: Common,
     },
@@ -175,6 +179,7 @@ pub fn run(a: Args) -> CliResult {
             batch,
             seq,
             drop,
+            precision,
             common,
         } => {
             check_batch(batch)?;
@@ -183,6 +188,7 @@ pub fn run(a: Args) -> CliResult {
                 None => Vec::new(),
             };
             let mut w = TrainWorkload::new(&model, batch, seq, &drop, super::device())?;
+            w.encoder.bert.set_linear_compute(precision)?;
             let t = measure(common.warmup, runs(&common)?, || w.step())?;
             if !w.last_loss.is_finite() {
                 return Err(
@@ -190,9 +196,10 @@ pub fn run(a: Args) -> CliResult {
                 );
             }
             let layers = w.encoder.bert.num_layers();
-            let label =
-                format!("train step {layers} layers, batch {batch} x seq {seq}, {threads} threads");
-            let extra = json!({"batch": batch, "seq": seq, "threads": threads, "layers": layers, "loss": w.last_loss});
+            let label = format!(
+                "train step {layers} layers, batch {batch} x seq {seq}, {precision:?}, {threads} threads"
+            );
+            let extra = json!({"batch": batch, "seq": seq, "threads": threads, "layers": layers, "loss": w.last_loss, "precision": format!("{precision:?}")});
             report_with_rss(&common, &label, &t, extra)
         }
     }

@@ -10,8 +10,8 @@ use scalpel::autograd::optim::Schedule;
 use scalpel::surgery::checkpoint::check_output;
 use scalpel::surgery::data::{read_pairs, read_positive_pairs, read_training_text, PairFile};
 use scalpel::surgery::heal::{
-    heal, Budget, Checkpointing, DistillLoss, HealEvent, HealOptions, HealRun, TrainerState,
-    TrainingData,
+    heal, Budget, Checkpointing, DistillLoss, HealEvent, HealOptions, HealRun, Precision,
+    TrainerState, TrainingData,
 };
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +23,13 @@ enum LossArg {
     Cosine,
     /// In-batch contrastive loss on positive pairs (needs STS/SICK pair files as --data).
     Contrastive,
+}
+
+#[derive(Clone, Copy, Default, ValueEnum, Serialize, Deserialize)]
+enum PrecisionArg {
+    #[default]
+    F32,
+    Bf16,
 }
 
 #[derive(Clone, Copy, ValueEnum, Serialize, Deserialize)]
@@ -92,6 +99,12 @@ pub struct Args {
     /// Clip the global gradient norm to this value.
     #[arg(long, value_parser = flags::finite_positive)]
     clip: Option<f64>,
+    /// `bf16`: mixed precision on the CPU (bf16 GEMMs with f32 accumulation over f32 master
+    /// weights, re-rounded after each step; AdamW, the loss and every reduction in f32); the
+    /// teacher's forward then multiplies in bf16 too. Saved checkpoints are f32 either way.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    #[serde(default)]
+    precision: PrecisionArg,
     /// STS/SICK files to evaluate on (Spearman ×100): `--eval a b` or repeated flags.
     #[arg(long, num_args = 1..)]
     eval: Vec<PathBuf>,
@@ -164,7 +177,15 @@ pub fn run(a: Args) -> CliResult {
         .collect::<Result<_, _>>()?;
     let mut student = super::load_encoder(&student_dir)?;
     let teacher = match (&a.teacher, &data) {
-        (Some(t), _) => Some(super::load_encoder(t)?),
+        (Some(t), _) => {
+            let mut teacher = super::load_encoder(t)?;
+            if matches!(a.precision, PrecisionArg::Bf16) {
+                teacher
+                    .bert
+                    .set_linear_compute(scalpel::tensor::DType::BF16)?;
+            }
+            Some(teacher)
+        }
         (None, TrainingData::Sentences { .. }) => {
             return Err("--teacher is required for the mse and cosine (distillation) losses".into())
         }
@@ -196,6 +217,10 @@ pub fn run(a: Args) -> CliResult {
         },
         warmup: a.warmup,
         clip: a.clip,
+        precision: match a.precision {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        },
     };
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -5,4 +5,5 @@ mod decoder_ops;
 #[cfg(feature = "cuda")]
 mod device;
 mod gradcheck;
+mod linear_bf16;
 mod torch_fixtures;

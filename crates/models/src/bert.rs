@@ -187,6 +187,9 @@ pub struct Bert {
     /// Every tensor of the checkpoint (float ones as f32), including ones the encoder does not
     /// read (pooler, `position_ids`), so that a saved model loses nothing.
     pub params: Params,
+    /// What the encoder's linear layers multiply in: `F32`, or `BF16` (mixed precision: bf16
+    /// GEMMs with f32 accumulation over the f32 weights, [`ops::linear_bf16`]; CPU only).
+    linear_compute: DType,
 }
 
 impl Bert {
@@ -268,6 +271,7 @@ impl Bert {
             raw_config: raw,
             prefix,
             params: Params::from_tensors(tensors),
+            linear_compute: DType::F32,
         })
     }
 
@@ -338,6 +342,32 @@ impl Bert {
             self.params.insert(name, converted);
         }
         Ok(())
+    }
+
+    /// Multiplies every encoder linear layer in `dtype` from now on: `F32`, or `BF16` (mixed
+    /// precision, for training and inference alike: the input and an f32 weight rounded to bf16
+    /// at the GEMM, f32 accumulation, outputs, biases and gradients of the weights in f32; the
+    /// bf16 copy of a weight is packed once per value, so again after each optimiser step).
+    /// `BF16` runs on the CPU only.
+    pub fn set_linear_compute(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Err(ModelError::Input(format!(
+                "linear layers multiply in F32 or BF16, not {dtype:?}"
+            )));
+        }
+        if dtype == DType::BF16 && !self.device().is_cpu() {
+            return Err(ModelError::Input(format!(
+                "bf16 linear layers run on the CPU only (this model is on {})",
+                self.device().name()
+            )));
+        }
+        self.linear_compute = dtype;
+        Ok(())
+    }
+
+    /// What the linear layers multiply in ([`Bert::set_linear_compute`]).
+    pub fn linear_compute(&self) -> DType {
+        self.linear_compute
     }
 
     /// The names of the encoder's linear weights (`[out, in]` matrices).
@@ -458,12 +488,16 @@ impl Bert {
             if all_states {
                 states.push(x.clone());
             }
+            let bf16 = self.linear_compute == DType::BF16;
             let lin = |x: &Var, name: &str| -> Result<Var> {
-                Ok(ops::linear(
-                    x,
+                let (w, b) = (
                     self.layer_p(l, &format!("{name}.weight"))?,
-                    Some(self.layer_p(l, &format!("{name}.bias"))?),
-                )?)
+                    self.layer_p(l, &format!("{name}.bias"))?,
+                );
+                Ok(match bf16 {
+                    true => ops::linear_bf16(x, w, Some(b))?,
+                    false => ops::linear(x, w, Some(b))?,
+                })
             };
             // Each sub-layer is a block so that its temporaries die as soon as they are consumed
             // (a shadowed binding would live to the end of the iteration): inference holds one
@@ -486,11 +520,14 @@ impl Bert {
             };
             x = {
                 let projected = {
-                    let inner = ops::linear_gelu(
-                        &x,
+                    let (w, b) = (
                         self.layer_p(l, "intermediate.dense.weight")?,
-                        Some(self.layer_p(l, "intermediate.dense.bias")?),
-                    )?;
+                        self.layer_p(l, "intermediate.dense.bias")?,
+                    );
+                    let inner = match bf16 {
+                        true => ops::linear_gelu_bf16(&x, w, Some(b))?,
+                        false => ops::linear_gelu(&x, w, Some(b))?,
+                    };
                     dropout(&lin(&inner, "output.dense")?)?
                 };
                 ops::add_layernorm(

@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use scalpel_autograd::optim::{clip_grad_norm, decays_by_default, Adam, AdamConfig, Schedule};
-use scalpel_autograd::{ops, Var};
+use scalpel_autograd::{ops, Gradients, Var};
 use scalpel_models::bert::ForwardOptions;
 use scalpel_models::sentence::SentenceEncoder;
 use scalpel_models::tokenizer::Batch;
-use scalpel_tensor::DeviceStats;
+use scalpel_tensor::{DType, DeviceStats};
 
 use crate::checkpoint::write_staged;
 use crate::data::PairFile;
@@ -89,6 +89,34 @@ pub struct HealOptions {
     pub warmup: usize,
     /// Clip the global gradient norm to this value.
     pub clip: Option<f64>,
+    /// What the student's linear layers multiply in while training (absent in checkpoints from
+    /// before it existed: f32).
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// The arithmetic of a training step's GEMMs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// Mixed precision (CPU only): the student's linear layers multiply bf16 copies of their
+    /// f32 master weights, made again after each AdamW step, by activations rounded to bf16,
+    /// with f32 accumulation, in the forward and for the input gradients; weight gradients,
+    /// AdamW and its moments, the loss, LayerNorm, attention and every reduction stay f32.
+    Bf16,
+}
+
+impl Precision {
+    /// The dtype the linear layers multiply in.
+    pub fn linear_compute(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
 }
 
 impl HealOptions {
@@ -422,6 +450,23 @@ fn batch_loss(
     }
 }
 
+/// The loss of one batch and, if it is finite, the gradients of every trainable parameter (the
+/// graph is released on return, so the optimiser updates the weights in place).
+fn loss_and_gradients(
+    student: &SentenceEncoder,
+    teacher: Option<&SentenceEncoder>,
+    data: &TrainingData,
+    indices: &[usize],
+    forward: &ForwardOptions,
+) -> Result<(f64, Option<Gradients>)> {
+    let loss = batch_loss(student, teacher, data, indices, forward)?;
+    let value = loss.value().to_host()?.to_vec::<f64>()[0];
+    if !value.is_finite() {
+        return Ok((value, None));
+    }
+    Ok((value, Some(loss.backward()?)))
+}
+
 /// Trains the student until the budget is spent (or `stop` is set), evaluating and saving
 /// checkpoints as asked. Deterministic given the options: a run resumed from a checkpoint
 /// reproduces the uninterrupted run's losses exactly. A NaN or infinite loss or gradient stops
@@ -568,16 +613,18 @@ pub fn heal(
             dropout: opts.dropout,
             seed: opts.seed.wrapping_add(step as u64),
         };
-        let loss = batch_loss(student, teacher, data, &indices, &forward)?;
-        let loss_value = loss.value().to_host()?.to_vec::<f64>()[0];
-        if !loss_value.is_finite() {
+        // Only the step's own forward and backward: evaluations and the saved model are f32.
+        student
+            .bert
+            .set_linear_compute(opts.precision.linear_compute())?;
+        let computed = loss_and_gradients(student, teacher, data, &indices, &forward);
+        student.bert.set_linear_compute(DType::F32)?;
+        let (loss_value, grads) = computed?;
+        let Some(mut grads) = grads else {
             return Err(SurgeryError::Invalid(format!(
                 "loss became {loss_value} at step {step}; stopped without saving (the last checkpoint is intact; try a lower --lr)"
             )));
-        }
-        let mut grads = loss.backward()?;
-        // Release the graph so the optimiser updates the weights in place instead of copying.
-        drop(loss);
+        };
         let norm = clip_grad_norm(
             &mut grads,
             &student.bert.params,

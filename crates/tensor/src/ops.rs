@@ -252,6 +252,83 @@ fn linear_bf16(
     Tensor::from_vec(shape, out)
 }
 
+/// [`linear`] on the bf16 GEMM whatever the weight's dtype (`f32` or `bf16`): mixed-precision
+/// compute. `x` is rounded to bf16 at the GEMM's input, `w` once per packing
+/// ([`gemm_weights::packed_bf16`]), products accumulate in f32, and the bias and output are f32.
+/// The packing is kept while `w`'s storage lives; an optimiser step moves a trained weight to
+/// new storage, so its bf16 copy is made again on the first call after each step. With
+/// `training` the packing also holds `W` for [`linear_bf16_input_grad`], and is returned for it.
+pub fn linear_bf16_compute(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    act: Activation,
+    training: bool,
+) -> Result<(Tensor, Arc<PackedWeight>)> {
+    if !(x.is_host() && w.is_host() && b.is_none_or(Tensor::is_host)) {
+        return Err(TensorError::shape(
+            "linear",
+            "bf16 compute of an f32 weight runs on the CPU only",
+        ));
+    }
+    if x.dtype() != DType::F32 || !matches!(w.dtype(), DType::F32 | DType::BF16) {
+        return Err(TensorError::shape(
+            "linear",
+            format!(
+                "bf16 compute takes an F32 input and an F32 or BF16 weight, got {:?} and {:?}",
+                x.dtype(),
+                w.dtype()
+            ),
+        ));
+    }
+    let (s, shape) = linear_dims(x, w, b)?;
+    let packing = gemm_weights::packed_bf16(w, training)
+        .expect("a 2-D F32 or BF16 host weight always packs for the bf16 GEMM");
+    let forward = packing.bf16_forward().expect("a bf16 packing");
+    let y = linear_bf16(x, forward, b, act, s, &shape)?;
+    Ok((y, packing))
+}
+
+/// `dX = dY·W` of a [`linear_bf16_compute`] in training: `dY` (`[..., out]`, f32) rounded to
+/// bf16, `W` from the packing's input-gradient half, f32 accumulation and output (`x_shape`).
+pub fn linear_bf16_input_grad(
+    dy: &Tensor,
+    packing: &PackedWeight,
+    x_shape: &[usize],
+) -> Result<Tensor> {
+    let PackedWeight::Bf16Training { input_grad, .. } = packing else {
+        return Err(TensorError::shape(
+            "linear_backward",
+            "the weight was not packed for a bf16 input gradient",
+        ));
+    };
+    let (in_f, out_f) = input_grad.shape();
+    if dy.rank() == 0 || dy.dim(-1) != out_f || x_shape.last() != Some(&in_f) {
+        return Err(TensorError::shape(
+            "linear_backward",
+            format!(
+                "gradient {:?} against a weight of {out_f} outputs and input {x_shape:?}",
+                dy.shape()
+            ),
+        ));
+    }
+    let rows = dy.numel() / out_f;
+    let s = GemmShape {
+        m: rows,
+        n: in_f,
+        k: out_f,
+        trans_a: false,
+        trans_b: true,
+    };
+    if x_shape.iter().product::<usize>() != rows * in_f {
+        return Err(TensorError::shape(
+            "linear_backward",
+            format!("gradient {:?} against input {x_shape:?}", dy.shape()),
+        ));
+    }
+    linear_bf16(dy, input_grad, None, Activation::Identity, s, x_shape)
+}
+
 /// Checks [`linear`]'s operands for one dtype: the product `x·Wᵀ` over all rows of `x`, and the
 /// result's shape.
 pub fn linear_shape(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(GemmShape, Vec<usize>)> {

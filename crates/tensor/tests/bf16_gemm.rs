@@ -147,7 +147,7 @@ fn bf16_gemm_matches_f64_reference_at_ragged_sizes_on_every_path() {
 /// With `X = I` (k×k) the output is `Wᵀ` rounded to bf16, exactly: each element is a single
 /// product by 1. A depth step read from the wrong half of a pair, or a depth remainder past a
 /// tile row, puts a different weight (or zero) there. Also checks that a weight given in bf16
-/// packs as is.
+/// packs as is, and one given transposed (`[k, n]`, `pack_transposed`) as its transpose.
 #[test]
 fn bf16_gemm_reads_every_depth_step_from_its_own_weight() {
     let mut rng = StdRng::seed_from_u64(18);
@@ -158,9 +158,11 @@ fn bf16_gemm_reads_every_depth_step_from_its_own_weight() {
         .map(|i| if i / k == i % k { 1.0 } else { 0.0 })
         .collect();
     for path in paths() {
+        let w_t: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
         for packed in [
             PackedBf16Weight::pack(path, &w, n, k),
             PackedBf16Weight::pack(path, &w_bf16, n, k),
+            PackedBf16Weight::pack_transposed(path, &w_t, n, k),
         ] {
             let mut y = vec![f32::NAN; k * n];
             gemm_bf16_packed(&identity, k, &packed, None, Activation::Identity, &mut y);

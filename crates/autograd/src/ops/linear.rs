@@ -1,6 +1,9 @@
+use std::sync::Arc;
+
 use scalpel_tensor::cpu::gemm::Activation;
+use scalpel_tensor::cpu::gemm_weights::PackedWeight;
 use scalpel_tensor::ops::WeightUse;
-use scalpel_tensor::{ops as tops, Tensor};
+use scalpel_tensor::{ops as tops, DType, Tensor};
 
 use crate::device::backend_of;
 use crate::ops::gelu_in_place;
@@ -89,6 +92,100 @@ pub fn linear_gelu(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
         return Ok(Var::constant(y));
     }
     gelu_in_place(linear(x, w, b)?)
+}
+
+struct LinearBf16 {
+    has_bias: bool,
+    /// The bf16 packings of `W` the forward multiplied by, for `x·Wᵀ` and `dY·W`.
+    packing: Arc<PackedWeight>,
+}
+
+impl Backward for LinearBf16 {
+    fn name(&self) -> &'static str {
+        "linear (bf16)"
+    }
+
+    fn backward(
+        &self,
+        inputs: &[Var],
+        _: &Tensor,
+        grad: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let (x, w) = (inputs[0].value(), inputs[1].value());
+        let dx = match needs[0] {
+            true => Some(tops::linear_bf16_input_grad(
+                grad,
+                &self.packing,
+                x.shape(),
+            )?),
+            false => None,
+        };
+        let mut out = vec![dx];
+        let (need_dw, need_db) = (needs[1], self.has_bias && needs[2]);
+        if need_dw || need_db {
+            // The weight gradient stays an f32 GEMM (its operands are both activations); a
+            // bf16 weight (one held for inference) is widened only for a trainable bias.
+            let w32;
+            let w = match w.dtype() {
+                DType::F32 => w,
+                _ => {
+                    w32 = w.to_dtype(DType::F32);
+                    &w32
+                }
+            };
+            let (_, dw, db) = tops::linear_backward(x, w, grad, false)?;
+            out.push(need_dw.then_some(dw));
+            if self.has_bias {
+                out.push(need_db.then_some(db));
+            }
+        } else {
+            out.push(None);
+            if self.has_bias {
+                out.push(None);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// [`linear`] with its GEMMs in bf16 and f32 accumulation (mixed-precision training, CPU only):
+/// `x·Wᵀ` and the input gradient `dY·W` round their activation operand to bf16 and multiply
+/// by bf16 copies of the f32 (master) weight, packed once per weight value (made again after
+/// each optimiser step, [`tops::linear_bf16_compute`]); the weight and bias gradients, the
+/// bias and the outputs stay f32.
+pub fn linear_bf16(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+    linear_bf16_with(x, w, b, Activation::Identity)
+}
+
+/// `gelu(x·Wᵀ + b)` as [`linear_gelu`] does it, with the product of [`linear_bf16`].
+pub fn linear_gelu_bf16(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+    let constants = !x.requires_grad() && !w.requires_grad() && !b.is_some_and(Var::requires_grad);
+    if constants {
+        return linear_bf16_with(x, w, b, Activation::Gelu);
+    }
+    gelu_in_place(linear_bf16(x, w, b)?)
+}
+
+/// [`linear_bf16`] with `act` applied as the GEMM stores (only without gradients: the
+/// pre-activation is not kept).
+fn linear_bf16_with(x: &Var, w: &Var, b: Option<&Var>, act: Activation) -> Result<Var> {
+    let (xt, wt, bt) = (x.value(), w.value(), b.map(Var::value));
+    let (y, packing) = tops::linear_bf16_compute(xt, wt, bt, act, x.requires_grad())?;
+    let mut inputs = vec![x.clone(), w.clone()];
+    inputs.extend(b.cloned());
+    debug_assert!(
+        act == Activation::Identity || inputs.iter().all(|v| !v.requires_grad()),
+        "an activation in the epilogue has no backward"
+    );
+    Ok(Var::from_op(
+        y,
+        LinearBf16 {
+            has_bias: b.is_some(),
+            packing,
+        },
+        inputs,
+    ))
 }
 
 struct MatMul {

@@ -228,11 +228,36 @@ impl PackedBf16Weight {
     /// Rounds `w` (`[n, k]`) to bf16 and packs it for `path`.
     pub fn pack<T: Bf16Operand>(path: Bf16Path, w: &[T], n: usize, k: usize) -> PackedBf16Weight {
         assert_eq!(w.len(), n * k, "PackedBf16Weight: W has wrong length");
+        PackedBf16Weight::pack_from(path, n, k, false, w)
+    }
+
+    /// Rounds `w_t` (`[k, n]`: the weight stored transposed) to bf16 and packs it as
+    /// [`PackedBf16Weight::pack`] packs its transpose. A linear layer's input gradient
+    /// `dX = dY·W` is `dY·(Wᵀ)ᵀ`: its weight is the layer's `[out, in]` weight read this way,
+    /// with `n = in` and `k = out`.
+    pub fn pack_transposed<T: Bf16Operand>(
+        path: Bf16Path,
+        w_t: &[T],
+        n: usize,
+        k: usize,
+    ) -> PackedBf16Weight {
+        assert_eq!(w_t.len(), n * k, "PackedBf16Weight: Wᵀ has wrong length");
+        PackedBf16Weight::pack_from(path, n, k, true, w_t)
+    }
+
+    /// `w(j, p)` is `src[j·k + p]`, or `src[p·n + j]` when `transposed`.
+    fn pack_from<T: Bf16Operand>(
+        path: Bf16Path,
+        n: usize,
+        k: usize,
+        transposed: bool,
+        src: &[T],
+    ) -> PackedBf16Weight {
         path.assert_supported();
         let data = match path {
             Bf16Path::F32(isa) => {
-                let rounded: Vec<f32> = w.iter().map(|v| v.to_bf16().to_f32()).collect();
-                PackedData::F32(PackedB::new(isa, k, n, true, &rounded))
+                let rounded: Vec<f32> = src.iter().map(|v| v.to_bf16().to_f32()).collect();
+                PackedData::F32(PackedB::new(isa, k, n, !transposed, &rounded))
             }
             Bf16Path::Amx | Bf16Path::Avx512Bf16 => {
                 let pairs = k.next_multiple_of(K_ALIGN) / 2;
@@ -240,17 +265,30 @@ impl PackedBf16Weight {
                 let mut data = CacheAligned::<u32>::zeroed(panels * pairs * PANEL_COLS);
                 let packed = data.as_mut_slice();
                 let bits = |j: usize, p: usize| {
-                    if p < k {
-                        u32::from(w[j * k + p].to_bf16().to_bits())
-                    } else {
+                    if p >= k {
                         0
+                    } else if transposed {
+                        u32::from(src[p * n + j].to_bf16().to_bits())
+                    } else {
+                        u32::from(src[j * k + p].to_bf16().to_bits())
                     }
                 };
-                for j in 0..n {
-                    let (panel, col) = (j / PANEL_COLS, j % PANEL_COLS);
+                let word = |j: usize, p: usize| bits(j, 2 * p) | (bits(j, 2 * p + 1) << 16);
+                if transposed {
+                    // Columns innermost: both source rows and the panel's words are read and
+                    // written in order.
                     for p in 0..k.div_ceil(2) {
-                        packed[(panel * pairs + p) * PANEL_COLS + col] =
-                            bits(j, 2 * p) | (bits(j, 2 * p + 1) << 16);
+                        for j in 0..n {
+                            let (panel, col) = (j / PANEL_COLS, j % PANEL_COLS);
+                            packed[(panel * pairs + p) * PANEL_COLS + col] = word(j, p);
+                        }
+                    }
+                } else {
+                    for j in 0..n {
+                        let (panel, col) = (j / PANEL_COLS, j % PANEL_COLS);
+                        for p in 0..k.div_ceil(2) {
+                            packed[(panel * pairs + p) * PANEL_COLS + col] = word(j, p);
+                        }
                     }
                 }
                 PackedData::Vnni(data)

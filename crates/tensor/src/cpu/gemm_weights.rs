@@ -23,6 +23,13 @@ pub enum PackedWeight {
     F32(PackedB),
     /// A `bf16` weight (or an `f32` one rounded), for the bf16 GEMM.
     Bf16(PackedBf16Weight),
+    /// An `f32` weight trained with bf16 GEMMs: rounded and packed for `x·Wᵀ`, and transposed
+    /// for the input gradient `dY·W` ([`PackedBf16Weight::pack_transposed`]). Made again
+    /// after each optimiser step, which moves the weight to new storage.
+    Bf16Training {
+        forward: PackedBf16Weight,
+        input_grad: PackedBf16Weight,
+    },
 }
 
 impl PackedWeight {
@@ -49,11 +56,61 @@ impl PackedWeight {
         }
     }
 
+    /// The `[out, in]` host weight `w` (`f32` or `bf16`) rounded to bf16 and packed for the
+    /// bf16 GEMM on [`Bf16Path::best`]: for `x·Wᵀ` alone, or also for the input gradient when
+    /// `training`. `None` for other dtypes and shapes.
+    pub fn pack_bf16(w: &Tensor, training: bool) -> Option<PackedWeight> {
+        if w.rank() != 2 {
+            return None;
+        }
+        let (out_f, in_f, path) = (w.dim(0), w.dim(1), Bf16Path::best());
+        let pack = |forward: bool| -> Option<PackedBf16Weight> {
+            Some(match (w.dtype(), forward) {
+                (DType::F32, true) => {
+                    PackedBf16Weight::pack(path, w.values::<f32>().ok()?, out_f, in_f)
+                }
+                (DType::F32, false) => {
+                    PackedBf16Weight::pack_transposed(path, w.values::<f32>().ok()?, in_f, out_f)
+                }
+                (DType::BF16, true) => {
+                    PackedBf16Weight::pack(path, w.values::<half::bf16>().ok()?, out_f, in_f)
+                }
+                (DType::BF16, false) => PackedBf16Weight::pack_transposed(
+                    path,
+                    w.values::<half::bf16>().ok()?,
+                    in_f,
+                    out_f,
+                ),
+                _ => return None,
+            })
+        };
+        Some(if training {
+            PackedWeight::Bf16Training {
+                forward: pack(true)?,
+                input_grad: pack(false)?,
+            }
+        } else {
+            PackedWeight::Bf16(pack(true)?)
+        })
+    }
+
+    /// The packing `x·Wᵀ` multiplies by on the bf16 GEMM, if this is a bf16 one.
+    pub fn bf16_forward(&self) -> Option<&PackedBf16Weight> {
+        match self {
+            PackedWeight::Bf16(p) | PackedWeight::Bf16Training { forward: p, .. } => Some(p),
+            PackedWeight::F32(_) => None,
+        }
+    }
+
     /// Memory the packed panels hold.
     pub fn bytes(&self) -> usize {
         match self {
             PackedWeight::F32(p) => p.bytes(),
             PackedWeight::Bf16(p) => p.bytes(),
+            PackedWeight::Bf16Training {
+                forward,
+                input_grad,
+            } => forward.bytes() + input_grad.bytes(),
         }
     }
 }
@@ -86,16 +143,47 @@ pub fn cached(w: &Tensor) -> Option<Arc<PackedWeight>> {
 /// The packing of host weight `w`, made now (and kept while `w`'s storage lives) if there is
 /// none yet. `None` where [`PackedWeight::pack`] has none to make.
 pub fn packed(w: &Tensor) -> Option<Arc<PackedWeight>> {
-    if let Some(p) = cached(w) {
+    let native = |p: &PackedWeight| match p {
+        PackedWeight::F32(_) => w.dtype() == DType::F32,
+        PackedWeight::Bf16(_) => w.dtype() == DType::BF16,
+        PackedWeight::Bf16Training { .. } => false,
+    };
+    packed_by(w, native, || PackedWeight::pack(w))
+}
+
+/// [`PackedWeight::pack_bf16`] of host weight `w` kept as [`packed`] keeps its packing: an `f32`
+/// weight multiplied on the bf16 GEMM (mixed-precision training when `training`, which also
+/// packs it for the input gradient).
+pub fn packed_bf16(w: &Tensor, training: bool) -> Option<Arc<PackedWeight>> {
+    let suits = |p: &PackedWeight| match p {
+        PackedWeight::Bf16Training { .. } => true,
+        PackedWeight::Bf16(_) => !training,
+        PackedWeight::F32(_) => false,
+    };
+    packed_by(w, suits, || PackedWeight::pack_bf16(w, training))
+}
+
+/// The cached packing of `w` if it `suits`, else a new one from `pack`, which replaces it.
+fn packed_by(
+    w: &Tensor,
+    suits: impl Fn(&PackedWeight) -> bool,
+    pack: impl FnOnce() -> Option<PackedWeight>,
+) -> Option<Arc<PackedWeight>> {
+    if let Some(p) = cached(w).filter(|p| suits(p)) {
         return Some(p);
     }
     let (key, storage) = w.host_storage()?;
     // Packed outside the lock: other threads' lookups do not wait for it. Two threads packing
     // the same weight at once both pack, and the first entry stays.
-    let packed = Arc::new(PackedWeight::pack(w)?);
+    let packed = Arc::new(pack()?);
     Some(with_cache(|cache| {
         let entry = cache
             .entry(key)
+            .and_modify(|e| {
+                if !suits(&e.packed) {
+                    e.packed = Arc::clone(&packed);
+                }
+            })
             .or_insert_with(|| Entry { storage, packed });
         Arc::clone(&entry.packed)
     }))

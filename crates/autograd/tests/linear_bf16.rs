@@ -1,0 +1,107 @@
+//! `ops::linear_bf16`, the linear layer of mixed-precision training, against independent
+//! references: its forward equals the bf16 GEMM of the bf16-rounded weight (what `--dtype bf16`
+//! inference multiplies by) bit for bit; its input gradient equals the f64 product of the
+//! bf16-rounded upstream gradient and weight within f32 accumulation (the product of two bf16
+//! values is exact in f32, so only the summation order differs); the weight and bias gradients
+//! equal f32 `linear`'s exactly; and a weight changed in place is rounded again on the next call.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use scalpel_autograd::{ops, Var};
+use scalpel_tensor::{DType, Tensor};
+
+fn uniform(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    Tensor::from_vec(shape, (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()).unwrap()
+}
+
+/// `t` rounded to bf16 (the tensor crate's conversion, not the GEMM's), widened to f64.
+fn rounded(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::BF16).to_vec::<f64>()
+}
+
+/// `sum(y ∘ r)` through f32 `linear`, so that the upstream gradient of `y` is `r`.
+fn weighted_sum(y: &Var, r: &Tensor) -> Var {
+    let n = y.value().numel();
+    let flat = ops::reshape(y, &[1, n]).unwrap();
+    let r = Var::constant(r.clone().reshape(&[1, n]).unwrap());
+    ops::linear(&flat, &r, None).unwrap()
+}
+
+#[test]
+fn linear_bf16_forward_and_gradients_match_their_references() {
+    // Ragged sizes: 2·9 rows against the 14-row tile, 37 inputs and 19 outputs off the 32-wide
+    // panels and the 32-deep padding.
+    let (batch, seq, in_f, out_f) = (2, 9, 37, 19);
+    let x = Var::parameter(uniform(&[batch, seq, in_f], 1));
+    let w = Var::parameter(uniform(&[out_f, in_f], 2));
+    let b = Var::parameter(uniform(&[out_f], 3));
+    let r = uniform(&[batch, seq, out_f], 4);
+
+    let y = ops::linear_bf16(&x, &w, Some(&b)).unwrap();
+    let w_bf16 = Var::constant(w.value().to_dtype(DType::BF16));
+    let inference = ops::linear(&Var::constant(x.value().clone()), &w_bf16, Some(&b)).unwrap();
+    assert_eq!(
+        y.value().to_vec::<f32>(),
+        inference.value().to_vec::<f32>(),
+        "the forward should be the bf16 GEMM of the rounded weight"
+    );
+    let exact = ops::linear(&x, &w, Some(&b)).unwrap();
+    let differs = y
+        .value()
+        .to_vec::<f32>()
+        .iter()
+        .zip(exact.value().to_vec::<f32>())
+        .any(|(a, b)| *a != b);
+    assert!(differs, "the forward equals f32's: bf16 did not run");
+
+    let grads = weighted_sum(&y, &r).backward().unwrap();
+    let grads32 = weighted_sum(&exact, &r).backward().unwrap();
+    for (name, v) in [("weight", &w), ("bias", &b)] {
+        assert_eq!(
+            grads.get(v).unwrap().to_vec::<f32>(),
+            grads32.get(v).unwrap().to_vec::<f32>(),
+            "the {name} gradient should be f32 linear's"
+        );
+    }
+
+    let (rr, wr) = (rounded(&r), rounded(w.value()));
+    let rows = batch * seq;
+    let dx = grads.get(&x).unwrap().to_vec::<f32>();
+    for i in 0..rows {
+        for j in 0..in_f {
+            let terms = (0..out_f).map(|o| rr[i * out_f + o] * wr[o * in_f + j]);
+            let want: f64 = terms.clone().sum();
+            let magnitude: f64 = terms.map(f64::abs).sum();
+            let bound = (out_f as f64 + 2.0) * f32::EPSILON as f64 * magnitude;
+            let got = dx[i * in_f + j] as f64;
+            assert!(
+                (got - want).abs() <= bound,
+                "dX[{i}, {j}] = {got}, want {want} ± {bound:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_weight_changed_in_place_is_rounded_again() {
+    let x = Var::constant(uniform(&[3, 40], 5));
+    let mut w = Var::parameter(uniform(&[17, 40], 6));
+    let before = ops::linear_bf16(&x, &w, None)
+        .unwrap()
+        .value()
+        .to_vec::<f32>();
+    for v in w.value_mut().unwrap().values_mut::<f32>().unwrap() {
+        *v = -*v;
+    }
+    let after = ops::linear_bf16(&x, &w, None)
+        .unwrap()
+        .value()
+        .to_vec::<f32>();
+    let negated: Vec<f32> = before.iter().map(|v| -v).collect();
+    assert_eq!(
+        after, negated,
+        "the second call should multiply by the negated weight, not the first packing"
+    );
+}
