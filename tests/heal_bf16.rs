@@ -36,7 +36,7 @@ fn losses(log: &Path) -> Vec<f64> {
 }
 
 /// Measured on an AMD Zen (AVX512-BF16 path): 0.0034% at step 1 (the forwards' rounding alone),
-/// at most 0.062% over the 8 steps. 0.5% leaves 8× room for other paths' summation orders;
+/// at most 0.065% over the 8 steps (all three GEMMs of each linear in bf16). 0.5% leaves 8× room for other paths' summation orders;
 /// the curve itself moves by 5–50% per step at this learning rate.
 const TOLERANCE: f64 = 0.005;
 

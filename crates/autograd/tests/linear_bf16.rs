@@ -1,9 +1,9 @@
 //! `ops::linear_bf16`, the linear layer of mixed-precision training, against independent
 //! references: its forward equals the bf16 GEMM of the bf16-rounded weight (what `--dtype bf16`
-//! inference multiplies by) bit for bit; its input gradient equals the f64 product of the
-//! bf16-rounded upstream gradient and weight within f32 accumulation (the product of two bf16
-//! values is exact in f32, so only the summation order differs); the weight and bias gradients
-//! equal f32 `linear`'s exactly; and a weight changed in place is rounded again on the next call.
+//! inference multiplies by) bit for bit; its input and weight gradients equal the f64 products
+//! of the bf16-rounded operands (`dY·W`, `dYᵀ·X`) within f32 accumulation (the product of two
+//! bf16 values is exact in f32, so only the summation order differs); the bias gradient equals
+//! f32 `linear`'s exactly; and a weight changed in place is rounded again on the next call.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -58,30 +58,44 @@ fn linear_bf16_forward_and_gradients_match_their_references() {
 
     let grads = weighted_sum(&y, &r).backward().unwrap();
     let grads32 = weighted_sum(&exact, &r).backward().unwrap();
-    for (name, v) in [("weight", &w), ("bias", &b)] {
-        assert_eq!(
-            grads.get(v).unwrap().to_vec::<f32>(),
-            grads32.get(v).unwrap().to_vec::<f32>(),
-            "the {name} gradient should be f32 linear's"
-        );
-    }
+    assert_eq!(
+        grads.get(&b).unwrap().to_vec::<f32>(),
+        grads32.get(&b).unwrap().to_vec::<f32>(),
+        "the bias gradient should be f32 linear's"
+    );
 
-    let (rr, wr) = (rounded(&r), rounded(w.value()));
+    let (rr, wr, xr) = (rounded(&r), rounded(w.value()), rounded(x.value()));
     let rows = batch * seq;
-    let dx = grads.get(&x).unwrap().to_vec::<f32>();
-    for i in 0..rows {
-        for j in 0..in_f {
-            let terms = (0..out_f).map(|o| rr[i * out_f + o] * wr[o * in_f + j]);
-            let want: f64 = terms.clone().sum();
-            let magnitude: f64 = terms.map(f64::abs).sum();
-            let bound = (out_f as f64 + 2.0) * f32::EPSILON as f64 * magnitude;
-            let got = dx[i * in_f + j] as f64;
+    // `got[i·cols + j]` against `Σ_t term(i, j, t)` over `depth` terms, in f64.
+    let check = |name: &str,
+                 got: &Tensor,
+                 cols: usize,
+                 depth: usize,
+                 term: &dyn Fn(usize, usize, usize) -> f64| {
+        let got = got.to_vec::<f32>();
+        for (at, &g) in got.iter().enumerate() {
+            let (i, j) = (at / cols, at % cols);
+            let want: f64 = (0..depth).map(|t| term(i, j, t)).sum();
+            let magnitude: f64 = (0..depth).map(|t| term(i, j, t).abs()).sum();
+            let bound = (depth as f64 + 2.0) * f32::EPSILON as f64 * magnitude;
             assert!(
-                (got - want).abs() <= bound,
-                "dX[{i}, {j}] = {got}, want {want} ± {bound:e}"
+                (g as f64 - want).abs() <= bound,
+                "{name}[{i}, {j}] = {g}, want {want} ± {bound:e}"
             );
         }
-    }
+    };
+    check("dX", grads.get(&x).unwrap(), in_f, out_f, &|i, j, o| {
+        rr[i * out_f + o] * wr[o * in_f + j]
+    });
+    check("dW", grads.get(&w).unwrap(), in_f, rows, &|o, j, t| {
+        rr[t * out_f + o] * xr[t * in_f + j]
+    });
+    let dw32 = grads32.get(&w).unwrap().to_vec::<f32>();
+    assert_ne!(
+        grads.get(&w).unwrap().to_vec::<f32>(),
+        dw32,
+        "the weight gradient equals f32's: bf16 did not run"
+    );
 }
 
 #[test]

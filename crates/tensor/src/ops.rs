@@ -329,6 +329,48 @@ pub fn linear_bf16_input_grad(
     linear_bf16(dy, input_grad, None, Activation::Identity, s, x_shape)
 }
 
+/// The weight and bias gradients of a [`linear_bf16_compute`] in training: `dW = dYᵀ·X` on the
+/// bf16 GEMM (`dY` and `x` rounded to bf16, f32 accumulation; only if `need_dw`) and
+/// `db = Σ_rows dY` in f32.
+pub fn linear_bf16_param_grads(
+    x: &Tensor,
+    dy: &Tensor,
+    need_dw: bool,
+) -> Result<(Option<Tensor>, Tensor)> {
+    same_dtype("linear_backward", &[x, dy])?;
+    if x.dtype() != DType::F32 || x.rank() == 0 || dy.rank() == 0 {
+        return Err(TensorError::shape(
+            "linear_backward",
+            format!(
+                "bf16 weight gradients take F32 x and dy, got {:?}",
+                x.dtype()
+            ),
+        ));
+    }
+    let (in_f, out_f) = (x.dim(-1), dy.dim(-1));
+    let rows = x.numel() / in_f.max(1);
+    if dy.numel() != rows * out_f {
+        return Err(TensorError::shape(
+            "linear_backward",
+            format!("gradient {:?} against input {:?}", dy.shape(), x.shape()),
+        ));
+    }
+    let (xv, dyv) = (x.values::<f32>()?, dy.values::<f32>()?);
+    let dw = if need_dw {
+        let mut out = Vec::with_capacity(out_f * in_f);
+        let uninit = &mut out.spare_capacity_mut()[..out_f * in_f];
+        cpu::gemm_bf16::gemm_bf16_at_b(dyv, xv, out_f, in_f, rows, uninit);
+        // SAFETY: `gemm_bf16_at_b` initialised all out_f·in_f elements.
+        unsafe { out.set_len(out_f * in_f) };
+        Some(Tensor::from_vec(&[out_f, in_f], out)?)
+    } else {
+        None
+    };
+    let mut db = Tensor::zeros(&[out_f], DType::F32);
+    cpu::elementwise::bias_backward(out_f, dyv, db.values_mut::<f32>()?);
+    Ok((dw, db))
+}
+
 /// Checks [`linear`]'s operands for one dtype: the product `x·Wᵀ` over all rows of `x`, and the
 /// result's shape.
 pub fn linear_shape(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(GemmShape, Vec<usize>)> {

@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use scalpel_tensor::cpu::activation;
 use scalpel_tensor::cpu::gemm::Activation;
 use scalpel_tensor::cpu::gemm_bf16::{
-    gemm_bf16_into_uninit, gemm_bf16_packed, Bf16Path, PackedBf16Weight,
+    gemm_bf16_at_b, gemm_bf16_into_uninit, gemm_bf16_packed, Bf16Path, PackedBf16Weight,
 };
 use scalpel_tensor::threads;
 
@@ -188,5 +188,48 @@ fn bf16_gemm_with_no_depth_stores_the_bias() {
         let mut y = vec![f32::NAN; 2 * 5];
         gemm_bf16_packed(&[], 2, &packed, Some(&bias), Activation::Identity, &mut y);
         assert_eq!(y, [bias, bias].concat(), "{path:?}");
+    }
+}
+
+/// `C = Aᵀ·B` (a weight gradient `dYᵀ·X`: `A` `[k, m]`, `B` `[k, n]`) on the best bf16 path,
+/// into a NaN-filled output, against the f64 product of the bf16-rounded operands: only the
+/// f32 accumulation may differ. Ragged sizes off the 14-row tile, the 16-word interleave, the
+/// 32-column panels and the 32-deep padding, one past the 384-deep block; 1 and 3 threads.
+#[test]
+fn bf16_gemm_at_b_matches_f64_reference_of_rounded_operands() {
+    let mut rng = StdRng::seed_from_u64(19);
+    for (m, n, k) in [
+        (1, 1, 1),
+        (19, 37, 9),
+        (33, 17, 64),
+        (15, 100, 33),
+        (384, 40, 801),
+    ] {
+        let a = uniform(&mut rng, k * m, -1.0, 1.0);
+        let b = uniform(&mut rng, k * n, -1.0, 1.0);
+        let (ar, br) = (rounded(&a), rounded(&b));
+        let mut want = vec![0.0; m * n];
+        let mut magnitude = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for p in 0..k {
+                    let t = ar[p * m + i] * br[p * n + j];
+                    want[i * n + j] += t;
+                    magnitude[i * n + j] += t.abs();
+                }
+            }
+        }
+        for threads in [1, 3] {
+            threads::with_num_threads(threads, || {
+                let mut y = vec![MaybeUninit::new(f32::NAN); m * n];
+                gemm_bf16_at_b(&a, &b, m, n, k, &mut y);
+                // SAFETY: gemm_bf16_at_b initialises every element (they began as NaN).
+                let y: Vec<f32> = y.iter().map(|v| unsafe { v.assume_init() }).collect();
+                let ctx = format!("{m}×{n}×{k}, {:?}, {threads} threads", Bf16Path::best());
+                assert_close(&format!("bf16 Aᵀ·B {ctx}"), &y, &want, |i| {
+                    (k as f64 + 2.0) * EPS * magnitude[i]
+                });
+            });
+        }
     }
 }

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use scalpel_tensor::cpu::gemm::Activation;
 use scalpel_tensor::cpu::gemm_weights::PackedWeight;
 use scalpel_tensor::ops::WeightUse;
-use scalpel_tensor::{ops as tops, DType, Tensor};
+use scalpel_tensor::{ops as tops, Tensor};
 
 use crate::device::backend_of;
 use crate::ops::gelu_in_place;
@@ -112,7 +112,7 @@ impl Backward for LinearBf16 {
         grad: &Tensor,
         needs: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
-        let (x, w) = (inputs[0].value(), inputs[1].value());
+        let x = inputs[0].value();
         let dx = match needs[0] {
             true => Some(tops::linear_bf16_input_grad(
                 grad,
@@ -124,36 +124,22 @@ impl Backward for LinearBf16 {
         let mut out = vec![dx];
         let (need_dw, need_db) = (needs[1], self.has_bias && needs[2]);
         if need_dw || need_db {
-            // The weight gradient stays an f32 GEMM (its operands are both activations); a
-            // bf16 weight (one held for inference) is widened only for a trainable bias.
-            let w32;
-            let w = match w.dtype() {
-                DType::F32 => w,
-                _ => {
-                    w32 = w.to_dtype(DType::F32);
-                    &w32
-                }
-            };
-            let (_, dw, db) = tops::linear_backward(x, w, grad, false)?;
-            out.push(need_dw.then_some(dw));
+            let (dw, db) = tops::linear_bf16_param_grads(x, grad, need_dw)?;
+            out.push(dw);
             if self.has_bias {
                 out.push(need_db.then_some(db));
-            }
-        } else {
-            out.push(None);
-            if self.has_bias {
-                out.push(None);
             }
         }
         Ok(out)
     }
 }
 
-/// [`linear`] with its GEMMs in bf16 and f32 accumulation (mixed-precision training, CPU only):
-/// `x·Wᵀ` and the input gradient `dY·W` round their activation operand to bf16 and multiply
-/// by bf16 copies of the f32 (master) weight, packed once per weight value (made again after
-/// each optimiser step, [`tops::linear_bf16_compute`]); the weight and bias gradients, the
-/// bias and the outputs stay f32.
+/// [`linear`] with its three GEMMs in bf16 and f32 accumulation (mixed-precision training, CPU
+/// only): `x·Wᵀ` and the input gradient `dY·W` round their activation operand to bf16 and
+/// multiply by bf16 copies of the f32 (master) weight, packed once per weight value (made again
+/// after each optimiser step, [`tops::linear_bf16_compute`]); the weight gradient `dYᵀ·X`
+/// rounds both activations. Outputs, the bias and its gradient, and the weight gradient's
+/// accumulation stay f32.
 pub fn linear_bf16(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     linear_bf16_with(x, w, b, Activation::Identity)
 }

@@ -186,12 +186,21 @@ fn request_tile_data() -> bool {
 /// A value a weight can be packed from: `f32` (rounded to nearest even) or `bf16` (as is).
 pub trait Bf16Operand: Copy {
     fn to_bf16(self) -> bf16;
+
+    /// `values` as `f32`, if they are (the vector packer's input).
+    fn as_f32(_values: &[Self]) -> Option<&[f32]> {
+        None
+    }
 }
 
 impl Bf16Operand for f32 {
     #[inline]
     fn to_bf16(self) -> bf16 {
         bf16::from_f32(self)
+    }
+
+    fn as_f32(values: &[f32]) -> Option<&[f32]> {
+        Some(values)
     }
 }
 
@@ -274,7 +283,12 @@ impl PackedBf16Weight {
                     }
                 };
                 let word = |j: usize, p: usize| bits(j, 2 * p) | (bits(j, 2 * p + 1) << 16);
-                if transposed {
+                if let Some(src) = T::as_f32(src).filter(|_| transposed) {
+                    // Each pair of source rows is one run of panel words (16 at a time).
+                    interleave_row_pairs(src, k, n, pairs, packed, |p, j0| {
+                        ((j0 / PANEL_COLS) * pairs + p) * PANEL_COLS + j0 % PANEL_COLS
+                    });
+                } else if transposed {
                     // Columns innermost: both source rows and the panel's words are read and
                     // written in order.
                     for p in 0..k.div_ceil(2) {
@@ -392,27 +406,153 @@ pub fn gemm_bf16_into_uninit(
                 convert_rows(x, k, k_padded, xb);
                 let g = VnniGemm {
                     x: xb,
+                    x_pair_major: None,
                     w: w.as_slice(),
                     n,
                     k_padded,
                     c,
                     ep,
                 };
-                let (tm, tn) = gemm::thread_grid(threads, rows, n, k, bl);
-                threads::parallel_for(tm * tn, |task| {
-                    let rows = gemm::split_range(rows, tm, bl.mr, task / tn);
-                    let cols = gemm::split_range(n, tn, bl.nr, task % tn);
-                    if rows.is_empty() || cols.is_empty() {
-                        return;
-                    }
-                    // SAFETY: `rows×cols` is this task's own block of C (the tasks tile C
-                    // disjointly), rows start at multiples of MR (inside the padded X) and
-                    // columns at multiples of the panel width.
-                    unsafe { vnni_block(packed.path, g, rows, cols) }
-                });
+                // SAFETY: X is padded to whole MR-row panels; C as the caller lent it.
+                unsafe { run_vnni(packed.path, threads, g, rows, k) }
             })
         }
     }
+}
+
+/// [`VnniGemm`] `g` over `rows` rows of C, on `threads` threads.
+///
+/// # Safety
+/// `g.c` must hold `rows×g.n` elements that are ours alone for the call; X must be padded to
+/// whole MR-row panels of `path`.
+unsafe fn run_vnni(path: Bf16Path, threads: usize, g: VnniGemm<'_>, rows: usize, k: usize) {
+    let bl = blocking(path);
+    let (tm, tn) = gemm::thread_grid(threads, rows, g.n, k, bl);
+    threads::parallel_for(tm * tn, |task| {
+        let rows = gemm::split_range(rows, tm, bl.mr, task / tn);
+        let cols = gemm::split_range(g.n, tn, bl.nr, task % tn);
+        if rows.is_empty() || cols.is_empty() {
+            return;
+        }
+        // SAFETY: `rows×cols` is this task's own block of C (the tasks tile C disjointly),
+        // rows start at multiples of MR (inside the padded X) and columns at multiples of the
+        // panel width.
+        unsafe { vnni_block(path, g, rows, cols) }
+    });
+}
+
+/// `C = Aᵀ·B` with `A` (`[k, m]`) and `B` (`[k, n]`) row-major f32 rounded to bf16 and f32
+/// accumulation into `out` (`[m, n]`, need not be initialised): a linear layer's weight gradient
+/// `dW = dYᵀ·X`, whose depth is the batch's rows, on [`Bf16Path::best`]. On AVX512-BF16 both
+/// operands become pair-major words by one vector pass each (`B` as VNNI panels, `A` read in
+/// place by the kernel); the AMX and f32 paths multiply the rounded operands by the f32 GEMM.
+pub fn gemm_bf16_at_b(
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
+    assert_eq!(a.len(), k * m, "gemm_bf16_at_b: A has wrong length");
+    assert_eq!(b.len(), k * n, "gemm_bf16_at_b: B has wrong length");
+    assert_eq!(out.len(), m * n, "gemm_bf16_at_b: output has wrong length");
+    let ep = Epilogue {
+        beta: 0.0,
+        bias: None,
+        act: Activation::Identity,
+    };
+    let path = Bf16Path::best();
+    let threads = if m * n * k < gemm::THREADED_MIN_WORK {
+        1
+    } else {
+        threads::num_threads()
+    };
+    if m == 0 || n == 0 {
+        return;
+    }
+    if path != Bf16Path::Avx512Bf16 || k == 0 {
+        let isa = match path {
+            Bf16Path::F32(isa) => isa,
+            _ => Isa::best(),
+        };
+        let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|v| v.to_bf16().to_f32()).collect() };
+        let s = GemmShape {
+            m,
+            n,
+            k,
+            trans_a: true,
+            trans_b: false,
+        };
+        let (a, b) = (round(a), round(b));
+        let c = TilePtr(out.as_mut_ptr().cast());
+        // SAFETY: C holds m×n elements (checked) and is ours alone; with beta = 0 each is
+        // stored before anything reads it.
+        unsafe { gemm::gemm_f32_from(isa, threads, s, &a, BOperand::Raw(&b), c, ep) };
+        return;
+    }
+    let w = PackedBf16Weight::pack_transposed(path, b, n, k);
+    let PackedData::Vnni(w) = &w.data else {
+        unreachable!("the AVX512-BF16 path packs VNNI panels")
+    };
+    let pairs = k.next_multiple_of(K_ALIGN) / 2;
+    // Whole 16-word stores and whole MR-row panels both fit.
+    let stride = m.next_multiple_of(16).max(m.next_multiple_of(DPBF16_MR));
+    let mut x = vec![0u32; pairs * stride];
+    interleave_row_pairs(a, k, m, pairs, &mut x, |p, i0| p * stride + i0);
+    let g = VnniGemm {
+        x: bytemuck::cast_slice(&x),
+        x_pair_major: Some(stride),
+        w: w.as_slice(),
+        n,
+        k_padded: 2 * pairs,
+        c: TilePtr(out.as_mut_ptr().cast()),
+        ep,
+    };
+    // SAFETY: the pair-major X covers `stride` ≥ whole MR-row panels; C as checked above.
+    unsafe { run_vnni(path, threads, g, m, k) }
+}
+
+/// Rounds `src` (`[k, n]` row-major) to bf16 and writes, for each pair step `p < pairs` and
+/// each 16 columns from `j0`, the 16 words `[src(2p, j), src(2p + 1, j)]` (low, high half; zero
+/// past `k` and `n`) at `dst[offset(p, j0)..]`; pair steps are spread over threads.
+/// `offset` must map distinct `(p, j0)` to disjoint runs of 16 words inside `dst`.
+fn interleave_row_pairs(
+    src: &[f32],
+    k: usize,
+    n: usize,
+    pairs: usize,
+    dst: &mut [u32],
+    offset: impl Fn(usize, usize) -> usize + Sync,
+) {
+    assert_eq!(
+        src.len(),
+        k * n,
+        "interleave_row_pairs: wrong source length"
+    );
+    const PAIRS_PER_TASK: usize = 64;
+    let len = dst.len();
+    // An address, so that the tasks may share it (each writes its own words, see below).
+    let base = dst.as_mut_ptr() as usize;
+    threads::parallel_for(pairs.div_ceil(PAIRS_PER_TASK), |task| {
+        let range = task * PAIRS_PER_TASK..((task + 1) * PAIRS_PER_TASK).min(pairs);
+        for p in range {
+            let row = |r: usize| src.get(r * n..(r + 1) * n);
+            for j0 in (0..n).step_by(16) {
+                let at = offset(p, j0);
+                assert!(at + 16 <= len, "interleave_row_pairs: offset outside dst");
+                // SAFETY: a Vnni packing exists only where AVX512-BF16 was detected; the 16
+                // words at `at` are inside `dst` (asserted) and this step's alone (the
+                // caller's `offset` is injective).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    x86::interleave_16(row(2 * p), row(2 * p + 1), j0, (base as *mut u32).add(at))
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("no bf16 instructions: {:?}", (at, row(p)));
+            }
+        }
+    });
 }
 
 /// Register tile (`mr×nr`) and cache blocking of the two bf16 instruction paths. AVX512-BF16:
@@ -494,6 +634,9 @@ fn convert_rows(x: &[f32], k: usize, k_padded: usize, dst: &mut [u16]) {
 #[derive(Clone, Copy)]
 struct VnniGemm<'a> {
     x: &'a [u16],
+    /// `Some(stride)`: X is not rows but pair-major words, the pair `p` of row `i` at word
+    /// `p·stride + i` (the AVX512-BF16 kernel reads its panels from there in place).
+    x_pair_major: Option<usize>,
     w: &'a [u32],
     n: usize,
     k_padded: usize,
@@ -557,6 +700,36 @@ mod x86 {
                 _mm256_storeu_si256(dst.as_mut_ptr().cast(), h);
             }
         }
+    }
+
+    /// Writes the 16 words `[lo(j), hi(j)]` for `j` in `j0..j0 + 16` (bf16, low and high half)
+    /// at `dst`; a missing row, or a column past the row's end, reads as zero.
+    ///
+    /// # Safety
+    /// The CPU must support AVX512-BF16; `dst` must be valid for 16 words.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn interleave_16(
+        lo: Option<&[f32]>,
+        hi: Option<&[f32]>,
+        j0: usize,
+        dst: *mut u32,
+    ) {
+        let load = |row: Option<&[f32]>| -> __m512i {
+            let Some(row) = row else {
+                return _mm512_setzero_si512();
+            };
+            let lanes = row.len().saturating_sub(j0).min(16);
+            let mask = ((1u32 << lanes) - 1) as u16;
+            // SAFETY: only the `lanes` in-bounds lanes are read.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(mask, row.as_ptr().wrapping_add(j0));
+                let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm512_cvtepu16_epi32(h)
+            }
+        };
+        let words = _mm512_or_si512(load(lo), _mm512_slli_epi32::<16>(load(hi)));
+        // SAFETY: the caller vouched for 16 words at `dst`.
+        unsafe { _mm512_storeu_si512(dst.cast(), words) };
     }
 
     /// [`super::vnni_block`] compiled for AVX512-BF16, on `path`'s kernel; `a_buf` holds the
@@ -666,13 +839,24 @@ mod x86 {
                 let ep = ep.for_block(pc, kc, pairs);
                 for ic in rows.clone().step_by(bl.mc) {
                     let mc = bl.mc.min(rows.end - ic);
-                    for (panel, ir) in (0..mc).step_by(DPBF16_MR).enumerate() {
-                        // Full MR rows: X's rows are padded to a multiple of MR.
-                        let dst = &mut a_buf[panel * DPBF16_MR * kc..][..DPBF16_MR * kc];
-                        let src = &x[(ic + ir) * lda + pc..];
-                        pack_transposing(s, src, lda, DPBF16_MR, DPBF16_MR, kc, dst);
-                    }
-                    let a_panels = a_buf.as_ptr().cast::<u32>();
+                    // Where the MR-row panel at row offset `ir` starts, and its words per step.
+                    let (a_panels, a_step, panel_offset): (*const u32, usize, usize) = match v
+                        .x_pair_major
+                    {
+                        Some(stride) => {
+                            let start = x[pc * stride + ic..].as_ptr().cast::<u32>();
+                            (start, stride, 1)
+                        }
+                        None => {
+                            for (panel, ir) in (0..mc).step_by(DPBF16_MR).enumerate() {
+                                // Full MR rows: X's rows are padded to a multiple of MR.
+                                let dst = &mut a_buf[panel * DPBF16_MR * kc..][..DPBF16_MR * kc];
+                                let src = &x[(ic + ir) * lda + pc..];
+                                pack_transposing(s, src, lda, DPBF16_MR, DPBF16_MR, kc, dst);
+                            }
+                            (a_buf.as_ptr().cast::<u32>(), DPBF16_MR, kc)
+                        }
+                    };
                     for jr in (0..nc).step_by(PANEL_COLS) {
                         let panel = (jc + jr) / PANEL_COLS;
                         let w = v.w[(panel * pairs + pc) * PANEL_COLS..].as_ptr();
@@ -683,13 +867,13 @@ mod x86 {
                             // W panel is 32 wide and `pairs` deep, and
                             // (ic + ir, jc + jr) is inside rows×cols, which the caller owns.
                             unsafe {
-                                let a = a_panels.add(ir * kc);
+                                let a = a_panels.add(ir * panel_offset);
                                 let cp = c.0.add((ic + ir) * v.n + jc + jr);
                                 if tile_rows == DPBF16_MR && tile_cols == PANEL_COLS {
                                     let bias =
                                         ep.bias.map_or(std::ptr::null(), |b| b[jc + jr..].as_ptr());
                                     dpbf16_kernel::<DPBF16_MR>(
-                                        s, kc, a, DPBF16_MR, w, cp, v.n, ep, bias,
+                                        s, kc, a, a_step, w, cp, v.n, ep, bias,
                                     );
                                     continue;
                                 }
@@ -703,16 +887,16 @@ mod x86 {
                                 let ld = PANEL_COLS;
                                 match tile_rows {
                                     0..=2 => dpbf16_kernel::<2>(
-                                        s, kc, a, DPBF16_MR, w, scratch, ld, plain, null,
+                                        s, kc, a, a_step, w, scratch, ld, plain, null,
                                     ),
                                     3..=4 => dpbf16_kernel::<4>(
-                                        s, kc, a, DPBF16_MR, w, scratch, ld, plain, null,
+                                        s, kc, a, a_step, w, scratch, ld, plain, null,
                                     ),
                                     5..=8 => dpbf16_kernel::<8>(
-                                        s, kc, a, DPBF16_MR, w, scratch, ld, plain, null,
+                                        s, kc, a, a_step, w, scratch, ld, plain, null,
                                     ),
                                     _ => dpbf16_kernel::<DPBF16_MR>(
-                                        s, kc, a, DPBF16_MR, w, scratch, ld, plain, null,
+                                        s, kc, a, a_step, w, scratch, ld, plain, null,
                                     ),
                                 }
                                 store_edge(
