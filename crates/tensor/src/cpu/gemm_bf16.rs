@@ -285,7 +285,8 @@ impl PackedBf16Weight {
                 let word = |j: usize, p: usize| bits(j, 2 * p) | (bits(j, 2 * p + 1) << 16);
                 if let Some(src) = T::as_f32(src).filter(|_| transposed) {
                     // Each pair of source rows is one run of panel words (16 at a time).
-                    interleave_row_pairs(src, k, n, pairs, packed, |p, j0| {
+                    let width = panels * PANEL_COLS;
+                    interleave_row_pairs(src, k, n, width, pairs, packed, |p, j0| {
                         ((j0 / PANEL_COLS) * pairs + p) * PANEL_COLS + j0 % PANEL_COLS
                     });
                 } else if transposed {
@@ -491,36 +492,50 @@ pub fn gemm_bf16_at_b(
         unsafe { gemm::gemm_f32_from(isa, threads, s, &a, BOperand::Raw(&b), c, ep) };
         return;
     }
-    let w = PackedBf16Weight::pack_transposed(path, b, n, k);
-    let PackedData::Vnni(w) = &w.data else {
-        unreachable!("the AVX512-BF16 path packs VNNI panels")
-    };
     let pairs = k.next_multiple_of(K_ALIGN) / 2;
+    let panels = n.div_ceil(PANEL_COLS);
     // Whole 16-word stores and whole MR-row panels both fit.
-    let stride = m.next_multiple_of(16).max(m.next_multiple_of(DPBF16_MR));
-    let mut x = vec![0u32; pairs * stride];
-    interleave_row_pairs(a, k, m, pairs, &mut x, |p, i0| p * stride + i0);
-    let g = VnniGemm {
-        x: bytemuck::cast_slice(&x),
-        x_pair_major: Some(stride),
-        w: w.as_slice(),
-        n,
-        k_padded: 2 * pairs,
-        c: TilePtr(out.as_mut_ptr().cast()),
-        ep,
-    };
-    // SAFETY: the pair-major X covers `stride` ≥ whole MR-row panels; C as checked above.
-    unsafe { run_vnni(path, threads, g, m, k) }
+    let stride = m.next_multiple_of(DPBF16_MR).next_multiple_of(16);
+    AT_B_BUFFERS.with(|cell| {
+        let mut buffers = cell.borrow_mut();
+        let (x, w) = &mut *buffers;
+        // Scratch reused across calls (fresh zeroed pages cost a tenth of a bf16 training step):
+        // every word of both is written below, padding included.
+        x.ensure(pairs * stride);
+        w.ensure(panels * pairs * PANEL_COLS);
+        let (x, w) = (
+            &mut x.as_mut_slice()[..pairs * stride],
+            &mut w.as_mut_slice()[..panels * pairs * PANEL_COLS],
+        );
+        interleave_row_pairs(a, k, m, stride, pairs, x, |p, i0| p * stride + i0);
+        interleave_row_pairs(b, k, n, panels * PANEL_COLS, pairs, w, |p, j0| {
+            ((j0 / PANEL_COLS) * pairs + p) * PANEL_COLS + j0 % PANEL_COLS
+        });
+        let g = VnniGemm {
+            x: bytemuck::cast_slice(x),
+            x_pair_major: Some(stride),
+            w,
+            n,
+            k_padded: 2 * pairs,
+            c: TilePtr(out.as_mut_ptr().cast()),
+            ep,
+        };
+        // SAFETY: the pair-major X covers `stride` ≥ whole MR-row panels; C as checked above.
+        unsafe { run_vnni(path, threads, g, m, k) }
+    })
 }
 
 /// Rounds `src` (`[k, n]` row-major) to bf16 and writes, for each pair step `p < pairs` and
-/// each 16 columns from `j0`, the 16 words `[src(2p, j), src(2p + 1, j)]` (low, high half; zero
-/// past `k` and `n`) at `dst[offset(p, j0)..]`; pair steps are spread over threads.
-/// `offset` must map distinct `(p, j0)` to disjoint runs of 16 words inside `dst`.
+/// each 16 of `width ≥ n` columns from `j0`, the 16 words `[src(2p, j), src(2p + 1, j)]` (low,
+/// high half; zero past `k` and `n`, so padding is written too) at `dst[offset(p, j0)..]`; pair
+/// steps are spread over threads. `offset` must map distinct `(p, j0)` to disjoint runs of 16
+/// words inside `dst`.
+#[allow(clippy::too_many_arguments)]
 fn interleave_row_pairs(
     src: &[f32],
     k: usize,
     n: usize,
+    width: usize,
     pairs: usize,
     dst: &mut [u32],
     offset: impl Fn(usize, usize) -> usize + Sync,
@@ -538,7 +553,7 @@ fn interleave_row_pairs(
         let range = task * PAIRS_PER_TASK..((task + 1) * PAIRS_PER_TASK).min(pairs);
         for p in range {
             let row = |r: usize| src.get(r * n..(r + 1) * n);
-            for j0 in (0..n).step_by(16) {
+            for j0 in (0..width).step_by(16) {
                 let at = offset(p, j0);
                 assert!(at + 16 <= len, "interleave_row_pairs: offset outside dst");
                 // SAFETY: a Vnni packing exists only where AVX512-BF16 was detected; the 16
@@ -588,6 +603,9 @@ const DPBF16_MR: usize = 14;
 const TILE_ROWS: usize = 16;
 
 thread_local! {
+    /// [`gemm_bf16_at_b`]'s pair-major operands, reused across calls on this thread.
+    static AT_B_BUFFERS: std::cell::RefCell<(CacheAligned<u32>, CacheAligned<u32>)> =
+        const { std::cell::RefCell::new((CacheAligned::new(), CacheAligned::new())) };
     /// X rounded to bf16, reused across calls on this thread.
     static X_BUFFER: std::cell::RefCell<CacheAligned<u16>> =
         const { std::cell::RefCell::new(CacheAligned::new()) };
