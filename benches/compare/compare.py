@@ -14,7 +14,10 @@ Workloads (the ones `scalpel bench` runs, built identically here):
     under `torch.autocast("cpu", dtype=torch.bfloat16)`; ONNX Runtime's column stays f32;
   * one training step of the 4-layer cut (layers 4 and 5 removed) at batch 32 × seq 128,
     2 threads: forward, pooled embedding, MSE against a fixed target, backward, AdamW over all
-    parameters (no decay on biases and LayerNorm), dropout 0;
+    parameters (no decay on biases and LayerNorm), dropout 0; and the same step in mixed
+    precision: scalpel `bench train --precision bf16` (the three GEMMs of every linear layer in
+    bf16 with f32 accumulation over f32 master weights) against PyTorch with the forward under
+    `torch.autocast("cpu", dtype=torch.bfloat16)` and the loss in f32;
   * peak RSS (VmHWM) of a fresh process that loads the model and runs inference at 32 × 128.
 
 Token ids are `[CLS]`, then `1000 + (b·7919 + t·104729) mod 20000`, then `[SEP]`, mask all ones
@@ -166,7 +169,17 @@ class TorchWorker:
                 loss = torch.nn.functional.mse_loss(pred, target)
                 loss.backward()
                 opt.step()
-            return time_runs(step, warmup, runs)
+
+            def autocast_step():
+                # Mixed precision as PyTorch's AMP recipe has it: the forward (and so the
+                # backward's GEMMs) under bf16 autocast, the loss in f32, f32 master weights.
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    pred = self._embed(model, ids, mask)
+                loss = torch.nn.functional.mse_loss(pred.float(), target)
+                loss.backward()
+                opt.step()
+            return time_runs(autocast_step if req.get("dtype") == "bf16" else step, warmup, runs)
         raise ValueError(kind)
 
 
@@ -353,6 +366,8 @@ def scalpel_cmd(args, w, runs, warmup):
         cmd += ["--model", args.model, "--batch", str(w["batch"]), "--seq", str(w["seq"])]
     if w["kind"] == "forward":
         cmd += ["--dtype", w.get("dtype", "f32")]
+    if w["kind"] == "train":
+        cmd += ["--precision", w.get("dtype", "f32")]
     if w.get("drop"):
         cmd += ["--drop", ",".join(map(str, w["drop"]))]
     return cmd
@@ -420,6 +435,8 @@ def main():
          "threads": 2, "dtype": "bf16", "ort": True},
         {"name": "train step L4 32x128, 2 threads", "kind": "train", "batch": 32, "seq": 128,
          "threads": 2, "drop": [4, 5], "ort": False},
+        {"name": "train step bf16 L4 32x128, 2 threads", "kind": "train", "batch": 32,
+         "seq": 128, "threads": 2, "drop": [4, 5], "dtype": "bf16", "ort": False},
     ]
     if args.only:
         keep = set(args.only.split(","))
