@@ -13,6 +13,7 @@ use scalpel_tensor::cpu::layernorm::LayerNormShape;
 use crate::check::Inputs;
 use crate::cublas::{Cublas, Precision};
 use crate::kernels::adamw::{AdamStep, WeightDecay};
+use crate::kernels::gemm::Epilogue;
 use crate::kernels::{adamw, attention, embedding, gelu, gemm, layernorm};
 use crate::{DeviceBuffer, Result, Runtime};
 
@@ -132,7 +133,9 @@ fn gemms(
             upload_random(rt, &mut rng, n * n)?,
         );
         let mut c = rt.uninit::<f32>(n * n)?;
-        let ms = time(rt, plan, || gemm::gemm(rt, s, &a, &b, None, &mut c, 0.0))?;
+        let ms = time(rt, plan, || {
+            gemm::gemm(rt, s, &a, &b, &mut c, Epilogue::overwrite())
+        })?;
         let reference = |precision| -> Result<Option<f64>> {
             let Some(blas) = cublas else { return Ok(None) };
             let mut c = rt.uninit::<f32>(n * n)?;
@@ -159,7 +162,7 @@ fn gemms(
             kernel: "gemm_tf32".into(),
             case: case.clone(),
             ms: time(rt, plan, || {
-                gemm::gemm_tf32(rt, s, &a, &b, None, &mut c, 0.0)
+                gemm::gemm_tf32(rt, s, &a, &b, &mut c, Epilogue::overwrite())
             })?,
             work,
             cublas_ms: tf32_reference,
@@ -174,7 +177,7 @@ fn gemms(
         };
         let (ah, bh) = (to_bf16(n * n, &mut rng)?, to_bf16(n * n, &mut rng)?);
         let ms = time(rt, plan, || {
-            gemm::gemm_half(rt, s, &ah, &bh, None, &mut c, 0.0)
+            gemm::gemm_half(rt, s, &ah, &bh, &mut c, Epilogue::overwrite())
         })?;
         let cublas_ms = match cublas {
             Some(blas) => Some(time(rt, plan, || {
@@ -270,7 +273,9 @@ fn rowwise(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Resul
     };
     let f32_bytes = |count: usize| (count * 4) as f64;
     let ms = time(rt, plan, || {
-        layernorm::layernorm_forward(rt, &s, &x, &gamma, &beta, &mut y, &mut mean, &mut rstd)
+        layernorm::layernorm_forward(
+            rt, &s, &x, None, &gamma, &beta, &mut y, &mut mean, &mut rstd,
+        )
     })?;
     out.push(KernelTiming {
         kernel: "layernorm_forward".into(),
@@ -326,8 +331,16 @@ fn rowwise(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Resul
         decay: WeightDecay::Decoupled,
         step: 1,
     };
+    let mut table = adamw::AdamTables::default();
     let ms = time(rt, plan, || {
-        adamw::adam_step(rt, &step, &mut p, &g, &mut m, &mut v)
+        let mut tensors = [adamw::AdamTensor {
+            step,
+            param: &mut p,
+            grad: &g,
+            m: &mut m,
+            v: &mut v,
+        }];
+        adamw::adam_step(rt, &mut tensors, &mut table)
     })?;
     out.push(KernelTiming {
         kernel: "adamw_step".into(),
