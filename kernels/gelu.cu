@@ -4,9 +4,7 @@
 // well under the ~80 FLOP/byte an H100 needs before compute would bound it: HBM bandwidth does.
 
 #include "gelu.cuh"
-
-#define GRID_STRIDE(i, n) \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)blockDim.x * gridDim.x)
+#include "grid_stride.cuh"
 
 extern "C" __global__ void gelu_forward_f32(int n, const float* __restrict__ x, float* __restrict__ y) {
     GRID_STRIDE(i, n) y[i] = gelu_value(x[i]);

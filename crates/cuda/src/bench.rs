@@ -7,7 +7,7 @@
 
 use half::bf16;
 use scalpel_tensor::cpu::attention::AttentionShape;
-use scalpel_tensor::cpu::gemm::GemmShape;
+use scalpel_tensor::cpu::gemm::{Activation, GemmShape};
 use scalpel_tensor::cpu::layernorm::LayerNormShape;
 
 use crate::check::Inputs;
@@ -193,6 +193,58 @@ fn gemms(
             cublas_ms,
         });
     }
+    ffn_up_projection(rt, plan, &mut rng, out)
+}
+
+/// MiniLM's FFN up-projection `GELU(x·Wᵀ + b)` in training (the pre-activation kept for the
+/// backward): the GELU in the GEMM's epilogue, beside a GEMM and then the GELU kernel.
+fn ffn_up_projection(
+    rt: &Runtime,
+    plan: &BenchPlan,
+    rng: &mut Inputs,
+    out: &mut Vec<KernelTiming>,
+) -> Result<()> {
+    let tokens = if plan.full { 4096 } else { 64 };
+    let s = GemmShape {
+        m: tokens,
+        n: 1536,
+        k: 384,
+        trans_a: false,
+        trans_b: true,
+    };
+    let (x, w, b) = (
+        upload_random(rt, rng, s.m * s.k)?,
+        upload_random(rt, rng, s.n * s.k)?,
+        upload_random(rt, rng, s.n)?,
+    );
+    let (mut y, mut pre) = (rt.uninit(s.m * s.n)?, rt.uninit(s.m * s.n)?);
+    let work = Work::Flops(2.0 * (s.m * s.n * s.k) as f64);
+    let case = format!("{}x{}x{} nt bias", s.m, s.n, s.k);
+    let fused = time(rt, plan, || {
+        let ep = Epilogue {
+            bias: Some(&b),
+            beta: 0.0,
+            activation: Activation::Gelu,
+            pre_activation: Some(&mut pre),
+        };
+        gemm::gemm(rt, s, &x, &w, &mut y, ep)
+    })?;
+    let separate = time(rt, plan, || {
+        gemm::gemm(rt, s, &x, &w, &mut pre, Epilogue::bias(Some(&b)))?;
+        gelu::gelu_forward(rt, &pre, &mut y)
+    })?;
+    for (kernel, ms) in [
+        ("gemm_f32 + GELU epilogue", fused),
+        ("gemm_f32 + gelu_forward", separate),
+    ] {
+        out.push(KernelTiming {
+            kernel: kernel.into(),
+            case: case.clone(),
+            ms,
+            work,
+            cublas_ms: None,
+        });
+    }
     Ok(())
 }
 
@@ -282,6 +334,29 @@ fn rowwise(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Resul
         case: format!("{rows}x{cols}"),
         ms,
         work: Work::Bytes(f32_bytes(2 * n)),
+        cublas_ms: None,
+    });
+    let residual = upload_random(rt, &mut rng, n)?;
+    let mut sum = rt.uninit(n)?;
+    let ms = time(rt, plan, || {
+        layernorm::layernorm_forward(
+            rt,
+            &s,
+            &x,
+            Some((&residual, &mut sum)),
+            &gamma,
+            &beta,
+            &mut y,
+            &mut mean,
+            &mut rstd,
+        )
+    })?;
+    out.push(KernelTiming {
+        kernel: "add_layernorm_forward".into(),
+        case: format!("{rows}x{cols}"),
+        ms,
+        // x and the residual in; the sum and y out.
+        work: Work::Bytes(f32_bytes(4 * n)),
         cublas_ms: None,
     });
 
