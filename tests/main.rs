@@ -17,6 +17,8 @@ mod heal_parity;
 mod heal_resume;
 mod llama_gguf;
 mod llama_model;
+#[cfg(feature = "cuda")]
+mod llama_device;
 mod minilm;
 mod new_head;
 mod sequential;

@@ -58,7 +58,9 @@ fn token_text(checkpoint: &LlamaCheckpoint, id: Option<u32>) -> String {
 }
 
 pub fn run(args: Args) -> CliResult {
-    let (checkpoint, model) = load_llama(&args.model)?;
+    let (checkpoint, mut model) = load_llama(&args.model)?;
+    // The weights go up once; each step then sends its token id and reads back the logits row.
+    model.to_device(super::device())?;
     let c = &model.config;
     let (text, special) = if args.chat {
         let template = checkpoint.chat_template().ok_or_else(|| {

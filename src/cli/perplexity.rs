@@ -51,7 +51,8 @@ pub fn text_token_ids(checkpoint: &LlamaCheckpoint, paths: &[PathBuf]) -> CliRes
 }
 
 pub fn run(args: Args) -> CliResult {
-    let (checkpoint, model) = load_llama(&args.model)?;
+    let (checkpoint, mut model) = load_llama(&args.model)?;
+    model.to_device(super::device())?;
     let ids = text_token_ids(&checkpoint, &args.text)?;
     let start = Instant::now();
     let result = perplexity(&model, &ids, args.context, args.stride)?;

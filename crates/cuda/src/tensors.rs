@@ -865,6 +865,9 @@ impl Backend for Runtime {
     }
 
     fn rows(&self, t: &Tensor, range: Range<usize>) -> Result<Tensor> {
+        if t.rank() == 0 {
+            return Err(TensorError::shape("rows", "a scalar has no rows"));
+        }
         let row_len: usize = t.shape()[1..].iter().product();
         let mut shape = t.shape().to_vec();
         shape[0] = range.len();

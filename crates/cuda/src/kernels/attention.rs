@@ -45,7 +45,12 @@ impl Problem<'_> {
     /// `heads`, batch entry). Shared memory per staged row (`AttentionShared`): two tiles of
     /// `4·group` float4 chunks, one partial sum per thread, and `stats_per_row` floats (key bias,
     /// or lse and delta).
-    fn launch(&self, rows: usize, heads: usize, stats_per_row: u32) -> Result<(usize, LaunchConfig)> {
+    fn launch(
+        &self,
+        rows: usize,
+        heads: usize,
+        stats_per_row: u32,
+    ) -> Result<(usize, LaunchConfig)> {
         let s = &self.s;
         let group = s
             .head_dim
@@ -74,14 +79,14 @@ impl Problem<'_> {
     }
 
     /// Checks every buffer's length (`queries`: shaped like q; `keys`: like k), the mask's and
-    /// lse's, and the shape itself; false when there is nothing to compute.
+    /// lse's, and the shape itself.
     fn lengths(
         &self,
         rt: &Runtime,
         queries: &[(&str, &DeviceBuffer<f32>)],
         keys: &[(&str, &DeviceBuffer<f32>)],
         lse: &DeviceBuffer<f32>,
-    ) -> Result<bool> {
+    ) -> Result<()> {
         let s = &self.s;
         if s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) || s.kv_len < s.q_len {
             return Err(CudaError::Shape(format!("attention shape {s:?}")));
@@ -102,7 +107,15 @@ impl Problem<'_> {
         expect_len(rt, "lse", lse, s.batch * s.heads * s.q_len)?;
         int("batch·q_len·width", q_n)?;
         int("batch·kv_len·kv_width", kv_n)?;
-        Ok(s.batch * s.q_len * s.heads != 0)
+        Ok(())
+    }
+
+    fn has_queries(&self) -> bool {
+        self.s.batch * self.s.q_len * self.s.heads != 0
+    }
+
+    fn has_keys(&self) -> bool {
+        self.s.batch * self.s.kv_len * self.s.kv_heads != 0
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -115,7 +128,8 @@ impl Problem<'_> {
         out: &mut DeviceBuffer<f32>,
         lse: &mut DeviceBuffer<f32>,
     ) -> Result<()> {
-        if !self.lengths(rt, &[("q", q), ("out", out)], &[("k", k), ("v", v)], lse)? {
+        self.lengths(rt, &[("q", q), ("out", out)], &[("k", k), ("v", v)], lse)?;
+        if !self.has_queries() {
             return Ok(());
         }
         let s = &self.s;
@@ -157,37 +171,41 @@ impl Problem<'_> {
     ) -> Result<()> {
         let queries = [("q", q), ("out", out), ("dout", dout), ("dq", &*dq)];
         let keys = [("k", k), ("v", v), ("dk", &*dk), ("dv", &*dv)];
-        if !self.lengths(rt, &queries, &keys, lse)? {
-            return Ok(());
-        }
+        self.lengths(rt, &queries, &keys, lse)?;
         let s = &self.s;
         let mut delta = rt.zeros::<f32>(lse.len())?;
         let scale = softmax_scale(s.head_dim);
         let (group, config) = self.launch(s.q_len, s.heads, 1)?;
-        // SAFETY: lengths checked (delta has lse's), launch from Problem::launch.
-        unsafe {
-            launch::attention_backward_dq_f32(
-                rt,
-                config,
-                s.q_len,
-                s.kv_len,
-                s.heads,
-                s.kv_heads,
-                s.head_dim,
-                group,
-                scale,
-                q.input(),
-                k.input(),
-                v.input(),
-                self.mask(),
-                self.causal as usize,
-                out.input(),
-                lse.input(),
-                dout.input(),
-                dq.output(),
-                delta.output(),
-            )?
-        };
+        if self.has_queries() {
+            // SAFETY: lengths checked (delta has lse's), launch from Problem::launch.
+            unsafe {
+                launch::attention_backward_dq_f32(
+                    rt,
+                    config,
+                    s.q_len,
+                    s.kv_len,
+                    s.heads,
+                    s.kv_heads,
+                    s.head_dim,
+                    group,
+                    scale,
+                    q.input(),
+                    k.input(),
+                    v.input(),
+                    self.mask(),
+                    self.causal as usize,
+                    out.input(),
+                    lse.input(),
+                    dout.input(),
+                    dq.output(),
+                    delta.output(),
+                )?
+            };
+        }
+        if !self.has_keys() {
+            return Ok(());
+        }
+        // Without queries every key's gradient is zero, which the kernel writes too.
         let (group, config) = self.launch(s.kv_len, s.kv_heads, 2)?;
         // SAFETY: as above; one block per key tile of each key/value head.
         unsafe {
@@ -495,7 +513,8 @@ pub fn check_causal_attention(rt: &Runtime, s: CausalAttentionShape) -> Result<V
         &mut dk,
         &mut dv,
     )?;
-    let (mut want_dq, mut want_dk, mut want_dv) = (vec![0.0; q_n], vec![0.0; kv_n], vec![0.0; kv_n]);
+    let (mut want_dq, mut want_dk, mut want_dv) =
+        (vec![0.0; q_n], vec![0.0; kv_n], vec![0.0; kv_n]);
     causal_attention_backward_reference(
         &s,
         &q64,
@@ -509,7 +528,12 @@ pub fn check_causal_attention(rt: &Runtime, s: CausalAttentionShape) -> Result<V
         &mut want_dv,
     );
     Ok(vec![
-        check("attention_forward_f32", case.clone(), forward, F32_TOLERANCE),
+        check(
+            "attention_forward_f32",
+            case.clone(),
+            forward,
+            F32_TOLERANCE,
+        ),
         check(
             "attention_backward_dq_f32",
             case.clone(),
