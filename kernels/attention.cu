@@ -33,7 +33,10 @@
 // kernels are bound by FP32 FMA issue on the CUDA cores, with the broadcast shared loads and the
 // partial-sum exchange beside it, not by HBM. The next step is tensor cores (mma on bf16/tf32).
 // Shared memory per block: 2 tiles of 32 x 4*group float4 + 16 KiB of partials + 256 B.
-// ptxas, sm_90: forward 107 registers, dQ and dK/dV 168 (no spills): 2-4 blocks per SM.
+// ptxas (NVRTC 12.9): forward 128 registers, dQ 168, dK/dV 203 on sm_90 (198 on sm_80), no spills:
+// 4, 3 and 2 blocks per SM. The forward and dK/dV ask for those occupancies in their launch
+// bounds: left to itself, ptxas kept the forward at 96 registers on sm_80 and dK/dV at 168, and
+// both spilled (8 and 16 bytes) once they took grouped heads and keys longer than queries.
 
 #include "warp.cuh"
 // float4 chunks of one row each lane owns: 16 dims.
@@ -192,7 +195,7 @@ __device__ __forceinline__ AttentionShared attention_shared_layout(float4* base,
 
 // Grid (ceil(q_len / (128/group)), heads, batch), BLOCK_THREADS threads; shared memory as
 // AttentionShared with one stat (the key bias).
-extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 4)
     attention_forward_f32(int q_len, int kv_len, int heads, int kv_heads, int head_dim, int group, float scale,
                           const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                           const float* __restrict__ mask, int causal, float* __restrict__ out,
@@ -315,7 +318,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
 // group, streaming query tiles of every query head that reads this key/value head (so a group's
 // dK/dV is summed in registers: no atomics). Needs delta from attention_backward_dq_f32.
 // Overwrites dk, dv. Grid (ceil(kv_len / (128/group)), kv_heads, batch), two stats (lse, delta).
-extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 2)
     attention_backward_dkdv_f32(int q_len, int kv_len, int heads, int kv_heads, int head_dim, int group, float scale,
                                 const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                                 const float* __restrict__ mask, int causal, const float* __restrict__ lse,
