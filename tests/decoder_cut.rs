@@ -222,18 +222,28 @@ fn decoder_scoring_on_a_device_is_refused_before_any_work_and_says_cpu_otherwise
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success(), "score ran on the emulator");
     assert!(
-        stderr.contains("--device emu: Llama decoders run on the CPU only so far for score and cut"),
+        stderr
+            .contains("--device emu: Llama decoders run on the CPU only so far for score and cut"),
         "{stderr}"
     );
     // `auto` scores on the CPU and says so (whatever GPU the machine has), before reading the
     // data: a missing file fails after the line.
     let run = Command::new(env!("CARGO_BIN_EXE_scalpel"))
-        .args(["--device", "auto", "score", "--model", model, "--data", "/nonexistent.txt"])
+        .args([
+            "--device",
+            "auto",
+            "score",
+            "--model",
+            model,
+            "--data",
+            "/nonexistent.txt",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(
-        stderr.contains("device: cpu (Llama decoders run on the CPU only so far for score and cut)"),
+        stderr
+            .contains("device: cpu (Llama decoders run on the CPU only so far for score and cut)"),
         "{stderr}"
     );
 }

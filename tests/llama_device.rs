@@ -89,12 +89,17 @@ fn logits_and_gradients(model: &mut Llama, ids: &[u32]) -> (Tensor, BTreeMap<Str
     let targets: Vec<usize> = (0..ids.len())
         .map(|i| ids[(i + 1) % ids.len()] as usize)
         .collect();
-    let grads = ops::cross_entropy(&flat, &targets).unwrap().backward().unwrap();
+    let grads = ops::cross_entropy(&flat, &targets)
+        .unwrap()
+        .backward()
+        .unwrap();
     let grads = model
         .params
         .iter()
         .map(|(name, var)| {
-            let g = grads.get(var).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
             (name.to_string(), g.clone())
         })
         .collect();
@@ -110,7 +115,10 @@ fn a_llama_on_the_device_gives_the_cpus_logits_and_gradients() {
     model.to_device(&on).unwrap();
     let (logits, grads) = logits_and_gradients(&mut model, &ids);
     assert_eq!(logits.device(), on);
-    let scale = cpu_logits.to_vec::<f32>().iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let scale = cpu_logits
+        .to_vec::<f32>()
+        .iter()
+        .fold(0.0f32, |m, x| m.max(x.abs()));
     assert!(scale > 1.0, "logits too flat to test anything: {scale}");
     let diff = logits
         .to_vec::<f32>()
@@ -168,7 +176,9 @@ fn decoding_on_the_device_moves_one_token_up_and_one_logits_row_back() {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
 /// The bytes of the model's (f32) weights, each uploaded once.
@@ -193,14 +203,35 @@ fn generate_and_perplexity_on_the_emulator_print_what_the_cpu_prints() {
     let model = path.to_str().unwrap();
     let stats = path.with_file_name("stats.json");
     let stats_arg = stats.to_str().unwrap();
-    let generate = ["generate", "--model", model, "--prompt", "a c", "--max-tokens", "3"];
+    let generate = [
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "a c",
+        "--max-tokens",
+        "3",
+    ];
     let cpu = scalpel(&[&["--device", "cpu"][..], &generate].concat());
-    assert!(cpu.status.success(), "{}", String::from_utf8_lossy(&cpu.stderr));
-    let emu = scalpel(&[&["--device", "emu", "--device-stats", stats_arg][..], &generate].concat());
+    assert!(
+        cpu.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cpu.stderr)
+    );
+    let emu = scalpel(
+        &[
+            &["--device", "emu", "--device-stats", stats_arg][..],
+            &generate,
+        ]
+        .concat(),
+    );
     let stderr = String::from_utf8_lossy(&emu.stderr);
     assert!(emu.status.success(), "{stderr}");
     assert!(stderr.contains("device: emu"), "{stderr}");
-    assert_eq!(String::from_utf8_lossy(&emu.stdout), String::from_utf8_lossy(&cpu.stdout));
+    assert_eq!(
+        String::from_utf8_lossy(&emu.stdout),
+        String::from_utf8_lossy(&cpu.stdout)
+    );
     // The weights once, the prompt's ids, then one id per step; one logits row per forward.
     let tiny = scalpel::models::llama::LlamaCheckpoint::load(&path)
         .unwrap()
@@ -242,7 +273,11 @@ fn generate_and_perplexity_on_the_emulator_print_what_the_cpu_prints() {
     ];
     let cpu = scalpel(&[&["--device", "cpu"][..], &perplexity].concat());
     let emu = scalpel(&[&["--device", "emu"][..], &perplexity].concat());
-    assert!(emu.status.success(), "{}", String::from_utf8_lossy(&emu.stderr));
+    assert!(
+        emu.status.success(),
+        "{}",
+        String::from_utf8_lossy(&emu.stderr)
+    );
     let value = |out: &std::process::Output| -> f64 {
         let text = String::from_utf8_lossy(&out.stdout);
         text.split_whitespace().nth(1).unwrap().parse().unwrap()

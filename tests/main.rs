@@ -15,10 +15,10 @@ mod device;
 mod gguf;
 mod heal_parity;
 mod heal_resume;
-mod llama_gguf;
-mod llama_model;
 #[cfg(feature = "cuda")]
 mod llama_device;
+mod llama_gguf;
+mod llama_model;
 mod minilm;
 mod new_head;
 mod sequential;

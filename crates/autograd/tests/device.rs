@@ -205,7 +205,9 @@ fn every_decoder_op_on_the_emulator_matches_the_cpu() {
     let (b, s, width) = (2, 5, 3 * 16);
     let x = random(&mut rng, &[b, s, width], 1.0);
     let w = random(&mut rng, &[width], 1.0);
-    assert_same_on_emulator("rmsnorm", &[x.clone(), w], &|v| ops::rmsnorm(&v[0], &v[1], 1e-5));
+    assert_same_on_emulator("rmsnorm", &[x.clone(), w], &|v| {
+        ops::rmsnorm(&v[0], &v[1], 1e-5)
+    });
     // Positions continuing a cache of 300 tokens.
     let positions: Vec<usize> = (300..300 + s).collect();
     assert_same_on_emulator("rope", std::slice::from_ref(&x), &|v| {
@@ -227,7 +229,9 @@ fn every_decoder_op_on_the_emulator_matches_the_cpu() {
 
 #[test]
 fn rope_on_a_device_takes_consecutive_positions_only() {
-    let x = accelerator().place(&Tensor::zeros(&[1, 3, 8], DType::F32)).unwrap();
+    let x = accelerator()
+        .place(&Tensor::zeros(&[1, 3, 8], DType::F32))
+        .unwrap();
     let err = ops::rope(&Var::constant(x), 8, &[0, 2, 1], 1e4)
         .err()
         .expect("positions out of order on a device")

@@ -690,10 +690,7 @@ impl Backend for Runtime {
             &mut rstd,
         )
         .dev()?;
-        Ok((
-            wrap(x.shape(), y)?,
-            wrap(&x.shape()[..x.rank() - 1], rstd)?,
-        ))
+        Ok((wrap(x.shape(), y)?, wrap(&x.shape()[..x.rank() - 1], rstd)?))
     }
 
     fn rmsnorm_backward(
@@ -732,7 +729,11 @@ impl Backend for Runtime {
     ) -> Result<Tensor> {
         dops::rope_shape(x, head_dim, positions)?;
         let position0 = positions.first().copied().unwrap_or(0);
-        if positions.iter().enumerate().any(|(t, &p)| p != position0 + t) {
+        if positions
+            .iter()
+            .enumerate()
+            .any(|(t, &p)| p != position0 + t)
+        {
             return Err(TensorError::shape(
                 "rope",
                 format!(
@@ -756,17 +757,17 @@ impl Backend for Runtime {
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         tops::expect_shape("swiglu", "up", up, gate.shape())?;
         let mut y = self.uninit_f32(gate.numel())?;
-        swiglu::swiglu_forward(self, self.buffer("gate", gate)?, self.buffer("up", up)?, &mut y)
-            .dev()?;
+        swiglu::swiglu_forward(
+            self,
+            self.buffer("gate", gate)?,
+            self.buffer("up", up)?,
+            &mut y,
+        )
+        .dev()?;
         wrap(gate.shape(), y)
     }
 
-    fn swiglu_backward(
-        &self,
-        gate: &Tensor,
-        up: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
         tops::expect_shape("swiglu backward", "up", up, gate.shape())?;
         tops::expect_shape("swiglu backward", "dy", dy, gate.shape())?;
         let (mut dgate, mut dup) = (

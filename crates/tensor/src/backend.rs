@@ -201,8 +201,7 @@ pub trait Backend: Send + Sync {
         rotation: Rotation,
     ) -> Result<Tensor>;
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
-    fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor)
-        -> Result<(Tensor, Tensor)>;
+    fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)>;
     fn causal_attention(
         &self,
         q: &Tensor,

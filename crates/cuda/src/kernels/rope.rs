@@ -70,11 +70,7 @@ pub fn rope(
 /// Both rotations against the CPU kernel in f64 on the same f32 angles. Positions far from 0
 /// test that the angles are the CPU's: at 4000 an f32 angle's rounding is ~2e-4, so an angle
 /// computed any other way (in double throughout, say) fails the tolerance.
-pub fn check_rope(
-    rt: &Runtime,
-    batch: usize,
-    p: RopePositions,
-) -> Result<Vec<KernelCheck>> {
+pub fn check_rope(rt: &Runtime, batch: usize, p: RopePositions) -> Result<Vec<KernelCheck>> {
     let case = format!(
         "batch={batch} seq={} width={} head_dim={} positions from {}, theta={}",
         p.seq, p.width, p.head_dim, p.position0, p.theta

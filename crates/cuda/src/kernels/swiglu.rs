@@ -20,14 +20,7 @@ pub fn swiglu_forward(
     expect_len(rt, "y", y, n)?;
     // SAFETY: lengths checked.
     unsafe {
-        launch::swiglu_forward_f32(
-            rt,
-            grid_stride(n),
-            n,
-            gate.input(),
-            up.input(),
-            y.output(),
-        )
+        launch::swiglu_forward_f32(rt, grid_stride(n), n, gate.input(), up.input(), y.output())
     }
 }
 
@@ -75,7 +68,10 @@ pub fn check_swiglu(rt: &Runtime, n: usize) -> Result<Vec<KernelCheck>> {
     swiglu_forward_reference(&gate64, &up64, &mut want);
     let forward = max_rel_error(&y.to_host()?, &want);
 
-    let (mut dgate, mut dup) = (rt.upload(&vec![f32::NAN; n])?, rt.upload(&vec![f32::NAN; n])?);
+    let (mut dgate, mut dup) = (
+        rt.upload(&vec![f32::NAN; n])?,
+        rt.upload(&vec![f32::NAN; n])?,
+    );
     swiglu_backward(rt, &dgate_in, &dup_in, &ddy, &mut dgate, &mut dup)?;
     let (mut want_dgate, mut want_dup) = (vec![0.0; n], vec![0.0; n]);
     swiglu_backward_reference(&gate64, &up64, &wide(&dy), &mut want_dgate, &mut want_dup);

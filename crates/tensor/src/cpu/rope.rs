@@ -29,7 +29,9 @@ impl<F: Float> RopeTable<F> {
             "rope: head_dim {head_dim} is odd"
         );
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half).map(|i| inverse_frequency(head_dim, theta, i)).collect();
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| inverse_frequency(head_dim, theta, i))
+            .collect();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {
