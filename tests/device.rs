@@ -453,6 +453,11 @@ fn bench_kernels_times_every_family_on_the_emulator() {
         "gelu_forward",
         "embedding_forward",
         "adamw_step",
+        "causal_attention_forward",
+        "causal_attention_backward",
+        "rmsnorm_forward",
+        "rope",
+        "swiglu_forward",
     ] {
         assert!(
             kernels.contains(family),
