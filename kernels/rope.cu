@@ -9,16 +9,19 @@
 // power in double of the float operands rounded once to float, the float product with the
 // position, its cosine and sine in double rounded to float; so no table crosses the bus and a
 // decoding step sends nothing for its positions.
-// One thread per (row, frequency), looping over the heads so the two double-precision
-// trigonometric calls are paid once per row and frequency, not per head. Bytes per element: 8
-// (x in, y out); HBM-bandwidth bound on an H100 (the double math is ~10 flops per 4·heads bytes).
+// One thread per (row, frequency), looping over the heads so the three double-precision calls
+// (pow, cos, sin: on the order of 100 instructions each) are paid once per row and frequency, not
+// per head. Bytes per element: 8 (x in, y out). On an H100 (FP64 at half the FP32 rate) that
+// math should cost about as much as moving the 16·heads bytes it rotates (an estimate; not yet
+// timed on a GPU); on a GPU with 1/64-rate FP64 it would dominate, and a table would pay.
+
+#include "grid_stride.cuh"
 
 extern "C" __global__ void rope_f32(int rows, int seq, int width, int head_dim, int position0, float theta,
                                     float sign, const float* __restrict__ x, float* __restrict__ y) {
     const int half = head_dim / 2;
     const long long pairs = (long long)rows * half;
-    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < pairs;
-         idx += (long long)blockDim.x * gridDim.x) {
+    GRID_STRIDE(idx, pairs) {
         const int row = (int)(idx / half), i = (int)(idx % half);
         const float exponent = (float)(2 * i) / (float)head_dim;
         const float inv_freq = 1.0f / (float)pow((double)theta, (double)exponent);

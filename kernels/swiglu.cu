@@ -6,8 +6,7 @@
 // Bytes per element: forward 12 (gate, up in, y out), backward 20 (gate, up, dy in, dgate, dup
 // out). HBM-bandwidth bound on an H100; one expf per element is far below the SFU's rate.
 
-#define GRID_STRIDE(i, n) \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)blockDim.x * gridDim.x)
+#include "grid_stride.cuh"
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
 

@@ -8,7 +8,7 @@
 use half::bf16;
 use scalpel_tensor::cpu::attention::AttentionShape;
 use scalpel_tensor::cpu::causal_attention::CausalAttentionShape;
-use scalpel_tensor::cpu::gemm::GemmShape;
+use scalpel_tensor::cpu::gemm::{Activation, GemmShape};
 use scalpel_tensor::cpu::layernorm::LayerNormShape;
 use scalpel_tensor::cpu::rmsnorm::RmsNormShape;
 use scalpel_tensor::cpu::rope::Rotation;
@@ -16,6 +16,7 @@ use scalpel_tensor::cpu::rope::Rotation;
 use crate::check::Inputs;
 use crate::cublas::{Cublas, Precision};
 use crate::kernels::adamw::{AdamStep, WeightDecay};
+use crate::kernels::gemm::Epilogue;
 use crate::kernels::rope::RopePositions;
 use crate::kernels::{adamw, attention, embedding, gelu, gemm, layernorm, rmsnorm, rope, swiglu};
 use crate::{DeviceBuffer, Result, Runtime};
@@ -137,7 +138,9 @@ fn gemms(
             upload_random(rt, &mut rng, n * n)?,
         );
         let mut c = rt.uninit::<f32>(n * n)?;
-        let ms = time(rt, plan, || gemm::gemm(rt, s, &a, &b, None, &mut c, 0.0))?;
+        let ms = time(rt, plan, || {
+            gemm::gemm(rt, s, &a, &b, &mut c, Epilogue::overwrite())
+        })?;
         let reference = |precision| -> Result<Option<f64>> {
             let Some(blas) = cublas else { return Ok(None) };
             let mut c = rt.uninit::<f32>(n * n)?;
@@ -164,7 +167,7 @@ fn gemms(
             kernel: "gemm_tf32".into(),
             case: case.clone(),
             ms: time(rt, plan, || {
-                gemm::gemm_tf32(rt, s, &a, &b, None, &mut c, 0.0)
+                gemm::gemm_tf32(rt, s, &a, &b, &mut c, Epilogue::overwrite())
             })?,
             work,
             cublas_ms: tf32_reference,
@@ -179,7 +182,7 @@ fn gemms(
         };
         let (ah, bh) = (to_bf16(n * n, &mut rng)?, to_bf16(n * n, &mut rng)?);
         let ms = time(rt, plan, || {
-            gemm::gemm_half(rt, s, &ah, &bh, None, &mut c, 0.0)
+            gemm::gemm_half(rt, s, &ah, &bh, &mut c, Epilogue::overwrite())
         })?;
         let cublas_ms = match cublas {
             Some(blas) => Some(time(rt, plan, || {
@@ -193,6 +196,58 @@ fn gemms(
             ms,
             work,
             cublas_ms,
+        });
+    }
+    ffn_up_projection(rt, plan, &mut rng, out)
+}
+
+/// MiniLM's FFN up-projection `GELU(x·Wᵀ + b)` in training (the pre-activation kept for the
+/// backward): the GELU in the GEMM's epilogue, beside a GEMM and then the GELU kernel.
+fn ffn_up_projection(
+    rt: &Runtime,
+    plan: &BenchPlan,
+    rng: &mut Inputs,
+    out: &mut Vec<KernelTiming>,
+) -> Result<()> {
+    let tokens = if plan.full { 4096 } else { 64 };
+    let s = GemmShape {
+        m: tokens,
+        n: 1536,
+        k: 384,
+        trans_a: false,
+        trans_b: true,
+    };
+    let (x, w, b) = (
+        upload_random(rt, rng, s.m * s.k)?,
+        upload_random(rt, rng, s.n * s.k)?,
+        upload_random(rt, rng, s.n)?,
+    );
+    let (mut y, mut pre) = (rt.uninit(s.m * s.n)?, rt.uninit(s.m * s.n)?);
+    let work = Work::Flops(2.0 * (s.m * s.n * s.k) as f64);
+    let case = format!("{}x{}x{} nt bias", s.m, s.n, s.k);
+    let fused = time(rt, plan, || {
+        let ep = Epilogue {
+            bias: Some(&b),
+            beta: 0.0,
+            activation: Activation::Gelu,
+            pre_activation: Some(&mut pre),
+        };
+        gemm::gemm(rt, s, &x, &w, &mut y, ep)
+    })?;
+    let separate = time(rt, plan, || {
+        gemm::gemm(rt, s, &x, &w, &mut pre, Epilogue::bias(Some(&b)))?;
+        gelu::gelu_forward(rt, &pre, &mut y)
+    })?;
+    for (kernel, ms) in [
+        ("gemm_f32 + GELU epilogue", fused),
+        ("gemm_f32 + gelu_forward", separate),
+    ] {
+        out.push(KernelTiming {
+            kernel: kernel.into(),
+            case: case.clone(),
+            ms,
+            work,
+            cublas_ms: None,
         });
     }
     Ok(())
@@ -275,13 +330,38 @@ fn rowwise(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Resul
     };
     let f32_bytes = |count: usize| (count * 4) as f64;
     let ms = time(rt, plan, || {
-        layernorm::layernorm_forward(rt, &s, &x, &gamma, &beta, &mut y, &mut mean, &mut rstd)
+        layernorm::layernorm_forward(
+            rt, &s, &x, None, &gamma, &beta, &mut y, &mut mean, &mut rstd,
+        )
     })?;
     out.push(KernelTiming {
         kernel: "layernorm_forward".into(),
         case: format!("{rows}x{cols}"),
         ms,
         work: Work::Bytes(f32_bytes(2 * n)),
+        cublas_ms: None,
+    });
+    let residual = upload_random(rt, &mut rng, n)?;
+    let mut sum = rt.uninit(n)?;
+    let ms = time(rt, plan, || {
+        layernorm::layernorm_forward(
+            rt,
+            &s,
+            &x,
+            Some((&residual, &mut sum)),
+            &gamma,
+            &beta,
+            &mut y,
+            &mut mean,
+            &mut rstd,
+        )
+    })?;
+    out.push(KernelTiming {
+        kernel: "add_layernorm_forward".into(),
+        case: format!("{rows}x{cols}"),
+        ms,
+        // x and the residual in; the sum and y out.
+        work: Work::Bytes(f32_bytes(4 * n)),
         cublas_ms: None,
     });
 
@@ -331,8 +411,16 @@ fn rowwise(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Resul
         decay: WeightDecay::Decoupled,
         step: 1,
     };
+    let mut table = adamw::AdamTables::default();
     let ms = time(rt, plan, || {
-        adamw::adam_step(rt, &step, &mut p, &g, &mut m, &mut v)
+        let mut tensors = [adamw::AdamTensor {
+            step,
+            param: &mut p,
+            grad: &g,
+            m: &mut m,
+            v: &mut v,
+        }];
+        adamw::adam_step(rt, &mut tensors, &mut table)
     })?;
     out.push(KernelTiming {
         kernel: "adamw_step".into(),

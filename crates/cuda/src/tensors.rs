@@ -9,16 +9,17 @@ use std::any::Any;
 use std::ops::Range;
 use std::sync::Arc;
 
-use scalpel_tensor::backend::AdamUpdate;
+use scalpel_tensor::backend::{AdamParameter, LayerNormOutput, OptimizerCache};
 use scalpel_tensor::cpu::attention::AttentionShape;
-use scalpel_tensor::cpu::gemm::GemmShape;
+use scalpel_tensor::cpu::gemm::{Activation, GemmShape};
 use scalpel_tensor::cpu::layernorm::LayerNormShape;
 use scalpel_tensor::cpu::rope::Rotation;
 use scalpel_tensor::decoder_ops::{self as dops, causal_attention_shape};
 use scalpel_tensor::{ops as tops, Backend, DType, Data, DeviceMemory, DeviceStats, Tensor};
 use scalpel_tensor::{Result, TensorError};
 
-use crate::kernels::adamw::{AdamStep, WeightDecay};
+use crate::kernels::adamw::{AdamStep, AdamTables, AdamTensor, WeightDecay};
+use crate::kernels::gemm::Epilogue;
 use crate::kernels::{
     adamw, attention, dropout, elementwise, embedding, gelu, gemm, layernorm, pooling, reduce,
     rmsnorm, rope, softmax, swiglu,
@@ -230,21 +231,37 @@ impl Backend for Runtime {
         elementwise::scale(self, alpha as f32, buffer).dev()
     }
 
-    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    fn linear(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        activation: Activation,
+        keep_pre_activation: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (s, shape) = tops::linear_shape(x, w, b)?;
         let mut y = self.uninit_f32(s.m * s.n)?;
-        let bias = b.map(|b| self.buffer("bias", b)).transpose()?;
+        let mut pre = if keep_pre_activation {
+            Some(self.uninit_f32(s.m * s.n)?)
+        } else {
+            None
+        };
+        let ep = Epilogue {
+            bias: b.map(|b| self.buffer("bias", b)).transpose()?,
+            beta: 0.0,
+            activation,
+            pre_activation: pre.as_mut(),
+        };
         gemm::gemm(
             self,
             s,
             self.buffer("x", x)?,
             self.buffer("w", w)?,
-            bias,
             &mut y,
-            0.0,
+            ep,
         )
         .dev()?;
-        wrap(&shape, y)
+        Ok((wrap(&shape, y)?, pre.map(|p| wrap(&shape, p)).transpose()?))
     }
 
     fn linear_backward(
@@ -271,7 +288,7 @@ impl Backend for Runtime {
                 trans_a: false,
                 trans_b: false,
             };
-            gemm::gemm(self, s, dyd, wd, None, &mut dx, 0.0).dev()?;
+            gemm::gemm(self, s, dyd, wd, &mut dx, Epilogue::overwrite()).dev()?;
             Some(wrap(x.shape(), dx)?)
         } else {
             None
@@ -284,7 +301,7 @@ impl Backend for Runtime {
             trans_a: true,
             trans_b: false,
         };
-        gemm::gemm(self, s, dyd, xd, None, &mut dw, 0.0).dev()?;
+        gemm::gemm(self, s, dyd, xd, &mut dw, Epilogue::overwrite()).dev()?;
         let mut db = self.zeros_f32(out_f)?;
         elementwise::bias_backward(self, out_f, dyd, &mut db).dev()?;
         Ok((dx, wrap(w.shape(), dw)?, wrap(&[out_f], db)?))
@@ -329,19 +346,28 @@ impl Backend for Runtime {
     fn layernorm(
         &self,
         x: &Tensor,
+        residual: Option<&Tensor>,
         gamma: &Tensor,
         beta: &Tensor,
         eps: f64,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<LayerNormOutput> {
         let s = layernorm_shape(x, gamma, eps)?;
         tops::expect_shape("layernorm", "beta", beta, gamma.shape())?;
         let mut y = self.uninit_f32(x.numel())?;
         let mut mean = self.uninit_f32(s.rows)?;
         let mut rstd = self.uninit_f32(s.rows)?;
+        let mut sum = match residual {
+            Some(r) => {
+                tops::expect_shape("add_layernorm", "residual", r, x.shape())?;
+                Some((self.buffer("residual", r)?, self.uninit_f32(x.numel())?))
+            }
+            None => None,
+        };
         layernorm::layernorm_forward(
             self,
             &s,
             self.buffer("x", x)?,
+            sum.as_mut().map(|(r, sum)| (*r, sum)),
             self.buffer("gamma", gamma)?,
             self.buffer("beta", beta)?,
             &mut y,
@@ -349,11 +375,12 @@ impl Backend for Runtime {
             &mut rstd,
         )
         .dev()?;
-        Ok((
-            wrap(x.shape(), y)?,
-            wrap(&[s.rows], mean)?,
-            wrap(&[s.rows], rstd)?,
-        ))
+        Ok(LayerNormOutput {
+            y: wrap(x.shape(), y)?,
+            mean: wrap(&[s.rows], mean)?,
+            rstd: wrap(&[s.rows], rstd)?,
+            sum: sum.map(|(_, sum)| wrap(x.shape(), sum)).transpose()?,
+        })
     }
 
     fn layernorm_backward(
@@ -647,34 +674,44 @@ impl Backend for Runtime {
 
     fn adam_update(
         &self,
-        u: &AdamUpdate,
-        param: &mut Tensor,
-        grad: &Tensor,
-        m: &mut Tensor,
-        v: &mut Tensor,
+        params: &mut [AdamParameter<'_>],
+        cache: &mut OptimizerCache,
     ) -> Result<()> {
-        for (what, t) in [("gradient", grad), ("m", &*m), ("v", &*v)] {
-            tops::expect_shape("adam", what, t, param.shape())?;
+        let mut tensors = Vec::with_capacity(params.len());
+        for p in params.iter_mut() {
+            for (what, t) in [("gradient", p.grad), ("m", &*p.m), ("v", &*p.v)] {
+                tops::expect_shape("adam", what, t, p.param.shape())?;
+            }
+            let u = &p.update;
+            let step = AdamStep {
+                lr: u.lr,
+                beta1: u.beta1,
+                beta2: u.beta2,
+                eps: u.eps,
+                weight_decay: u.weight_decay,
+                decay: if u.decoupled {
+                    WeightDecay::Decoupled
+                } else {
+                    WeightDecay::L2
+                },
+                step: u32::try_from(u.step)
+                    .map_err(|_| TensorError::Device(format!("Adam step {} too large", u.step)))?,
+            };
+            tensors.push(AdamTensor {
+                step,
+                grad: self.buffer("gradient", p.grad)?,
+                param: self.buffer_mut("param", p.param)?,
+                m: self.buffer_mut("m", p.m)?,
+                v: self.buffer_mut("v", p.v)?,
+            });
         }
-        let step = AdamStep {
-            lr: u.lr,
-            beta1: u.beta1,
-            beta2: u.beta2,
-            eps: u.eps,
-            weight_decay: u.weight_decay,
-            decay: if u.decoupled {
-                WeightDecay::Decoupled
-            } else {
-                WeightDecay::L2
-            },
-            step: u32::try_from(u.step)
-                .map_err(|_| TensorError::Device(format!("Adam step {} too large", u.step)))?,
+        let table = cache.get_or_insert_with(|| Box::new(AdamTables::default()));
+        let Some(table) = table.downcast_mut::<AdamTables>() else {
+            return Err(TensorError::Device(
+                "adam: the optimiser's cache was made by another backend".into(),
+            ));
         };
-        let g = self.buffer("gradient", grad)?;
-        let p = self.buffer_mut("param", param)?;
-        let m = self.buffer_mut("m", m)?;
-        let v = self.buffer_mut("v", v)?;
-        adamw::adam_step(self, &step, p, g, m, v).dev()
+        adamw::adam_step(self, &mut tensors, table).dev()
     }
 
     fn rmsnorm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {

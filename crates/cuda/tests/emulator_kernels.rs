@@ -171,13 +171,15 @@ fn gemm_f32_degenerate_and_multi_tile_shapes() {
     ];
     let checks: Vec<_> = shapes
         .into_iter()
-        .map(|s| {
+        .zip([false, true, true])
+        .flat_map(|(s, gelu)| {
             gemm::check_f32(
                 &rt,
                 gemm::GemmCase {
                     s,
                     beta: 1.0,
                     bias: true,
+                    gelu,
                 },
             )
             .unwrap()
