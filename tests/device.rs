@@ -26,7 +26,7 @@ const SENTENCES: [&str; 4] = [
 
 /// The `--device` under test and its name: the GPU where scripts/gpu_check.sh says there is one
 /// (`SCALPEL_EXPECT_GPU`), else the emulator. One test body, every device.
-fn accelerator() -> (&'static str, Device) {
+pub(crate) fn accelerator() -> (&'static str, Device) {
     if gpu_present() {
         (
             "cuda",
@@ -157,11 +157,11 @@ fn one_layer_model() -> std::path::PathBuf {
     .clone()
 }
 
-fn stats_of(path: &std::path::Path) -> serde_json::Value {
+pub(crate) fn stats_of(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn count(v: &serde_json::Value, key: &str) -> u64 {
+pub(crate) fn count(v: &serde_json::Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
 }
 
@@ -469,6 +469,11 @@ fn bench_kernels_times_every_family_on_the_emulator() {
         "gelu_forward",
         "embedding_forward",
         "adamw_step",
+        "causal_attention_forward",
+        "causal_attention_backward",
+        "rmsnorm_forward",
+        "rope",
+        "swiglu_forward",
     ] {
         assert!(
             kernels.contains(family),

@@ -15,6 +15,8 @@ mod device;
 mod gguf;
 mod heal_parity;
 mod heal_resume;
+#[cfg(feature = "cuda")]
+mod llama_device;
 mod llama_gguf;
 mod llama_model;
 mod minilm;

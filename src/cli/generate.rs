@@ -67,6 +67,9 @@ fn token_text(checkpoint: &LlamaCheckpoint, id: Option<u32>) -> String {
 
 pub fn run(args: Args) -> CliResult {
     let (checkpoint, mut model) = load_llama(&args.model)?;
+    // The weights go up once; each step then sends its token id and reads back the logits row.
+    model.to_device(super::device())?;
+    // bf16 weights are a CPU format: on a device this is an error naming the first weight.
     model.set_linear_dtype(args.dtype)?;
     let c = &model.config;
     let (text, special) = if args.chat {

@@ -58,6 +58,8 @@ pub fn text_token_ids(checkpoint: &LlamaCheckpoint, paths: &[PathBuf]) -> CliRes
 
 pub fn run(args: Args) -> CliResult {
     let (checkpoint, mut model) = load_llama(&args.model)?;
+    model.to_device(super::device())?;
+    // bf16 weights are a CPU format: on a device this is an error naming the first weight.
     model.set_linear_dtype(args.dtype)?;
     let ids = text_token_ids(&checkpoint, &args.text)?;
     let start = Instant::now();

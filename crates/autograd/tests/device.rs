@@ -212,6 +212,46 @@ fn every_op_on_the_emulator_matches_the_cpu() {
 }
 
 #[test]
+fn every_decoder_op_on_the_emulator_matches_the_cpu() {
+    let mut rng = StdRng::seed_from_u64(8);
+    let (b, s, width) = (2, 5, 3 * 16);
+    let x = random(&mut rng, &[b, s, width], 1.0);
+    let w = random(&mut rng, &[width], 1.0);
+    assert_same_on_emulator("rmsnorm", &[x.clone(), w], &|v| {
+        ops::rmsnorm(&v[0], &v[1], 1e-5)
+    });
+    // Positions continuing a cache of 300 tokens.
+    let positions: Vec<usize> = (300..300 + s).collect();
+    assert_same_on_emulator("rope", std::slice::from_ref(&x), &|v| {
+        ops::rope(&v[0], 16, &positions, 1e5)
+    });
+    let up = random(&mut rng, &[b, s, width], 1.0);
+    assert_same_on_emulator("swiglu", &[x.clone(), up], &|v| ops::swiglu(&v[0], &v[1]));
+    // 6 query heads over 2 key/value heads, 4 cached positions before the 5 queries.
+    let (heads, kv_heads, d, kv_len) = (6, 2, 8, s + 4);
+    let (q, k, v) = (
+        random(&mut rng, &[b, s, heads * d], 1.0),
+        random(&mut rng, &[b, kv_len, kv_heads * d], 1.0),
+        random(&mut rng, &[b, kv_len, kv_heads * d], 1.0),
+    );
+    assert_same_on_emulator("causal_attention", &[q, k, v], &|v| {
+        ops::causal_attention(&v[0], &v[1], &v[2], heads, kv_heads)
+    });
+}
+
+#[test]
+fn rope_on_a_device_takes_consecutive_positions_only() {
+    let x = accelerator()
+        .place(&Tensor::zeros(&[1, 3, 8], DType::F32))
+        .unwrap();
+    let err = ops::rope(&Var::constant(x), 8, &[0, 2, 1], 1e4)
+        .err()
+        .expect("positions out of order on a device")
+        .to_string();
+    assert!(err.contains("consecutive positions"), "{err}");
+}
+
+#[test]
 fn inference_linear_gelu_on_the_emulator_matches_the_cpu() {
     // Constants (inference): the device epilogue applies GELU without storing the pre-activation.
     let mut rng = StdRng::seed_from_u64(8);
@@ -361,6 +401,16 @@ fn mixing_devices_in_one_op_names_both() {
         .expect("two runtimes")
         .to_string();
     assert!(err.contains("two devices"), "{err}");
+    // The decoder ops dispatch the same way.
+    let w = Tensor::from_vec(&[3], vec![1.0f32, 0.5, 2.0]).unwrap();
+    let err = ops::rmsnorm(&on_emu, &Var::constant(w), 1e-5)
+        .err()
+        .expect("mixed devices must fail")
+        .to_string();
+    assert!(
+        err.contains("rmsnorm") && err.contains("emu (CPU emulator)") && err.contains("cpu"),
+        "{err}"
+    );
     // Host access to a device tensor is an error naming the device, not a panic.
     let err = on_emu.value().values::<f32>().unwrap_err().to_string();
     assert!(err.contains("on emu (CPU emulator)"), "{err}");

@@ -6,12 +6,15 @@
 //! [`Backend::indices`] themselves.
 
 use std::any::Any;
+use std::ops::Range;
 use std::sync::Arc;
 
 use scalpel_tensor::backend::{AdamParameter, LayerNormOutput, OptimizerCache};
 use scalpel_tensor::cpu::attention::AttentionShape;
 use scalpel_tensor::cpu::gemm::{Activation, GemmShape};
 use scalpel_tensor::cpu::layernorm::LayerNormShape;
+use scalpel_tensor::cpu::rope::Rotation;
+use scalpel_tensor::decoder_ops::{self as dops, causal_attention_shape};
 use scalpel_tensor::{ops as tops, Backend, DType, Data, DeviceMemory, DeviceStats, Tensor};
 use scalpel_tensor::{Result, TensorError};
 
@@ -19,7 +22,7 @@ use crate::kernels::adamw::{AdamStep, AdamTables, AdamTensor, WeightDecay};
 use crate::kernels::gemm::Epilogue;
 use crate::kernels::{
     adamw, attention, dropout, elementwise, embedding, gelu, gemm, layernorm, pooling, reduce,
-    softmax,
+    rmsnorm, rope, softmax, swiglu,
 };
 use crate::{CudaError, DeviceBuffer, Runtime};
 
@@ -709,6 +712,208 @@ impl Backend for Runtime {
             ));
         };
         adamw::adam_step(self, &mut tensors, table).dev()
+    }
+
+    fn rmsnorm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+        let s = dops::rmsnorm_shape(x, w, eps)?;
+        let mut y = self.uninit_f32(x.numel())?;
+        let mut rstd = self.uninit_f32(s.rows)?;
+        rmsnorm::rmsnorm_forward(
+            self,
+            &s,
+            self.buffer("x", x)?,
+            self.buffer("weight", w)?,
+            &mut y,
+            &mut rstd,
+        )
+        .dev()?;
+        Ok((wrap(x.shape(), y)?, wrap(&x.shape()[..x.rank() - 1], rstd)?))
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let s = dops::rmsnorm_shape(x, w, 0.0)?;
+        tops::expect_shape("rmsnorm backward", "dy", dy, x.shape())?;
+        tops::expect_shape("rmsnorm backward", "rstd", rstd, &x.shape()[..x.rank() - 1])?;
+        let mut dx = self.uninit_f32(x.numel())?;
+        let mut dw = self.zeros_f32(s.cols)?;
+        rmsnorm::rmsnorm_backward(
+            self,
+            &s,
+            self.buffer("x", x)?,
+            self.buffer("weight", w)?,
+            self.buffer("rstd", rstd)?,
+            self.buffer("dy", dy)?,
+            &mut dx,
+            &mut dw,
+        )
+        .dev()?;
+        Ok((wrap(x.shape(), dx)?, wrap(w.shape(), dw)?))
+    }
+
+    fn rope(
+        &self,
+        x: &Tensor,
+        head_dim: usize,
+        positions: &[usize],
+        theta: f64,
+        rotation: Rotation,
+    ) -> Result<Tensor> {
+        dops::rope_shape(x, head_dim, positions)?;
+        let position0 = positions.first().copied().unwrap_or(0);
+        if positions
+            .iter()
+            .enumerate()
+            .any(|(t, &p)| p != position0 + t)
+        {
+            return Err(TensorError::shape(
+                "rope",
+                format!(
+                    "positions {positions:?} on {}: the device kernel takes consecutive positions",
+                    Backend::name(self)
+                ),
+            ));
+        }
+        let p = rope::RopePositions {
+            seq: x.dim(1),
+            width: x.dim(2),
+            head_dim,
+            position0,
+            theta,
+        };
+        let mut y = self.uninit_f32(x.numel())?;
+        rope::rope(self, &p, rotation, self.buffer("x", x)?, &mut y).dev()?;
+        wrap(x.shape(), y)
+    }
+
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        tops::expect_shape("swiglu", "up", up, gate.shape())?;
+        let mut y = self.uninit_f32(gate.numel())?;
+        swiglu::swiglu_forward(
+            self,
+            self.buffer("gate", gate)?,
+            self.buffer("up", up)?,
+            &mut y,
+        )
+        .dev()?;
+        wrap(gate.shape(), y)
+    }
+
+    fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        tops::expect_shape("swiglu backward", "up", up, gate.shape())?;
+        tops::expect_shape("swiglu backward", "dy", dy, gate.shape())?;
+        let (mut dgate, mut dup) = (
+            self.uninit_f32(gate.numel())?,
+            self.uninit_f32(gate.numel())?,
+        );
+        swiglu::swiglu_backward(
+            self,
+            self.buffer("gate", gate)?,
+            self.buffer("up", up)?,
+            self.buffer("dy", dy)?,
+            &mut dgate,
+            &mut dup,
+        )
+        .dev()?;
+        Ok((wrap(gate.shape(), dgate)?, wrap(gate.shape(), dup)?))
+    }
+
+    fn causal_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let s = causal_attention_shape(q, k, v, heads, kv_heads)?;
+        let mut out = self.uninit_f32(q.numel())?;
+        let mut lse = self.uninit_f32(s.batch * s.heads * s.q_len)?;
+        let qkv = (
+            self.buffer("q", q)?,
+            self.buffer("k", k)?,
+            self.buffer("v", v)?,
+        );
+        attention::causal_attention_forward(self, &s, qkv, &mut out, &mut lse).dev()?;
+        Ok((
+            wrap(q.shape(), out)?,
+            wrap(&[s.batch, s.heads, s.q_len], lse)?,
+        ))
+    }
+
+    fn causal_attention_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+        out: &Tensor,
+        lse: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let s = causal_attention_shape(q, k, v, heads, kv_heads)?;
+        let op = "causal_attention backward";
+        tops::expect_shape(op, "out", out, q.shape())?;
+        tops::expect_shape(op, "dout", dout, q.shape())?;
+        tops::expect_shape(op, "lse", lse, &[s.batch, s.heads, s.q_len])?;
+        let (mut dq, mut dk, mut dv) = (
+            self.uninit_f32(q.numel())?,
+            self.uninit_f32(k.numel())?,
+            self.uninit_f32(k.numel())?,
+        );
+        let qkv = (
+            self.buffer("q", q)?,
+            self.buffer("k", k)?,
+            self.buffer("v", v)?,
+        );
+        attention::causal_attention_backward(
+            self,
+            &s,
+            qkv,
+            self.buffer("out", out)?,
+            self.buffer("lse", lse)?,
+            self.buffer("dout", dout)?,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        )
+        .dev()?;
+        Ok((
+            wrap(q.shape(), dq)?,
+            wrap(k.shape(), dk)?,
+            wrap(k.shape(), dv)?,
+        ))
+    }
+
+    fn concat(&self, parts: &[&Tensor], shape: &[usize]) -> Result<Tensor> {
+        let mut out = self.zeros_f32(shape.iter().product())?;
+        let mut at = 0;
+        for (i, part) in parts.iter().enumerate() {
+            let buffer = self.buffer(&format!("concat part {i}"), part)?;
+            elementwise::axpy_at(self, 1.0, buffer.len(), (buffer, 0), (&mut out, at)).dev()?;
+            at += buffer.len();
+        }
+        wrap(shape, out)
+    }
+
+    fn rows(&self, t: &Tensor, range: Range<usize>) -> Result<Tensor> {
+        if t.rank() == 0 {
+            return Err(TensorError::shape("rows", "a scalar has no rows"));
+        }
+        let row_len: usize = t.shape()[1..].iter().product();
+        let mut shape = t.shape().to_vec();
+        shape[0] = range.len();
+        let n = range.len() * row_len;
+        let mut out = self.zeros_f32(n)?;
+        let from = (self.buffer("t", t)?, range.start * row_len);
+        elementwise::axpy_at(self, 1.0, n, from, (&mut out, 0)).dev()?;
+        wrap(&shape, out)
     }
 }
 

@@ -9,10 +9,12 @@
 
 use std::any::Any;
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::cpu::attention::AttentionShape;
 use crate::cpu::gemm::Activation;
+use crate::cpu::rope::Rotation;
 use crate::{DType, Data, Result, Tensor};
 
 /// Memory on a device, holding one tensor's elements. Dropping it returns the memory to its
@@ -203,6 +205,51 @@ pub trait Backend: Send + Sync {
         params: &mut [AdamParameter<'_>],
         cache: &mut OptimizerCache,
     ) -> Result<()>;
+
+    // The Llama decoder's ops (`crate::decoder_ops`) and the row copies of its KV cache.
+    fn rmsnorm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)>;
+    fn rmsnorm_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor)>;
+    /// The positions must be consecutive (`p, p+1, …`, what a forward and a decoding step
+    /// pass): the device computes the angles from the first, so none cross the bus.
+    fn rope(
+        &self,
+        x: &Tensor,
+        head_dim: usize,
+        positions: &[usize],
+        theta: f64,
+        rotation: Rotation,
+    ) -> Result<Tensor>;
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
+    fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)>;
+    fn causal_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Result<(Tensor, Tensor)>;
+    fn causal_attention_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+        out: &Tensor,
+        lse: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)>;
+    /// [`Tensor::concat`] of f32 tensors on this device (shapes checked by the caller).
+    fn concat(&self, parts: &[&Tensor], shape: &[usize]) -> Result<Tensor>;
+    /// [`Tensor::rows`] of an f32 tensor on this device (the range checked by the caller).
+    fn rows(&self, t: &Tensor, range: Range<usize>) -> Result<Tensor>;
 }
 
 /// A device LayerNorm's results: the output, the per-row statistics its backward reads, and, when

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use scalpel_autograd::ops::{self, Indices};
 use scalpel_autograd::{Params, Var};
-use scalpel_tensor::{DType, Tensor};
+use scalpel_tensor::{DType, Device, Tensor};
 
 use super::LlamaConfig;
 use crate::{ModelError, Result};
@@ -152,6 +152,12 @@ impl Llama {
             config,
             params: Params::from_tensors(weights),
         })
+    }
+
+    /// Moves the weights to `device`, once; forwards, their gradients and a [`KvCache`] then
+    /// stay there.
+    pub fn to_device(&mut self, device: &Device) -> Result<()> {
+        Ok(self.params.to_device(device)?)
     }
 
     fn p(&self, name: &str) -> Result<&Var> {
