@@ -161,6 +161,7 @@ impl Command {
             Command::Generate(_) | Command::Perplexity(_) => true,
             Command::Score(a) => is_decoder(a.model()),
             Command::Cut(a) => a.computes() && is_decoder(a.model()),
+            Command::Heal(a) => a.runs_decoder(),
             _ => false,
         }
     }
