@@ -115,15 +115,12 @@ pub fn run(
     finish(&a, &outcome, &student_dir, &output)
 }
 
-/// Files of the student folder that every checkpoint keeps: the cut's record.
+/// The cut's record (`surgery.json`) of the student folder, which every checkpoint keeps.
 fn carried_files(student: &Path) -> CliResult<Vec<(String, Vec<u8>)>> {
-    let mut out = Vec::new();
-    for name in ["surgery.json"] {
-        let path = student.join(name);
-        if path.is_file() {
-            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            out.push((name.to_string(), bytes));
-        }
+    let path = student.join("surgery.json");
+    if !path.is_file() {
+        return Ok(Vec::new());
     }
-    Ok(out)
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(vec![("surgery.json".to_string(), bytes)])
 }

@@ -269,10 +269,10 @@ pub fn heal_decoder(
     if let Some((saved, dir)) = resume {
         restore(&mut state, &mut adam, saved, dir)?;
     }
-    // Evaluation runs the weights as they train (each window's graph is dropped at once):
-    // frozen into constants, they would get GEMM packings that the next training steps then
-    // multiply from, and a run evaluated at other steps would no longer repeat its losses
-    // exactly (measured: the step-2 loss moved in the 3rd significant digit).
+    // Evaluation runs the weights as they train (each window's graph is dropped at once).
+    // Freezing them into constants for it and thawing them after made the following losses
+    // differ from those of a run not evaluated (in the 3rd significant digit by step 2), so a
+    // resumed run, evaluated at other steps, would not repeat them.
     let evaluate = |step: usize,
                     student: &Llama,
                     on_event: &mut dyn FnMut(HealEvent) -> Result<()>|
