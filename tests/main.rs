@@ -10,6 +10,8 @@ mod bad_input;
 mod bert_grads;
 mod bf16_inference;
 mod decoder_cut;
+mod decoder_heal;
+mod decoder_replace;
 #[cfg(feature = "cuda")]
 mod device;
 mod gguf;

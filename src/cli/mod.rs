@@ -66,7 +66,7 @@ enum Command {
     /// Remove encoder layers and write a complete, renumbered checkpoint.
     Cut(cut::Args),
     /// Retrain a cut model (AdamW): distil the teacher's embeddings or fine-tune on pairs.
-    Heal(heal::Args),
+    Heal(Box<heal::Args>),
     /// Spearman correlation on STS/SICK files, and agreement with a teacher.
     Eval(eval::Args),
     /// Compile every CUDA kernel with NVRTC and check each on the CPU emulator.
@@ -161,6 +161,7 @@ impl Command {
         match self {
             Command::Score(a) => is_decoder(a.model()),
             Command::Cut(a) => a.computes() && is_decoder(a.model()),
+            Command::Heal(a) => a.runs_decoder(),
             _ => false,
         }
     }
@@ -173,7 +174,7 @@ fn run_command(command: Command) -> CliResult {
         Command::Similarity(a) => similarity::run(a),
         Command::Score(a) => score::run(a),
         Command::Cut(a) => cut::run(a),
-        Command::Heal(a) => heal::run(a),
+        Command::Heal(a) => heal::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Kernels(a) => kernels::run(a),
         Command::NewHead(a) => new_head::run(a),

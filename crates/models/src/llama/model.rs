@@ -209,6 +209,13 @@ impl Llama {
         Ok(states)
     }
 
+    /// Decoder layer `l` alone on a residual stream `x` `[batch, seq, hidden]` at positions
+    /// `0..seq`: what training one layer to stand in for a removed block runs.
+    pub fn layer_forward(&self, l: usize, x: &Var) -> Result<Var> {
+        let positions: Vec<usize> = (0..x.shape()[1]).collect();
+        self.layer(l, x, &positions, None)
+    }
+
     /// The token embeddings of `ids` (`batch` equal-length sequences) and their positions, the
     /// first at `start`.
     fn embed(&self, ids: &[u32], batch: usize, start: usize) -> Result<(Var, Vec<usize>)> {
