@@ -1,11 +1,11 @@
-// Fused scaled dot-product attention with a key-padding mask, FlashAttention-2 style
-// (crates/tensor/src/cpu/attention.rs): q, k, v, out are [batch, seq, heads*head_dim], mask is
-// [batch, seq] (1 token, 0 padding), lse is [batch, heads, seq]. With `causal` != 0 query i also
-// sees only keys j <= i (a decoder's mask), and each block skips the key (or query) tiles that
-// mask removes entirely, about halving the work. The seq x seq score matrix
-// never reaches global memory: the forward keeps an online softmax per query row and saves
-// lse = log sum_j exp(s_ij); the backward recomputes P = exp(S - lse) tile by tile.
-// Fully masked rows give zero output, lse = -inf and zero gradients.
+// Fused scaled dot-product attention, FlashAttention-2 style, for the encoder (key-padding mask,
+// crates/tensor/src/cpu/attention.rs) and the decoder (causal grouped-query attention over a KV
+// cache, crates/tensor/src/cpu/causal_attention.rs): the shapes are at the entry points below.
+// With `causal` != 0 each query sees only the keys at or before its position, and each block
+// skips the key (or query) tiles that mask removes entirely, about halving the work. The
+// q_len x kv_len score matrix never reaches global memory: the forward keeps an online softmax
+// per query row and saves lse = log sum_j exp(s_ij); the backward recomputes P = exp(S - lse)
+// tile by tile. Fully masked rows give zero output, lse = -inf and zero gradients.
 //
 // Tiling: one block of 128 threads per (query or key tile, head, batch). A row (query row, or
 // key row in dK/dV) belongs to a group of `group` = 1, 2 or 4 adjacent lanes, each owning 16 of
@@ -25,14 +25,18 @@
 // The two backward kernels need no atomics and no inter-block waits (deterministic results);
 // the price is computing S and dP twice (14 T^2 d flops for the backward instead of 10).
 //
-// Bytes moved per (batch, head), T = seq, d = head_dim, R = 128/group rows per block:
+// Bytes moved per (batch, head), T = seq (q_len = kv_len), d = head_dim, R = 128/group rows per block:
 // forward 8Td (Q, O) + ceil(T/R) 8Td (K, V per query tile) + 4T (lse); dQ 16Td + ceil(T/R) 8Td;
-// dK/dV 16Td + ceil(T/R) 8Td. For MiniLM (T = 128, d = 32: one tile) that is 4T^2 d = 2 MFLOP
+// dK/dV 16Td + ceil(T/R) 8Td (with grouped-query heads, every query head of a group reads its K
+// and V tiles in the forward and dQ, and a dK/dV block streams Q and dO of all of them). For MiniLM (T = 128, d = 32: one tile) that is 4T^2 d = 2 MFLOP
 // of forward work per 64 KiB, ~32 flop/byte: above the H100's f32-to-HBM balance (~20), so these
 // kernels are bound by FP32 FMA issue on the CUDA cores, with the broadcast shared loads and the
 // partial-sum exchange beside it, not by HBM. The next step is tensor cores (mma on bf16/tf32).
 // Shared memory per block: 2 tiles of 32 x 4*group float4 + 16 KiB of partials + 256 B.
-// ptxas, sm_90: forward 107 registers, dQ and dK/dV 168 (no spills): 2-4 blocks per SM.
+// ptxas (NVRTC 12.9): forward 128 registers, dQ 168, dK/dV 203 on sm_90 (198 on sm_80), no spills:
+// 4, 3 and 2 blocks per SM. The forward and dK/dV ask for those occupancies in their launch
+// bounds: left to itself, ptxas kept the forward at 96 registers on sm_80 and dK/dV at 168, and
+// both spilled (8 and 16 bytes) once they took grouped heads and keys longer than queries.
 
 #include "warp.cuh"
 // float4 chunks of one row each lane owns: 16 dims.
@@ -144,16 +148,23 @@ __device__ __forceinline__ void stage_tiles(float4* first_tile, float4* second_t
 }
 
 // The last key row (exclusive) any query row of this block sees: every key, or under the causal
-// mask the keys up to the block's last query row. Uniform across the block (barriers inside).
-__device__ __forceinline__ int key_end(int seq, int rows_per_block, int causal) {
-    return causal ? min(seq, (int)(blockIdx.x + 1) * rows_per_block) : seq;
+// mask the keys up to the position of the block's last query row. Uniform across the block
+// (barriers inside).
+__device__ __forceinline__ int key_end(int q_len, int kv_len, int rows_per_block, int causal) {
+    return causal ? min(kv_len, kv_len - q_len + (int)(blockIdx.x + 1) * rows_per_block) : kv_len;
 }
 
-// Additive key mask of the key tile at key0: 0 for tokens, -inf for padding and past seq.
-__device__ __forceinline__ void stage_key_bias(float* key_bias, const float* __restrict__ mask, int key0, int seq, int b) {
+// Whether key t of batch entry b is a token (a null mask: no padding).
+__device__ __forceinline__ bool key_present(const float* __restrict__ mask, int kv_len, int b, int t) {
+    return mask == nullptr || mask[(long long)b * kv_len + t] != 0.0f;
+}
+
+// Additive key mask of the key tile at key0: 0 for tokens, -inf for padding and past kv_len.
+__device__ __forceinline__ void stage_key_bias(float* key_bias, const float* __restrict__ mask, int key0, int kv_len,
+                                               int b) {
     for (int j = threadIdx.x; j < TILE_ROWS; j += BLOCK_THREADS) {
         int t = key0 + j;
-        key_bias[j] = t < seq && mask[(long long)b * seq + t] != 0.0f ? 0.0f : neg_inf();
+        key_bias[j] = t < kv_len && key_present(mask, kv_len, b, t) ? 0.0f : neg_inf();
     }
 }
 
@@ -175,12 +186,20 @@ __device__ __forceinline__ AttentionShared attention_shared_layout(float4* base,
     return s;
 }
 
-// Grid (ceil(seq / (128/group)), heads, batch), BLOCK_THREADS threads; shared memory as
+// Shapes: q, out, dout, dq are [batch, q_len, heads*head_dim]; k, v, dk, dv [batch, kv_len,
+// kv_heads*head_dim], kv_len >= q_len, query head h reading key/value head h / (heads/kv_heads)
+// (grouped-query attention; an encoder has q_len = kv_len and kv_heads = heads). The queries are
+// the last q_len of the kv_len positions (a decoder's KV cache holds the first kv_len - q_len),
+// so under `causal` query i sees keys j <= kv_len - q_len + i. mask is [batch, kv_len], or null
+// for no padding; lse and delta are [batch, heads, q_len].
+
+// Grid (ceil(q_len / (128/group)), heads, batch), BLOCK_THREADS threads; shared memory as
 // AttentionShared with one stat (the key bias).
-extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
-    attention_forward_f32(int seq, int heads, int head_dim, int group, float scale, const float* __restrict__ q,
-                          const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ mask,
-                          int causal, float* __restrict__ out, float* __restrict__ lse) {
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 4)
+    attention_forward_f32(int q_len, int kv_len, int heads, int kv_heads, int head_dim, int group, float scale,
+                          const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                          const float* __restrict__ mask, int causal, float* __restrict__ out,
+                          float* __restrict__ lse) {
     extern __shared__ float4 attention_shared[];
     const int chunks = LANE_CHUNKS * group;
     const AttentionShared sh = attention_shared_layout(attention_shared, chunks);
@@ -188,19 +207,21 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
     const float4* value_tile = sh.second_tile;
     const float* key_bias = sh.stats;
     const int b = blockIdx.z, h = blockIdx.y, lane_in_group = threadIdx.x % group;
+    const int kv_head = h / (heads / kv_heads);
     const int i = blockIdx.x * (BLOCK_THREADS / group) + threadIdx.x / group;
-    const bool row_valid = i < seq;
-    const long long row_offset = ((long long)(b * seq + (row_valid ? i : 0)) * heads + h) * head_dim;
+    const int position = kv_len - q_len + i;
+    const bool row_valid = i < q_len;
+    const long long row_offset = ((long long)(b * q_len + (row_valid ? i : 0)) * heads + h) * head_dim;
 
     float4 q_scaled[LANE_CHUNKS], o[LANE_CHUNKS];
     load_lane_chunks(q_scaled, q + row_offset, row_valid, head_dim, scale, lane_in_group, group);
     zero_chunks(o);
     float m = neg_inf(), l = 0.0f;
-    const int keys = key_end(seq, BLOCK_THREADS / group, causal);
+    const int keys = key_end(q_len, kv_len, BLOCK_THREADS / group, causal);
     for (int key0 = 0; key0 < keys; key0 += TILE_ROWS) {
         __syncthreads();  // every row is done with the previous tile and its partials
-        stage_tiles(sh.first_tile, sh.second_tile, k, v, key0, seq, heads, head_dim, chunks, b, h);
-        stage_key_bias(sh.stats, mask, key0, seq, b);
+        stage_tiles(sh.first_tile, sh.second_tile, k, v, key0, kv_len, kv_heads, head_dim, chunks, b, kv_head);
+        stage_key_bias(sh.stats, mask, key0, kv_len, b);
         __syncthreads();
         float s[TILE_ROWS];
         tile_dots(s, q_scaled, key_tile, sh.partials, chunks, lane_in_group, group);
@@ -208,7 +229,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
 #pragma unroll
         for (int j = 0; j < TILE_ROWS; ++j) {
             s[j] += key_bias[j];
-            if (causal && key0 + j > i) s[j] = neg_inf();  // (as a select in one expression, sm_80 spilled)
+            if (causal && key0 + j > position) s[j] = neg_inf();  // (as a select in one expression, sm_80 spilled)
             tile_max = fmaxf(tile_max, s[j]);
         }
         float m_new = fmaxf(m, tile_max);
@@ -233,16 +254,17 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
     if (!row_valid) return;
     bool all_padding = m == neg_inf();
     store_lane_chunks(out + row_offset, o, all_padding ? 0.0f : 1.0f / l, head_dim, lane_in_group, group);
-    if (lane_in_group == 0) lse[((long long)b * heads + h) * seq + i] = all_padding ? neg_inf() : m + logf(l);
+    if (lane_in_group == 0) lse[((long long)b * heads + h) * q_len + i] = all_padding ? neg_inf() : m + logf(l);
 }
 
 // dQ = scale * sum_j P_ij (dP_ij - delta_i) K_j with P = exp(scale q.k - lse), dP = dO_i . V_j;
 // also saves delta = rowsum(dO o O) for the dK/dV kernel. Overwrites dq. Launch as the forward.
 extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
-    attention_backward_dq_f32(int seq, int heads, int head_dim, int group, float scale, const float* __restrict__ q,
-                              const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ mask,
-                              int causal, const float* __restrict__ out, const float* __restrict__ lse,
-                              const float* __restrict__ dout, float* __restrict__ dq, float* __restrict__ delta) {
+    attention_backward_dq_f32(int q_len, int kv_len, int heads, int kv_heads, int head_dim, int group, float scale,
+                              const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                              const float* __restrict__ mask, int causal, const float* __restrict__ out,
+                              const float* __restrict__ lse, const float* __restrict__ dout, float* __restrict__ dq,
+                              float* __restrict__ delta) {
     extern __shared__ float4 attention_shared[];
     const int chunks = LANE_CHUNKS * group;
     const AttentionShared sh = attention_shared_layout(attention_shared, chunks);
@@ -250,10 +272,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
     const float4* value_tile = sh.second_tile;
     const float* key_bias = sh.stats;
     const int b = blockIdx.z, h = blockIdx.y, lane_in_group = threadIdx.x % group;
+    const int kv_head = h / (heads / kv_heads);
     const int i = blockIdx.x * (BLOCK_THREADS / group) + threadIdx.x / group;
-    const bool row_valid = i < seq;
-    const long long row_offset = ((long long)(b * seq + (row_valid ? i : 0)) * heads + h) * head_dim;
-    const long long stat = ((long long)b * heads + h) * seq + i;
+    const int position = kv_len - q_len + i;
+    const bool row_valid = i < q_len;
+    const long long row_offset = ((long long)(b * q_len + (row_valid ? i : 0)) * heads + h) * head_dim;
+    const long long stat = ((long long)b * heads + h) * q_len + i;
 
     float4 q_scaled[LANE_CHUNKS], dout_row[LANE_CHUNKS], dq_acc[LANE_CHUNKS];
     load_lane_chunks(dout_row, dout + row_offset, row_valid, head_dim, 1.0f, lane_in_group, group);
@@ -271,17 +295,17 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
     const float row_lse = row_valid ? lse[stat] : neg_inf();
     const bool row_live = row_lse != neg_inf();
 
-    const int keys = key_end(seq, BLOCK_THREADS / group, causal);
+    const int keys = key_end(q_len, kv_len, BLOCK_THREADS / group, causal);
     for (int key0 = 0; key0 < keys; key0 += TILE_ROWS) {
         __syncthreads();
-        stage_tiles(sh.first_tile, sh.second_tile, k, v, key0, seq, heads, head_dim, chunks, b, h);
-        stage_key_bias(sh.stats, mask, key0, seq, b);
+        stage_tiles(sh.first_tile, sh.second_tile, k, v, key0, kv_len, kv_heads, head_dim, chunks, b, kv_head);
+        stage_key_bias(sh.stats, mask, key0, kv_len, b);
         __syncthreads();
         float p[TILE_ROWS], dp[TILE_ROWS];
         tile_dots(p, q_scaled, key_tile, sh.partials, chunks, lane_in_group, group);
 #pragma unroll
         for (int j = 0; j < TILE_ROWS; ++j)
-            p[j] = row_live && !(causal && key0 + j > i) ? expf(p[j] + key_bias[j] - row_lse) : 0.0f;
+            p[j] = row_live && !(causal && key0 + j > position) ? expf(p[j] + key_bias[j] - row_lse) : 0.0f;
         __syncthreads();  // every lane has read the score partials
         tile_dots(dp, dout_row, value_tile, sh.partials, chunks, lane_in_group, group);
 #pragma unroll
@@ -291,11 +315,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
 }
 
 // dV_j = sum_i P_ij dO_i and dK_j = scale * sum_i P_ij (dP_ij - delta_i) Q_i, a key row per lane
-// group, streaming query tiles. Needs delta from attention_backward_dq_f32. Overwrites dk, dv.
-// Launch as the forward, with two stats (lse, delta) in shared memory.
-extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
-    attention_backward_dkdv_f32(int seq, int heads, int head_dim, int group, float scale, const float* __restrict__ q,
-                                const float* __restrict__ k, const float* __restrict__ v,
+// group, streaming query tiles of every query head that reads this key/value head (so a group's
+// dK/dV is summed in registers: no atomics). Needs delta from attention_backward_dq_f32.
+// Overwrites dk, dv. Grid (ceil(kv_len / (128/group)), kv_heads, batch), two stats (lse, delta).
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 2)
+    attention_backward_dkdv_f32(int q_len, int kv_len, int heads, int kv_heads, int head_dim, int group, float scale,
+                                const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                                 const float* __restrict__ mask, int causal, const float* __restrict__ lse,
                                 const float* __restrict__ delta, const float* __restrict__ dout,
                                 float* __restrict__ dk, float* __restrict__ dv) {
@@ -306,12 +331,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
     const float4* dout_tile = sh.second_tile;
     float* lse_tile = sh.stats;
     float* delta_tile = sh.stats + TILE_ROWS;
-    const int b = blockIdx.z, h = blockIdx.y, lane_in_group = threadIdx.x % group;
+    const int b = blockIdx.z, kv_head = blockIdx.y, lane_in_group = threadIdx.x % group;
+    const int heads_per_kv = heads / kv_heads, offset = kv_len - q_len;
     const int j = blockIdx.x * (BLOCK_THREADS / group) + threadIdx.x / group;
-    const bool key_valid = j < seq;
-    const long long row_offset = ((long long)(b * seq + (key_valid ? j : 0)) * heads + h) * head_dim;
-    const bool key_live = key_valid && mask[(long long)b * seq + j] != 0.0f;
-    const long long stats = ((long long)b * heads + h) * seq;
+    const bool key_valid = j < kv_len;
+    const long long row_offset = ((long long)(b * kv_len + (key_valid ? j : 0)) * kv_heads + kv_head) * head_dim;
+    const bool key_live = key_valid && key_present(mask, kv_len, b, j);
 
     float4 key_row[LANE_CHUNKS], value_row[LANE_CHUNKS], dk_acc[LANE_CHUNKS], dv_acc[LANE_CHUNKS];
     load_lane_chunks(key_row, k + row_offset, key_valid, head_dim, 1.0f, lane_in_group, group);
@@ -319,33 +344,39 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS)
     zero_chunks(dk_acc);
     zero_chunks(dv_acc);
 
-    // Under the causal mask, query rows before the block's first key row see none of its keys.
-    const int first_query = causal ? (int)blockIdx.x * (BLOCK_THREADS / group) / TILE_ROWS * TILE_ROWS : 0;
-    for (int query0 = first_query; query0 < seq; query0 += TILE_ROWS) {
-        __syncthreads();
-        stage_tiles(sh.first_tile, sh.second_tile, q, dout, query0, seq, heads, head_dim, chunks, b, h);
-        for (int r = threadIdx.x; r < TILE_ROWS; r += BLOCK_THREADS) {
-            int t = query0 + r;
-            lse_tile[r] = t < seq ? lse[stats + t] : neg_inf();
-            delta_tile[r] = t < seq ? delta[stats + t] : 0.0f;
+    // Under the causal mask, query rows before the block's first key's position see none of its
+    // keys.
+    const int first_key = (int)blockIdx.x * (BLOCK_THREADS / group);
+    const int first_query = causal ? max(0, first_key - offset) / TILE_ROWS * TILE_ROWS : 0;
+    for (int h = kv_head * heads_per_kv; h < (kv_head + 1) * heads_per_kv; ++h) {
+        const long long stats = ((long long)b * heads + h) * q_len;
+        for (int query0 = first_query; query0 < q_len; query0 += TILE_ROWS) {
+            __syncthreads();
+            stage_tiles(sh.first_tile, sh.second_tile, q, dout, query0, q_len, heads, head_dim, chunks, b, h);
+            for (int r = threadIdx.x; r < TILE_ROWS; r += BLOCK_THREADS) {
+                int t = query0 + r;
+                lse_tile[r] = t < q_len ? lse[stats + t] : neg_inf();
+                delta_tile[r] = t < q_len ? delta[stats + t] : 0.0f;
+            }
+            __syncthreads();
+            float p[TILE_ROWS], dp[TILE_ROWS];
+            tile_dots(p, key_row, query_tile, sh.partials, chunks, lane_in_group, group);
+            // Masked keys, fully masked query rows, rows past q_len and (causal) rows before
+            // this key's position contribute nothing.
+#pragma unroll
+            for (int r = 0; r < TILE_ROWS; ++r)
+                p[r] = key_live && lse_tile[r] != neg_inf() && !(causal && offset + query0 + r < j)
+                           ? expf(scale * p[r] - lse_tile[r])
+                           : 0.0f;
+            __syncthreads();  // every lane has read the score partials
+            tile_dots(dp, value_row, dout_tile, sh.partials, chunks, lane_in_group, group);
+            // Two passes rather than one: fewer tile values live at once (no spills).
+#pragma unroll
+            for (int r = 0; r < TILE_ROWS; ++r) add_scaled(dv_acc, p[r], dout_tile + r * chunks, lane_in_group, group);
+#pragma unroll
+            for (int r = 0; r < TILE_ROWS; ++r)
+                add_scaled(dk_acc, p[r] * (dp[r] - delta_tile[r]), query_tile + r * chunks, lane_in_group, group);
         }
-        __syncthreads();
-        float p[TILE_ROWS], dp[TILE_ROWS];
-        tile_dots(p, key_row, query_tile, sh.partials, chunks, lane_in_group, group);
-        // Masked keys, fully masked query rows, rows past seq and (causal) rows before this key
-        // contribute nothing.
-#pragma unroll
-        for (int r = 0; r < TILE_ROWS; ++r)
-            p[r] = key_live && lse_tile[r] != neg_inf() && !(causal && query0 + r < j) ? expf(scale * p[r] - lse_tile[r])
-                                                                                        : 0.0f;
-        __syncthreads();  // every lane has read the score partials
-        tile_dots(dp, value_row, dout_tile, sh.partials, chunks, lane_in_group, group);
-        // Two passes rather than one: fewer tile values live at once (no spills).
-#pragma unroll
-        for (int r = 0; r < TILE_ROWS; ++r) add_scaled(dv_acc, p[r], dout_tile + r * chunks, lane_in_group, group);
-#pragma unroll
-        for (int r = 0; r < TILE_ROWS; ++r)
-            add_scaled(dk_acc, p[r] * (dp[r] - delta_tile[r]), query_tile + r * chunks, lane_in_group, group);
     }
     if (!key_valid) return;
     store_lane_chunks(dk + row_offset, dk_acc, scale, head_dim, lane_in_group, group);

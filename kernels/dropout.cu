@@ -6,8 +6,7 @@
 // Bytes per element: 8 (read x, write y); the two 64-bit hashes are ~20 integer ops, well under
 // what HBM bandwidth leaves per element on an H100, so the kernel stays bandwidth-bound.
 
-#define GRID_STRIDE(i, n) \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)blockDim.x * gridDim.x)
+#include "grid_stride.cuh"
 
 __device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
     z += 0x9E3779B97F4A7C15ull;

@@ -10,8 +10,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#define GRID_STRIDE(i, n) \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)blockDim.x * gridDim.x)
+#include "grid_stride.cuh"
 
 // out = a + b
 extern "C" __global__ void add_f32(int n, const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out) {

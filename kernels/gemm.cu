@@ -1,5 +1,5 @@
-// General matrix multiply, C = op(A) op(B) + bias + beta C, exactly as crates/tensor/src/cpu/gemm.rs
-// (its epilogue with the identity activation): A is logically m x k (stored k x m when
+// General matrix multiply, C = act(op(A) op(B) + bias + beta C), as crates/tensor/src/cpu/gemm.rs
+// with its epilogue (act: the identity or GELU, see gemm_store): A is logically m x k (stored k x m when
 // transposed), B logically k x n (stored n x k when transposed), C is m x n row-major, bias
 // (n values, one per column; null for none) is added as each element is stored, so a linear
 // layer's bias costs no pass of its own, and beta == 0 overwrites C without reading it.
@@ -23,6 +23,23 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include "gelu.cuh"
+
+// The store every tile ends with, as the CPU GEMM's epilogue: v = acc + bias[j] + beta C (C not
+// read when beta == 0); with `gelu`, C receives GELU(v) and `pre_gelu`, unless null, v itself (the
+// activation's backward needs it), so a training step's FFN up-projection costs no GELU pass.
+__device__ __forceinline__ void gemm_store(float acc, int gi, int gj, int n, const float* __restrict__ bias, unsigned gelu,
+                                           float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    long long i = (long long)gi * n + gj;
+    float v = bias ? acc + bias[gj] : acc;
+    if (beta != 0.0f) v += beta * c[i];
+    if (gelu) {
+        if (pre_gelu) pre_gelu[i] = v;
+        v = gelu_value(v);
+    }
+    c[i] = v;
+}
+
 #define GEMM_BM 64
 #define GEMM_BN 64
 #define GEMM_BK 16
@@ -31,7 +48,7 @@
 template <bool TRANS_A, bool TRANS_B>
 __device__ __forceinline__ void gemm_f32_tile(int m, int n, int k, const float* __restrict__ a,
                                               const float* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
     __shared__ float as[GEMM_BK][GEMM_BM + 1];
     __shared__ float bs[GEMM_BK][GEMM_BN + 1];
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
@@ -79,32 +96,30 @@ __device__ __forceinline__ void gemm_f32_tile(int m, int n, int k, const float* 
         for (int j = 0; j < 4; ++j) {
             int gj = n0 + tx + 16 * j;
             if (gj >= n) continue;
-            float* out = c + (long long)gi * n + gj;
-            float v = bias ? acc[i][j] + bias[gj] : acc[i][j];
-            *out = beta == 0.0f ? v : beta * *out + v;
+            gemm_store(acc[i][j], gi, gj, n, bias, gelu, pre_gelu, c, beta);
         }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_f32_nn(int m, int n, int k, const float* __restrict__ a,
                                                                         const float* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
-    gemm_f32_tile<false, false>(m, n, k, a, b, bias, c, beta);
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    gemm_f32_tile<false, false>(m, n, k, a, b, bias, gelu, pre_gelu, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_f32_nt(int m, int n, int k, const float* __restrict__ a,
                                                                         const float* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
-    gemm_f32_tile<false, true>(m, n, k, a, b, bias, c, beta);
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    gemm_f32_tile<false, true>(m, n, k, a, b, bias, gelu, pre_gelu, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_f32_tn(int m, int n, int k, const float* __restrict__ a,
                                                                         const float* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
-    gemm_f32_tile<true, false>(m, n, k, a, b, bias, c, beta);
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    gemm_f32_tile<true, false>(m, n, k, a, b, bias, gelu, pre_gelu, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_f32_tt(int m, int n, int k, const float* __restrict__ a,
                                                                         const float* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
-    gemm_f32_tile<true, true>(m, n, k, a, b, bias, c, beta);
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    gemm_f32_tile<true, true>(m, n, k, a, b, bias, gelu, pre_gelu, c, beta);
 }
 
 #define WMMA_BM 64
@@ -143,7 +158,7 @@ __device__ __forceinline__ void round_operands(Fragment&) {}
 template <class T, class OPERAND, int FRAG_K, bool TRANS_A, bool TRANS_B>
 __device__ __forceinline__ void gemm_wmma_tile(int m, int n, int k, const T* __restrict__ a, const T* __restrict__ b,
                                                const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
     using namespace nvcuda;
     __shared__ __align__(32) T as[WMMA_BM][WMMA_BK + WMMA_PAD];
     __shared__ __align__(32) T bs[WMMA_BK][WMMA_BN + WMMA_PAD];
@@ -209,69 +224,67 @@ __device__ __forceinline__ void gemm_wmma_tile(int m, int n, int k, const T* __r
         int row = idx / WMMA_BN, col = idx % WMMA_BN;
         int gi = m0 + row, gj = n0 + col;
         if (gi >= m || gj >= n) continue;
-        float* out = c + (long long)gi * n + gj;
-        float v = bias ? cs[row][col] + bias[gj] : cs[row][col];
-        *out = beta == 0.0f ? v : beta * *out + v;
+        gemm_store(cs[row][col], gi, gj, n, bias, gelu, pre_gelu, c, beta);
     }
 }
 
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_f16_nn(int m, int n, int k, const __half* __restrict__ a,
                                                                         const __half* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__half, __half, 16, false, false>(m, n, k, a, b, bias, c, beta);
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    gemm_wmma_tile<__half, __half, 16, false, false>(m, n, k, a, b, bias, gelu, pre_gelu, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_f16_nt(int m, int n, int k, const __half* __restrict__ a,
                                                                         const __half* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__half, __half, 16, false, true>(m, n, k, a, b, bias, c, beta);
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    gemm_wmma_tile<__half, __half, 16, false, true>(m, n, k, a, b, bias, gelu, pre_gelu, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_f16_tn(int m, int n, int k, const __half* __restrict__ a,
                                                                         const __half* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__half, __half, 16, true, false>(m, n, k, a, b, bias, c, beta);
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    gemm_wmma_tile<__half, __half, 16, true, false>(m, n, k, a, b, bias, gelu, pre_gelu, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_f16_tt(int m, int n, int k, const __half* __restrict__ a,
                                                                         const __half* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__half, __half, 16, true, true>(m, n, k, a, b, bias, c, beta);
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    gemm_wmma_tile<__half, __half, 16, true, true>(m, n, k, a, b, bias, gelu, pre_gelu, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_bf16_nn(int m, int n, int k, const __nv_bfloat16* __restrict__ a,
                                                                         const __nv_bfloat16* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, false, false>(m, n, k, a, b, bias, c, beta);
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, false, false>(m, n, k, a, b, bias, gelu, pre_gelu, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_bf16_nt(int m, int n, int k, const __nv_bfloat16* __restrict__ a,
                                                                         const __nv_bfloat16* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, false, true>(m, n, k, a, b, bias, c, beta);
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, false, true>(m, n, k, a, b, bias, gelu, pre_gelu, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_bf16_tn(int m, int n, int k, const __nv_bfloat16* __restrict__ a,
                                                                         const __nv_bfloat16* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, true, false>(m, n, k, a, b, bias, c, beta);
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, true, false>(m, n, k, a, b, bias, gelu, pre_gelu, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_bf16_tt(int m, int n, int k, const __nv_bfloat16* __restrict__ a,
                                                                         const __nv_bfloat16* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
-    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, true, true>(m, n, k, a, b, bias, c, beta);
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    gemm_wmma_tile<__nv_bfloat16, __nv_bfloat16, 16, true, true>(m, n, k, a, b, bias, gelu, pre_gelu, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_tf32_nn(int m, int n, int k, const float* __restrict__ a,
                                                                         const float* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
-    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, false, false>(m, n, k, a, b, bias, c, beta);
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, false, false>(m, n, k, a, b, bias, gelu, pre_gelu, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_tf32_nt(int m, int n, int k, const float* __restrict__ a,
                                                                         const float* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
-    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, false, true>(m, n, k, a, b, bias, c, beta);
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, false, true>(m, n, k, a, b, bias, gelu, pre_gelu, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_tf32_tn(int m, int n, int k, const float* __restrict__ a,
                                                                         const float* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
-    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, true, false>(m, n, k, a, b, bias, c, beta);
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, true, false>(m, n, k, a, b, bias, gelu, pre_gelu, c, beta);
 }
 extern "C" __global__ void __launch_bounds__(WMMA_THREADS) gemm_tf32_tt(int m, int n, int k, const float* __restrict__ a,
                                                                         const float* __restrict__ b, const float* __restrict__ bias,
-    float* __restrict__ c, float beta) {
-    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, true, true>(m, n, k, a, b, bias, c, beta);
+    unsigned gelu, float* __restrict__ pre_gelu, float* __restrict__ c, float beta) {
+    gemm_wmma_tile<float, nvcuda::wmma::precision::tf32, 8, true, true>(m, n, k, a, b, bias, gelu, pre_gelu, c, beta);
 }

@@ -207,47 +207,43 @@ fn decoder_layer_scores_match_transformers() {
 }
 
 #[test]
-fn decoders_on_a_device_are_refused_before_any_work_and_say_cpu_otherwise() {
+fn decoder_scoring_on_a_device_is_refused_before_any_work_and_says_cpu_otherwise() {
     let model = common::smollm2_gguf();
     let model = model.to_str().unwrap();
     let text = scratch("decoder-device").join("text.txt");
     std::fs::write(&text, "One line of text to score.").unwrap();
     let text = text.to_str().unwrap();
-    let perplexity = ["perplexity", "--model", model, "--text", text];
     let score = ["score", "--model", model, "--data", text];
-    for command in [&perplexity[..], &score[..]] {
-        let run = Command::new(env!("CARGO_BIN_EXE_scalpel"))
-            .args(["--device", "emu"])
-            .args(command)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&run.stderr);
-        assert!(!run.status.success(), "{command:?} ran on the emulator");
-        assert!(
-            stderr.contains("--device emu: Llama decoders run on the CPU only so far"),
-            "{command:?}: {stderr}"
-        );
-    }
-    // `auto` runs them on the CPU and says so (whatever GPU the machine has).
     let run = Command::new(env!("CARGO_BIN_EXE_scalpel"))
-        .args(["--device", "auto"])
+        .args(["--device", "emu"])
+        .args(score)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "score ran on the emulator");
+    assert!(
+        stderr
+            .contains("--device emu: Llama decoders run on the CPU only so far for score and cut"),
+        "{stderr}"
+    );
+    // `auto` scores on the CPU and says so (whatever GPU the machine has), before reading the
+    // data: a missing file fails after the line.
+    let run = Command::new(env!("CARGO_BIN_EXE_scalpel"))
         .args([
-            "perplexity",
+            "--device",
+            "auto",
+            "score",
             "--model",
             model,
-            "--text",
-            text,
-            "--context",
-            "8",
-            "--stride",
-            "8",
+            "--data",
+            "/nonexistent.txt",
         ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stderr}");
     assert!(
-        stderr.contains("device: cpu (Llama decoders run on the CPU only so far)"),
+        stderr
+            .contains("device: cpu (Llama decoders run on the CPU only so far for score and cut)"),
         "{stderr}"
     );
 }

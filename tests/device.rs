@@ -26,7 +26,7 @@ const SENTENCES: [&str; 4] = [
 
 /// The `--device` under test and its name: the GPU where scripts/gpu_check.sh says there is one
 /// (`SCALPEL_EXPECT_GPU`), else the emulator. One test body, every device.
-fn accelerator() -> (&'static str, Device) {
+pub(crate) fn accelerator() -> (&'static str, Device) {
     if gpu_present() {
         (
             "cuda",
@@ -157,11 +157,11 @@ fn one_layer_model() -> std::path::PathBuf {
     .clone()
 }
 
-fn stats_of(path: &std::path::Path) -> serde_json::Value {
+pub(crate) fn stats_of(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn count(v: &serde_json::Value, key: &str) -> u64 {
+pub(crate) fn count(v: &serde_json::Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
 }
 
@@ -224,6 +224,21 @@ fn heal_keeps_its_data_on_the_device(loss: &str, dropout: &str) {
     let tokenizer = SentenceEncoder::load(&model).unwrap().tokenizer;
     let batch = tokenizer.batch(&SENTENCES).unwrap();
     let tokens = (batch.batch * batch.seq) as u64;
+    // The tensors AdamW trained: one `.step` entry each in the checkpoint's optimiser state.
+    let optimiser = dir
+        .join("healed")
+        .join(scalpel::surgery::heal::OPTIMIZER_STATE_FILE);
+    let trained = scalpel::tensor::safetensors::load(&optimiser)
+        .unwrap()
+        .tensors
+        .keys()
+        .filter(|k| k.ends_with(".step"))
+        .count() as u64;
+    assert_eq!(
+        trained,
+        4 + 16,
+        "embeddings but the frozen tokens, one layer"
+    );
     for (i, step) in steps.iter().enumerate() {
         let d = &step["device"];
         eprintln!("{loss} step {}: {d}", i + 1);
@@ -232,13 +247,14 @@ fn heal_keeps_its_data_on_the_device(loss: &str, dropout: &str) {
         }
         assert_eq!(count(d, "driver_allocs"), 0, "{loss} step {}: {d}", i + 1);
         // The batch's ids and mask (4 bytes a token each), once for both forwards and the
-        // backward (position ids and token types are made on the device). Nothing else: no
-        // weight, activation, gradient or moment.
-        let ids_and_mask = 2 * 4 * tokens;
+        // backward (position ids and token types are made on the device), and the addresses of
+        // the step's gradients for the multi-tensor AdamW launch (8 bytes a trained tensor).
+        // Nothing else: no weight, activation, gradient or moment.
+        let expected = 2 * 4 * tokens + 8 * trained;
         assert_eq!(
             count(d, "h2d_bytes"),
-            ids_and_mask,
-            "{loss} step {}: {d} (ids and mask: {ids_and_mask} bytes)",
+            expected,
+            "{loss} step {}: {d} (ids, mask and gradient table: {expected} bytes)",
             i + 1
         );
         // The loss and the gradient norm.
@@ -453,6 +469,11 @@ fn bench_kernels_times_every_family_on_the_emulator() {
         "gelu_forward",
         "embedding_forward",
         "adamw_step",
+        "causal_attention_forward",
+        "causal_attention_backward",
+        "rmsnorm_forward",
+        "rope",
+        "swiglu_forward",
     ] {
         assert!(
             kernels.contains(family),

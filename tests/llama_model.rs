@@ -92,6 +92,75 @@ fn logits_match_transformers() {
     assert!(worst <= 1e-4, "max |Δlogit| {worst:e} > 1e-4");
 }
 
+/// With bf16 linear weights (products accumulated in f32) the logits stay close to
+/// transformers' f32 ones and the next token is the same at every fixture position checked.
+#[test]
+fn bf16_linear_layers_track_the_f32_logits() {
+    let path = common::smollm2_gguf();
+    let mut checkpoint = LlamaCheckpoint::load(&path).unwrap();
+    let mut model = checkpoint.model(&path).unwrap();
+    model.params.freeze(|_| true);
+    model
+        .set_linear_dtype(scalpel::tensor::DType::BF16)
+        .unwrap();
+    let head = model.params.get("lm_head.weight").unwrap().value();
+    assert_eq!(
+        head.dtype(),
+        scalpel::tensor::DType::BF16,
+        "the tied head's copy"
+    );
+    let table = model
+        .params
+        .get("model.embed_tokens.weight")
+        .unwrap()
+        .value();
+    assert_eq!(
+        table.dtype(),
+        scalpel::tensor::DType::F32,
+        "the lookup table"
+    );
+    let want = load_fixture("llama/logits.safetensors");
+    let f32_model = &smollm2().model;
+    let vocab = model.config.vocab_size;
+    let (mut worst, mut worst_f32) = (0.0f32, 0.0f32);
+    for i in 0..3 {
+        let ids: Vec<u32> = want[&format!("prompt{i}.ids")]
+            .to_vec::<i64>()
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        let (bf16, f32) = (full_logits(&model, &ids), full_logits(f32_model, &ids));
+        let vocab_ids = want[&format!("prompt{i}.vocab_ids")].to_vec::<i64>();
+        let expected = want[&format!("prompt{i}.logits")].to_vec::<f32>();
+        let seq = ids.len();
+        for (p, row) in (seq - 2..seq).enumerate() {
+            for (j, &v) in vocab_ids.iter().enumerate() {
+                let got = bf16[row * vocab + v as usize];
+                worst = worst.max((got - expected[p * vocab_ids.len() + j]).abs());
+            }
+        }
+        for row in 0..seq {
+            let r = row * vocab..(row + 1) * vocab;
+            let argmax = |l: &[f32]| (0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap();
+            let (a, b) = (argmax(&bf16[r.clone()]), argmax(&f32[r.clone()]));
+            let scale = f32[r.clone()].iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            worst_f32 = worst_f32.max(common::max_abs_diff(&bf16[r.clone()], &f32[r]) / scale);
+            assert_eq!(
+                a, b,
+                "prompt {i} position {row}: the bf16 model's next token"
+            );
+        }
+    }
+    // Measured: 0.25 against transformers (logits of magnitude ~20), 1.5 % of the row's largest
+    // logit against our f32; bf16 keeps 8 significant bits, so twice that is the bound.
+    eprintln!("bf16: max |Δlogit| against transformers {worst}, relative to our f32 {worst_f32}");
+    assert!(worst <= 0.5, "max |Δlogit| {worst} against transformers");
+    assert!(
+        worst_f32 <= 0.03,
+        "{worst_f32} of the largest logit against f32"
+    );
+}
+
 /// Prefill then one token at a time through the cache gives the logits of one full forward.
 #[test]
 fn kv_cache_decoding_matches_the_full_forward() {

@@ -10,12 +10,16 @@ mod bad_input;
 mod bert_grads;
 mod bf16_inference;
 mod decoder_cut;
+mod decoder_heal;
+mod decoder_replace;
 #[cfg(feature = "cuda")]
 mod device;
 mod gguf;
 mod heal_bf16;
 mod heal_parity;
 mod heal_resume;
+#[cfg(feature = "cuda")]
+mod llama_device;
 mod llama_gguf;
 mod llama_model;
 mod minilm;

@@ -68,6 +68,8 @@ fn element_type(c: &str) -> Option<&'static str> {
         "unsigned" => "u32",
         "__half" => "half::f16",
         "__nv_bfloat16" => "half::bf16",
+        // `typedef unsigned long long device_address`: a pointer or length in a device table.
+        "device_address" => "u64",
         _ => return None,
     })
 }
@@ -76,7 +78,7 @@ fn parse_param(path: &Path, kernel: &str, text: &str) -> Param {
     let fail = |why: &str| -> ! {
         panic!(
             "{}: {kernel}: parameter `{text}`: {why} (the launcher generator takes int, float, \
-             unsigned and [const] float/int/unsigned/__half/__nv_bfloat16 pointers)",
+             unsigned and [const] float/int/unsigned/__half/__nv_bfloat16/device_address pointers)",
             path.display()
         )
     };

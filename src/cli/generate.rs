@@ -6,6 +6,8 @@ use scalpel::models::llama::chat::{apply_chat_template, Message};
 use scalpel::models::llama::generate::{generate, Sampling};
 use scalpel::models::llama::{Llama, LlamaCheckpoint};
 
+use scalpel::tensor::DType;
+
 use super::{flags, CliResult};
 
 #[derive(clap::Args)]
@@ -33,13 +35,19 @@ pub struct Args {
     /// (`tokenizer.chat_template`).
     #[arg(long)]
     chat: bool,
+    /// The format of the linear weights (projections and LM head): `f32` (exact) or `bf16`
+    /// (rounded once; products accumulate in f32; half the bytes a token streams).
+    #[arg(long, default_value = "f32", value_parser = flags::inference_dtype)]
+    dtype: DType,
 }
 
-/// Loads a Llama-family GGUF file or folder, reporting how long it took.
+/// Loads a Llama-family GGUF file or folder for inference (every weight a constant, so no
+/// autograd graph is recorded), reporting how long it took.
 pub fn load_llama(path: &Path) -> CliResult<(LlamaCheckpoint, Llama)> {
     let start = Instant::now();
     let mut checkpoint = LlamaCheckpoint::load(path)?;
-    let model = checkpoint.model(path)?;
+    let mut model = checkpoint.model(path)?;
+    model.params.freeze(|_| true);
     let c = &model.config;
     eprintln!(
         "{}: Llama, {} layers, hidden {}, context {} ({:.1} s to load)",
@@ -58,7 +66,11 @@ fn token_text(checkpoint: &LlamaCheckpoint, id: Option<u32>) -> String {
 }
 
 pub fn run(args: Args) -> CliResult {
-    let (checkpoint, model) = load_llama(&args.model)?;
+    let (checkpoint, mut model) = load_llama(&args.model)?;
+    // The weights go up once; each step then sends its token id and reads back the logits row.
+    model.to_device(super::device())?;
+    // bf16 weights are a CPU format: on a device this is an error naming the first weight.
+    model.set_linear_dtype(args.dtype)?;
     let c = &model.config;
     let (text, special) = if args.chat {
         let template = checkpoint.chat_template().ok_or_else(|| {

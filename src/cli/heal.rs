@@ -10,12 +10,15 @@ use scalpel::autograd::optim::Schedule;
 use scalpel::surgery::checkpoint::check_output;
 use scalpel::surgery::data::{read_pairs, read_positive_pairs, read_training_text, PairFile};
 use scalpel::surgery::heal::{
-    heal, Budget, Checkpointing, DistillLoss, HealEvent, HealOptions, HealRun, Precision,
-    TrainerState, TrainingData,
+    heal, Budget, Checkpointing, DistillLoss, HealEvent, HealOptions, HealOutcome, HealRun,
+    Precision, TrainerState, TrainingData,
 };
 use serde::{Deserialize, Serialize};
 
 use super::{flags, CliResult};
+
+#[path = "heal_decoder.rs"]
+mod decoder;
 
 #[derive(Clone, Copy, ValueEnum, Serialize, Deserialize)]
 enum LossArg {
@@ -25,7 +28,7 @@ enum LossArg {
     Contrastive,
 }
 
-#[derive(Clone, Copy, Default, ValueEnum, Serialize, Deserialize)]
+#[derive(Clone, Copy, Default, PartialEq, ValueEnum, Serialize, Deserialize)]
 enum PrecisionArg {
     #[default]
     F32,
@@ -74,8 +77,10 @@ pub struct Args {
     /// AdamW's decoupled weight decay (never applied to biases and LayerNorm parameters).
     #[arg(long, default_value_t = 0.01, value_parser = flags::finite_non_negative)]
     weight_decay: f64,
-    #[arg(long, value_enum, default_value_t = LossArg::Mse)]
-    loss: LossArg,
+    /// Encoders: how the student is compared with the teacher, or contrastive fine-tuning
+    /// [default: mse].
+    #[arg(long, value_enum)]
+    loss: Option<LossArg>,
     /// Hidden dropout probability during training.
     #[arg(long, default_value_t = 0.0, value_parser = flags::probability)]
     dropout: f64,
@@ -88,7 +93,7 @@ pub struct Args {
     /// Keep parameters matching this pattern frozen (`*` wildcard; otherwise substring). Repeatable.
     #[arg(long)]
     freeze: Vec<String>,
-    /// Freeze whole encoder layers, e.g. `0-1`.
+    /// Freeze whole layers (encoder or decoder), e.g. `0-1`.
     #[arg(long)]
     freeze_layers: Option<String>,
     #[arg(long, value_enum, default_value_t = ScheduleArg::Constant)]
@@ -102,10 +107,13 @@ pub struct Args {
     /// `bf16`: mixed precision on the CPU (bf16 GEMMs with f32 accumulation over f32 master
     /// weights, re-rounded after each step; AdamW, the loss and every reduction in f32); the
     /// teacher's forward then multiplies in bf16 too. Saved checkpoints are f32 either way.
+    /// Encoders only so far.
     #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
     #[serde(default)]
     precision: PrecisionArg,
-    /// STS/SICK files to evaluate on (Spearman ×100): `--eval a b` or repeated flags.
+    /// Held-out files to evaluate on: STS/SICK files for an encoder (Spearman ×100), running
+    /// text for a decoder (perplexity in windows of --eval-context tokens). `--eval a b` or
+    /// repeated flags.
     #[arg(long, num_args = 1..)]
     eval: Vec<PathBuf>,
     /// Evaluate every N steps (and always at the end).
@@ -126,6 +134,42 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip)]
     force: bool,
+    /// Decoders: tokens per training window (the text is tokenized as one stream and cut into
+    /// consecutive windows) [default: 128].
+    #[arg(long, value_parser = flags::positive)]
+    window_tokens: Option<usize>,
+    /// Decoders: temperature T of the distillation loss T²·KL(teacher ‖ student) [default: 1].
+    #[arg(long, value_parser = flags::finite_positive)]
+    temperature: Option<f64>,
+    /// Decoders: weight w of the next-token cross-entropy on the text; the loss is
+    /// (1 − w)·T²·KL + w·CE, and w = 1 needs no teacher [default: 0].
+    #[arg(long, value_parser = flags::finite_non_negative)]
+    lm_weight: Option<f64>,
+    /// Decoders: tokens per window of the held-out perplexity (--eval) [default: 512].
+    #[arg(long, value_parser = flags::positive)]
+    eval_context: Option<usize>,
+}
+
+impl Args {
+    /// Whether the model to train (or the checkpoint to resume) is a Llama decoder.
+    pub fn runs_decoder(&self) -> bool {
+        self.student
+            .as_deref()
+            .or(self.resume.as_deref())
+            .is_some_and(super::is_decoder)
+    }
+
+    /// The arguments that only decoders take, by flag, if any was given.
+    fn decoder_flags(&self) -> Option<&'static str> {
+        [
+            (self.window_tokens.is_some(), "--window-tokens"),
+            (self.temperature.is_some(), "--temperature"),
+            (self.lm_weight.is_some(), "--lm-weight"),
+            (self.eval_context.is_some(), "--eval-context"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
 }
 
 pub fn run(a: Args) -> CliResult {
@@ -159,11 +203,27 @@ pub fn run(a: Args) -> CliResult {
         }
     };
     let output = a.output.clone().expect("set above");
-    let data = match a.loss {
+    if super::is_decoder(&student_dir) {
+        if a.precision == PrecisionArg::Bf16 {
+            return Err(
+                "--precision bf16 heals encoders only so far (this is a Llama decoder)".into(),
+            );
+        }
+        return decoder::run(a, student_dir, output, saved);
+    }
+    if let Some(flag) = a.decoder_flags() {
+        return Err(format!(
+            "{flag} is for Llama decoders; {} is an encoder",
+            student_dir.display()
+        )
+        .into());
+    }
+    let loss = a.loss.unwrap_or(LossArg::Mse);
+    let data = match loss {
         LossArg::Contrastive => TrainingData::Pairs(read_positive_pairs(&a.data)?),
         LossArg::Mse | LossArg::Cosine => TrainingData::Sentences {
             sentences: read_training_text(&a.data)?,
-            loss: if matches!(a.loss, LossArg::Mse) {
+            loss: if matches!(loss, LossArg::Mse) {
                 DistillLoss::Mse
             } else {
                 DistillLoss::Cosine
@@ -179,7 +239,7 @@ pub fn run(a: Args) -> CliResult {
     let teacher = match (&a.teacher, &data) {
         (Some(t), _) => {
             let mut teacher = super::load_encoder(t)?;
-            if matches!(a.precision, PrecisionArg::Bf16) {
+            if a.precision == PrecisionArg::Bf16 {
                 teacher
                     .bert
                     .set_linear_compute(scalpel::tensor::DType::BF16)?;
@@ -191,13 +251,43 @@ pub fn run(a: Args) -> CliResult {
         }
         (None, TrainingData::Pairs(_)) => None,
     };
+    let opts = options(&a, "encoder.layer.")?;
+    let stop = stop_on_ctrl_c()?;
+    let mut progress = Progress::new(&student_dir, &output, "sentences");
+    let outcome = heal(
+        HealRun {
+            student: &mut student,
+            teacher: teacher.as_ref(),
+            data: &data,
+            opts: &opts,
+            checkpoint: Some(Checkpointing {
+                dir: &output,
+                every: a.checkpoint_every,
+            }),
+            eval: &eval,
+            eval_every: a.eval_every,
+            resume: saved.map(|s| (s, student_dir.as_path())),
+            stop: Some(&stop),
+            invocation: serde_json::to_value(&a)?,
+        },
+        |event| {
+            progress.show(&event);
+            Ok(())
+        },
+    )?;
+    progress.finish();
+    finish(&a, &outcome, &student_dir, &output)
+}
+
+/// The run's options from its flags; `--freeze-layers` names layers under `layer_prefix`.
+fn options(a: &Args, layer_prefix: &str) -> CliResult<HealOptions> {
     let mut freeze = a.freeze.clone();
     if let Some(layers) = &a.freeze_layers {
         for l in scalpel::surgery::cut::parse_layer_list(layers)? {
-            freeze.push(format!("encoder.layer.{l}."));
+            freeze.push(format!("{layer_prefix}{l}."));
         }
     }
-    let opts = HealOptions {
+    Ok(HealOptions {
         budget: Budget {
             steps: a.steps,
             epochs: a.epochs,
@@ -221,8 +311,11 @@ pub fn run(a: Args) -> CliResult {
             PrecisionArg::F32 => Precision::F32,
             PrecisionArg::Bf16 => Precision::Bf16,
         },
-    };
+    })
+}
 
+/// A flag set by Ctrl-C: the run finishes its step and saves a checkpoint.
+fn stop_on_ctrl_c() -> CliResult<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -234,37 +327,18 @@ pub fn run(a: Args) -> CliResult {
             "\ninterrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort)"
         );
     })?;
+    Ok(stop)
+}
 
-    let mut progress = Progress::new(&student_dir, &output);
-    let outcome = heal(
-        HealRun {
-            student: &mut student,
-            teacher: teacher.as_ref(),
-            data: &data,
-            opts: &opts,
-            checkpoint: Some(Checkpointing {
-                dir: &output,
-                every: a.checkpoint_every,
-            }),
-            eval: &eval,
-            eval_every: a.eval_every,
-            resume: saved.map(|s| (s, student_dir.as_path())),
-            stop: Some(&stop),
-            invocation: serde_json::to_value(&a)?,
-        },
-        |event| {
-            progress.show(&event);
-            Ok(())
-        },
-    )?;
-    progress.finish();
+/// Writes the log (`--log`) and says where the model went; an interrupted run exits with 130.
+fn finish(a: &Args, outcome: &HealOutcome, student_dir: &Path, output: &Path) -> CliResult {
     if let Some(path) = &a.log {
         let lines: String = outcome
             .log
             .iter()
             .map(|l| serde_json::to_string(l).map(|s| s + "\n"))
             .collect::<Result<_, _>>()?;
-        super::write_atomically(path, lines.as_bytes(), &[&student_dir])?;
+        super::write_atomically(path, lines.as_bytes(), &[student_dir])?;
     }
     if outcome.interrupted {
         eprintln!(
@@ -287,10 +361,12 @@ pub fn run(a: Args) -> CliResult {
 struct Progress {
     bar: Option<ProgressBar>,
     last_line: Option<Instant>,
+    /// What the examples are, for the speed.
+    unit: &'static str,
 }
 
 impl Progress {
-    fn new(student: &Path, output: &Path) -> Progress {
+    fn new(student: &Path, output: &Path, unit: &'static str) -> Progress {
         eprintln!("healing {} -> {}", student.display(), output.display());
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(0);
@@ -306,6 +382,7 @@ impl Progress {
         Progress {
             bar,
             last_line: None,
+            unit,
         }
     }
 
@@ -317,8 +394,8 @@ impl Progress {
                 sentences_per_second,
             } => {
                 let msg = format!(
-                    "loss {:.5e}  lr {:.2e}  {sentences_per_second:.1} sentences/s",
-                    log.loss, log.lr
+                    "loss {:.5e}  lr {:.2e}  {sentences_per_second:.1} {}/s",
+                    log.loss, log.lr, self.unit
                 );
                 if let Some(bar) = &self.bar {
                     bar.set_length(total.unwrap_or(log.step + 1) as u64);
@@ -338,6 +415,9 @@ impl Progress {
                 "eval at step {step}: mean Spearman {:.2} over {} files",
                 report.mean_spearman,
                 report.files.len()
+            )),
+            HealEvent::Perplexity { step, perplexity } => self.line(format!(
+                "held-out perplexity at step {step}: {perplexity:.4}"
             )),
             HealEvent::Checkpoint { step, dir } => {
                 self.line(format!("checkpoint at step {step} -> {}", dir.display()))

@@ -66,7 +66,7 @@ enum Command {
     /// Remove encoder layers and write a complete, renumbered checkpoint.
     Cut(cut::Args),
     /// Retrain a cut model (AdamW): distil the teacher's embeddings or fine-tune on pairs.
-    Heal(heal::Args),
+    Heal(Box<heal::Args>),
     /// Spearman correlation on STS/SICK files, and agreement with a teacher.
     Eval(eval::Args),
     /// Compile every CUDA kernel with NVRTC and check each on the CPU emulator.
@@ -90,11 +90,11 @@ pub fn run(cli: Cli) -> CliResult {
         scalpel::tensor::threads::set_num_threads(n);
     }
     use scalpel::autograd::device::DeviceKind;
-    let decoder = cli.command.runs_decoder();
+    let decoder = cli.command.scores_a_decoder();
     if decoder && matches!(cli.device, DeviceKind::Cuda | DeviceKind::Emu) {
         return Err(format!(
-            "--device {}: Llama decoders run on the CPU only so far (RMSNorm, RoPE, SwiGLU and \
-             causal attention have no device kernels yet); use --device cpu or auto",
+            "--device {}: Llama decoders run on the CPU only so far for score and cut (generate \
+             and perplexity run on a device); use --device cpu or auto",
             cli.device
         )
         .into());
@@ -107,7 +107,7 @@ pub fn run(cli: Cli) -> CliResult {
     // Said once, where a command computes; the long story only when asked (`scalpel kernels`
     // reports the CUDA setup in full anyway).
     if decoder {
-        eprintln!("device: cpu (Llama decoders run on the CPU only so far)");
+        eprintln!("device: cpu (Llama decoders run on the CPU only so far for score and cut)");
     } else if cli.command.computes() {
         match (fallback, cli.verbose) {
             (Some(why), true) => eprintln!("device: {} ({why})", device.name()),
@@ -155,12 +155,13 @@ impl Command {
 }
 
 impl Command {
-    /// Whether the command runs a Llama decoder, which has CPU kernels only so far.
-    fn runs_decoder(&self) -> bool {
+    /// Whether the command scores or cuts a Llama decoder, which runs on the CPU only so far
+    /// (`generate` and `perplexity` run wherever `--device` says).
+    fn scores_a_decoder(&self) -> bool {
         match self {
-            Command::Generate(_) | Command::Perplexity(_) => true,
             Command::Score(a) => is_decoder(a.model()),
             Command::Cut(a) => a.computes() && is_decoder(a.model()),
+            Command::Heal(a) => a.runs_decoder(),
             _ => false,
         }
     }
@@ -173,7 +174,7 @@ fn run_command(command: Command) -> CliResult {
         Command::Similarity(a) => similarity::run(a),
         Command::Score(a) => score::run(a),
         Command::Cut(a) => cut::run(a),
-        Command::Heal(a) => heal::run(a),
+        Command::Heal(a) => heal::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Kernels(a) => kernels::run(a),
         Command::NewHead(a) => new_head::run(a),

@@ -5,6 +5,8 @@ use scalpel::models::llama::perplexity::perplexity;
 use scalpel::models::llama::LlamaCheckpoint;
 
 use super::generate::load_llama;
+use scalpel::tensor::DType;
+
 use super::{flags, CliResult};
 
 #[derive(clap::Args)]
@@ -25,6 +27,10 @@ pub struct Args {
     /// Print the result (and every window's mean negative log-likelihood) as JSON.
     #[arg(long)]
     json: bool,
+    /// The format of the linear weights (projections and LM head): `f32` (exact) or `bf16`
+    /// (rounded once; products accumulate in f32; half the bytes a token streams).
+    #[arg(long, default_value = "f32", value_parser = flags::inference_dtype)]
+    dtype: DType,
 }
 
 /// The UTF-8 text files joined by blank lines (as the transformers perplexity guide joins its
@@ -51,7 +57,10 @@ pub fn text_token_ids(checkpoint: &LlamaCheckpoint, paths: &[PathBuf]) -> CliRes
 }
 
 pub fn run(args: Args) -> CliResult {
-    let (checkpoint, model) = load_llama(&args.model)?;
+    let (checkpoint, mut model) = load_llama(&args.model)?;
+    model.to_device(super::device())?;
+    // bf16 weights are a CPU format: on a device this is an error naming the first weight.
+    model.set_linear_dtype(args.dtype)?;
     let ids = text_token_ids(&checkpoint, &args.text)?;
     let start = Instant::now();
     let result = perplexity(&model, &ids, args.context, args.stride)?;

@@ -125,6 +125,24 @@ impl Scoring {
         Ok(score_layers(&mut encoder, &data, &opts)?)
     }
 
+    /// Whether no --data was given.
+    pub fn has_no_data(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// The decoder calibration windows of `--data`, tokenized by `checkpoint`'s tokenizer.
+    pub fn decoder_windows(
+        &self,
+        checkpoint: &scalpel::models::llama::LlamaCheckpoint,
+    ) -> CliResult<DecoderCalibration> {
+        let ids = super::perplexity::text_token_ids(checkpoint, &self.data)?;
+        Ok(DecoderCalibration::from_ids(
+            &ids,
+            self.window_tokens,
+            self.windows,
+        )?)
+    }
+
     fn run_decoder(
         &self,
         model: &Path,
@@ -140,8 +158,7 @@ impl Scoring {
             }
         };
         let (checkpoint, llama) = super::generate::load_llama(model)?;
-        let ids = super::perplexity::text_token_ids(&checkpoint, &self.data)?;
-        let data = DecoderCalibration::from_ids(&ids, self.window_tokens, self.windows)?;
+        let data = self.decoder_windows(&checkpoint)?;
         Ok(score_decoder(
             &llama,
             &data,

@@ -136,15 +136,3 @@ pub fn backend_of(op: &str, tensors: &[&Tensor]) -> Result<Option<Arc<dyn Backen
 fn mixed(op: &str, a: &str, b: &str) -> AutogradError {
     AutogradError::Device(format!("{op}: inputs on two devices, {a} and {b}"))
 }
-
-/// For ops with CPU kernels only: an error naming the op and the device when the tensors are on
-/// one (and the same mixed-device error as [`backend_of`]).
-pub(crate) fn require_host(op: &str, tensors: &[&Tensor]) -> Result<()> {
-    match backend_of(op, tensors)? {
-        None => Ok(()),
-        Some(b) => Err(AutogradError::Device(format!(
-            "{op} is not supported on {} yet (run it with --device cpu)",
-            b.name()
-        ))),
-    }
-}

@@ -13,7 +13,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use scalpel_tensor::backend::AdamUpdate;
+use scalpel_tensor::backend::{AdamParameter, AdamUpdate, OptimizerCache};
+use scalpel_tensor::threads::parallel_each;
 use scalpel_tensor::{safetensors, DType, Device, Float, Tensor};
 
 use crate::device::backend_of;
@@ -74,6 +75,8 @@ pub struct Adam {
     pub config: AdamConfig,
     state: BTreeMap<String, Moments>,
     decays: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    /// What the device backend keeps between steps (where the parameters and moments live).
+    device_cache: OptimizerCache,
 }
 
 impl Adam {
@@ -83,18 +86,25 @@ impl Adam {
             config,
             state: BTreeMap::new(),
             decays: Box::new(decays),
+            device_cache: None,
         }
     }
 
-    /// Applies one update at learning rate `lr` to every parameter that has a gradient.
+    /// Applies one update at learning rate `lr` to every parameter that has a gradient: on a
+    /// device all of them in one multi-tensor launch, on the host in chunks spread over the
+    /// threads.
     pub fn step(&mut self, params: &mut Params, grads: &Gradients, lr: f64) -> Result<()> {
+        let mut stepped: BTreeMap<&str, (&mut Tensor, &Tensor, f64)> = BTreeMap::new();
         for (name, var) in params.iter_mut() {
             let Some(grad) = grads.get(var) else { continue };
-            let wd = if (self.decays)(name) {
-                self.config.weight_decay
-            } else {
-                0.0
-            };
+            let p = var.value_mut()?;
+            if !matches!(p.dtype(), DType::F32 | DType::F64) || grad.dtype() != p.dtype() {
+                return Err(AutogradError::Optim(format!(
+                    "parameter `{name}` is {:?} with a {:?} gradient; Adam takes f32 or f64",
+                    p.dtype(),
+                    grad.dtype()
+                )));
+            }
             let device = grad.device();
             if !self.state.contains_key(name) {
                 let zeros = || -> Result<Tensor> {
@@ -114,29 +124,49 @@ impl Adam {
                 moments.v = device.place(&moments.v)?;
             }
             moments.step += 1;
-            let p = var.value_mut()?;
-            if let Some(be) = backend_of("adam", &[p, grad])? {
-                let update = AdamUpdate {
-                    lr,
-                    beta1: self.config.beta1,
-                    beta2: self.config.beta2,
-                    eps: self.config.eps,
-                    weight_decay: wd,
-                    decoupled: self.config.decay == Decay::Decoupled,
-                    step: moments.step,
-                };
-                be.adam_update(&update, p, grad, &mut moments.m, &mut moments.v)?;
+            let wd = if (self.decays)(name) {
+                self.config.weight_decay
+            } else {
+                0.0
+            };
+            stepped.insert(name, (p, grad, wd));
+        }
+        // Each stepped parameter beside its moments (both maps are in name order).
+        let mut on_device = Vec::new();
+        let mut f32_chunks = Vec::new();
+        let mut f64_chunks = Vec::new();
+        for (name, moments) in &mut self.state {
+            let Some((param, grad, weight_decay)) = stepped.remove(name.as_str()) else {
                 continue;
+            };
+            let update = AdamUpdate {
+                lr,
+                beta1: self.config.beta1,
+                beta2: self.config.beta2,
+                eps: self.config.eps,
+                weight_decay,
+                decoupled: self.config.decay == Decay::Decoupled,
+                step: moments.step,
+            };
+            if backend_of("adam", &[param, grad])?.is_some() {
+                on_device.push(AdamParameter {
+                    update,
+                    param,
+                    grad,
+                    m: &mut moments.m,
+                    v: &mut moments.v,
+                });
+            } else if param.dtype() == DType::F32 {
+                f32_chunks.extend(host_chunks::<f32>(update, param, grad, moments)?);
+            } else {
+                f64_chunks.extend(host_chunks::<f64>(update, param, grad, moments)?);
             }
-            match p.dtype() {
-                DType::F32 => update::<f32>(&self.config, lr, wd, moments, p, grad)?,
-                DType::F64 => update::<f64>(&self.config, lr, wd, moments, p, grad)?,
-                dtype => {
-                    return Err(AutogradError::Optim(format!(
-                        "parameter `{name}` has non-float dtype {dtype:?}"
-                    )))
-                }
-            }
+        }
+        parallel_each(f32_chunks, HostChunk::update);
+        parallel_each(f64_chunks, HostChunk::update);
+        if let Some(first) = on_device.first() {
+            let be = backend_of("adam", &[&*first.param])?.expect("a device tensor has a backend");
+            be.adam_update(&mut on_device, &mut self.device_cache)?;
         }
         Ok(())
     }
@@ -195,36 +225,85 @@ impl Adam {
     }
 }
 
-fn update<F: Float>(
-    c: &AdamConfig,
-    lr: f64,
-    wd: f64,
-    s: &mut Moments,
-    p: &mut Tensor,
-    g: &Tensor,
-) -> Result<()> {
-    let (b1, b2) = (c.beta1, c.beta2);
-    let t = s.step as i32;
-    let step_size = F::from_f64(lr / (1.0 - b1.powi(t)));
-    let bc2_sqrt = F::from_f64((1.0 - b2.powi(t)).sqrt());
-    let (b1f, b2f, eps) = (F::from_f64(b1), F::from_f64(b2), F::from_f64(c.eps));
-    let (one_b1, one_b2) = (F::from_f64(1.0 - b1), F::from_f64(1.0 - b2));
-    let decoupled_keep = F::from_f64(1.0 - lr * wd);
-    let l2 = F::from_f64(if c.decay == Decay::L2 { wd } else { 0.0 });
-    let g = g.values::<F>()?;
-    let m = s.m.values_mut::<F>()?;
-    let v = s.v.values_mut::<F>()?;
-    let p = p.values_mut::<F>()?;
-    for i in 0..p.len() {
-        let gi = g[i] + l2 * p[i];
-        if c.decay == Decay::Decoupled && wd != 0.0 {
-            p[i] *= decoupled_keep;
+/// Elements per host task: 64 K (256 KiB of f32 per operand), so the word embeddings spread over
+/// the threads and a LayerNorm vector is one task.
+const HOST_CHUNK: usize = 1 << 16;
+
+/// A slice of one parameter, its gradient and moments, updated by one host task.
+struct HostChunk<'a, F> {
+    scalars: HostScalars<F>,
+    p: &'a mut [F],
+    g: &'a [F],
+    m: &'a mut [F],
+    v: &'a mut [F],
+}
+
+/// One update's scalars, computed in f64 and rounded once (as the device kernel takes them).
+#[derive(Clone, Copy)]
+struct HostScalars<F> {
+    step_size: F,
+    bc2_sqrt: F,
+    beta1: F,
+    beta2: F,
+    one_minus_beta1: F,
+    one_minus_beta2: F,
+    eps: F,
+    /// `1 − lr·wd` for decoupled decay, else none.
+    decoupled_keep: Option<F>,
+    l2: F,
+}
+
+/// `param` and its moments cut into [`HOST_CHUNK`]-element tasks.
+fn host_chunks<'a, F: Float>(
+    u: AdamUpdate,
+    param: &'a mut Tensor,
+    grad: &'a Tensor,
+    moments: &'a mut Moments,
+) -> Result<Vec<HostChunk<'a, F>>> {
+    let t = u.step as i32;
+    let f = F::from_f64;
+    let scalars = HostScalars {
+        step_size: f(u.lr / (1.0 - u.beta1.powi(t))),
+        bc2_sqrt: f((1.0 - u.beta2.powi(t)).sqrt()),
+        beta1: f(u.beta1),
+        beta2: f(u.beta2),
+        one_minus_beta1: f(1.0 - u.beta1),
+        one_minus_beta2: f(1.0 - u.beta2),
+        eps: f(u.eps),
+        decoupled_keep: (u.decoupled && u.weight_decay != 0.0)
+            .then(|| f(1.0 - u.lr * u.weight_decay)),
+        l2: f(if u.decoupled { 0.0 } else { u.weight_decay }),
+    };
+    let chunks = param
+        .values_mut::<F>()?
+        .chunks_mut(HOST_CHUNK)
+        .zip(grad.values::<F>()?.chunks(HOST_CHUNK))
+        .zip(moments.m.values_mut::<F>()?.chunks_mut(HOST_CHUNK))
+        .zip(moments.v.values_mut::<F>()?.chunks_mut(HOST_CHUNK))
+        .map(|(((p, g), m), v)| HostChunk {
+            scalars,
+            p,
+            g,
+            m,
+            v,
+        })
+        .collect();
+    Ok(chunks)
+}
+
+impl<F: Float> HostChunk<'_, F> {
+    fn update(self) {
+        let s = self.scalars;
+        for i in 0..self.p.len() {
+            let gi = self.g[i] + s.l2 * self.p[i];
+            if let Some(keep) = s.decoupled_keep {
+                self.p[i] *= keep;
+            }
+            self.m[i] = s.beta1 * self.m[i] + s.one_minus_beta1 * gi;
+            self.v[i] = s.beta2 * self.v[i] + s.one_minus_beta2 * gi * gi;
+            self.p[i] -= s.step_size * self.m[i] / (self.v[i].sqrt() / s.bc2_sqrt + s.eps);
         }
-        m[i] = b1f * m[i] + one_b1 * gi;
-        v[i] = b2f * v[i] + one_b2 * gi * gi;
-        p[i] -= step_size * m[i] / (v[i].sqrt() / bc2_sqrt + eps);
     }
-    Ok(())
 }
 
 /// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before

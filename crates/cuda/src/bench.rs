@@ -7,13 +7,18 @@
 
 use half::bf16;
 use scalpel_tensor::cpu::attention::AttentionShape;
-use scalpel_tensor::cpu::gemm::GemmShape;
+use scalpel_tensor::cpu::causal_attention::CausalAttentionShape;
+use scalpel_tensor::cpu::gemm::{Activation, GemmShape};
 use scalpel_tensor::cpu::layernorm::LayerNormShape;
+use scalpel_tensor::cpu::rmsnorm::RmsNormShape;
+use scalpel_tensor::cpu::rope::Rotation;
 
 use crate::check::Inputs;
 use crate::cublas::{Cublas, Precision};
 use crate::kernels::adamw::{AdamStep, WeightDecay};
-use crate::kernels::{adamw, attention, embedding, gelu, gemm, layernorm};
+use crate::kernels::gemm::Epilogue;
+use crate::kernels::rope::RopePositions;
+use crate::kernels::{adamw, attention, embedding, gelu, gemm, layernorm, rmsnorm, rope, swiglu};
 use crate::{DeviceBuffer, Result, Runtime};
 
 /// What a kernel's time is measured against.
@@ -101,6 +106,7 @@ pub fn run(rt: &Runtime, plan: &BenchPlan) -> Result<Vec<KernelTiming>> {
     gemms(rt, plan, cublas.as_ref(), &mut out)?;
     attention(rt, plan, &mut out)?;
     rowwise(rt, plan, &mut out)?;
+    decoder(rt, plan, &mut out)?;
     Ok(out)
 }
 
@@ -132,7 +138,9 @@ fn gemms(
             upload_random(rt, &mut rng, n * n)?,
         );
         let mut c = rt.uninit::<f32>(n * n)?;
-        let ms = time(rt, plan, || gemm::gemm(rt, s, &a, &b, None, &mut c, 0.0))?;
+        let ms = time(rt, plan, || {
+            gemm::gemm(rt, s, &a, &b, &mut c, Epilogue::overwrite())
+        })?;
         let reference = |precision| -> Result<Option<f64>> {
             let Some(blas) = cublas else { return Ok(None) };
             let mut c = rt.uninit::<f32>(n * n)?;
@@ -159,7 +167,7 @@ fn gemms(
             kernel: "gemm_tf32".into(),
             case: case.clone(),
             ms: time(rt, plan, || {
-                gemm::gemm_tf32(rt, s, &a, &b, None, &mut c, 0.0)
+                gemm::gemm_tf32(rt, s, &a, &b, &mut c, Epilogue::overwrite())
             })?,
             work,
             cublas_ms: tf32_reference,
@@ -174,7 +182,7 @@ fn gemms(
         };
         let (ah, bh) = (to_bf16(n * n, &mut rng)?, to_bf16(n * n, &mut rng)?);
         let ms = time(rt, plan, || {
-            gemm::gemm_half(rt, s, &ah, &bh, None, &mut c, 0.0)
+            gemm::gemm_half(rt, s, &ah, &bh, &mut c, Epilogue::overwrite())
         })?;
         let cublas_ms = match cublas {
             Some(blas) => Some(time(rt, plan, || {
@@ -188,6 +196,58 @@ fn gemms(
             ms,
             work,
             cublas_ms,
+        });
+    }
+    ffn_up_projection(rt, plan, &mut rng, out)
+}
+
+/// MiniLM's FFN up-projection `GELU(x·Wᵀ + b)` in training (the pre-activation kept for the
+/// backward): the GELU in the GEMM's epilogue, beside a GEMM and then the GELU kernel.
+fn ffn_up_projection(
+    rt: &Runtime,
+    plan: &BenchPlan,
+    rng: &mut Inputs,
+    out: &mut Vec<KernelTiming>,
+) -> Result<()> {
+    let tokens = if plan.full { 4096 } else { 64 };
+    let s = GemmShape {
+        m: tokens,
+        n: 1536,
+        k: 384,
+        trans_a: false,
+        trans_b: true,
+    };
+    let (x, w, b) = (
+        upload_random(rt, rng, s.m * s.k)?,
+        upload_random(rt, rng, s.n * s.k)?,
+        upload_random(rt, rng, s.n)?,
+    );
+    let (mut y, mut pre) = (rt.uninit(s.m * s.n)?, rt.uninit(s.m * s.n)?);
+    let work = Work::Flops(2.0 * (s.m * s.n * s.k) as f64);
+    let case = format!("{}x{}x{} nt bias", s.m, s.n, s.k);
+    let fused = time(rt, plan, || {
+        let ep = Epilogue {
+            bias: Some(&b),
+            beta: 0.0,
+            activation: Activation::Gelu,
+            pre_activation: Some(&mut pre),
+        };
+        gemm::gemm(rt, s, &x, &w, &mut y, ep)
+    })?;
+    let separate = time(rt, plan, || {
+        gemm::gemm(rt, s, &x, &w, &mut pre, Epilogue::bias(Some(&b)))?;
+        gelu::gelu_forward(rt, &pre, &mut y)
+    })?;
+    for (kernel, ms) in [
+        ("gemm_f32 + GELU epilogue", fused),
+        ("gemm_f32 + gelu_forward", separate),
+    ] {
+        out.push(KernelTiming {
+            kernel: kernel.into(),
+            case: case.clone(),
+            ms,
+            work,
+            cublas_ms: None,
         });
     }
     Ok(())
@@ -270,13 +330,38 @@ fn rowwise(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Resul
     };
     let f32_bytes = |count: usize| (count * 4) as f64;
     let ms = time(rt, plan, || {
-        layernorm::layernorm_forward(rt, &s, &x, &gamma, &beta, &mut y, &mut mean, &mut rstd)
+        layernorm::layernorm_forward(
+            rt, &s, &x, None, &gamma, &beta, &mut y, &mut mean, &mut rstd,
+        )
     })?;
     out.push(KernelTiming {
         kernel: "layernorm_forward".into(),
         case: format!("{rows}x{cols}"),
         ms,
         work: Work::Bytes(f32_bytes(2 * n)),
+        cublas_ms: None,
+    });
+    let residual = upload_random(rt, &mut rng, n)?;
+    let mut sum = rt.uninit(n)?;
+    let ms = time(rt, plan, || {
+        layernorm::layernorm_forward(
+            rt,
+            &s,
+            &x,
+            Some((&residual, &mut sum)),
+            &gamma,
+            &beta,
+            &mut y,
+            &mut mean,
+            &mut rstd,
+        )
+    })?;
+    out.push(KernelTiming {
+        kernel: "add_layernorm_forward".into(),
+        case: format!("{rows}x{cols}"),
+        ms,
+        // x and the residual in; the sum and y out.
+        work: Work::Bytes(f32_bytes(4 * n)),
         cublas_ms: None,
     });
 
@@ -326,8 +411,16 @@ fn rowwise(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Resul
         decay: WeightDecay::Decoupled,
         step: 1,
     };
+    let mut table = adamw::AdamTables::default();
     let ms = time(rt, plan, || {
-        adamw::adam_step(rt, &step, &mut p, &g, &mut m, &mut v)
+        let mut tensors = [adamw::AdamTensor {
+            step,
+            param: &mut p,
+            grad: &g,
+            m: &mut m,
+            v: &mut v,
+        }];
+        adamw::adam_step(rt, &mut tensors, &mut table)
     })?;
     out.push(KernelTiming {
         kernel: "adamw_step".into(),
@@ -335,6 +428,136 @@ fn rowwise(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Resul
         ms,
         // Reads p, g, m, v; writes p, m, v.
         work: Work::Bytes(f32_bytes(7 * params)),
+        cublas_ms: None,
+    });
+    Ok(())
+}
+
+/// The Llama decoder's kernels at SmolLM2's shapes (hidden 576, 9 query heads over 3 key/value
+/// heads of 64, FFN 1536): a 512-token prompt's causal attention forward and backward and one
+/// decoding step's attention over its 512 cached keys, then RMSNorm, RoPE on the queries and
+/// SwiGLU over the prompt's rows (memory-bound: bytes moved).
+fn decoder(rt: &Runtime, plan: &BenchPlan, out: &mut Vec<KernelTiming>) -> Result<()> {
+    let (tokens, hidden, heads, kv_heads, head_dim, ffn) = if plan.full {
+        (512, 576, 9, 3, 64, 1536)
+    } else {
+        (40, 192, 3, 1, 64, 256)
+    };
+    let mut rng = Inputs::new(4);
+    for q_len in [tokens, 1] {
+        let s = CausalAttentionShape {
+            batch: 1,
+            q_len,
+            kv_len: tokens,
+            heads,
+            kv_heads,
+            head_dim,
+        };
+        let (q_n, kv_n) = (q_len * heads * head_dim, tokens * kv_heads * head_dim);
+        let (q, k, v) = (
+            upload_random(rt, &mut rng, q_n)?,
+            upload_random(rt, &mut rng, kv_n)?,
+            upload_random(rt, &mut rng, kv_n)?,
+        );
+        let mut o = rt.uninit::<f32>(q_n)?;
+        let mut lse = rt.uninit::<f32>(heads * q_len)?;
+        // Query row i sees (kv_len − q_len + i + 1) keys; QKᵀ and PV are 2·2·d flops per score.
+        let scores: usize = (0..q_len).map(|i| tokens - q_len + i + 1).sum();
+        let pair = (heads * scores * head_dim) as f64 * 2.0;
+        let case = format!("q{q_len} kv{tokens} h{heads}/{kv_heads} d{head_dim}");
+        let ms = time(rt, plan, || {
+            attention::causal_attention_forward(rt, &s, (&q, &k, &v), &mut o, &mut lse)
+        })?;
+        out.push(KernelTiming {
+            kernel: "causal_attention_forward".into(),
+            case: case.clone(),
+            ms,
+            work: Work::Flops(2.0 * pair),
+            cublas_ms: None,
+        });
+        if q_len == 1 {
+            continue; // a decoding step has no backward
+        }
+        let dout = upload_random(rt, &mut rng, q_n)?;
+        let (mut dq, mut dk, mut dv) = (rt.uninit(q_n)?, rt.uninit(kv_n)?, rt.uninit(kv_n)?);
+        let ms = time(rt, plan, || {
+            attention::causal_attention_backward(
+                rt,
+                &s,
+                (&q, &k, &v),
+                &o,
+                &lse,
+                &dout,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            )
+        })?;
+        out.push(KernelTiming {
+            kernel: "causal_attention_backward".into(),
+            case,
+            ms,
+            work: Work::Flops(5.0 * pair),
+            cublas_ms: None,
+        });
+    }
+
+    let f32_bytes = |count: usize| (count * 4) as f64;
+    let n = tokens * hidden;
+    let x = upload_random(rt, &mut rng, n)?;
+    let w = upload_random(rt, &mut rng, hidden)?;
+    let (mut y, mut rstd) = (rt.uninit(n)?, rt.uninit(tokens)?);
+    let s = RmsNormShape {
+        rows: tokens,
+        cols: hidden,
+        eps: 1e-5,
+    };
+    let ms = time(rt, plan, || {
+        rmsnorm::rmsnorm_forward(rt, &s, &x, &w, &mut y, &mut rstd)
+    })?;
+    out.push(KernelTiming {
+        kernel: "rmsnorm_forward".into(),
+        case: format!("{tokens}x{hidden}"),
+        ms,
+        work: Work::Bytes(f32_bytes(2 * n)),
+        cublas_ms: None,
+    });
+
+    let positions = RopePositions {
+        seq: tokens,
+        width: heads * head_dim,
+        head_dim,
+        position0: 0,
+        theta: 1e5,
+    };
+    let nq = tokens * heads * head_dim;
+    let xq = upload_random(rt, &mut rng, nq)?;
+    let mut yq = rt.uninit(nq)?;
+    let ms = time(rt, plan, || {
+        rope::rope(rt, &positions, Rotation::Forward, &xq, &mut yq)
+    })?;
+    out.push(KernelTiming {
+        kernel: "rope".into(),
+        case: format!("{tokens}x{heads}x{head_dim}"),
+        ms,
+        work: Work::Bytes(f32_bytes(2 * nq)),
+        cublas_ms: None,
+    });
+
+    let nf = tokens * ffn;
+    let (gate, up) = (
+        upload_random(rt, &mut rng, nf)?,
+        upload_random(rt, &mut rng, nf)?,
+    );
+    let mut gated = rt.uninit(nf)?;
+    let ms = time(rt, plan, || {
+        swiglu::swiglu_forward(rt, &gate, &up, &mut gated)
+    })?;
+    out.push(KernelTiming {
+        kernel: "swiglu_forward".into(),
+        case: format!("{tokens}x{ffn}"),
+        ms,
+        work: Work::Bytes(f32_bytes(3 * nf)),
         cublas_ms: None,
     });
     Ok(())

@@ -23,6 +23,54 @@ pub(crate) struct CudaBackend {
     arch: u32,
     name: String,
     functions: Mutex<HashMap<String, Function>>,
+    staging: Mutex<Option<Staging>>,
+}
+
+/// Uploads up to this size (a batch's ids and mask, an optimiser step's tables) go through the
+/// pinned staging buffer; larger ones (weights, moved once) are copied synchronously from where
+/// they are rather than held twice.
+const STAGED_UPLOAD_MAX: usize = 16 << 20;
+
+/// Page-locked host memory that small uploads are staged through: the copy engine reads it
+/// directly (no bounce through the driver's own buffer) and the copy is asynchronous on the
+/// stream the kernels use, so the host goes on to the next launch while it runs. The next staged
+/// upload waits on `copied` before overwriting the buffer.
+struct Staging {
+    ptr: *mut u8,
+    capacity: usize,
+    copied: sys::CUevent,
+}
+// SAFETY: the pointer is page-locked memory owned by this struct, used under the backend's mutex.
+unsafe impl Send for Staging {}
+
+impl Staging {
+    /// # Safety
+    /// The context must be current.
+    unsafe fn new(capacity: usize) -> Result<Staging> {
+        let ptr = result::malloc_host(capacity, 0)? as *mut u8;
+        match result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING) {
+            Ok(copied) => Ok(Staging {
+                ptr,
+                capacity,
+                copied,
+            }),
+            Err(e) => {
+                let _ = result::free_host(ptr as *mut c_void);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new`; a pending copy completes before the memory is released
+        // (cuMemFreeHost synchronises).
+        unsafe {
+            let _ = result::event::destroy(self.copied);
+            let _ = result::free_host(self.ptr as *mut c_void);
+        }
+    }
 }
 
 impl CudaBackend {
@@ -46,6 +94,7 @@ impl CudaBackend {
             arch,
             name,
             functions: Mutex::new(HashMap::new()),
+            staging: Mutex::new(None),
         })
     }
 
@@ -93,7 +142,27 @@ impl RawDevice for CudaBackend {
 
     unsafe fn copy_to_device(&self, dst: u64, src: &[u8]) -> Result<()> {
         self.context.bind_to_thread()?;
-        Ok(result::memcpy_htod_sync(dst, src)?)
+        if src.is_empty() {
+            return Ok(());
+        }
+        if src.len() > STAGED_UPLOAD_MAX {
+            return Ok(result::memcpy_htod_sync(dst, src)?);
+        }
+        let mut staging = self.staging.lock().unwrap();
+        match &*staging {
+            Some(s) if s.capacity >= src.len() => result::event::synchronize(s.copied)?,
+            _ => {
+                // Dropping the old buffer waits for its copy.
+                *staging = None;
+                *staging = Some(Staging::new(src.len().next_power_of_two().max(64 << 10))?);
+            }
+        }
+        let s = staging.as_ref().expect("set above");
+        std::ptr::copy_nonoverlapping(src.as_ptr(), s.ptr, src.len());
+        let staged = std::slice::from_raw_parts(s.ptr, src.len());
+        // The legacy default stream, as the launches: kernels after this upload see its data.
+        result::memcpy_htod_async(dst, staged, std::ptr::null_mut())?;
+        Ok(result::event::record(s.copied, std::ptr::null_mut())?)
     }
 
     unsafe fn copy_to_host(&self, src: u64, dst: &mut [u8]) -> Result<()> {

@@ -28,6 +28,9 @@ pub(crate) trait RawDevice: Send + Sync {
     /// # Safety
     /// `ptr` came from `alloc` on this backend and is not used afterwards.
     unsafe fn free(&self, ptr: u64);
+    /// Copies `src` to `dst`, ordered before every later launch and copy; it may return before
+    /// the copy has landed (`src` may be reused at once).
+    ///
     /// # Safety
     /// `dst..dst+src.len()` lies in one allocation of this backend.
     unsafe fn copy_to_device(&self, dst: u64, src: &[u8]) -> Result<()>;
@@ -126,6 +129,14 @@ impl<T: DeviceElement> DeviceIn<'_, T> {
 }
 
 impl<T: DeviceElement> DeviceOut<'_, T> {
+    /// A null `T*`, for kernels that take one to mean "not wanted" (the GEMM's pre-activation).
+    pub(crate) fn null() -> DeviceOut<'static, T> {
+        DeviceOut {
+            addr: 0,
+            _buffer: PhantomData,
+        }
+    }
+
     pub(crate) fn arg(self) -> KernelArg {
         KernelArg::Ptr(self.addr)
     }
@@ -136,6 +147,7 @@ pub trait DeviceElement: bytemuck::Pod + Send + Sync + 'static {}
 impl DeviceElement for f32 {}
 impl DeviceElement for i32 {}
 impl DeviceElement for u32 {}
+impl DeviceElement for u64 {}
 impl DeviceElement for f16 {}
 impl DeviceElement for bf16 {}
 
@@ -396,6 +408,11 @@ impl<T: DeviceElement> DeviceBuffer<T> {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The device address, for a table in device memory that a kernel reads pointers from.
+    pub(crate) fn address(&self) -> u64 {
+        self.ptr
     }
 
     /// The device address, as a kernel argument.

@@ -6,19 +6,23 @@
 //! [`Backend::indices`] themselves.
 
 use std::any::Any;
+use std::ops::Range;
 use std::sync::Arc;
 
-use scalpel_tensor::backend::AdamUpdate;
+use scalpel_tensor::backend::{AdamParameter, LayerNormOutput, OptimizerCache};
 use scalpel_tensor::cpu::attention::AttentionShape;
-use scalpel_tensor::cpu::gemm::GemmShape;
+use scalpel_tensor::cpu::gemm::{Activation, GemmShape};
 use scalpel_tensor::cpu::layernorm::LayerNormShape;
+use scalpel_tensor::cpu::rope::Rotation;
+use scalpel_tensor::decoder_ops::{self as dops, causal_attention_shape};
 use scalpel_tensor::{ops as tops, Backend, DType, Data, DeviceMemory, DeviceStats, Tensor};
 use scalpel_tensor::{Result, TensorError};
 
-use crate::kernels::adamw::{AdamStep, WeightDecay};
+use crate::kernels::adamw::{AdamStep, AdamTables, AdamTensor, WeightDecay};
+use crate::kernels::gemm::Epilogue;
 use crate::kernels::{
     adamw, attention, dropout, elementwise, embedding, gelu, gemm, layernorm, pooling, reduce,
-    softmax,
+    rmsnorm, rope, softmax, swiglu,
 };
 use crate::{CudaError, DeviceBuffer, Runtime};
 
@@ -227,21 +231,37 @@ impl Backend for Runtime {
         elementwise::scale(self, alpha as f32, buffer).dev()
     }
 
-    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    fn linear(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        activation: Activation,
+        keep_pre_activation: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (s, shape) = tops::linear_shape(x, w, b)?;
         let mut y = self.uninit_f32(s.m * s.n)?;
-        let bias = b.map(|b| self.buffer("bias", b)).transpose()?;
+        let mut pre = if keep_pre_activation {
+            Some(self.uninit_f32(s.m * s.n)?)
+        } else {
+            None
+        };
+        let ep = Epilogue {
+            bias: b.map(|b| self.buffer("bias", b)).transpose()?,
+            beta: 0.0,
+            activation,
+            pre_activation: pre.as_mut(),
+        };
         gemm::gemm(
             self,
             s,
             self.buffer("x", x)?,
             self.buffer("w", w)?,
-            bias,
             &mut y,
-            0.0,
+            ep,
         )
         .dev()?;
-        wrap(&shape, y)
+        Ok((wrap(&shape, y)?, pre.map(|p| wrap(&shape, p)).transpose()?))
     }
 
     fn linear_backward(
@@ -268,7 +288,7 @@ impl Backend for Runtime {
                 trans_a: false,
                 trans_b: false,
             };
-            gemm::gemm(self, s, dyd, wd, None, &mut dx, 0.0).dev()?;
+            gemm::gemm(self, s, dyd, wd, &mut dx, Epilogue::overwrite()).dev()?;
             Some(wrap(x.shape(), dx)?)
         } else {
             None
@@ -281,7 +301,7 @@ impl Backend for Runtime {
             trans_a: true,
             trans_b: false,
         };
-        gemm::gemm(self, s, dyd, xd, None, &mut dw, 0.0).dev()?;
+        gemm::gemm(self, s, dyd, xd, &mut dw, Epilogue::overwrite()).dev()?;
         let mut db = self.zeros_f32(out_f)?;
         elementwise::bias_backward(self, out_f, dyd, &mut db).dev()?;
         Ok((dx, wrap(w.shape(), dw)?, wrap(&[out_f], db)?))
@@ -326,19 +346,28 @@ impl Backend for Runtime {
     fn layernorm(
         &self,
         x: &Tensor,
+        residual: Option<&Tensor>,
         gamma: &Tensor,
         beta: &Tensor,
         eps: f64,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<LayerNormOutput> {
         let s = layernorm_shape(x, gamma, eps)?;
         tops::expect_shape("layernorm", "beta", beta, gamma.shape())?;
         let mut y = self.uninit_f32(x.numel())?;
         let mut mean = self.uninit_f32(s.rows)?;
         let mut rstd = self.uninit_f32(s.rows)?;
+        let mut sum = match residual {
+            Some(r) => {
+                tops::expect_shape("add_layernorm", "residual", r, x.shape())?;
+                Some((self.buffer("residual", r)?, self.uninit_f32(x.numel())?))
+            }
+            None => None,
+        };
         layernorm::layernorm_forward(
             self,
             &s,
             self.buffer("x", x)?,
+            sum.as_mut().map(|(r, sum)| (*r, sum)),
             self.buffer("gamma", gamma)?,
             self.buffer("beta", beta)?,
             &mut y,
@@ -346,11 +375,12 @@ impl Backend for Runtime {
             &mut rstd,
         )
         .dev()?;
-        Ok((
-            wrap(x.shape(), y)?,
-            wrap(&[s.rows], mean)?,
-            wrap(&[s.rows], rstd)?,
-        ))
+        Ok(LayerNormOutput {
+            y: wrap(x.shape(), y)?,
+            mean: wrap(&[s.rows], mean)?,
+            rstd: wrap(&[s.rows], rstd)?,
+            sum: sum.map(|(_, sum)| wrap(x.shape(), sum)).transpose()?,
+        })
     }
 
     fn layernorm_backward(
@@ -644,34 +674,246 @@ impl Backend for Runtime {
 
     fn adam_update(
         &self,
-        u: &AdamUpdate,
-        param: &mut Tensor,
-        grad: &Tensor,
-        m: &mut Tensor,
-        v: &mut Tensor,
+        params: &mut [AdamParameter<'_>],
+        cache: &mut OptimizerCache,
     ) -> Result<()> {
-        for (what, t) in [("gradient", grad), ("m", &*m), ("v", &*v)] {
-            tops::expect_shape("adam", what, t, param.shape())?;
+        let mut tensors = Vec::with_capacity(params.len());
+        for p in params.iter_mut() {
+            for (what, t) in [("gradient", p.grad), ("m", &*p.m), ("v", &*p.v)] {
+                tops::expect_shape("adam", what, t, p.param.shape())?;
+            }
+            let u = &p.update;
+            let step = AdamStep {
+                lr: u.lr,
+                beta1: u.beta1,
+                beta2: u.beta2,
+                eps: u.eps,
+                weight_decay: u.weight_decay,
+                decay: if u.decoupled {
+                    WeightDecay::Decoupled
+                } else {
+                    WeightDecay::L2
+                },
+                step: u32::try_from(u.step)
+                    .map_err(|_| TensorError::Device(format!("Adam step {} too large", u.step)))?,
+            };
+            tensors.push(AdamTensor {
+                step,
+                grad: self.buffer("gradient", p.grad)?,
+                param: self.buffer_mut("param", p.param)?,
+                m: self.buffer_mut("m", p.m)?,
+                v: self.buffer_mut("v", p.v)?,
+            });
         }
-        let step = AdamStep {
-            lr: u.lr,
-            beta1: u.beta1,
-            beta2: u.beta2,
-            eps: u.eps,
-            weight_decay: u.weight_decay,
-            decay: if u.decoupled {
-                WeightDecay::Decoupled
-            } else {
-                WeightDecay::L2
-            },
-            step: u32::try_from(u.step)
-                .map_err(|_| TensorError::Device(format!("Adam step {} too large", u.step)))?,
+        let table = cache.get_or_insert_with(|| Box::new(AdamTables::default()));
+        let Some(table) = table.downcast_mut::<AdamTables>() else {
+            return Err(TensorError::Device(
+                "adam: the optimiser's cache was made by another backend".into(),
+            ));
         };
-        let g = self.buffer("gradient", grad)?;
-        let p = self.buffer_mut("param", param)?;
-        let m = self.buffer_mut("m", m)?;
-        let v = self.buffer_mut("v", v)?;
-        adamw::adam_step(self, &step, p, g, m, v).dev()
+        adamw::adam_step(self, &mut tensors, table).dev()
+    }
+
+    fn rmsnorm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+        let s = dops::rmsnorm_shape(x, w, eps)?;
+        let mut y = self.uninit_f32(x.numel())?;
+        let mut rstd = self.uninit_f32(s.rows)?;
+        rmsnorm::rmsnorm_forward(
+            self,
+            &s,
+            self.buffer("x", x)?,
+            self.buffer("weight", w)?,
+            &mut y,
+            &mut rstd,
+        )
+        .dev()?;
+        Ok((wrap(x.shape(), y)?, wrap(&x.shape()[..x.rank() - 1], rstd)?))
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let s = dops::rmsnorm_shape(x, w, 0.0)?;
+        tops::expect_shape("rmsnorm backward", "dy", dy, x.shape())?;
+        tops::expect_shape("rmsnorm backward", "rstd", rstd, &x.shape()[..x.rank() - 1])?;
+        let mut dx = self.uninit_f32(x.numel())?;
+        let mut dw = self.zeros_f32(s.cols)?;
+        rmsnorm::rmsnorm_backward(
+            self,
+            &s,
+            self.buffer("x", x)?,
+            self.buffer("weight", w)?,
+            self.buffer("rstd", rstd)?,
+            self.buffer("dy", dy)?,
+            &mut dx,
+            &mut dw,
+        )
+        .dev()?;
+        Ok((wrap(x.shape(), dx)?, wrap(w.shape(), dw)?))
+    }
+
+    fn rope(
+        &self,
+        x: &Tensor,
+        head_dim: usize,
+        positions: &[usize],
+        theta: f64,
+        rotation: Rotation,
+    ) -> Result<Tensor> {
+        dops::rope_shape(x, head_dim, positions)?;
+        let position0 = positions.first().copied().unwrap_or(0);
+        if positions
+            .iter()
+            .enumerate()
+            .any(|(t, &p)| p != position0 + t)
+        {
+            return Err(TensorError::shape(
+                "rope",
+                format!(
+                    "positions {positions:?} on {}: the device kernel takes consecutive positions",
+                    Backend::name(self)
+                ),
+            ));
+        }
+        let p = rope::RopePositions {
+            seq: x.dim(1),
+            width: x.dim(2),
+            head_dim,
+            position0,
+            theta,
+        };
+        let mut y = self.uninit_f32(x.numel())?;
+        rope::rope(self, &p, rotation, self.buffer("x", x)?, &mut y).dev()?;
+        wrap(x.shape(), y)
+    }
+
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        tops::expect_shape("swiglu", "up", up, gate.shape())?;
+        let mut y = self.uninit_f32(gate.numel())?;
+        swiglu::swiglu_forward(
+            self,
+            self.buffer("gate", gate)?,
+            self.buffer("up", up)?,
+            &mut y,
+        )
+        .dev()?;
+        wrap(gate.shape(), y)
+    }
+
+    fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        tops::expect_shape("swiglu backward", "up", up, gate.shape())?;
+        tops::expect_shape("swiglu backward", "dy", dy, gate.shape())?;
+        let (mut dgate, mut dup) = (
+            self.uninit_f32(gate.numel())?,
+            self.uninit_f32(gate.numel())?,
+        );
+        swiglu::swiglu_backward(
+            self,
+            self.buffer("gate", gate)?,
+            self.buffer("up", up)?,
+            self.buffer("dy", dy)?,
+            &mut dgate,
+            &mut dup,
+        )
+        .dev()?;
+        Ok((wrap(gate.shape(), dgate)?, wrap(gate.shape(), dup)?))
+    }
+
+    fn causal_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let s = causal_attention_shape(q, k, v, heads, kv_heads)?;
+        let mut out = self.uninit_f32(q.numel())?;
+        let mut lse = self.uninit_f32(s.batch * s.heads * s.q_len)?;
+        let qkv = (
+            self.buffer("q", q)?,
+            self.buffer("k", k)?,
+            self.buffer("v", v)?,
+        );
+        attention::causal_attention_forward(self, &s, qkv, &mut out, &mut lse).dev()?;
+        Ok((
+            wrap(q.shape(), out)?,
+            wrap(&[s.batch, s.heads, s.q_len], lse)?,
+        ))
+    }
+
+    fn causal_attention_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+        out: &Tensor,
+        lse: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let s = causal_attention_shape(q, k, v, heads, kv_heads)?;
+        let op = "causal_attention backward";
+        tops::expect_shape(op, "out", out, q.shape())?;
+        tops::expect_shape(op, "dout", dout, q.shape())?;
+        tops::expect_shape(op, "lse", lse, &[s.batch, s.heads, s.q_len])?;
+        let (mut dq, mut dk, mut dv) = (
+            self.uninit_f32(q.numel())?,
+            self.uninit_f32(k.numel())?,
+            self.uninit_f32(k.numel())?,
+        );
+        let qkv = (
+            self.buffer("q", q)?,
+            self.buffer("k", k)?,
+            self.buffer("v", v)?,
+        );
+        attention::causal_attention_backward(
+            self,
+            &s,
+            qkv,
+            self.buffer("out", out)?,
+            self.buffer("lse", lse)?,
+            self.buffer("dout", dout)?,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        )
+        .dev()?;
+        Ok((
+            wrap(q.shape(), dq)?,
+            wrap(k.shape(), dk)?,
+            wrap(k.shape(), dv)?,
+        ))
+    }
+
+    fn concat(&self, parts: &[&Tensor], shape: &[usize]) -> Result<Tensor> {
+        let mut out = self.zeros_f32(shape.iter().product())?;
+        let mut at = 0;
+        for (i, part) in parts.iter().enumerate() {
+            let buffer = self.buffer(&format!("concat part {i}"), part)?;
+            elementwise::axpy_at(self, 1.0, buffer.len(), (buffer, 0), (&mut out, at)).dev()?;
+            at += buffer.len();
+        }
+        wrap(shape, out)
+    }
+
+    fn rows(&self, t: &Tensor, range: Range<usize>) -> Result<Tensor> {
+        if t.rank() == 0 {
+            return Err(TensorError::shape("rows", "a scalar has no rows"));
+        }
+        let row_len: usize = t.shape()[1..].iter().product();
+        let mut shape = t.shape().to_vec();
+        shape[0] = range.len();
+        let n = range.len() * row_len;
+        let mut out = self.zeros_f32(n)?;
+        let from = (self.buffer("t", t)?, range.start * row_len);
+        elementwise::axpy_at(self, 1.0, n, from, (&mut out, 0)).dev()?;
+        wrap(&shape, out)
     }
 }
 

@@ -41,7 +41,7 @@ fn family_passes(file: &str) {
 }
 
 /// The kernel files the tests below cover, one test each.
-const FAMILIES: [&str; 11] = [
+const FAMILIES: [&str; 14] = [
     "adamw.cu",
     "attention.cu",
     "dropout.cu",
@@ -52,7 +52,10 @@ const FAMILIES: [&str; 11] = [
     "layernorm.cu",
     "pooling.cu",
     "reduce.cu",
+    "rmsnorm.cu",
+    "rope.cu",
     "softmax.cu",
+    "swiglu.cu",
 ];
 
 #[test]
@@ -121,8 +124,23 @@ fn reduce_family() {
 }
 
 #[test]
+fn rmsnorm_family() {
+    family_passes("rmsnorm.cu");
+}
+
+#[test]
+fn rope_family() {
+    family_passes("rope.cu");
+}
+
+#[test]
 fn softmax_family() {
     family_passes("softmax.cu");
+}
+
+#[test]
+fn swiglu_family() {
+    family_passes("swiglu.cu");
 }
 
 #[test]
@@ -153,13 +171,15 @@ fn gemm_f32_degenerate_and_multi_tile_shapes() {
     ];
     let checks: Vec<_> = shapes
         .into_iter()
-        .map(|s| {
+        .zip([false, true, true])
+        .flat_map(|(s, gelu)| {
             gemm::check_f32(
                 &rt,
                 gemm::GemmCase {
                     s,
                     beta: 1.0,
                     bias: true,
+                    gelu,
                 },
             )
             .unwrap()

@@ -9,8 +9,10 @@
 pub mod bert;
 mod error;
 pub mod llama;
+mod precision;
 pub mod sentence;
 pub mod sequential;
 pub mod tokenizer;
 
 pub use error::{check_finite, read_limited, ModelError, Result, MAX_JSON_BYTES};
+pub(crate) use precision::set_weights_dtype;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use scalpel_autograd::optim::{clip_grad_norm, decays_by_default, Adam, AdamConfig, Schedule};
-use scalpel_autograd::{ops, Gradients, Var};
+use scalpel_autograd::{ops, Params, Var};
 use scalpel_models::bert::ForwardOptions;
 use scalpel_models::sentence::SentenceEncoder;
 use scalpel_models::tokenizer::Batch;
@@ -90,7 +90,7 @@ pub struct HealOptions {
     /// Clip the global gradient norm to this value.
     pub clip: Option<f64>,
     /// What the student's linear layers multiply in while training (absent in checkpoints from
-    /// before it existed: f32).
+    /// before it existed: f32). Encoders only so far.
     #[serde(default)]
     pub precision: Precision,
 }
@@ -104,8 +104,8 @@ pub enum Precision {
     F32,
     /// Mixed precision (CPU only): the student's linear layers multiply bf16 copies of their
     /// f32 master weights, made again after each AdamW step, by activations rounded to bf16,
-    /// with f32 accumulation, in the forward and for the input gradients; weight gradients,
-    /// AdamW and its moments, the loss, LayerNorm, attention and every reduction stay f32.
+    /// with f32 accumulation (forward, input and weight gradients); AdamW and its moments, the
+    /// loss, the biases, LayerNorm, attention and every reduction stay f32.
     Bf16,
 }
 
@@ -347,6 +347,11 @@ pub enum HealEvent<'a> {
         step: usize,
         report: &'a EvalReport,
     },
+    /// A decoder's perplexity on held-out text.
+    Perplexity {
+        step: usize,
+        perplexity: f64,
+    },
     Checkpoint {
         step: usize,
         dir: &'a Path,
@@ -450,21 +455,112 @@ fn batch_loss(
     }
 }
 
-/// The loss of one batch and, if it is finite, the gradients of every trainable parameter (the
-/// graph is released on return, so the optimiser updates the weights in place).
-fn loss_and_gradients(
-    student: &SentenceEncoder,
-    teacher: Option<&SentenceEncoder>,
-    data: &TrainingData,
-    indices: &[usize],
-    forward: &ForwardOptions,
-) -> Result<(f64, Option<Gradients>)> {
-    let loss = batch_loss(student, teacher, data, indices, forward)?;
-    let value = loss.value().to_host()?.to_vec::<f64>()[0];
-    if !value.is_finite() {
-        return Ok((value, None));
+/// Checks the options of a run over `examples` training examples and returns the order their
+/// batches are visited in and the planned number of steps (when the budget fixes one).
+pub(crate) fn plan_run(opts: &HealOptions, examples: usize) -> Result<(BatchOrder, Option<usize>)> {
+    if examples == 0 {
+        return Err(SurgeryError::Invalid("no training examples".into()));
     }
-    Ok((value, Some(loss.backward()?)))
+    opts.check_ranges()?;
+    if opts.batch_size == 0 || opts.budget.steps == Some(0) || opts.budget.epochs == Some(0) {
+        return Err(SurgeryError::Invalid(
+            "--steps, --epochs and --batch-size must be at least 1".into(),
+        ));
+    }
+    let order = BatchOrder::new(examples, opts.batch_size, opts.shuffle, opts.seed);
+    let total = opts.budget.total_steps(order.batches_per_epoch());
+    if total.is_none() && opts.schedule != Schedule::Constant {
+        return Err(SurgeryError::Invalid(
+            "a decaying --schedule needs a fixed length: give --steps or --epochs".into(),
+        ));
+    }
+    Ok((order, total))
+}
+
+/// Continues `state` from the checkpoint `saved` read from `dir`: the same data, the saved step,
+/// time and log, and the optimiser's moments.
+pub(crate) fn restore(
+    state: &mut TrainerState,
+    adam: &mut Adam,
+    saved: TrainerState,
+    dir: &Path,
+) -> Result<()> {
+    if (saved.examples, saved.data_fingerprint) != (state.examples, state.data_fingerprint) {
+        return Err(SurgeryError::Invalid(format!(
+            "{}: the checkpoint was trained on different data ({} examples) than given now ({})",
+            dir.display(),
+            saved.examples,
+            state.examples
+        )));
+    }
+    adam.load(&dir.join(OPTIMIZER_STATE_FILE))?;
+    state.step = saved.step;
+    state.seconds = saved.seconds;
+    state.log = saved.log;
+    Ok(())
+}
+
+/// Whether a run that has done `step` steps in `seconds` has spent its budget.
+pub(crate) fn budget_spent(
+    opts: &HealOptions,
+    total: Option<usize>,
+    step: usize,
+    seconds: f64,
+) -> bool {
+    total.is_some_and(|t| step >= t) || opts.budget.minutes.is_some_and(|m| seconds >= m * 60.0)
+}
+
+/// One AdamW update of `params` (step `step`, counted from 1) from the batch's `loss`, clipped
+/// and scheduled as `opts` says; returns the loss and the learning rate used. A NaN or infinite
+/// loss or gradient norm is an error before any weight changes.
+pub(crate) fn optimizer_step(
+    loss: Var,
+    params: &mut Params,
+    adam: &mut Adam,
+    opts: &HealOptions,
+    step: usize,
+    total: Option<usize>,
+) -> Result<(f64, f64)> {
+    let loss_value = loss.value().to_host()?.to_vec::<f64>()[0];
+    if !loss_value.is_finite() {
+        return Err(SurgeryError::Invalid(format!(
+            "loss became {loss_value} at step {step}; stopped without saving (the last checkpoint is intact; try a lower --lr)"
+        )));
+    }
+    let mut grads = loss.backward()?;
+    // Release the graph so the optimiser updates the weights in place instead of copying.
+    drop(loss);
+    let norm = clip_grad_norm(&mut grads, params, opts.clip.unwrap_or(f64::INFINITY))?;
+    if !norm.is_finite() {
+        return Err(SurgeryError::Invalid(format!(
+            "gradient norm became {norm} at step {step}; stopped without saving (the last checkpoint is intact; try a lower --lr or --clip)"
+        )));
+    }
+    let lr = opts
+        .schedule
+        .lr(opts.lr, step, opts.warmup, total.unwrap_or(usize::MAX));
+    adam.step(params, &grads, lr)?;
+    Ok((loss_value, lr))
+}
+
+/// Writes what a checkpoint holds besides the model into `staging`: the optimiser's state, the
+/// trainer state and the log.
+pub(crate) fn write_trainer_files(staging: &Path, state: &TrainerState, adam: &Adam) -> Result<()> {
+    adam.save(&staging.join(OPTIMIZER_STATE_FILE))?;
+    let log = state
+        .log
+        .iter()
+        .map(|l| serde_json::to_string(l).expect("a log line serialises") + "\n")
+        .collect::<String>();
+    let state_json = serde_json::to_vec_pretty(state).expect("trainer state serialises");
+    for (name, bytes) in [
+        (TRAINER_STATE_FILE, state_json),
+        (TRAINING_LOG_FILE, log.into_bytes()),
+    ] {
+        let path = staging.join(name);
+        std::fs::write(&path, bytes).map_err(crate::io_err(&path))?;
+    }
+    Ok(())
 }
 
 /// Trains the student until the budget is spent (or `stop` is set), evaluating and saving
@@ -490,28 +586,13 @@ pub fn heal(
     if let Some(t) = teacher {
         check_compatible(student, t)?;
     }
-    if data.is_empty() {
-        return Err(SurgeryError::Invalid("no training examples".into()));
-    }
-    opts.check_ranges()?;
     crate::eval::check_rankable(eval)?;
-    if opts.batch_size == 0 || opts.budget.steps == Some(0) || opts.budget.epochs == Some(0) {
-        return Err(SurgeryError::Invalid(
-            "--steps, --epochs and --batch-size must be at least 1".into(),
-        ));
-    }
     if matches!(data, TrainingData::Pairs(_)) && opts.batch_size < 2 {
         return Err(SurgeryError::Invalid(
             "the contrastive loss needs --batch-size of at least 2 (in-batch negatives)".into(),
         ));
     }
-    let order = BatchOrder::new(data.len(), opts.batch_size, opts.shuffle, opts.seed);
-    let total = opts.budget.total_steps(order.batches_per_epoch());
-    if total.is_none() && opts.schedule != Schedule::Constant {
-        return Err(SurgeryError::Invalid(
-            "a decaying --schedule needs a fixed length: give --steps or --epochs".into(),
-        ));
-    }
+    let (order, total) = plan_run(opts, data.len())?;
     student
         .bert
         .params
@@ -528,37 +609,12 @@ pub fn heal(
         invocation,
     };
     if let Some((saved, dir)) = resume {
-        if (saved.examples, saved.data_fingerprint) != (state.examples, state.data_fingerprint) {
-            return Err(SurgeryError::Invalid(format!(
-                "{}: the checkpoint was trained on different data ({} examples) than given now ({})",
-                dir.display(),
-                saved.examples,
-                state.examples
-            )));
-        }
-        adam.load(&dir.join(OPTIMIZER_STATE_FILE))?;
-        state.step = saved.step;
-        state.seconds = saved.seconds;
-        state.log = saved.log;
+        restore(&mut state, &mut adam, saved, dir)?;
     }
     let save = |state: &TrainerState, student: &SentenceEncoder, adam: &Adam| -> Result<()> {
         let Some(c) = &checkpoint else { return Ok(()) };
-        let log = state
-            .log
-            .iter()
-            .map(|l| serde_json::to_string(l).expect("a log line serialises") + "\n")
-            .collect::<String>();
-        let state_json = serde_json::to_vec_pretty(state).expect("trainer state serialises");
         write_staged(&student.bert, &student.dir, c.dir, |staging| {
-            adam.save(&staging.join(OPTIMIZER_STATE_FILE))?;
-            for (name, bytes) in [
-                (TRAINER_STATE_FILE, state_json),
-                (TRAINING_LOG_FILE, log.into_bytes()),
-            ] {
-                let path = staging.join(name);
-                std::fs::write(&path, bytes).map_err(crate::io_err(&path))?;
-            }
-            Ok(())
+            write_trainer_files(staging, state, adam)
         })
     };
     let evaluate = |step: usize,
@@ -598,9 +654,12 @@ pub fn heal(
     }
     loop {
         let stats_before = device.stats();
-        let elapsed = prior_seconds + started.elapsed().as_secs_f64();
-        let out_of_time = opts.budget.minutes.is_some_and(|m| elapsed >= m * 60.0);
-        if total.is_some_and(|t| state.step >= t) || out_of_time {
+        if budget_spent(
+            opts,
+            total,
+            state.step,
+            prior_seconds + started.elapsed().as_secs_f64(),
+        ) {
             break;
         }
         if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
@@ -617,28 +676,11 @@ pub fn heal(
         student
             .bert
             .set_linear_compute(opts.precision.linear_compute())?;
-        let computed = loss_and_gradients(student, teacher, data, &indices, &forward);
+        let stepped = batch_loss(student, teacher, data, &indices, &forward).and_then(|loss| {
+            optimizer_step(loss, &mut student.bert.params, &mut adam, opts, step, total)
+        });
         student.bert.set_linear_compute(DType::F32)?;
-        let (loss_value, grads) = computed?;
-        let Some(mut grads) = grads else {
-            return Err(SurgeryError::Invalid(format!(
-                "loss became {loss_value} at step {step}; stopped without saving (the last checkpoint is intact; try a lower --lr)"
-            )));
-        };
-        let norm = clip_grad_norm(
-            &mut grads,
-            &student.bert.params,
-            opts.clip.unwrap_or(f64::INFINITY),
-        )?;
-        if !norm.is_finite() {
-            return Err(SurgeryError::Invalid(format!(
-                "gradient norm became {norm} at step {step}; stopped without saving (the last checkpoint is intact; try a lower --lr or --clip)"
-            )));
-        }
-        let lr = opts
-            .schedule
-            .lr(opts.lr, step, opts.warmup, total.unwrap_or(usize::MAX));
-        adam.step(&mut student.bert.params, &grads, lr)?;
+        let (loss_value, lr) = stepped?;
         sentences_seen += indices.len() * sentences_per_example;
         state.step = step;
         state.seconds = prior_seconds + started.elapsed().as_secs_f64();

@@ -7,6 +7,8 @@ pub mod checkpoint;
 pub mod cut;
 pub mod data;
 pub mod decoder;
+pub mod decoder_heal;
+pub mod decoder_replace;
 pub mod eval;
 pub mod head;
 pub mod heal;

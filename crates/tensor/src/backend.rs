@@ -9,9 +9,12 @@
 
 use std::any::Any;
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::cpu::attention::AttentionShape;
+use crate::cpu::gemm::Activation;
+use crate::cpu::rope::Rotation;
 use crate::{DType, Data, Result, Tensor};
 
 /// Memory on a device, holding one tensor's elements. Dropping it returns the memory to its
@@ -70,6 +73,20 @@ pub struct AdamUpdate {
     pub step: u64,
 }
 
+/// One parameter of an optimiser step on a device: the update's hyper-parameters, the parameter
+/// and its moments (updated in place), its gradient.
+pub struct AdamParameter<'a> {
+    pub update: AdamUpdate,
+    pub param: &'a mut Tensor,
+    pub grad: &'a Tensor,
+    pub m: &'a mut Tensor,
+    pub v: &'a mut Tensor,
+}
+
+/// What a backend keeps for an optimiser from one step to the next (a device's table of where
+/// the parameters live), owned by the optimiser and opaque to it.
+pub type OptimizerCache = Option<Box<dyn Any + Send + Sync>>;
+
 /// The kernels a device provides, over tensors it holds (f32). Each method is the device twin
 /// of the [`crate::ops`] function of the same name and checks shapes the same way.
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
@@ -91,7 +108,17 @@ pub trait Backend: Send + Sync {
     fn scale(&self, x: &Tensor, alpha: f64) -> Result<Tensor>;
     /// `x *= alpha` in place.
     fn scale_in_place(&self, x: &mut Tensor, alpha: f64) -> Result<()>;
-    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>;
+    /// `act(x·Wᵀ + b)`, the activation applied by the GEMM's epilogue; with
+    /// `keep_pre_activation` (training: the activation's backward reads it) also `x·Wᵀ + b`,
+    /// stored by the same epilogue.
+    fn linear(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        activation: Activation,
+        keep_pre_activation: bool,
+    ) -> Result<(Tensor, Option<Tensor>)>;
     fn linear_backward(
         &self,
         x: &Tensor,
@@ -105,13 +132,15 @@ pub trait Backend: Send + Sync {
     /// `x` times the counter-based dropout mask of `(p, seed)` (`ops::dropout`), forward and
     /// backward alike.
     fn dropout(&self, x: &Tensor, p: f64, seed: u64) -> Result<Tensor>;
+    /// LayerNorm of `x`, or with a residual of `x + residual` in one pass (the sum returned).
     fn layernorm(
         &self,
         x: &Tensor,
+        residual: Option<&Tensor>,
         gamma: &Tensor,
         beta: &Tensor,
         eps: f64,
-    ) -> Result<(Tensor, Tensor, Tensor)>;
+    ) -> Result<LayerNormOutput>;
     fn layernorm_backward(
         &self,
         x: &Tensor,
@@ -169,15 +198,67 @@ pub trait Backend: Send + Sync {
     fn scaled_difference(&self, a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor>;
     /// `Σ` over every tensor of `Σ x²`, reduced on the device and read back once (4 bytes).
     fn sum_of_squares(&self, tensors: &[&Tensor]) -> Result<f64>;
-    /// One Adam/AdamW update of `param` and its moments `m`, `v` in place.
+    /// One Adam/AdamW update of every parameter given (and of its moments, in place), in one
+    /// launch; `cache` is the backend's own state kept by the optimiser between its steps.
     fn adam_update(
         &self,
-        update: &AdamUpdate,
-        param: &mut Tensor,
-        grad: &Tensor,
-        m: &mut Tensor,
-        v: &mut Tensor,
+        params: &mut [AdamParameter<'_>],
+        cache: &mut OptimizerCache,
     ) -> Result<()>;
+
+    // The Llama decoder's ops (`crate::decoder_ops`) and the row copies of its KV cache.
+    fn rmsnorm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)>;
+    fn rmsnorm_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor)>;
+    /// The positions must be consecutive (`p, p+1, …`, what a forward and a decoding step
+    /// pass): the device computes the angles from the first, so none cross the bus.
+    fn rope(
+        &self,
+        x: &Tensor,
+        head_dim: usize,
+        positions: &[usize],
+        theta: f64,
+        rotation: Rotation,
+    ) -> Result<Tensor>;
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
+    fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)>;
+    fn causal_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Result<(Tensor, Tensor)>;
+    fn causal_attention_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+        out: &Tensor,
+        lse: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)>;
+    /// [`Tensor::concat`] of f32 tensors on this device (shapes checked by the caller).
+    fn concat(&self, parts: &[&Tensor], shape: &[usize]) -> Result<Tensor>;
+    /// [`Tensor::rows`] of an f32 tensor on this device (the range checked by the caller).
+    fn rows(&self, t: &Tensor, range: Range<usize>) -> Result<Tensor>;
+}
+
+/// A device LayerNorm's results: the output, the per-row statistics its backward reads, and, when
+/// a residual was added first, the sum that was normalised (the backward's input).
+pub struct LayerNormOutput {
+    pub y: Tensor,
+    pub mean: Tensor,
+    pub rstd: Tensor,
+    pub sum: Option<Tensor>,
 }
 
 /// Where a tensor's storage is: host memory, or a device backend.

@@ -10,7 +10,8 @@ use crate::cpu::swiglu;
 use crate::ops::{dispatch_float, expect_shape, same_dtype};
 use crate::{DType, Float, Result, Tensor, TensorError};
 
-fn rmsnorm_shape(x: &Tensor, w: &Tensor, eps: f64) -> Result<RmsNormShape> {
+/// The rows and columns [`rmsnorm`] normalises (`x`'s last dimension, matching `w`).
+pub fn rmsnorm_shape(x: &Tensor, w: &Tensor, eps: f64) -> Result<RmsNormShape> {
     same_dtype("rmsnorm", &[x, w])?;
     let cols = match x.shape().last() {
         Some(&c) if c > 0 => c,
@@ -82,6 +83,26 @@ pub fn rmsnorm_backward(
     dispatch_float!("rmsnorm_backward", x.dtype(), run(s, x, w, rstd, dy))
 }
 
+/// Checks that `x` is `[batch, positions.len(), heads·head_dim]` with an even `head_dim`.
+pub fn rope_shape(x: &Tensor, head_dim: usize, positions: &[usize]) -> Result<()> {
+    if x.rank() != 3
+        || head_dim == 0
+        || !head_dim.is_multiple_of(2)
+        || !x.dim(2).is_multiple_of(head_dim)
+        || x.dim(1) != positions.len()
+    {
+        return Err(TensorError::shape(
+            "rope",
+            format!(
+                "x {:?} is not [batch, {} positions, heads × an even head_dim {head_dim}]",
+                x.shape(),
+                positions.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Rotary embeddings of `x` `[batch, seq, heads·head_dim]` at `positions` (one per row of a
 /// sequence) with base `theta`; [`Rotation::Inverse`] applies the transpose (the backward).
 pub fn rope(
@@ -109,21 +130,7 @@ pub fn rope(
         );
         Ok(y)
     }
-    if x.rank() != 3
-        || head_dim == 0
-        || !head_dim.is_multiple_of(2)
-        || !x.dim(2).is_multiple_of(head_dim)
-        || x.dim(1) != positions.len()
-    {
-        return Err(TensorError::shape(
-            "rope",
-            format!(
-                "x {:?} is not [batch, {} positions, heads × an even head_dim {head_dim}]",
-                x.shape(),
-                positions.len()
-            ),
-        ));
-    }
+    rope_shape(x, head_dim, positions)?;
     dispatch_float!(
         "rope",
         x.dtype(),

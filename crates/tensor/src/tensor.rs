@@ -531,7 +531,7 @@ impl Tensor {
         }
     }
 
-    /// A copy of the slices `range` along the first dimension.
+    /// A copy of the slices `range` along the first dimension (on the tensor's device).
     pub fn rows(&self, range: std::ops::Range<usize>) -> Result<Tensor> {
         fn copy<T: Element>(
             t: &Tensor,
@@ -551,6 +551,9 @@ impl Tensor {
         }
         let row_len: usize = inner.iter().product();
         let elements = range.start * row_len..range.end * row_len;
+        if let Some(memory) = self.device_memory() {
+            return memory.backend().rows(self, range);
+        }
         let mut shape = self.shape.clone();
         shape[0] = range.len();
         match self.dtype() {
@@ -564,7 +567,7 @@ impl Tensor {
     }
 
     /// Joins tensors along their first dimension; all must share the dtype and the other
-    /// dimensions.
+    /// dimensions, and (joined on it) the first one's device.
     pub fn concat(parts: &[Tensor]) -> Result<Tensor> {
         fn join<T: Element>(parts: &[Tensor], shape: &[usize]) -> Result<Tensor> {
             let mut values = Vec::with_capacity(shape.iter().product());
@@ -595,6 +598,11 @@ impl Tensor {
         }
         let mut shape = first.shape.clone();
         shape[0] = parts.iter().map(|p| p.shape[0]).sum();
+        if let Some(memory) = first.device_memory() {
+            return memory
+                .backend()
+                .concat(&parts.iter().collect::<Vec<_>>(), &shape);
+        }
         match first.dtype() {
             DType::F32 => join::<f32>(parts, &shape),
             DType::F64 => join::<f64>(parts, &shape),

@@ -32,7 +32,12 @@ pub fn gelu(x: &Var) -> Result<Var> {
         Some(be) => be.gelu(x.value())?,
         None => tops::gelu(x.value())?,
     };
-    Ok(Var::from_op(y, Gelu, vec![x.clone()]))
+    Ok(gelu_of(y, x.clone()))
+}
+
+/// `y = gelu(x)`, computed elsewhere (a GEMM's epilogue), recorded with GELU's backward.
+pub(crate) fn gelu_of(y: Tensor, x: Var) -> Var {
+    Var::from_op(y, Gelu, vec![x])
 }
 
 /// GELU that consumes `x`: when no gradient is needed and nothing else holds `x` (inference),

@@ -1,6 +1,6 @@
 use scalpel_tensor::{decoder_ops as dops, Tensor};
 
-use crate::device::require_host;
+use crate::device::backend_of;
 use crate::{Backward, Result, Var};
 
 struct CausalAttention {
@@ -25,17 +25,11 @@ impl Backward for CausalAttention {
             unreachable!("causal attention has three inputs")
         };
         let (q, k, v) = (q.value(), k.value(), v.value());
-        require_host("causal_attention backward", &[q, k, v, grad])?;
-        let (dq, dk, dv) = dops::causal_attention_backward(
-            q,
-            k,
-            v,
-            self.heads,
-            self.kv_heads,
-            out,
-            &self.lse,
-            grad,
-        )?;
+        let (heads, kv_heads, lse) = (self.heads, self.kv_heads, &self.lse);
+        let (dq, dk, dv) = match backend_of("causal_attention backward", &[q, k, v, grad])? {
+            Some(be) => be.causal_attention_backward(q, k, v, heads, kv_heads, out, lse, grad)?,
+            None => dops::causal_attention_backward(q, k, v, heads, kv_heads, out, lse, grad)?,
+        };
         Ok(vec![
             needs[0].then_some(dq),
             needs[1].then_some(dk),
@@ -51,8 +45,10 @@ impl Backward for CausalAttention {
 /// Only the per-row log-sum-exp is saved.
 pub fn causal_attention(q: &Var, k: &Var, v: &Var, heads: usize, kv_heads: usize) -> Result<Var> {
     let (qt, kt, vt) = (q.value(), k.value(), v.value());
-    require_host("causal_attention", &[qt, kt, vt])?;
-    let (out, lse) = dops::causal_attention(qt, kt, vt, heads, kv_heads)?;
+    let (out, lse) = match backend_of("causal_attention", &[qt, kt, vt])? {
+        Some(be) => be.causal_attention(qt, kt, vt, heads, kv_heads)?,
+        None => dops::causal_attention(qt, kt, vt, heads, kv_heads)?,
+    };
     let op = CausalAttention {
         heads,
         kv_heads,

@@ -30,6 +30,12 @@ pub fn add(a: &Var, b: &Var) -> Result<Var> {
     ))
 }
 
+/// `sum = a + b`, computed elsewhere (fused into a device LayerNorm), recorded with `add`'s
+/// backward.
+pub(crate) fn sum_of(sum: Tensor, a: Var, b: Var) -> Var {
+    Var::from_op(sum, Add, vec![a, b])
+}
+
 /// `a + b` where the tensors are (also the accumulation of a variable's gradients).
 pub(crate) fn add_tensors(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(match backend_of("add", &[a, b])? {

@@ -6,6 +6,7 @@ use scalpel_tensor::ops::WeightUse;
 use scalpel_tensor::{ops as tops, Tensor};
 
 use crate::device::backend_of;
+use crate::ops::activation::gelu_of;
 use crate::ops::gelu_in_place;
 use crate::{Backward, Result, Var};
 
@@ -43,7 +44,16 @@ pub fn linear(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     let mut tensors = vec![x.value(), w.value()];
     tensors.extend(b.map(Var::value));
     let y = match backend_of("linear", &tensors)? {
-        Some(be) => be.linear(x.value(), w.value(), b.map(Var::value))?,
+        Some(be) => {
+            be.linear(
+                x.value(),
+                w.value(),
+                b.map(Var::value),
+                Activation::Identity,
+                false,
+            )?
+            .0
+        }
         None => tops::linear(
             x.value(),
             w.value(),
@@ -73,25 +83,45 @@ fn weight_use(w: &Var) -> WeightUse {
     }
 }
 
-/// `gelu(x·Wᵀ + b)`, a transformer's FFN up-projection. At inference (nothing needs a gradient,
-/// every tensor on the host) the GEMM applies the GELU to each tile as it stores it, saving a pass over
-/// the block's largest activation; otherwise this is [`gelu_in_place`] of [`linear`], gradients
-/// included.
+/// `gelu(x·Wᵀ + b)`, a transformer's FFN up-projection, with the GELU applied by the GEMM as it
+/// stores each tile (saving a pass over the block's largest activation) wherever that keeps the
+/// gradients: at inference on the host (nothing needs a gradient), and on a device, whose GEMM
+/// also stores the pre-activation the GELU's backward reads. Training on the host is
+/// [`gelu_in_place`] of [`linear`].
 pub fn linear_gelu(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     let mut tensors = vec![x.value(), w.value()];
     tensors.extend(b.map(Var::value));
     let constants = !x.requires_grad() && !w.requires_grad() && !b.is_some_and(Var::requires_grad);
-    if constants && backend_of("linear_gelu", &tensors)?.is_none() {
-        let y = tops::linear(
-            x.value(),
-            w.value(),
-            b.map(Var::value),
-            Activation::Gelu,
-            WeightUse::Constant,
-        )?;
-        return Ok(Var::constant(y));
+    match backend_of("linear_gelu", &tensors)? {
+        Some(be) => {
+            let (xt, wt, bt) = (x.value(), w.value(), b.map(Var::value));
+            let (y, pre) = be.linear(xt, wt, bt, Activation::Gelu, !constants)?;
+            let Some(pre) = pre else {
+                return Ok(Var::constant(y));
+            };
+            let mut inputs = vec![x.clone(), w.clone()];
+            inputs.extend(b.cloned());
+            let pre = Var::from_op(
+                pre,
+                Linear {
+                    has_bias: b.is_some(),
+                },
+                inputs,
+            );
+            Ok(gelu_of(y, pre))
+        }
+        None if constants => {
+            let y = tops::linear(
+                x.value(),
+                w.value(),
+                b.map(Var::value),
+                Activation::Gelu,
+                WeightUse::Constant,
+            )?;
+            Ok(Var::constant(y))
+        }
+        None => gelu_in_place(linear(x, w, b)?),
     }
-    gelu_in_place(linear(x, w, b)?)
 }
 
 struct LinearBf16 {

@@ -1,7 +1,8 @@
-use scalpel_tensor::{ops as tops, Tensor};
+use scalpel_tensor::{ops as tops, Tensor, TensorError};
 
 use crate::device::backend_of;
 use crate::ops::add;
+use crate::ops::elementwise::sum_of;
 use crate::{Backward, Result, Var};
 
 struct LayerNorm {
@@ -39,7 +40,10 @@ impl Backward for LayerNorm {
 pub fn layernorm(x: &Var, gamma: &Var, beta: &Var, eps: f64) -> Result<Var> {
     let (xt, gt, bt) = (x.value(), gamma.value(), beta.value());
     let (y, mean, rstd) = match backend_of("layernorm", &[xt, gt, bt])? {
-        Some(be) => be.layernorm(xt, gt, bt, eps)?,
+        Some(be) => {
+            let out = be.layernorm(xt, None, gt, bt, eps)?;
+            (out.y, out.mean, out.rstd)
+        }
         None => tops::layernorm(xt, gt, bt, eps)?,
     };
     Ok(Var::from_op(
@@ -50,15 +54,33 @@ pub fn layernorm(x: &Var, gamma: &Var, beta: &Var, eps: f64) -> Result<Var> {
 }
 
 /// `LayerNorm(x + residual)`, consuming `x`: a transformer block's residual connection and
-/// normalisation. When nothing needs a gradient, `x` is a constant nothing else holds and every
-/// tensor is on the host (inference), the sum and the normalisation are one in-place pass over `x`'s
-/// storage; otherwise this is [`layernorm`] of [`add`], gradients included.
+/// normalisation. On a device one kernel adds and normalises, returning the sum it normalised,
+/// which is recorded as [`add`]'s result, so the gradients are those of the composition. On the
+/// host, when nothing needs a gradient and `x` is a constant nothing else holds (inference), the
+/// sum and the normalisation are one in-place pass over `x`'s storage; otherwise this is
+/// [`layernorm`] of [`add`].
 pub fn add_layernorm(x: Var, residual: &Var, gamma: &Var, beta: &Var, eps: f64) -> Result<Var> {
-    let others = [residual, gamma, beta];
     let tensors = [x.value(), residual.value(), gamma.value(), beta.value()];
-    let fusable = others.iter().all(|v| !v.requires_grad())
-        && backend_of("add_layernorm", &tensors)?.is_none();
-    let x = if fusable {
+    if let Some(be) = backend_of("add_layernorm", &tensors)? {
+        let (xt, rt, gt, bt) = (x.value(), residual.value(), gamma.value(), beta.value());
+        let out = be.layernorm(xt, Some(rt), gt, bt, eps)?;
+        let Some(sum) = out.sum else {
+            return Err(TensorError::Device(format!(
+                "{}: add_layernorm returned no sum",
+                be.name()
+            ))
+            .into());
+        };
+        let sum = sum_of(sum, x, residual.clone());
+        let (mean, rstd) = (out.mean, out.rstd);
+        return Ok(Var::from_op(
+            out.y,
+            LayerNorm { mean, rstd },
+            vec![sum, gamma.clone(), beta.clone()],
+        ));
+    }
+    let others = [residual, gamma, beta];
+    let x = if others.iter().all(|v| !v.requires_grad()) {
         match x.into_unshared_constant() {
             Ok(mut value) => {
                 let (r, g, b) = (residual.value(), gamma.value(), beta.value());

@@ -1,6 +1,6 @@
 use scalpel_tensor::{decoder_ops as dops, Tensor};
 
-use crate::device::require_host;
+use crate::device::backend_of;
 use crate::{Backward, Result, Var};
 
 struct RmsNorm {
@@ -20,8 +20,10 @@ impl Backward for RmsNorm {
         needs: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
         let (x, w) = (inputs[0].value(), inputs[1].value());
-        require_host("rmsnorm backward", &[x, w, grad])?;
-        let (dx, dw) = dops::rmsnorm_backward(x, w, &self.rstd, grad)?;
+        let (dx, dw) = match backend_of("rmsnorm backward", &[x, w, grad])? {
+            Some(be) => be.rmsnorm_backward(x, w, &self.rstd, grad)?,
+            None => dops::rmsnorm_backward(x, w, &self.rstd, grad)?,
+        };
         Ok(vec![needs[0].then_some(dx), needs[1].then_some(dw)])
     }
 }
@@ -29,8 +31,10 @@ impl Backward for RmsNorm {
 /// RMSNorm over the last dimension with weight `w` (Llama's `LlamaRMSNorm`); saves `rstd`.
 pub fn rmsnorm(x: &Var, w: &Var, eps: f64) -> Result<Var> {
     let (xt, wt) = (x.value(), w.value());
-    require_host("rmsnorm", &[xt, wt])?;
-    let (y, rstd) = dops::rmsnorm(xt, wt, eps)?;
+    let (y, rstd) = match backend_of("rmsnorm", &[xt, wt])? {
+        Some(be) => be.rmsnorm(xt, wt, eps)?,
+        None => dops::rmsnorm(xt, wt, eps)?,
+    };
     Ok(Var::from_op(
         y,
         RmsNorm { rstd },

@@ -1,7 +1,7 @@
 use scalpel_tensor::cpu::rope::Rotation;
 use scalpel_tensor::{decoder_ops as dops, Tensor};
 
-use crate::device::require_host;
+use crate::device::backend_of;
 use crate::{Backward, Result, Var};
 
 struct Rope {
@@ -22,14 +22,11 @@ impl Backward for Rope {
         grad: &Tensor,
         _: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
-        require_host("rope backward", &[grad])?;
-        let dx = dops::rope(
-            grad,
-            self.head_dim,
-            &self.positions,
-            self.theta,
-            Rotation::Inverse,
-        )?;
+        let (d, p, theta) = (self.head_dim, &self.positions, self.theta);
+        let dx = match backend_of("rope backward", &[grad])? {
+            Some(be) => be.rope(grad, d, p, theta, Rotation::Inverse)?,
+            None => dops::rope(grad, d, p, theta, Rotation::Inverse)?,
+        };
         Ok(vec![Some(dx)])
     }
 }
@@ -38,8 +35,11 @@ impl Backward for Rope {
 /// `[batch, seq, heads·head_dim]`, row `t` of each sequence at position `positions[t]`, base
 /// `theta`. The backward is the inverse rotation, so nothing is saved but the positions.
 pub fn rope(x: &Var, head_dim: usize, positions: &[usize], theta: f64) -> Result<Var> {
-    require_host("rope", &[x.value()])?;
-    let y = dops::rope(x.value(), head_dim, positions, theta, Rotation::Forward)?;
+    let xt = x.value();
+    let y = match backend_of("rope", &[xt])? {
+        Some(be) => be.rope(xt, head_dim, positions, theta, Rotation::Forward)?,
+        None => dops::rope(xt, head_dim, positions, theta, Rotation::Forward)?,
+    };
     let op = Rope {
         head_dim,
         positions: positions.to_vec(),

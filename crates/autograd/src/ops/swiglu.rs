@@ -1,6 +1,6 @@
 use scalpel_tensor::{decoder_ops as dops, Tensor};
 
-use crate::device::require_host;
+use crate::device::backend_of;
 use crate::{Backward, Result, Var};
 
 struct SwiGlu;
@@ -18,8 +18,10 @@ impl Backward for SwiGlu {
         needs: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
         let (gate, up) = (inputs[0].value(), inputs[1].value());
-        require_host("swiglu backward", &[gate, up, grad])?;
-        let (dgate, dup) = dops::swiglu_backward(gate, up, grad)?;
+        let (dgate, dup) = match backend_of("swiglu backward", &[gate, up, grad])? {
+            Some(be) => be.swiglu_backward(gate, up, grad)?,
+            None => dops::swiglu_backward(gate, up, grad)?,
+        };
         Ok(vec![needs[0].then_some(dgate), needs[1].then_some(dup)])
     }
 }
@@ -27,7 +29,9 @@ impl Backward for SwiGlu {
 /// Llama's gated MLP unit, `silu(gate)·up`, as one op.
 pub fn swiglu(gate: &Var, up: &Var) -> Result<Var> {
     let (g, u) = (gate.value(), up.value());
-    require_host("swiglu", &[g, u])?;
-    let y = dops::swiglu(g, u)?;
+    let y = match backend_of("swiglu", &[g, u])? {
+        Some(be) => be.swiglu(g, u)?,
+        None => dops::swiglu(g, u)?,
+    };
     Ok(Var::from_op(y, SwiGlu, vec![gate.clone(), up.clone()]))
 }

@@ -5,7 +5,7 @@ use half::{bf16, f16};
 use scalpel_tensor::cpu::elementwise;
 
 use super::gemm::HalfElement;
-use super::{column_reduction, expect_len, grid_stride, rows_of};
+use super::{column_reduction, expect_len, expect_len_at, grid_stride, rows_of};
 use crate::check::{check, max_rel_error, wide, worst, Inputs, KernelCheck, F32_TOLERANCE};
 use crate::{DeviceBuffer, Result, Runtime};
 
@@ -36,6 +36,33 @@ pub fn axpy(
     expect_len(rt, "y", y, n)?;
     // SAFETY: lengths checked.
     unsafe { launch::axpy_f32(rt, grid_stride(n), n, alpha, x.input(), y.output()) }
+}
+
+/// `y[y_at..][..n] += alpha·x[x_at..][..n]`: row copies into zeros (`Tensor::concat` and
+/// `Tensor::rows` on a device, a KV cache's growth) without a kernel of their own.
+pub fn axpy_at(
+    rt: &Runtime,
+    alpha: f32,
+    n: usize,
+    (x, x_at): (&DeviceBuffer<f32>, usize),
+    (y, y_at): (&mut DeviceBuffer<f32>, usize),
+) -> Result<()> {
+    expect_len_at(rt, "x", x, x_at, n)?;
+    expect_len_at(rt, "y", y, y_at, n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    // SAFETY: both ranges checked to lie in their buffers.
+    unsafe {
+        launch::axpy_f32(
+            rt,
+            grid_stride(n),
+            n,
+            alpha,
+            x.input_at(x_at)?,
+            y.output_at(y_at)?,
+        )
+    }
 }
 
 /// `x *= alpha`.

@@ -1,5 +1,5 @@
-//! `kernels/layernorm.cu`: LayerNorm over the last dimension, forward (saving mean and rstd) and
-//! backward (dx; dgamma and dbeta as column reductions); and their checks.
+//! `kernels/layernorm.cu`: LayerNorm over the last dimension, forward (saving mean and rstd; with a
+//! residual added first) and backward (dx; dgamma and dbeta as column reductions); and their checks.
 
 use scalpel_tensor::cpu::layernorm::{
     layernorm_backward_reference, layernorm_forward_reference, LayerNormShape,
@@ -11,12 +11,17 @@ use crate::{DeviceBuffer, Result, Runtime};
 
 launchers!("layernorm");
 
-/// Saves `mean` and `rstd` (one per row) for the backward.
+/// A residual added before the normalisation: the residual, and the buffer receiving the sum.
+pub type Residual<'a> = (&'a DeviceBuffer<f32>, &'a mut DeviceBuffer<f32>);
+
+/// `y = LayerNorm(x)`, or with a residual `LayerNorm(x + residual)` storing the sum (the
+/// backward's input); saves `mean` and `rstd` (one per row) for the backward.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward(
     rt: &Runtime,
     s: &LayerNormShape,
     x: &DeviceBuffer<f32>,
+    residual: Option<Residual>,
     gamma: &DeviceBuffer<f32>,
     beta: &DeviceBuffer<f32>,
     y: &mut DeviceBuffer<f32>,
@@ -30,21 +35,45 @@ pub fn layernorm_forward(
     expect_len(rt, "beta", beta, s.cols)?;
     expect_len(rt, "mean", mean, s.rows)?;
     expect_len(rt, "rstd", rstd, s.rows)?;
+    let config = warp_per_row(s.rows);
+    let eps = s.eps as f32;
+    let (g, b) = (gamma.input(), beta.input());
     // SAFETY: lengths checked.
     unsafe {
-        launch::layernorm_forward_f32(
-            rt,
-            warp_per_row(s.rows),
-            s.rows,
-            s.cols,
-            s.eps as f32,
-            x.input(),
-            gamma.input(),
-            beta.input(),
-            y.output(),
-            mean.output(),
-            rstd.output(),
-        )
+        match residual {
+            None => launch::layernorm_forward_f32(
+                rt,
+                config,
+                s.rows,
+                s.cols,
+                eps,
+                x.input(),
+                g,
+                b,
+                y.output(),
+                mean.output(),
+                rstd.output(),
+            ),
+            Some((residual, sum)) => {
+                expect_len(rt, "residual", residual, n)?;
+                expect_len(rt, "sum", sum, n)?;
+                launch::add_layernorm_forward_f32(
+                    rt,
+                    config,
+                    s.rows,
+                    s.cols,
+                    eps,
+                    x.input(),
+                    residual.input(),
+                    g,
+                    b,
+                    sum.output(),
+                    y.output(),
+                    mean.output(),
+                    rstd.output(),
+                )
+            }
+        }
     }
 }
 
@@ -125,7 +154,7 @@ pub fn check_layernorm(rt: &Runtime, rows: usize, cols: usize) -> Result<Vec<Ker
     let (dx_in, dgamma_in, dbeta_in) = (rt.upload(&x)?, rt.upload(&gamma)?, rt.upload(&beta)?);
     let (mut y, mut mean, mut rstd) = (rt.zeros(n)?, rt.zeros(rows)?, rt.zeros(rows)?);
     layernorm_forward(
-        rt, &s, &dx_in, &dgamma_in, &dbeta_in, &mut y, &mut mean, &mut rstd,
+        rt, &s, &dx_in, None, &dgamma_in, &dbeta_in, &mut y, &mut mean, &mut rstd,
     )?;
     let (mut want_y, mut want_mean, mut want_rstd) =
         (vec![0.0; n], vec![0.0; rows], vec![0.0; rows]);
@@ -147,6 +176,45 @@ pub fn check_layernorm(rt: &Runtime, rows: usize, cols: usize) -> Result<Vec<Ker
         max_rel_error(&y.to_host()?, &want_y),
         max_rel_error(&mean.to_host()?, &want_mean),
         max_rel_error(&rstd.to_host()?, &want_rstd),
+    ]);
+
+    // With a residual: the sum is rounded to f32 as the kernel rounds it, then normalised in f64.
+    let residual = rng.uniform(n, -1.0, 1.0);
+    let part: Vec<f32> = x.iter().zip(&residual).map(|(x, r)| x - r).collect();
+    let sum_reference: Vec<f64> = part
+        .iter()
+        .zip(&residual)
+        .map(|(p, r)| (p + r) as f64)
+        .collect();
+    let mut sum = rt.upload(&vec![f32::NAN; n])?;
+    let (mut y_add, mut mean_add, mut rstd_add) = (rt.zeros(n)?, rt.zeros(rows)?, rt.zeros(rows)?);
+    layernorm_forward(
+        rt,
+        &s,
+        &rt.upload(&part)?,
+        Some((&rt.upload(&residual)?, &mut sum)),
+        &dgamma_in,
+        &dbeta_in,
+        &mut y_add,
+        &mut mean_add,
+        &mut rstd_add,
+    )?;
+    let (mut want_y_add, mut want_mean_add, mut want_rstd_add) =
+        (vec![0.0; n], vec![0.0; rows], vec![0.0; rows]);
+    layernorm_forward_reference(
+        &s64,
+        &sum_reference,
+        &wide(&gamma),
+        &wide(&beta),
+        &mut want_y_add,
+        &mut want_mean_add,
+        &mut want_rstd_add,
+    );
+    let add_forward = worst(&[
+        max_rel_error(&sum.to_host()?, &sum_reference),
+        max_rel_error(&y_add.to_host()?, &want_y_add),
+        max_rel_error(&mean_add.to_host()?, &want_mean_add),
+        max_rel_error(&rstd_add.to_host()?, &want_rstd_add),
     ]);
 
     // The backward takes the reference's saved statistics, so it is checked on its own.
@@ -193,6 +261,12 @@ pub fn check_layernorm(rt: &Runtime, rows: usize, cols: usize) -> Result<Vec<Ker
             "layernorm_forward_f32",
             case.clone(),
             forward,
+            F32_TOLERANCE,
+        ),
+        check(
+            "add_layernorm_forward_f32",
+            case.clone(),
+            add_forward,
             F32_TOLERANCE,
         ),
         check(

@@ -26,13 +26,16 @@ pub mod gemm;
 pub mod layernorm;
 pub mod pooling;
 pub mod reduce;
+pub mod rmsnorm;
+pub mod rope;
 pub mod softmax;
+pub mod swiglu;
 
 /// A family's standard emulator checks (ragged sizes, forward and backward).
 pub type StandardChecks = fn(&Runtime) -> Result<Vec<KernelCheck>>;
 
 /// Every kernel file with its standard checks: what the tests and `scalpel kernels` run.
-pub const FAMILIES: [(&str, StandardChecks); 11] = [
+pub const FAMILIES: [(&str, StandardChecks); 14] = [
     ("adamw.cu", adamw::standard_checks),
     ("attention.cu", attention::standard_checks),
     ("dropout.cu", dropout::standard_checks),
@@ -43,7 +46,10 @@ pub const FAMILIES: [(&str, StandardChecks); 11] = [
     ("layernorm.cu", layernorm::standard_checks),
     ("pooling.cu", pooling::standard_checks),
     ("reduce.cu", reduce::standard_checks),
+    ("rmsnorm.cu", rmsnorm::standard_checks),
+    ("rope.cu", rope::standard_checks),
     ("softmax.cu", softmax::standard_checks),
+    ("swiglu.cu", swiglu::standard_checks),
 ];
 
 /// Threads per block of the elementwise and row kernels.

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use scalpel_autograd::ops::{self, Indices};
 use scalpel_autograd::{Params, Var};
-use scalpel_tensor::{DType, Tensor};
+use scalpel_tensor::{DType, Device, Tensor};
 
 use super::LlamaConfig;
 use crate::{ModelError, Result};
@@ -154,6 +154,12 @@ impl Llama {
         })
     }
 
+    /// Moves the weights to `device`, once; forwards, their gradients and a [`KvCache`] then
+    /// stay there.
+    pub fn to_device(&mut self, device: &Device) -> Result<()> {
+        Ok(self.params.to_device(device)?)
+    }
+
     fn p(&self, name: &str) -> Result<&Var> {
         Ok(self.params.get(name)?)
     }
@@ -201,6 +207,13 @@ impl Llama {
             states.push(x.clone());
         }
         Ok(states)
+    }
+
+    /// Decoder layer `l` alone on a residual stream `x` `[batch, seq, hidden]` at positions
+    /// `0..seq`: what training one layer to stand in for a removed block runs.
+    pub fn layer_forward(&self, l: usize, x: &Var) -> Result<Var> {
+        let positions: Vec<usize> = (0..x.shape()[1]).collect();
+        self.layer(l, x, &positions, None)
     }
 
     /// The token embeddings of `ids` (`batch` equal-length sequences) and their positions, the
@@ -270,12 +283,38 @@ impl Llama {
 
     /// Next-token logits `[..., vocab]` of hidden states `[..., hidden]`.
     pub fn logits(&self, hidden: &Var) -> Result<Var> {
-        let head = if self.config.tie_word_embeddings {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
+        // A tied model has an `lm_head.weight` of its own only as the bf16 copy
+        // `set_linear_dtype` makes.
+        let head = match self.params.get("lm_head.weight") {
+            Ok(head) => head,
+            Err(_) => self.p("model.embed_tokens.weight")?,
         };
-        Ok(ops::linear(hidden, self.p(head)?, None)?)
+        Ok(ops::linear(hidden, head, None)?)
+    }
+
+    /// Holds every linear weight (the projections and the LM head) in `dtype`, F32 or BF16,
+    /// rounded once, for inference on the CPU: a decoding step is bound by streaming the weights
+    /// (0.54 GB in f32 for SmolLM2-135M), which bf16 halves. The token embedding stays f32 for
+    /// the lookup, so a tied head gets a bf16 copy of its own (`lm_head.weight`).
+    pub fn set_linear_dtype(&mut self, dtype: DType) -> Result<()> {
+        let mut names: Vec<String> = expected_tensors(&self.config)
+            .into_iter()
+            .filter(|(name, shape)| shape.len() == 2 && name != "model.embed_tokens.weight")
+            .map(|(name, _)| name)
+            .collect();
+        if self.config.tie_word_embeddings {
+            let table = self.p("model.embed_tokens.weight")?.value();
+            if dtype == DType::F32 {
+                self.params.remove("lm_head.weight");
+            } else {
+                let head = Var::constant(table.clone());
+                self.params.insert("lm_head.weight", head);
+                names.push("lm_head.weight".into());
+            }
+        } else {
+            names.push("lm_head.weight".into());
+        }
+        crate::set_weights_dtype(&mut self.params, &names, dtype)
     }
 
     /// The logits `[vocab]` after the last of `ids` (one sequence), through `cache`: what a

