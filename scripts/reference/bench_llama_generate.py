@@ -8,7 +8,9 @@ OpenMP's spinning workers were preempted mid-barrier and made transformers sever
 (the same setting as benches/serve uses for the Python servers).
 
   /work/venvs/gguf/bin/python scripts/reference/bench_llama_generate.py \
-      --scalpel target/release/scalpel [--threads 2 --tokens 64 --rounds 5]
+      --scalpel target/release/scalpel [--threads 2 --tokens 64 --rounds 5 --dtypes f32,bf16]
+
+Each round runs transformers once and scalpel once per `--dtypes` entry (its `generate --dtype`).
 """
 
 import argparse
@@ -35,6 +37,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtypes", default="f32", help="scalpel's --dtype values, comma-separated")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -46,24 +49,27 @@ def main():
     text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
     gguf = str(GGUF_DIR / GGUF_NAME)
-    runs = {"transformers": [], "scalpel": []}
+    dtypes = args.dtypes.split(",")
+    runs = {"transformers": [], **{f"scalpel {d}": [] for d in dtypes}}
     for _ in range(args.rounds):
         start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, do_sample=False, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
         elapsed = time.perf_counter() - start
         runs["transformers"].append((out.shape[1] - ids.shape[1]) / elapsed)
-        cmd = [args.scalpel, "--device", "cpu", "--threads", str(args.threads), "generate", "--model", gguf,
-               "--prompt", GREEDY_MESSAGE, "--chat", "--max-tokens", str(args.tokens)]
-        stderr = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
-        match = re.search(r"(\d+) tokens in [\d.]+ s: ([\d.]+) tokens/s", stderr)
-        if not match or int(match.group(1)) != args.tokens:
-            sys.exit(f"scalpel generated something else: {stderr}")
-        runs["scalpel"].append(float(match.group(2)))
+        for dtype in dtypes:
+            cmd = [args.scalpel, "--device", "cpu", "--threads", str(args.threads), "generate", "--model", gguf,
+                   "--prompt", GREEDY_MESSAGE, "--chat", "--max-tokens", str(args.tokens), "--dtype", dtype]
+            stderr = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+            match = re.search(r"(\d+) tokens in [\d.]+ s: ([\d.]+) tokens/s", stderr)
+            if not match or int(match.group(1)) != args.tokens:
+                sys.exit(f"scalpel --dtype {dtype} generated something else: {stderr}")
+            runs[f"scalpel {dtype}"].append(float(match.group(2)))
         print(json.dumps({k: round(v[-1], 2) for k, v in runs.items()}), flush=True)
     medians = {k: statistics.median(v) for k, v in runs.items()}
     print(json.dumps({"threads": args.threads, "tokens": args.tokens, "rounds": args.rounds,
-                      "median_tokens_per_s": medians, "ratio": medians["scalpel"] / medians["transformers"]}))
+                      "median_tokens_per_s": medians,
+                      "ratio_to_transformers": {d: medians[f"scalpel {d}"] / medians["transformers"] for d in dtypes}}))
 
 
 if __name__ == "__main__":

@@ -322,26 +322,8 @@ impl Bert {
     /// embeddings, biases, LayerNorm, attention and pooling stay f32. For inference: the weights
     /// must be constants on the host.
     pub fn set_linear_dtype(&mut self, dtype: DType) -> Result<()> {
-        if !matches!(dtype, DType::F32 | DType::BF16) {
-            return Err(ModelError::Input(format!(
-                "linear weights can be held in F32 or BF16, not {dtype:?}"
-            )));
-        }
-        for name in self.linear_weight_names() {
-            let w = self.params.get(&name)?;
-            if w.value().dtype() == dtype {
-                continue;
-            }
-            if w.requires_grad() || !w.value().is_host() {
-                return Err(ModelError::Input(format!(
-                    "{name}: {dtype:?} linear weights are for inference on the CPU (this one is {})",
-                    if w.requires_grad() { "trainable" } else { "on a device" }
-                )));
-            }
-            let converted = Var::constant(w.value().to_dtype(dtype));
-            self.params.insert(name, converted);
-        }
-        Ok(())
+        let names = self.linear_weight_names();
+        crate::set_weights_dtype(&mut self.params, &names, dtype)
     }
 
     /// Multiplies every encoder linear layer in `dtype` from now on: `F32`, or `BF16` (mixed
