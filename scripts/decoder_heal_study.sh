@@ -4,7 +4,7 @@
 # of the automatic cut and the "drop the last layers except the final one" baseline after the same
 # healing budget (and the LLM-Streamline replacement of the angular block).
 #
-#   scripts/decoder_heal_study.sh                  # 15-minute heals for 24 layers, 8 for 20
+#   scripts/decoder_heal_study.sh                  # 15-minute heals for 24 layers, 8 for 20 (about 75 min)
 #   MINUTES_24=2 MINUTES_20=1 scripts/decoder_heal_study.sh   # a quick look
 #
 # Healing text: wikitext-2 valid.txt up to its last article; held-out text: that article (never
