@@ -120,7 +120,7 @@ fn bf16_gemm_matches_f64_reference_at_ragged_sizes_on_every_path() {
     let mut ran = Vec::new();
     // Sizes off every tile and block: 1, 3, 17, 33, 100, 257 against the 14- and 32-row tiles,
     // 32-column panels, 32-deep AMX tile rows; exact tiles (16, 32, 64) and one size past the
-    // cache blocks (336 rows and 384 depth of AVX512-BF16, 256 columns of AMX).
+    // cache blocks (336 rows and 1024 depth of AVX512-BF16, 256 columns of AMX).
     for (m, n, k) in [
         (1, 1, 1),
         (1, 3, 17),
@@ -132,7 +132,7 @@ fn bf16_gemm_matches_f64_reference_at_ragged_sizes_on_every_path() {
         (16, 32, 32),
         (32, 64, 64),
         (15, 31, 63),
-        (350, 300, 800),
+        (350, 300, 1100),
     ] {
         ran = check(&mut rng, m, n, k);
     }
@@ -194,7 +194,7 @@ fn bf16_gemm_with_no_depth_stores_the_bias() {
 /// `C = Aᵀ·B` (a weight gradient `dYᵀ·X`: `A` `[k, m]`, `B` `[k, n]`) on the best bf16 path,
 /// into a NaN-filled output, against the f64 product of the bf16-rounded operands: only the
 /// f32 accumulation may differ. Ragged sizes off the 14-row tile, the 16-word interleave, the
-/// 32-column panels and the 32-deep padding, one past the 384-deep block; 1 and 3 threads.
+/// 32-column panels and the 32-deep padding, one past the 1024-deep block; 1 and 3 threads.
 #[test]
 fn bf16_gemm_at_b_matches_f64_reference_of_rounded_operands() {
     let mut rng = StdRng::seed_from_u64(19);
@@ -203,7 +203,7 @@ fn bf16_gemm_at_b_matches_f64_reference_of_rounded_operands() {
         (19, 37, 9),
         (33, 17, 64),
         (15, 100, 33),
-        (384, 40, 801),
+        (384, 40, 1100),
     ] {
         let a = uniform(&mut rng, k * m, -1.0, 1.0);
         let b = uniform(&mut rng, k * n, -1.0, 1.0);
