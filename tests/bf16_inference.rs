@@ -107,3 +107,42 @@ fn dtype_flag_refuses_other_formats() {
         "{stderr}"
     );
 }
+
+/// `set_linear_dtype(BF16)` holds each encoder linear weight once: as the packing the bf16 GEMM
+/// reads (`Tensor::packed_for_linear`), which the forward then multiplies by, not as bf16
+/// values beside a second, cached packing. The embeddings stay f32 values for the lookup.
+#[test]
+fn bf16_linear_weights_are_held_once_as_their_packing() {
+    use scalpel::models::sentence::SentenceEncoder;
+    use scalpel::tensor::cpu::gemm_weights;
+
+    let mut encoder = SentenceEncoder::load(&minilm_dir()).unwrap();
+    encoder.bert.set_linear_dtype(DType::BF16).unwrap();
+    let sentences = fixture_sentences();
+    encoder.embed(&sentences[..2], 2).unwrap();
+    let mut linear = 0;
+    for (name, var) in encoder.bert.params.iter() {
+        let w = var.value();
+        if name.contains("encoder.layer.") && w.rank() == 2 {
+            linear += 1;
+            assert!(w.is_packed() && w.dtype() == DType::BF16, "{name}: {w:?}");
+            // Panels padded to 32 columns and a depth of 32 at most, of bf16 (f32 where the
+            // CPU has no bf16 instructions).
+            let packing = gemm_weights::cached(w).expect("a packed weight has its packing");
+            let padded = w.dim(0).next_multiple_of(32) * w.dim(1).next_multiple_of(32);
+            let size = if matches!(Bf16Path::best(), Bf16Path::F32(_)) {
+                4
+            } else {
+                2
+            };
+            assert!(
+                packing.bytes() <= size * padded,
+                "{name}: {} bytes",
+                packing.bytes()
+            );
+        } else {
+            assert!(!w.is_packed(), "{name}: {w:?}");
+        }
+    }
+    assert_eq!(linear, 6 * 6, "six linear weights in each of six layers");
+}

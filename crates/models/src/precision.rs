@@ -6,8 +6,10 @@ use scalpel_tensor::DType;
 use crate::{ModelError, Result};
 
 /// Converts the weights `names` of `params` to `dtype` (F32 or BF16: the formats the CPU linear
-/// layers take), rounding once and dropping the old copy. Inference only: a trainable weight or
-/// one on a device is an error naming it.
+/// layers take), rounding once and dropping the old copy. A BF16 weight is held only as its
+/// bf16 GEMM packing ([`scalpel_tensor::Tensor::packed_for_linear`]): in memory once, rather
+/// than as values beside the packing the first multiply would make. Inference only: a trainable
+/// weight or one on a device is an error naming it.
 pub(crate) fn set_weights_dtype(params: &mut Params, names: &[String], dtype: DType) -> Result<()> {
     if !matches!(dtype, DType::F32 | DType::BF16) {
         return Err(ModelError::Input(format!(
@@ -29,7 +31,10 @@ pub(crate) fn set_weights_dtype(params: &mut Params, names: &[String], dtype: DT
                 }
             )));
         }
-        let converted = Var::constant(w.value().to_dtype(dtype));
+        let converted = Var::constant(match dtype {
+            DType::BF16 => w.value().packed_for_linear(dtype)?,
+            _ => w.value().to_dtype(dtype),
+        });
         params.insert(name.clone(), converted);
     }
     Ok(())

@@ -6,6 +6,9 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 
 use crate::backend::{Device, DeviceMemory};
+use crate::cpu::gemm::PackedB;
+use crate::cpu::gemm_bf16::{Bf16Path, PackedBf16Weight};
+use crate::cpu::gemm_weights::PackedWeight;
 use crate::{DType, Element, Result, TensorError};
 
 /// Type-erased contiguous storage.
@@ -70,8 +73,8 @@ impl Data {
     }
 }
 
-/// A tensor's elements: host memory, a read-only file mapping, or memory on a device. All are
-/// shared on clone. Host and mapped storage are copied on the first write to a shared buffer
+/// A tensor's elements: host memory, a read-only file mapping, memory on a device, or a linear
+/// weight's GEMM packing. All are shared on clone. Host and mapped storage are copied on the first write to a shared buffer
 /// ([`Tensor::values_mut`]; a mapping always, so the file is never written), device storage by
 /// its backend's in-place updates. So a clone costs nothing, and the storage's address
 /// identifies it while it lives (the CPU GEMM keys packed weights by it, `cpu::gemm_weights`).
@@ -80,6 +83,23 @@ enum Storage {
     Host(Arc<Data>),
     Mapped(Arc<Mapped>),
     Device(Arc<dyn DeviceMemory>),
+    Packed(Arc<PackedLinear>),
+}
+
+/// A linear layer's `[out, in]` weight held only as the packing its CPU GEMM multiplies by
+/// ([`Tensor::packed_for_linear`]). Like a mapping, it is read-only: reading its values unpacks
+/// a row-major copy once, and writing first turns it into owned storage.
+pub(crate) struct PackedLinear {
+    packing: Arc<PackedWeight>,
+    dtype: DType,
+    /// The row-major values, unpacked on the first call that reads them.
+    copy: OnceLock<Data>,
+}
+
+impl PackedLinear {
+    fn data(&self) -> &Data {
+        self.copy.get_or_init(|| self.packing.unpack())
+    }
 }
 
 /// Elements read in place from a read-only memory map of a file (see `safetensors::load`): the
@@ -140,6 +160,7 @@ impl Mapped {
 pub(crate) enum WeakStorage {
     Host(Weak<Data>),
     Mapped(Weak<Mapped>),
+    Packed(Weak<PackedLinear>),
 }
 
 impl WeakStorage {
@@ -148,6 +169,7 @@ impl WeakStorage {
         match self {
             WeakStorage::Host(w) => w.strong_count() > 0,
             WeakStorage::Mapped(w) => w.strong_count() > 0,
+            WeakStorage::Packed(w) => w.strong_count() > 0,
         }
     }
 }
@@ -257,6 +279,74 @@ impl Tensor {
         matches!(self.storage, Storage::Mapped(_))
     }
 
+    /// This `[out, in]` host weight held only as the packing the CPU's linear layers multiply
+    /// by, in `dtype`: F32, or BF16 (rounded to nearest even) for the bf16 GEMM on
+    /// [`Bf16Path::best`]. An inference weight then sits in memory once, in the layout its GEMM
+    /// reads, instead of as its values beside a cached packing (`cpu::gemm_weights`). For
+    /// everything else it is still a `[out, in]` tensor of `dtype`: the first read of its
+    /// values unpacks a row-major copy (kept, as a mapping keeps its copy), a write makes it
+    /// owned storage, and another shape (`reshape`) multiplies from its values. A tensor of
+    /// another rank, dtype or device is an error naming it.
+    pub fn packed_for_linear(&self, dtype: DType) -> Result<Tensor> {
+        let op = "packed_for_linear";
+        if self.rank() != 2 || !self.is_host() {
+            return Err(TensorError::shape(
+                op,
+                format!("a linear weight is a 2-D host tensor, got {self:?}"),
+            ));
+        }
+        let (out_f, in_f) = (self.shape[0], self.shape[1]);
+        let source = match self.dtype() {
+            DType::F32 | DType::BF16 if self.dtype() == dtype => self.clone(),
+            held if held.is_float() => self.to_dtype(DType::F32),
+            held => return Err(TensorError::DType { op, dtype: held }),
+        };
+        let packing = match dtype {
+            DType::F32 => {
+                PackedWeight::F32(PackedB::for_linear(source.values::<f32>()?, out_f, in_f))
+            }
+            DType::BF16 => {
+                let path = Bf16Path::best();
+                PackedWeight::Bf16(match source.dtype() {
+                    DType::BF16 => {
+                        PackedBf16Weight::pack(path, source.values::<bf16>()?, out_f, in_f)
+                    }
+                    _ => PackedBf16Weight::pack(path, source.values::<f32>()?, out_f, in_f),
+                })
+            }
+            other => {
+                return Err(TensorError::shape(
+                    op,
+                    format!("linear weights are packed in F32 or BF16, not {other:?}"),
+                ))
+            }
+        };
+        Ok(Tensor {
+            shape: self.shape.clone(),
+            storage: Storage::Packed(Arc::new(PackedLinear {
+                packing: Arc::new(packing),
+                dtype,
+                copy: OnceLock::new(),
+            })),
+        })
+    }
+
+    /// Whether the elements are held as a linear weight's packing ([`Tensor::packed_for_linear`]).
+    pub fn is_packed(&self) -> bool {
+        matches!(self.storage, Storage::Packed(_))
+    }
+
+    /// The packing a [`Tensor::packed_for_linear`] weight is held as, while it keeps the shape
+    /// it was packed at.
+    pub(crate) fn linear_packing(&self) -> Option<&Arc<PackedWeight>> {
+        match &self.storage {
+            Storage::Packed(p) if p.packing.shape() == (self.shape[0], self.shape[1]) => {
+                Some(&p.packing)
+            }
+            _ => None,
+        }
+    }
+
     /// Wraps device memory holding `shape`'s elements (called by device backends).
     pub fn from_device(shape: &[usize], memory: Arc<dyn DeviceMemory>) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
@@ -318,6 +408,7 @@ impl Tensor {
             Storage::Host(data) => data.len(),
             Storage::Mapped(mapped) => mapped.len(),
             Storage::Device(memory) => memory.len(),
+            Storage::Packed(_) => self.shape.iter().product(),
         }
     }
 
@@ -326,18 +417,19 @@ impl Tensor {
             Storage::Host(data) => data.dtype(),
             Storage::Mapped(mapped) => mapped.dtype,
             Storage::Device(memory) => memory.dtype(),
+            Storage::Packed(packed) => packed.dtype,
         }
     }
 
     /// Where the elements are.
     pub fn device(&self) -> Device {
         match &self.storage {
-            Storage::Host(_) | Storage::Mapped(_) => Device::Cpu,
+            Storage::Host(_) | Storage::Mapped(_) | Storage::Packed(_) => Device::Cpu,
             Storage::Device(memory) => Device::Accelerator(memory.backend()),
         }
     }
 
-    /// Whether the elements are in host memory (owned or mapped).
+    /// Whether the elements are in host memory (owned, mapped or packed).
     pub fn is_host(&self) -> bool {
         !matches!(self.storage, Storage::Device(_))
     }
@@ -345,7 +437,7 @@ impl Tensor {
     /// The device memory of a device tensor.
     pub fn device_memory(&self) -> Option<&Arc<dyn DeviceMemory>> {
         match &self.storage {
-            Storage::Host(_) | Storage::Mapped(_) => None,
+            Storage::Host(_) | Storage::Mapped(_) | Storage::Packed(_) => None,
             Storage::Device(memory) => Some(memory),
         }
     }
@@ -368,7 +460,7 @@ impl Tensor {
     /// A host copy of a device tensor, or a clone of a host one (a mapped one stays mapped).
     pub fn to_host(&self) -> Result<Tensor> {
         match &self.storage {
-            Storage::Host(_) | Storage::Mapped(_) => Ok(self.clone()),
+            Storage::Host(_) | Storage::Mapped(_) | Storage::Packed(_) => Ok(self.clone()),
             Storage::Device(memory) => Tensor::from_data(&self.shape, memory.read()?),
         }
     }
@@ -385,6 +477,10 @@ impl Tensor {
                 Arc::as_ptr(mapped) as *const u8 as usize,
                 WeakStorage::Mapped(Arc::downgrade(mapped)),
             )),
+            Storage::Packed(packed) => Some((
+                Arc::as_ptr(packed) as *const u8 as usize,
+                WeakStorage::Packed(Arc::downgrade(packed)),
+            )),
             Storage::Device(_) => None,
         }
     }
@@ -396,6 +492,7 @@ impl Tensor {
         match &self.storage {
             Storage::Host(data) => Ok(data.as_ref()),
             Storage::Mapped(mapped) => Ok(mapped.copy.get_or_init(|| mapped.to_data())),
+            Storage::Packed(packed) => Ok(packed.data()),
             Storage::Device(memory) => Err(on_device("data", memory.as_ref())),
         }
     }
@@ -406,6 +503,7 @@ impl Tensor {
         match &self.storage {
             Storage::Host(data) => Ok(data.as_bytes()),
             Storage::Mapped(mapped) => Ok(mapped.bytes()),
+            Storage::Packed(packed) => Ok(packed.data().as_bytes()),
             Storage::Device(memory) => Err(on_device("bytes", memory.as_ref())),
         }
     }
@@ -415,6 +513,7 @@ impl Tensor {
         match self.storage {
             Storage::Host(data) => Ok(Arc::unwrap_or_clone(data)),
             Storage::Mapped(mapped) => Ok(Mapped::into_owned(mapped)),
+            Storage::Packed(packed) => Ok(packed.data().clone()),
             Storage::Device(memory) => memory.read(),
         }
     }
@@ -424,6 +523,7 @@ impl Tensor {
         let values = match &self.storage {
             Storage::Host(data) => T::slice(data),
             Storage::Mapped(mapped) => mapped.values(),
+            Storage::Packed(packed) => T::slice(packed.data()),
             Storage::Device(memory) => return Err(on_device("values", memory.as_ref())),
         };
         values.ok_or(TensorError::DType {
@@ -435,12 +535,20 @@ impl Tensor {
     /// Borrows the host elements as `T` for writing; a mapped tensor is copied into owned
     /// storage first (copy-on-write: the file is never written).
     pub fn values_mut<T: Element>(&mut self) -> Result<&mut [T]> {
-        if let Storage::Mapped(mapped) = &self.storage {
-            self.storage = Storage::Host(Arc::new(Mapped::into_owned(Arc::clone(mapped))));
+        match &self.storage {
+            Storage::Mapped(mapped) => {
+                self.storage = Storage::Host(Arc::new(Mapped::into_owned(Arc::clone(mapped))))
+            }
+            Storage::Packed(packed) => {
+                self.storage = Storage::Host(Arc::new(packed.data().clone()))
+            }
+            Storage::Host(_) | Storage::Device(_) => {}
         }
         let data = match &mut self.storage {
             Storage::Host(data) => Arc::make_mut(data),
-            Storage::Mapped(_) => unreachable!("copied into owned storage above"),
+            Storage::Mapped(_) | Storage::Packed(_) => {
+                unreachable!("copied into owned storage above")
+            }
             Storage::Device(memory) => return Err(on_device("values_mut", memory.as_ref())),
         };
         let dtype = data.dtype();
@@ -636,6 +744,7 @@ impl fmt::Debug for Tensor {
         match &self.storage {
             Storage::Host(_) => write!(f, "Tensor({:?}, {:?})", self.shape, self.dtype()),
             Storage::Mapped(_) => write!(f, "Tensor({:?}, {:?}, mapped)", self.shape, self.dtype()),
+            Storage::Packed(_) => write!(f, "Tensor({:?}, {:?}, packed)", self.shape, self.dtype()),
             Storage::Device(m) => write!(
                 f,
                 "Tensor({:?}, {:?}, on {})",

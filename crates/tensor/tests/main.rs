@@ -5,4 +5,5 @@ mod concat;
 mod decoder_kernels;
 mod kernels;
 mod mapped;
+mod packed;
 mod safetensors_files;

@@ -784,6 +784,26 @@ impl PackedB {
         std::mem::size_of_val(self.data.as_slice())
     }
 
+    /// Depth (`k`) and columns (`n`) of the packed `B`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// `B(p, j)`, depth step `p` of column `j`, read back from its panel.
+    pub fn value(&self, p: usize, j: usize) -> f32 {
+        assert!(
+            p < self.k && j < self.n,
+            "PackedB: ({p}, {j}) outside {}×{}",
+            self.k,
+            self.n
+        );
+        let bl = blocking(self.isa);
+        let pc = p - p % bl.kc;
+        let kc = bl.kc.min(self.k - pc);
+        let panel = j - j % bl.nr;
+        self.block(pc, kc, panel)[(p - pc) * bl.nr + j % bl.nr]
+    }
+
     /// Whether this packs the `B` of `s` (same sizes and layout).
     pub fn matches(&self, s: &GemmShape) -> bool {
         (self.k, self.n, self.trans_b) == (s.k, s.n, s.trans_b)

@@ -321,6 +321,27 @@ impl PackedBf16Weight {
         (self.n, self.k)
     }
 
+    /// `W` (`[n, k]`) as it was rounded: the packing read back.
+    pub fn unpack(&self) -> Vec<bf16> {
+        let (n, k) = (self.n, self.k);
+        match &self.data {
+            PackedData::F32(b) => (0..n * k)
+                .map(|i| bf16::from_f32(b.value(i % k, i / k)))
+                .collect(),
+            PackedData::Vnni(words) => {
+                let (words, pairs) = (words.as_slice(), k.next_multiple_of(K_ALIGN) / 2);
+                (0..n * k)
+                    .map(|i| {
+                        let (j, p) = (i / k, i % k);
+                        let word =
+                            words[((j / PANEL_COLS) * pairs + p / 2) * PANEL_COLS + j % PANEL_COLS];
+                        bf16::from_bits((word >> (16 * (p % 2))) as u16)
+                    })
+                    .collect()
+            }
+        }
+    }
+
     /// Memory the packed weight holds.
     pub fn bytes(&self) -> usize {
         match &self.data {

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use crate::cpu::gemm::PackedB;
 use crate::cpu::gemm_bf16::{Bf16Path, PackedBf16Weight};
 use crate::tensor::WeakStorage;
-use crate::{DType, Tensor};
+use crate::{DType, Data, Tensor};
 
 /// A linear weight `W` (`[out, in]`) packed for `x·Wᵀ`.
 pub enum PackedWeight {
@@ -102,6 +102,34 @@ impl PackedWeight {
         }
     }
 
+    /// The weight's `(out, in)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            PackedWeight::F32(p) => {
+                let (k, n) = p.shape();
+                (n, k)
+            }
+            PackedWeight::Bf16(p) | PackedWeight::Bf16Training { forward: p, .. } => p.shape(),
+        }
+    }
+
+    /// The `[out, in]` weight read back from its packing (`f32`, or `bf16` as rounded).
+    pub fn unpack(&self) -> Data {
+        match self {
+            PackedWeight::F32(p) => {
+                let (out_f, in_f) = self.shape();
+                Data::F32(
+                    (0..out_f * in_f)
+                        .map(|i| p.value(i % in_f, i / in_f))
+                        .collect(),
+                )
+            }
+            PackedWeight::Bf16(p) | PackedWeight::Bf16Training { forward: p, .. } => {
+                Data::BF16(p.unpack())
+            }
+        }
+    }
+
     /// Memory the packed panels hold.
     pub fn bytes(&self) -> usize {
         match self {
@@ -134,8 +162,12 @@ fn with_cache<R>(f: impl FnOnce(&mut HashMap<usize, Entry>) -> R) -> R {
     f(cache)
 }
 
-/// The packing of host weight `w` made earlier, if any.
+/// The packing of host weight `w` made earlier, if any: the one it is held as
+/// ([`Tensor::packed_for_linear`]), or a cached one.
 pub fn cached(w: &Tensor) -> Option<Arc<PackedWeight>> {
+    if let Some(packing) = w.linear_packing() {
+        return Some(Arc::clone(packing));
+    }
     let (key, _) = w.host_storage()?;
     with_cache(|cache| cache.get(&key).map(|e| Arc::clone(&e.packed)))
 }
