@@ -7,12 +7,14 @@
 # Outputs: runs/study/<name>/{cut,healed,*.json}, and a table on stdout.
 # Knobs: SCALPEL (binary, default target/release/scalpel), HEAL_MINUTES (15), THREADS (2),
 # STS_DIR (../shared/data/sts), CONFIGS (default "auto4 auto3 auto2 top2"; `autoK` cuts by drop-loss,
-# `angularK` by angular distance).
+# `angularK` by angular distance), PRECISION (f32, or bf16: `heal --precision bf16`), OUT
+# (runs/study).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 model=models/all-MiniLM-L6-v2
-out=runs/study
+out=${OUT:-runs/study}
+precision=${PRECISION:-f32}
 minutes=${HEAL_MINUTES:-15}
 sts=${STS_DIR:-../shared/data/sts}
 scalpel="${SCALPEL:-target/release/scalpel} --threads ${THREADS:-2}"
@@ -42,7 +44,8 @@ for config in ${CONFIGS:-auto4 auto3 auto2 top2}; do
     measure "$config.cut" "$dir/cut"
     echo "== $config: heal $minutes min"
     $scalpel heal --student "$dir/cut" --teacher "$model" "${heal_data[@]}" --output "$dir/healed" \
-        --minutes "$minutes" --batch-size 32 --lr 2e-4 --warmup 50 --loss mse --force > "$out/$config.heal.log" 2>&1
+        --minutes "$minutes" --batch-size 32 --lr 2e-4 --warmup 50 --loss mse --precision "$precision" \
+        --log "$out/$config.heal.jsonl" --force > "$out/$config.heal.log" 2>&1
     measure "$config.healed" "$dir/healed"
 done
 
