@@ -119,3 +119,33 @@ fn a_weight_changed_in_place_is_rounded_again() {
         "the second call should multiply by the negated weight, not the first packing"
     );
 }
+
+/// `ops::attention_bf16` (bf16 inference's attention) equals the tensor crate's bf16 attention
+/// and has no backward: an input that wants a gradient is refused, never run without one.
+#[test]
+fn bf16_attention_runs_for_constants_and_refuses_a_graph() {
+    let (batch, seq, width, heads) = (2, 5, 12, 3);
+    let q = uniform(&[batch, seq, width], 21);
+    let (k, v) = (
+        uniform(&[batch, seq, width], 22),
+        uniform(&[batch, seq, width], 23),
+    );
+    let mask = Tensor::from_vec(
+        &[batch, seq],
+        vec![1.0f32, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+    )
+    .unwrap();
+    let (kv, vv, mv) = (
+        Var::constant(k.clone()),
+        Var::constant(v.clone()),
+        Var::constant(mask.clone()),
+    );
+    let y = ops::attention_bf16(&Var::constant(q.clone()), &kv, &vv, &mv, heads).unwrap();
+    let (want, _) = scalpel_tensor::ops::attention_bf16(&q, &k, &v, &mask, heads).unwrap();
+    assert_eq!(y.value().to_vec::<f32>(), want.to_vec::<f32>());
+    assert!(!y.requires_grad());
+    let Err(err) = ops::attention_bf16(&Var::parameter(q), &kv, &vv, &mv, heads) else {
+        panic!("bf16 attention ran on an input that wants a gradient");
+    };
+    assert!(err.to_string().contains("inference"), "{err}");
+}

@@ -190,6 +190,9 @@ pub struct Bert {
     /// What the encoder's linear layers multiply in: `F32`, or `BF16` (mixed precision: bf16
     /// GEMMs with f32 accumulation over the f32 weights, [`ops::linear_bf16`]; CPU only).
     linear_compute: DType,
+    /// What attention's two products multiply in: `BF16` with bf16 linear weights
+    /// ([`Bert::set_linear_dtype`]), else `F32`.
+    attention_products: DType,
 }
 
 impl Bert {
@@ -272,6 +275,7 @@ impl Bert {
             prefix,
             params: Params::from_tensors(tensors),
             linear_compute: DType::F32,
+            attention_products: DType::F32,
         })
     }
 
@@ -319,11 +323,13 @@ impl Bert {
     /// Holds every encoder linear weight in `dtype`, `F32` or `BF16`, in place of what it held.
     /// With `BF16` the weights are rounded once (half the memory) and every linear layer is a
     /// bf16 GEMM: its input rounded to bf16, the products accumulated in f32, the output f32;
-    /// embeddings, biases, LayerNorm, attention and pooling stay f32. For inference: the weights
-    /// must be constants on the host.
+    /// attention's two products are bf16 GEMMs too, its softmax f32; embeddings, biases,
+    /// LayerNorm and pooling stay f32. For inference: the weights must be constants on the host.
     pub fn set_linear_dtype(&mut self, dtype: DType) -> Result<()> {
         let names = self.linear_weight_names();
-        crate::set_weights_dtype(&mut self.params, &names, dtype)
+        crate::set_weights_dtype(&mut self.params, &names, dtype)?;
+        self.attention_products = dtype;
+        Ok(())
     }
 
     /// Multiplies every encoder linear layer in `dtype` from now on: `F32`, or `BF16` (mixed
@@ -489,7 +495,11 @@ impl Bert {
                     let q = lin(&x, "attention.self.query")?;
                     let k = lin(&x, "attention.self.key")?;
                     let v = lin(&x, "attention.self.value")?;
-                    let attended = ops::attention(&q, &k, &v, &mask, c.num_attention_heads)?;
+                    let heads = c.num_attention_heads;
+                    let attended = match self.attention_products {
+                        DType::BF16 => ops::attention_bf16(&q, &k, &v, &mask, heads)?,
+                        _ => ops::attention(&q, &k, &v, &mask, heads)?,
+                    };
                     dropout(&lin(&attended, "attention.output.dense")?)?
                 };
                 ops::add_layernorm(

@@ -562,6 +562,38 @@ pub fn attention(
     dispatch_float!("attention", q.dtype(), run(q, k, v, mask, s))
 }
 
+/// [`attention`] with both products (`q·kᵀ` and `P·v`) in bf16 with f32 accumulation, on the
+/// CPU's best bf16 path; the softmax, `lse` and the output stay f32. The operands are F32 host
+/// tensors. Inference only: it has no backward (`cpu::attention::attention_forward_bf16`).
+pub fn attention_bf16(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    heads: usize,
+) -> Result<(Tensor, Tensor)> {
+    let s = attention_shape(q, k, v, mask, heads)?;
+    if q.dtype() != DType::F32 || !q.is_host() {
+        return Err(TensorError::shape(
+            "attention",
+            format!("bf16 products take F32 host operands, got {q:?}"),
+        ));
+    }
+    let mut out = Tensor::zeros(q.shape(), DType::F32);
+    let mut lse = Tensor::zeros(&[s.batch, s.heads, s.seq], DType::F32);
+    cpu::attention::attention_forward_bf16(
+        cpu::gemm_bf16::Bf16Path::best(),
+        &s,
+        q.values::<f32>()?,
+        k.values::<f32>()?,
+        v.values::<f32>()?,
+        mask.values::<f32>()?,
+        out.values_mut::<f32>()?,
+        lse.values_mut::<f32>()?,
+    );
+    Ok((out, lse))
+}
+
 /// Validates attention operands and derives the shape.
 pub fn attention_shape(
     q: &Tensor,

@@ -632,6 +632,74 @@ fn attention_matches_reference() {
     }
 }
 
+/// Attention with bf16 products (inference's `--dtype bf16`) on every bf16 path this CPU has,
+/// against the f64 attention of the unrounded operands, within what bf16 rounding allows:
+/// rounding `q` and `k` (unit roundoff u = 2⁻⁹ each) moves a score by at most
+/// `scale·Σ|q||k|·2u ≤ 8√d·u` here (|q|, |k| ≤ 2); a score error δ moves `lse` by δ and the
+/// output by 2δ·max|v|, and rounding `P` and `v` adds 2u·max|v| (max|v| = 1).
+#[test]
+fn bf16_attention_matches_reference_within_bf16_rounding() {
+    use scalpel_tensor::cpu::gemm_bf16::Bf16Path;
+    let mut rng = StdRng::seed_from_u64(41);
+    let u = 2f64.powi(-9);
+    for (batch, seq, heads, head_dim) in [
+        (2, 7, 3, 7),
+        (1, 33, 2, 32),
+        (3, 70, 2, 17),
+        (2, 130, 1, 33),
+    ] {
+        let s = AttentionShape {
+            batch,
+            seq,
+            heads,
+            head_dim,
+        };
+        let n = batch * seq * heads * head_dim;
+        let (q, k, v) = (
+            uniform(&mut rng, n, -2.0, 2.0),
+            uniform(&mut rng, n, -2.0, 2.0),
+            uniform(&mut rng, n, -1.0, 1.0),
+        );
+        let mask = attention_mask(&mut rng, batch, seq);
+        let mut out64 = vec![0.0; n];
+        let mut lse64 = vec![0.0; batch * heads * seq];
+        attention::attention_forward_reference(
+            &s,
+            &widen(&q),
+            &widen(&k),
+            &widen(&v),
+            &widen(&mask),
+            &mut out64,
+            &mut lse64,
+        );
+        let accumulation = (seq as f64 + head_dim as f64 + 32.0) * EPS;
+        let score_error = 8.0 * (head_dim as f64).sqrt() * (u + u * u) + accumulation;
+        for path in Bf16Path::available() {
+            let what = format!("bf16 attention {s:?} on {path:?}");
+            let (mut out, mut lse) = (vec![f32::NAN; n], vec![f32::NAN; batch * heads * seq]);
+            attention::attention_forward_bf16(path, &s, &q, &k, &v, &mask, &mut out, &mut lse);
+            assert_close(&format!("{what} out"), &out, &out64, |_| {
+                2.0 * score_error + 2.0 * u + accumulation
+            });
+            for (i, (&got, &want)) in lse.iter().zip(&lse64).enumerate() {
+                if want == f64::NEG_INFINITY {
+                    assert_eq!(
+                        got,
+                        f32::NEG_INFINITY,
+                        "{what} lse[{i}] of a fully masked row"
+                    );
+                } else {
+                    let tol = score_error + accumulation * want.abs();
+                    assert!(
+                        (got as f64 - want).abs() <= tol,
+                        "{what} lse[{i}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------- pooling
 
 #[test]

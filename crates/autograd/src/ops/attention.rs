@@ -1,7 +1,7 @@
 use scalpel_tensor::{ops as tops, Tensor};
 
 use crate::device::backend_of;
-use crate::{Backward, Result, Var};
+use crate::{AutogradError, Backward, Result, Var};
 
 struct Attention {
     heads: usize,
@@ -39,6 +39,19 @@ impl Backward for Attention {
             None,
         ])
     }
+}
+
+/// [`attention`] with its two products in bf16 (f32 accumulation, softmax and output), on the
+/// CPU: bf16 inference. It has no backward (one would have to recompute the same rounded
+/// scores), so an input that wants a gradient is an error, never silently f32 or ungraded.
+pub fn attention_bf16(q: &Var, k: &Var, v: &Var, mask: &Var, heads: usize) -> Result<Var> {
+    if [q, k, v].iter().any(|x| x.requires_grad()) {
+        return Err(AutogradError::Graph(
+            "bf16 attention is for inference: its inputs must not require gradients".into(),
+        ));
+    }
+    let (out, _) = tops::attention_bf16(q.value(), k.value(), v.value(), mask.value(), heads)?;
+    Ok(Var::constant(out))
 }
 
 /// Multi-head scaled dot-product attention with a key-padding mask, as one op:

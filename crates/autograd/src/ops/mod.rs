@@ -18,7 +18,7 @@ mod rope;
 mod swiglu;
 
 pub use activation::{dropout, gelu, gelu_in_place};
-pub use attention::attention;
+pub use attention::{attention, attention_bf16};
 pub use causal_attention::causal_attention;
 pub(crate) use elementwise::add_tensors;
 pub use elementwise::{add, reshape, scale};

@@ -6,7 +6,8 @@
 //! backward recomputes the probabilities from it instead of storing the `seq×seq` matrix
 //! (the FlashAttention-2 recipe).
 
-use crate::cpu::gemm::{gemm_on_this_thread, GemmShape};
+use crate::cpu::gemm::{gemm_on_this_thread, Activation, GemmShape};
+use crate::cpu::gemm_bf16::{gemm_bf16_packed, Bf16Path, PackedBf16Weight};
 use crate::cpu::simd::{dispatch, dot as dot_simd, exp, Isa, Simd};
 use crate::cpu::{as_f32, as_f32_mut};
 use crate::{threads, Float};
@@ -298,6 +299,16 @@ fn block_scores(isa: Isa, d: usize, seq: usize, q_rows: &[f32], k: &[f32], score
     gemm_on_this_thread(isa, shape, q_rows, k, scores, 0.0);
 }
 
+/// What the forward's two products multiply in.
+#[derive(Clone, Copy, Debug)]
+enum Products {
+    /// f32 GEMMs on this ISA.
+    F32(Isa),
+    /// bf16 GEMMs with f32 accumulation on this path: `Q` and `P` rounded at the GEMM's input,
+    /// `K` and `V` rounded as each head packs them.
+    Bf16(Bf16Path),
+}
+
 /// One (batch, head) pair per task. Per block of query rows: the scores against every key (one
 /// GEMM), a masked softmax per row that also yields `lse`, then `O = P·V` (another GEMM). The
 /// output goes head-major into scratch and is scattered into `out` afterwards.
@@ -312,8 +323,45 @@ pub fn attention_forward_with_isa(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    check_lengths(s, &[q, k, v, out], mask, lse);
     isa.assert_supported();
+    forward_with(Products::F32(isa), s, q, k, v, mask, out, lse)
+}
+
+/// [`attention_forward_with_isa`] with both products in bf16 on `path` (f32 accumulation, the
+/// softmax and `lse` in f32): inference's bf16 attention. Its backward would have to recompute
+/// the same rounded scores, so there is none: a training forward stays f32.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_bf16(
+    path: Bf16Path,
+    s: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    assert!(path.is_supported(), "{path:?} is not supported on this CPU");
+    forward_with(Products::Bf16(path), s, q, k, v, mask, out, lse)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_with(
+    products: Products,
+    s: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    check_lengths(s, &[q, k, v, out], mask, lse);
+    // The softmax's ISA: the f32 products' own, else the best.
+    let isa = match products {
+        Products::F32(isa) => isa,
+        Products::Bf16(_) => Isa::best(),
+    };
     let (seq, d) = (s.seq, s.head_dim);
     if seq == 0 || d == 0 || s.heads == 0 {
         lse.fill(f32::NEG_INFINITY);
@@ -336,11 +384,26 @@ pub fn attention_forward_with_isa(
         let bias = key_bias(s, mask, b);
         let bias = bias.as_slice();
         let scale = 1.0 / (d as f32).sqrt();
+        // bf16: `K` (`[seq, d]`) packed as the scores' weight, `V` (`[seq, d]`, the output's
+        // `Vᵀ` stored transposed) as the output's; each head once, for all its query blocks.
+        let packed = match products {
+            Products::F32(_) => None,
+            Products::Bf16(path) => Some((
+                PackedBf16Weight::pack(path, &k_h, seq, d),
+                PackedBf16Weight::pack_transposed(path, &v_h, d, seq),
+            )),
+        };
         let mut p = vec![0.0f32; QUERY_BLOCK.min(seq) * seq];
         for i0 in (0..seq).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(seq - i0);
             let p = &mut p[..rows * seq];
-            block_scores(isa, d, seq, &q_h[i0 * d..(i0 + rows) * d], &k_h, p);
+            let q_rows = &q_h[i0 * d..(i0 + rows) * d];
+            match &packed {
+                None => block_scores(isa, d, seq, q_rows, &k_h, p),
+                Some((k_packed, _)) => {
+                    gemm_bf16_packed(q_rows, rows, k_packed, None, Activation::Identity, p)
+                }
+            }
             for (row, lse) in p.chunks_exact_mut(seq).zip(&mut head_lse[i0..i0 + rows]) {
                 *lse = dispatch!(isa, |simd,
                                        scale: f32,
@@ -358,7 +421,12 @@ pub fn attention_forward_with_isa(
                 trans_b: false,
             };
             let o = &mut head_out[i0 * d..(i0 + rows) * d];
-            gemm_on_this_thread(isa, shape, p, &v_h, o, 0.0);
+            match &packed {
+                None => gemm_on_this_thread(isa, shape, p, &v_h, o, 0.0),
+                Some((_, v_packed)) => {
+                    gemm_bf16_packed(p, rows, v_packed, None, Activation::Identity, o)
+                }
+            }
         }
     });
     scatter_heads(s, &heads_out, out);

@@ -423,17 +423,24 @@ pub fn gemm_bf16_into_uninit(
         PackedData::Vnni(w) => {
             let bl = blocking(packed.path);
             let k_padded = k.next_multiple_of(K_ALIGN);
+            let g = VnniGemm {
+                x: XOperand::F32Rows(x, k),
+                w: w.as_slice(),
+                n,
+                k_padded,
+                c,
+                ep,
+            };
+            if packed.path != Bf16Path::Amx {
+                // SAFETY: C as the caller lent it; X's rows are rounded as they are packed.
+                return unsafe { run_vnni(packed.path, threads, g, rows, k) };
+            }
             let rows_padded = rows.next_multiple_of(bl.mr);
             with_x_buffer(rows_padded * k_padded, |xb| {
                 convert_rows(x, k, k_padded, xb);
                 let g = VnniGemm {
-                    x: xb,
-                    x_pair_major: None,
-                    w: w.as_slice(),
-                    n,
-                    k_padded,
-                    c,
-                    ep,
+                    x: XOperand::Bf16Rows(xb),
+                    ..g
                 };
                 // SAFETY: X is padded to whole MR-row panels; C as the caller lent it.
                 unsafe { run_vnni(packed.path, threads, g, rows, k) }
@@ -533,8 +540,7 @@ pub fn gemm_bf16_at_b(
             ((j0 / PANEL_COLS) * pairs + p) * PANEL_COLS + j0 % PANEL_COLS
         });
         let g = VnniGemm {
-            x: bytemuck::cast_slice(x),
-            x_pair_major: Some(stride),
+            x: XOperand::PairMajor { words: x, stride },
             w,
             n,
             k_padded: 2 * pairs,
@@ -673,14 +679,25 @@ fn convert_rows(x: &[f32], k: usize, k_padded: usize, dst: &mut [u16]) {
     });
 }
 
-/// One call of a bf16 instruction path: X as bf16 rows `k_padded` wide (rows padded to the
-/// path's MR with zeros), the VNNI weight panels, and C (`n` wide) with its epilogue.
+/// Where a bf16 instruction path reads X.
+#[derive(Clone, Copy)]
+enum XOperand<'a> {
+    /// f32 rows `k` wide, rounded to bf16 as the AVX512-BF16 kernel packs each cache block's
+    /// panels from them.
+    F32Rows(&'a [f32], usize),
+    /// bf16 rows `k_padded` wide, padded with zero rows to whole MR-row tiles (AMX loads its
+    /// tiles from them with a row stride).
+    Bf16Rows(&'a [u16]),
+    /// Pair-major words, the pair `p` of row `i` at word `p·stride + i` (the AVX512-BF16
+    /// kernel reads its panels from there in place).
+    PairMajor { words: &'a [u32], stride: usize },
+}
+
+/// One call of a bf16 instruction path: X, the VNNI weight panels, and C (`n` wide) with its
+/// epilogue.
 #[derive(Clone, Copy)]
 struct VnniGemm<'a> {
-    x: &'a [u16],
-    /// `Some(stride)`: X is not rows but pair-major words, the pair `p` of row `i` at word
-    /// `p·stride + i` (the AVX512-BF16 kernel reads its panels from there in place).
-    x_pair_major: Option<usize>,
+    x: XOperand<'a>,
     w: &'a [u32],
     n: usize,
     k_padded: usize,
@@ -723,9 +740,10 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{blocking, Bf16Path, VnniGemm, DPBF16_MR, PANEL_COLS, TILE_ROWS};
-    use crate::cpu::gemm::{pack_transposing, prefetch, store_tile, Activation, Epilogue};
+    use super::{blocking, Bf16Path, VnniGemm, XOperand, DPBF16_MR, PANEL_COLS, TILE_ROWS};
+    use crate::cpu::gemm::{prefetch, store_tile, Activation, Epilogue};
     use crate::cpu::simd::Avx512;
+    use crate::cpu::simd::Simd;
 
     /// Rounds `src` to bf16 into `dst` (`dst.len() ≥ src.len()`, a multiple of 16), zeros after.
     ///
@@ -853,10 +871,9 @@ mod x86 {
     }
 
     /// [`super::vnni_block`] with `vdpbf16ps`: the f32 packed path's loops (columns, depth,
-    /// rows, then panels), X's converted rows packed per MC×KC block into MR-row panels of
-    /// pairs by the f32 packer's transposes (they move 32-bit words, never compute on them):
-    /// read from 14 separate rows, the row pointers did not fit in the general registers and
-    /// were reloaded from the stack on every step.
+    /// rows, then panels), X's f32 rows rounded and packed per MC×KC block into MR-row panels
+    /// of pairs ([`round_panel`]): read from 14 separate rows, the row pointers did not fit in
+    /// the general registers and were reloaded from the stack on every step.
     ///
     /// # Safety
     /// As [`super::vnni_block`]; the CPU must support AVX512-BF16.
@@ -871,10 +888,7 @@ mod x86 {
         let (c, ep, bl) = (v.c, v.ep, blocking(Bf16Path::Avx512Bf16));
         // X rows and W panels are both `pairs` words deep.
         let pairs = v.k_padded / 2;
-        let lda = pairs;
         let kc_pairs = bl.kc / 2;
-        // Pairs of bf16 as f32-sized words, for the packer.
-        let x: &[f32] = bytemuck::cast_slice(v.x);
         let mut tile = [0.0f32; DPBF16_MR * PANEL_COLS];
         for jc in cols.clone().step_by(bl.nc) {
             let nc = bl.nc.min(cols.end - jc);
@@ -884,22 +898,19 @@ mod x86 {
                 for ic in rows.clone().step_by(bl.mc) {
                     let mc = bl.mc.min(rows.end - ic);
                     // Where the MR-row panel at row offset `ir` starts, and its words per step.
-                    let (a_panels, a_step, panel_offset): (*const u32, usize, usize) = match v
-                        .x_pair_major
-                    {
-                        Some(stride) => {
-                            let start = x[pc * stride + ic..].as_ptr().cast::<u32>();
-                            (start, stride, 1)
+                    let (a_panels, a_step, panel_offset): (*const u32, usize, usize) = match v.x {
+                        XOperand::PairMajor { words, stride } => {
+                            (words[pc * stride + ic..].as_ptr(), stride, 1)
                         }
-                        None => {
+                        XOperand::F32Rows(x, k) => {
                             for (panel, ir) in (0..mc).step_by(DPBF16_MR).enumerate() {
-                                // Full MR rows: X's rows are padded to a multiple of MR.
                                 let dst = &mut a_buf[panel * DPBF16_MR * kc..][..DPBF16_MR * kc];
-                                let src = &x[(ic + ir) * lda + pc..];
-                                pack_transposing(s, src, lda, DPBF16_MR, DPBF16_MR, kc, dst);
+                                // SAFETY: the caller vouched for AVX512-BF16.
+                                unsafe { round_panel(s, x, k, ic + ir, pc, kc, dst) };
                             }
                             (a_buf.as_ptr().cast::<u32>(), DPBF16_MR, kc)
                         }
+                        XOperand::Bf16Rows(_) => unreachable!("bf16 rows are AMX's X"),
                     };
                     for jr in (0..nc).step_by(PANEL_COLS) {
                         let panel = (jc + jr) / PANEL_COLS;
@@ -958,6 +969,68 @@ mod x86 {
                     }
                 }
             }
+        }
+    }
+
+    /// How far ahead (in floats) [`round_panel`] prefetches each of its rows.
+    const ROUND_PREFETCH_AHEAD: usize = 128;
+
+    /// One MR-row panel of X rounded to bf16 as it is packed: rows `first..first + MR` of `x`
+    /// (`k` wide; a row past its end reads as zeros), pair steps `p0..p0 + steps` (`steps` a
+    /// multiple of 16; pairs past `k` are zeros), into `dst[step·MR + r]` as 32-bit words.
+    /// Sixteen steps at a time: each row's 32 floats become one vector of 16 words, and the
+    /// f32 packer's transpose (it moves 32-bit words, never computes on them) turns the rows
+    /// into steps. Rounding here rather than in a pass of its own saves writing and reading
+    /// back a bf16 copy of X.
+    ///
+    /// # Safety
+    /// The CPU must support AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma")]
+    unsafe fn round_panel(
+        s: Avx512,
+        x: &[f32],
+        k: usize,
+        first: usize,
+        p0: usize,
+        steps: usize,
+        dst: &mut [f32],
+    ) {
+        assert!(steps.is_multiple_of(16) && dst.len() >= steps * DPBF16_MR);
+        let rows: [&[f32]; DPBF16_MR] =
+            std::array::from_fn(|r| x.get((first + r) * k..(first + r + 1) * k).unwrap_or(&[]));
+        let mut block = [0.0f32; 16 * 16];
+        for c0 in (0..steps).step_by(16) {
+            let col = 2 * (p0 + c0);
+            for (r, row) in rows.iter().enumerate() {
+                prefetch(row.as_ptr().wrapping_add(col + ROUND_PREFETCH_AHEAD));
+                let load = |from: usize| {
+                    let lanes = row.len().saturating_sub(from).min(16);
+                    // SAFETY: only the `lanes` in-bounds lanes are read.
+                    unsafe {
+                        _mm512_maskz_loadu_ps(
+                            ((1u32 << lanes) - 1) as u16,
+                            row.as_ptr().wrapping_add(from),
+                        )
+                    }
+                };
+                // Words 0..16 from the low 16 floats: pair (2w, 2w + 1) in word w.
+                let words: __m512 =
+                    std::mem::transmute(_mm512_cvtne2ps_pbh(load(col + 16), load(col)));
+                // SAFETY: row r of the 16×16 block.
+                unsafe { _mm512_storeu_ps(block.as_mut_ptr().add(r * 16), words) };
+            }
+            // SAFETY: the block holds MR rows of 16 words; the 16 steps from c0 are inside dst
+            // (asserted).
+            unsafe {
+                s.transpose_block(
+                    block.as_ptr(),
+                    16,
+                    DPBF16_MR,
+                    dst.as_mut_ptr().add(c0 * DPBF16_MR),
+                    DPBF16_MR,
+                    DPBF16_MR,
+                )
+            };
         }
     }
 
@@ -1022,6 +1095,9 @@ mod x86 {
         let mut block = Block32([0.0; 32 * 32]);
         let out = block.0.as_mut_ptr();
         let pairs = v.k_padded / 2;
+        let XOperand::Bf16Rows(x) = v.x else {
+            unreachable!("AMX reads X as bf16 rows")
+        };
         // Bytes between rows: of X, of a W panel (32 words), of the scratch block.
         let (ldx, ldw, ldo) = (v.k_padded * 2, PANEL_COLS * 4, 32usize * 4);
         // SAFETY (whole body): the X rows are padded to a multiple of 32 (rows.start is one),
@@ -1032,7 +1108,7 @@ mod x86 {
             for jc in cols.clone().step_by(bl.nc) {
                 let nc = bl.nc.min(cols.end - jc);
                 for ic in rows.clone().step_by(bl.mc) {
-                    let x0 = v.x.as_ptr().add(ic * v.k_padded);
+                    let x0 = x.as_ptr().add(ic * v.k_padded);
                     let x1 = x0.add(TILE_ROWS * v.k_padded);
                     for jr in (0..nc).step_by(PANEL_COLS) {
                         let panel = (jc + jr) / PANEL_COLS;
