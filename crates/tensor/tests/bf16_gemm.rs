@@ -120,7 +120,8 @@ fn bf16_gemm_matches_f64_reference_at_ragged_sizes_on_every_path() {
     let mut ran = Vec::new();
     // Sizes off every tile and block: 1, 3, 17, 33, 100, 257 against the 14- and 32-row tiles,
     // 32-column panels, 32-deep AMX tile rows; exact tiles (16, 32, 64) and one size past the
-    // cache blocks (336 rows and 1024 depth of AVX512-BF16, 256 columns of AMX).
+    // cache blocks (336 rows and 1024 depth of AVX512-BF16, 256 columns and 256 depth of AMX,
+    // ragged and exact).
     for (m, n, k) in [
         (1, 1, 1),
         (1, 3, 17),
@@ -133,6 +134,7 @@ fn bf16_gemm_matches_f64_reference_at_ragged_sizes_on_every_path() {
         (32, 64, 64),
         (15, 31, 63),
         (350, 300, 1100),
+        (64, 512, 512),
     ] {
         ran = check(&mut rng, m, n, k);
     }

@@ -6,8 +6,8 @@
 //! the same epilogue as the f32 GEMM (bias, GELU). Three paths ([`Bf16Path`]):
 //!
 //! - **AMX** (`tdpbf16ps`): 2×2 blocks of 16×16 f32 C tiles, each step loading two 16×32 tiles of
-//!   `X` (plain rows of bf16) and two 16-pair tiles of `W`, so every tile loaded feeds two
-//!   multiplies;
+//!   `X` (rounded into contiguous 1 KiB tiles) and two 16-pair tiles of `W`, so every tile
+//!   loaded feeds two multiplies;
 //! - **AVX512-BF16** (`vdpbf16ps`): a 14×32 register-blocked micro-kernel like the f32 one, each
 //!   instruction a pair of depth steps;
 //! - **f32**: the operands rounded to bf16 and multiplied by the f32 GEMM, for CPUs with neither
@@ -437,9 +437,9 @@ pub fn gemm_bf16_into_uninit(
             }
             let rows_padded = rows.next_multiple_of(bl.mr);
             with_x_buffer(rows_padded * k_padded, |xb| {
-                convert_rows(x, k, k_padded, xb);
+                convert_to_tiles(x, k, k_padded, xb);
                 let g = VnniGemm {
-                    x: XOperand::Bf16Rows(xb),
+                    x: XOperand::Bf16Tiles(xb),
                     ..g
                 };
                 // SAFETY: X is padded to whole MR-row panels; C as the caller lent it.
@@ -605,20 +605,25 @@ fn interleave_row_pairs(
 /// 31.56 → 27.72 ms, 1024³ on 2 threads 6.96 → 5.97 ms: each extra depth block re-reads and
 /// re-stores every C tile, which costs more than the L1 saves. (Rounding X straight into
 /// whole-depth panels, with no per-block packing, measured the same at 1024³ and 5% slower on
-/// the FFN shape: the kernel then met X's first reads from memory.) AMX: a 32×32 block of four C tiles over the whole depth (C is stored once, with
-/// its epilogue), the X rows (32·k bf16: 64 KiB at k = 1024) reused from L2 by the 8 panels of
-/// a 256-column block of W. At 1024³ on one thread (CPU time per call, shared machine) 256
-/// columns took 3.0–3.5 ms, 128 columns 3.25–4.0 and 1024 columns 4.0–4.75; depth blocks of
-/// 256–1024 (the C tiles kept in a per-task buffer between them, so that X's rows stay in L1)
-/// took 3.5–4.0 ms.
+/// the FFN shape: the kernel then met X's first reads from memory.)
+///
+/// AMX: 32×32 blocks of four C tiles, depth blocks of 256, column blocks of 256. X's two tile
+/// rows of one depth block (16 KiB) stay in L1 while the 8 panels of the column block stream
+/// their W tiles from L2, and the panels' C tiles wait in a 32 KiB buffer between depth blocks
+/// (C is stored once, after the last, with its epilogue). Over the whole depth, X's tiles came
+/// from L2 too: each `tdpbf16ps` waited on 1 KiB from L2. Medians of four alternating rounds on
+/// one Sapphire Rapids-class core (Xeon with AMX, 1 thread): 1024³ 2.28 → 2.02 ms (depth blocks
+/// of 128 / 192 / 320 / 512: 2.20 / 2.13 / 2.16 / 2.42; column blocks of 128 / 512 with 256:
+/// 2.06 / 2.08), 4096×1536×384 6.02 → 5.46, 128×1536×384 0.139 → 0.122, 4096×384×1536
+/// 5.45 → 5.62 (noise-level).
 fn blocking(path: Bf16Path) -> Blocking {
     match path {
         Bf16Path::Amx => Blocking {
             mr: 2 * TILE_ROWS,
             nr: PANEL_COLS,
             mc: 2 * TILE_ROWS,
-            kc: usize::MAX,
-            nc: 256,
+            kc: 256,
+            nc: AMX_NC,
         },
         _ => Blocking {
             mr: DPBF16_MR,
@@ -631,6 +636,8 @@ fn blocking(path: Bf16Path) -> Blocking {
 }
 
 const DPBF16_MR: usize = 14;
+/// Columns of W per AMX column block.
+const AMX_NC: usize = 256;
 /// Rows of an AMX tile (and of its 16×16 f32 C tile).
 const TILE_ROWS: usize = 16;
 
@@ -656,25 +663,28 @@ fn with_x_buffer<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
     })
 }
 
-/// Rounds the rows of `x` (`k` wide) into `dst` as bf16 rows `k_padded` wide, zero-padded, and
-/// zero-fills the padding rows after them; rows are spread over threads.
-fn convert_rows(x: &[f32], k: usize, k_padded: usize, dst: &mut [u16]) {
-    const ROWS_PER_TASK: usize = 64;
+/// Rounds the rows of `x` (`k` wide) into `dst` as AMX tiles: for each group of 16 rows, for
+/// each 32 depth steps, the 16×32 bf16 tile stored contiguously (1 KiB, loaded with a 64-byte
+/// stride), the depth zero-padded to `k_padded` and the rows to whole groups; groups are spread
+/// over threads.
+fn convert_to_tiles(x: &[f32], k: usize, k_padded: usize, dst: &mut [u16]) {
+    const GROUPS_PER_TASK: usize = 4;
+    let group_len = TILE_ROWS * k_padded;
     let chunks: Vec<_> = dst
-        .chunks_mut(ROWS_PER_TASK * k_padded)
+        .chunks_mut(GROUPS_PER_TASK * group_len)
         .enumerate()
         .collect();
     threads::parallel_each(chunks, |(chunk, dst)| {
-        for (r, dst) in dst.chunks_mut(k_padded).enumerate() {
-            let row = chunk * ROWS_PER_TASK + r;
-            let src = x.get(row * k..(row + 1) * k).unwrap_or(&[]);
+        for (g, group) in dst.chunks_mut(group_len).enumerate() {
+            let first_row = (chunk * GROUPS_PER_TASK + g) * TILE_ROWS;
+            let rows = x.get(first_row * k..).unwrap_or(&[]);
             // SAFETY: a Vnni packing exists only where AVX512-BF16 was detected.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                x86::round_row(src, dst)
+                x86::round_tile_group(rows, k, group)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("no bf16 instructions: {src:?} {dst:?}");
+            unreachable!("no bf16 instructions: {rows:?} {group:?}");
         }
     });
 }
@@ -685,9 +695,9 @@ enum XOperand<'a> {
     /// f32 rows `k` wide, rounded to bf16 as the AVX512-BF16 kernel packs each cache block's
     /// panels from them.
     F32Rows(&'a [f32], usize),
-    /// bf16 rows `k_padded` wide, padded with zero rows to whole MR-row tiles (AMX loads its
-    /// tiles from them with a row stride).
-    Bf16Rows(&'a [u16]),
+    /// bf16 AMX tiles, as [`convert_to_tiles`] lays them out, padded with zero rows to whole
+    /// MR-row blocks.
+    Bf16Tiles(&'a [u16]),
     /// Pair-major words, the pair `p` of row `i` at word `p·stride + i` (the AVX512-BF16
     /// kernel reads its panels from there in place).
     PairMajor { words: &'a [u32], stride: usize },
@@ -738,6 +748,7 @@ unsafe fn vnni_block(path: Bf16Path, g: VnniGemm<'_>, rows: Range<usize>, cols: 
 mod x86 {
     use std::arch::asm;
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
     use std::ops::Range;
 
     use super::{blocking, Bf16Path, VnniGemm, XOperand, DPBF16_MR, PANEL_COLS, TILE_ROWS};
@@ -745,21 +756,33 @@ mod x86 {
     use crate::cpu::simd::Avx512;
     use crate::cpu::simd::Simd;
 
-    /// Rounds `src` to bf16 into `dst` (`dst.len() ≥ src.len()`, a multiple of 16), zeros after.
+    /// Rounds the first 16 rows of `x` (`k` wide; missing rows read as zero) into one group of
+    /// AMX tiles at `dst` (`16·k_padded` values, `k_padded` a multiple of 32): the tile of depth
+    /// steps `32t..32t + 32` at `dst[512t..]`, row by row, the depth past `k` zero.
     ///
     /// # Safety
     /// The CPU must support AVX512-BF16.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn round_row(src: &[f32], dst: &mut [u16]) {
-        assert!(dst.len() >= src.len() && dst.len().is_multiple_of(16));
-        for (i, dst) in dst.chunks_exact_mut(16).enumerate() {
-            let lanes = src.len().saturating_sub(i * 16).min(16);
-            let mask = ((1u32 << lanes) - 1) as u16;
-            // SAFETY: only the `lanes` in-bounds lanes are read; 16 values fit in `dst`.
-            unsafe {
-                let v = _mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_add(i * 16));
-                let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-                _mm256_storeu_si256(dst.as_mut_ptr().cast(), h);
+    pub(super) unsafe fn round_tile_group(x: &[f32], k: usize, dst: &mut [u16]) {
+        let tiles = dst.len() / (TILE_ROWS * 32);
+        assert_eq!(dst.len(), tiles * TILE_ROWS * 32);
+        assert!(tiles * 32 >= k);
+        for r in 0..TILE_ROWS {
+            let row = x.get(r * k..(r + 1) * k).unwrap_or(&[]);
+            let load = |col: usize| {
+                let lanes = row.len().saturating_sub(col).min(16);
+                let mask = ((1u32 << lanes) - 1) as u16;
+                // SAFETY: only the `lanes` in-bounds lanes are read.
+                unsafe { _mm512_maskz_loadu_ps(mask, row.as_ptr().wrapping_add(col)) }
+            };
+            for t in 0..tiles {
+                let col = t * 32;
+                // SAFETY: 32 bf16 at `512t + 32r` lie inside `dst` (its length checked).
+                unsafe {
+                    let h = _mm512_cvtne2ps_pbh(load(col + 16), load(col));
+                    let at = dst.as_mut_ptr().add((t * TILE_ROWS + r) * 32);
+                    _mm512_storeu_si512(at.cast(), std::mem::transmute::<__m512bh, __m512i>(h));
+                }
             }
         }
     }
@@ -910,7 +933,7 @@ mod x86 {
                             }
                             (a_buf.as_ptr().cast::<u32>(), DPBF16_MR, kc)
                         }
-                        XOperand::Bf16Rows(_) => unreachable!("bf16 rows are AMX's X"),
+                        XOperand::Bf16Tiles(_) => unreachable!("bf16 tiles are AMX's X"),
                     };
                     for jr in (0..nc).step_by(PANEL_COLS) {
                         let panel = (jc + jr) / PANEL_COLS;
@@ -1082,9 +1105,17 @@ mod x86 {
     #[repr(C, align(64))]
     struct Block32([f32; 32 * 32]);
 
+    /// The four C tiles (256 f32 each) of every panel of a column block, kept between depth
+    /// blocks.
+    const PARTIAL_LEN: usize = super::AMX_NC / PANEL_COLS * 4 * 256;
+    #[repr(C, align(64))]
+    struct Partial([f32; PARTIAL_LEN]);
+
     /// [`super::vnni_block`] with AMX: for each 256-column block of W, each 32 rows of X, each
-    /// 32-column panel: four C tiles accumulate over the whole depth (two X tiles × two W tiles
-    /// per 32 depth steps), are stored to a scratch block and go through the epilogue into C.
+    /// 256-deep block of the depth, each 32-column panel: four C tiles accumulate over the
+    /// depth block (two X tiles × two W tiles per 32 depth steps), wait in `partial` for the
+    /// next one, and after the last are stored to a scratch block and go through the epilogue
+    /// into C.
     ///
     /// # Safety
     /// As [`super::vnni_block`]; this process must hold the AMX tile-data permission.
@@ -1092,14 +1123,19 @@ mod x86 {
     unsafe fn amx_block(s: Avx512, v: VnniGemm<'_>, rows: Range<usize>, cols: Range<usize>) {
         let (c, ep, bl) = (v.c, v.ep, blocking(Bf16Path::Amx));
         let cfg = TileConfig::all_full();
-        let mut block = Block32([0.0; 32 * 32]);
-        let out = block.0.as_mut_ptr();
+        // Scratch written by tile stores before it is read: zeroing these 36 KiB on every call
+        // cost 4% of a bf16 forward at 32×128, whose attention makes 768 small products a layer.
+        let mut block = MaybeUninit::<Block32>::uninit();
+        let out = block.as_mut_ptr().cast::<f32>();
+        let kc = bl.kc.min(v.k_padded);
+        let mut partial = MaybeUninit::<Partial>::uninit();
         let pairs = v.k_padded / 2;
-        let XOperand::Bf16Rows(x) = v.x else {
-            unreachable!("AMX reads X as bf16 rows")
+        let XOperand::Bf16Tiles(x) = v.x else {
+            unreachable!("AMX reads X as bf16 tiles")
         };
-        // Bytes between rows: of X, of a W panel (32 words), of the scratch block.
-        let (ldx, ldw, ldo) = (v.k_padded * 2, PANEL_COLS * 4, 32usize * 4);
+        // Bytes between rows: of an X tile (32 bf16), of a W panel (32 words), of the scratch
+        // block.
+        let (ldx, ldw, ldo) = (TILE_ROWS * 4, PANEL_COLS * 4, 32usize * 4);
         // SAFETY (whole body): the X rows are padded to a multiple of 32 (rows.start is one),
         // the panels hold `pairs` rows of 32 words, so every tile load stays inside them; the
         // tile stores stay inside `block`; C is written only inside rows×cols.
@@ -1108,68 +1144,104 @@ mod x86 {
             for jc in cols.clone().step_by(bl.nc) {
                 let nc = bl.nc.min(cols.end - jc);
                 for ic in rows.clone().step_by(bl.mc) {
+                    // Row groups are `TILE_ROWS·k_padded` long, their tiles 16·32 bf16 apart.
                     let x0 = x.as_ptr().add(ic * v.k_padded);
                     let x1 = x0.add(TILE_ROWS * v.k_padded);
-                    for jr in (0..nc).step_by(PANEL_COLS) {
-                        let panel = (jc + jr) / PANEL_COLS;
-                        let w = v.w.as_ptr().add(panel * pairs * PANEL_COLS);
-                        asm!(
-                            "tilezero tmm0",
-                            "tilezero tmm1",
-                            "tilezero tmm2",
-                            "tilezero tmm3",
-                            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
-                            options(nostack, nomem),
-                        );
-                        for k0 in (0..v.k_padded).step_by(32) {
-                            let w0 = w.add(k0 / 2 * PANEL_COLS);
-                            asm!(
-                                "tileloadd tmm4, [{x0} + {ldx} * 1]",
-                                "tileloadd tmm6, [{w0} + {ldw} * 1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tileloadd tmm7, [{w1} + {ldw} * 1]",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tileloadd tmm5, [{x1} + {ldx} * 1]",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                x0 = in(reg) x0.add(k0),
-                                x1 = in(reg) x1.add(k0),
-                                w0 = in(reg) w0,
-                                w1 = in(reg) w0.add(TILE_ROWS),
-                                ldx = in(reg) ldx,
-                                ldw = in(reg) ldw,
-                                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
-                                options(nostack, readonly),
-                            );
-                        }
-                        asm!(
-                            "tilestored [{o00} + {ldo} * 1], tmm0",
-                            "tilestored [{o01} + {ldo} * 1], tmm1",
-                            "tilestored [{o10} + {ldo} * 1], tmm2",
-                            "tilestored [{o11} + {ldo} * 1], tmm3",
-                            o00 = in(reg) out,
-                            o01 = in(reg) out.add(TILE_ROWS),
-                            o10 = in(reg) out.add(TILE_ROWS * 32),
-                            o11 = in(reg) out.add(TILE_ROWS * 32 + TILE_ROWS),
-                            ldo = in(reg) ldo,
-                            options(nostack),
-                        );
-                        let (tile_rows, tile_cols) = (32.min(rows.end - ic), 32.min(nc - jr));
-                        let cp = c.0.add(ic * v.n + jc + jr);
-                        if tile_rows == 32 && tile_cols == 32 {
-                            let bias = ep.bias.map_or(std::ptr::null(), |b| b[jc + jr..].as_ptr());
-                            for half in 0..2 {
-                                let acc: [[__m512; 2]; TILE_ROWS] = std::array::from_fn(|r| {
-                                    let row = out.add((half * TILE_ROWS + r) * 32);
-                                    [_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(16))]
-                                });
-                                let cp = cp.add(half * TILE_ROWS * v.n);
-                                store_tile::<Avx512, TILE_ROWS, 2>(
-                                    s, &acc, cp, v.n, ep.beta, bias, ep.act,
+                    for kb in (0..v.k_padded).step_by(kc) {
+                        let depth = kb..(kb + kc).min(v.k_padded);
+                        let last = depth.end == v.k_padded;
+                        for jr in (0..nc).step_by(PANEL_COLS) {
+                            let panel = (jc + jr) / PANEL_COLS;
+                            let w = v.w.as_ptr().add(panel * pairs * PANEL_COLS);
+                            // This panel's four C tiles between depth blocks, 256 f32 apart.
+                            let acc = partial
+                                .as_mut_ptr()
+                                .cast::<f32>()
+                                .add(jr / PANEL_COLS * 4 * 256);
+                            if kb == 0 {
+                                asm!(
+                                    "tilezero tmm0",
+                                    "tilezero tmm1",
+                                    "tilezero tmm2",
+                                    "tilezero tmm3",
+                                    out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                                    options(nostack, nomem),
+                                );
+                            } else {
+                                asm!(
+                                    "tileloadd tmm0, [{a} + {ld} * 1]",
+                                    "tileloadd tmm1, [{a} + {ld} * 1 + 1024]",
+                                    "tileloadd tmm2, [{a} + {ld} * 1 + 2048]",
+                                    "tileloadd tmm3, [{a} + {ld} * 1 + 3072]",
+                                    a = in(reg) acc,
+                                    ld = in(reg) 64usize,
+                                    out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                                    options(nostack, readonly),
                                 );
                             }
-                        } else {
-                            store_edge(out, 32, tile_rows, tile_cols, cp, v.n, ep, jc + jr);
+                            for k0 in depth.clone().step_by(32) {
+                                let w0 = w.add(k0 / 2 * PANEL_COLS);
+                                asm!(
+                                    "tileloadd tmm4, [{x0} + {ldx} * 1]",
+                                    "tileloadd tmm6, [{w0} + {ldw} * 1]",
+                                    "tdpbf16ps tmm0, tmm4, tmm6",
+                                    "tileloadd tmm7, [{w1} + {ldw} * 1]",
+                                    "tdpbf16ps tmm1, tmm4, tmm7",
+                                    "tileloadd tmm5, [{x1} + {ldx} * 1]",
+                                    "tdpbf16ps tmm2, tmm5, tmm6",
+                                    "tdpbf16ps tmm3, tmm5, tmm7",
+                                    x0 = in(reg) x0.add(k0 * TILE_ROWS),
+                                    x1 = in(reg) x1.add(k0 * TILE_ROWS),
+                                    w0 = in(reg) w0,
+                                    w1 = in(reg) w0.add(TILE_ROWS),
+                                    ldx = in(reg) ldx,
+                                    ldw = in(reg) ldw,
+                                    out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                                    options(nostack, readonly),
+                                );
+                            }
+                            if !last {
+                                asm!(
+                                    "tilestored [{a} + {ld} * 1], tmm0",
+                                    "tilestored [{a} + {ld} * 1 + 1024], tmm1",
+                                    "tilestored [{a} + {ld} * 1 + 2048], tmm2",
+                                    "tilestored [{a} + {ld} * 1 + 3072], tmm3",
+                                    a = in(reg) acc,
+                                    ld = in(reg) 64usize,
+                                    options(nostack),
+                                );
+                                continue;
+                            }
+                            asm!(
+                                "tilestored [{o00} + {ldo} * 1], tmm0",
+                                "tilestored [{o01} + {ldo} * 1], tmm1",
+                                "tilestored [{o10} + {ldo} * 1], tmm2",
+                                "tilestored [{o11} + {ldo} * 1], tmm3",
+                                o00 = in(reg) out,
+                                o01 = in(reg) out.add(TILE_ROWS),
+                                o10 = in(reg) out.add(TILE_ROWS * 32),
+                                o11 = in(reg) out.add(TILE_ROWS * 32 + TILE_ROWS),
+                                ldo = in(reg) ldo,
+                                options(nostack),
+                            );
+                            let (tile_rows, tile_cols) = (32.min(rows.end - ic), 32.min(nc - jr));
+                            let cp = c.0.add(ic * v.n + jc + jr);
+                            if tile_rows == 32 && tile_cols == 32 {
+                                let bias =
+                                    ep.bias.map_or(std::ptr::null(), |b| b[jc + jr..].as_ptr());
+                                for half in 0..2 {
+                                    let acc: [[__m512; 2]; TILE_ROWS] = std::array::from_fn(|r| {
+                                        let row = out.add((half * TILE_ROWS + r) * 32);
+                                        [_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(16))]
+                                    });
+                                    let cp = cp.add(half * TILE_ROWS * v.n);
+                                    store_tile::<Avx512, TILE_ROWS, 2>(
+                                        s, &acc, cp, v.n, ep.beta, bias, ep.act,
+                                    );
+                                }
+                            } else {
+                                store_edge(out, 32, tile_rows, tile_cols, cp, v.n, ep, jc + jr);
+                            }
                         }
                     }
                 }
