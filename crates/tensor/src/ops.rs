@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crate::cpu::gemm::{Activation, GemmShape, PackedB};
-use crate::cpu::gemm_bf16::PackedBf16Weight;
+use crate::cpu::gemm_bf16::{Bf16Path, PackedBf16Weight};
 use crate::cpu::gemm_weights::{self, PackedWeight};
 use crate::cpu::{self, attention::AttentionShape, layernorm::LayerNormShape};
 use crate::{DType, Float, Result, Tensor, TensorError};
@@ -359,7 +359,7 @@ pub fn linear_bf16_param_grads(
     let dw = if need_dw {
         let mut out = Vec::with_capacity(out_f * in_f);
         let uninit = &mut out.spare_capacity_mut()[..out_f * in_f];
-        cpu::gemm_bf16::gemm_bf16_at_b(dyv, xv, out_f, in_f, rows, uninit);
+        cpu::gemm_bf16::gemm_bf16_at_b(Bf16Path::best(), dyv, xv, out_f, in_f, rows, uninit);
         // SAFETY: `gemm_bf16_at_b` initialised all out_f·in_f elements.
         unsafe { out.set_len(out_f * in_f) };
         Some(Tensor::from_vec(&[out_f, in_f], out)?)
@@ -582,7 +582,7 @@ pub fn attention_bf16(
     let mut out = Tensor::zeros(q.shape(), DType::F32);
     let mut lse = Tensor::zeros(&[s.batch, s.heads, s.seq], DType::F32);
     cpu::attention::attention_forward_bf16(
-        cpu::gemm_bf16::Bf16Path::best(),
+        Bf16Path::best(),
         &s,
         q.values::<f32>()?,
         k.values::<f32>()?,

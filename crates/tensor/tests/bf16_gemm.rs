@@ -193,10 +193,11 @@ fn bf16_gemm_with_no_depth_stores_the_bias() {
     }
 }
 
-/// `C = Aᵀ·B` (a weight gradient `dYᵀ·X`: `A` `[k, m]`, `B` `[k, n]`) on the best bf16 path,
-/// into a NaN-filled output, against the f64 product of the bf16-rounded operands: only the
-/// f32 accumulation may differ. Ragged sizes off the 14-row tile, the 16-word interleave, the
-/// 32-column panels and the 32-deep padding, one past the 1024-deep block; 1 and 3 threads.
+/// `C = Aᵀ·B` (a weight gradient `dYᵀ·X`: `A` `[k, m]`, `B` `[k, n]`) on every bf16 path this
+/// CPU has, into a NaN-filled output, against the f64 product of the bf16-rounded operands:
+/// only the f32 accumulation may differ. Ragged sizes off the 14-row and 32-row tiles, the
+/// 16-word interleave and 16×16 transpose, the 32-column panels and the 32-deep padding, past
+/// the 256- and 1024-deep blocks; 1 and 3 threads.
 #[test]
 fn bf16_gemm_at_b_matches_f64_reference_of_rounded_operands() {
     let mut rng = StdRng::seed_from_u64(19);
@@ -206,6 +207,7 @@ fn bf16_gemm_at_b_matches_f64_reference_of_rounded_operands() {
         (33, 17, 64),
         (15, 100, 33),
         (384, 40, 1100),
+        (50, 300, 520),
     ] {
         let a = uniform(&mut rng, k * m, -1.0, 1.0);
         let b = uniform(&mut rng, k * n, -1.0, 1.0);
@@ -221,13 +223,16 @@ fn bf16_gemm_at_b_matches_f64_reference_of_rounded_operands() {
                 }
             }
         }
-        for threads in [1, 3] {
+        for (path, threads) in Bf16Path::available()
+            .into_iter()
+            .flat_map(|p| [(p, 1), (p, 3)])
+        {
             threads::with_num_threads(threads, || {
                 let mut y = vec![MaybeUninit::new(f32::NAN); m * n];
-                gemm_bf16_at_b(&a, &b, m, n, k, &mut y);
+                gemm_bf16_at_b(path, &a, &b, m, n, k, &mut y);
                 // SAFETY: gemm_bf16_at_b initialises every element (they began as NaN).
                 let y: Vec<f32> = y.iter().map(|v| unsafe { v.assume_init() }).collect();
-                let ctx = format!("{m}×{n}×{k}, {:?}, {threads} threads", Bf16Path::best());
+                let ctx = format!("{m}×{n}×{k}, {path:?}, {threads} threads");
                 assert_close(&format!("bf16 Aᵀ·B {ctx}"), &y, &want, |i| {
                     (k as f64 + 2.0) * EPS * magnitude[i]
                 });

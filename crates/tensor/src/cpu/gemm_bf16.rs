@@ -472,10 +472,13 @@ unsafe fn run_vnni(path: Bf16Path, threads: usize, g: VnniGemm<'_>, rows: usize,
 
 /// `C = Aᵀ·B` with `A` (`[k, m]`) and `B` (`[k, n]`) row-major f32 rounded to bf16 and f32
 /// accumulation into `out` (`[m, n]`, need not be initialised): a linear layer's weight gradient
-/// `dW = dYᵀ·X`, whose depth is the batch's rows, on [`Bf16Path::best`]. On AVX512-BF16 both
-/// operands become pair-major words by one vector pass each (`B` as VNNI panels, `A` read in
-/// place by the kernel); the AMX and f32 paths multiply the rounded operands by the f32 GEMM.
+/// `dW = dYᵀ·X`, whose depth is the batch's rows, on `path` (a supported one: training passes
+/// [`Bf16Path::best`]). On the bf16
+/// instruction paths both operands become pair-major words by one vector pass each: `B` as VNNI
+/// panels; `A` read in place by the AVX512-BF16 kernel, or, for AMX, transposed 16×16 words at
+/// a time into its X tiles. The f32 path multiplies the rounded operands by the f32 GEMM.
 pub fn gemm_bf16_at_b(
+    path: Bf16Path,
     a: &[f32],
     b: &[f32],
     m: usize,
@@ -491,7 +494,7 @@ pub fn gemm_bf16_at_b(
         bias: None,
         act: Activation::Identity,
     };
-    let path = Bf16Path::best();
+    path.assert_supported();
     let threads = if m * n * k < gemm::THREADED_MIN_WORK {
         1
     } else {
@@ -500,7 +503,7 @@ pub fn gemm_bf16_at_b(
     if m == 0 || n == 0 {
         return;
     }
-    if path != Bf16Path::Avx512Bf16 || k == 0 {
+    if matches!(path, Bf16Path::F32(_)) || k == 0 {
         let isa = match path {
             Bf16Path::F32(isa) => isa,
             _ => Isa::best(),
@@ -522,8 +525,9 @@ pub fn gemm_bf16_at_b(
     }
     let pairs = k.next_multiple_of(K_ALIGN) / 2;
     let panels = n.div_ceil(PANEL_COLS);
-    // Whole 16-word stores and whole MR-row panels both fit.
-    let stride = m.next_multiple_of(DPBF16_MR).next_multiple_of(16);
+    // Whole 16-word stores and whole MR-row panels both fit (AVX512-BF16: the pair-major
+    // words' row stride; AMX: the rows of its tiles).
+    let stride = m.next_multiple_of(blocking(path).mr).next_multiple_of(16);
     AT_B_BUFFERS.with(|cell| {
         let mut buffers = cell.borrow_mut();
         let (x, w) = &mut *buffers;
@@ -535,12 +539,18 @@ pub fn gemm_bf16_at_b(
             &mut x.as_mut_slice()[..pairs * stride],
             &mut w.as_mut_slice()[..panels * pairs * PANEL_COLS],
         );
-        interleave_row_pairs(a, k, m, stride, pairs, x, |p, i0| p * stride + i0);
         interleave_row_pairs(b, k, n, panels * PANEL_COLS, pairs, w, |p, j0| {
             ((j0 / PANEL_COLS) * pairs + p) * PANEL_COLS + j0 % PANEL_COLS
         });
+        let x = if path == Bf16Path::Amx {
+            interleave_to_tiles(a, k, m, pairs, x);
+            XOperand::Bf16Tiles(bytemuck::cast_slice(x))
+        } else {
+            interleave_row_pairs(a, k, m, stride, pairs, x, |p, i0| p * stride + i0);
+            XOperand::PairMajor { words: x, stride }
+        };
         let g = VnniGemm {
-            x: XOperand::PairMajor { words: x, stride },
+            x,
             w,
             n,
             k_padded: 2 * pairs,
@@ -550,6 +560,24 @@ pub fn gemm_bf16_at_b(
         // SAFETY: the pair-major X covers `stride` ≥ whole MR-row panels; C as checked above.
         unsafe { run_vnni(path, threads, g, m, k) }
     })
+}
+
+/// Rounds `a` (`[k, m]` row-major) to bf16 into AMX X tiles of `aᵀ` (`[m, k]`, laid out as
+/// [`convert_to_tiles`] lays out X, as 32-bit pairs of depth steps): `dst` holds
+/// `dst.len() / (16·pairs)` groups of 16 rows, `pairs` (a multiple of 16) pairs deep, zero past
+/// `m` and `k`; groups are spread over threads.
+fn interleave_to_tiles(a: &[f32], k: usize, m: usize, pairs: usize, dst: &mut [u32]) {
+    let group_len = TILE_ROWS * pairs;
+    let groups: Vec<_> = dst.chunks_mut(group_len).enumerate().collect();
+    threads::parallel_each(groups, |(g, group)| {
+        // SAFETY: a Vnni packing path (AMX) exists only where AVX512-BF16 was detected.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            x86::interleave_tile_group(a, k, m, g * TILE_ROWS, group)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no bf16 instructions: {:?}", (a, k, m, g, group));
+    });
 }
 
 /// Rounds `src` (`[k, n]` row-major) to bf16 and writes, for each pair step `p < pairs` and
@@ -815,6 +843,56 @@ mod x86 {
         let words = _mm512_or_si512(load(lo), _mm512_slli_epi32::<16>(load(hi)));
         // SAFETY: the caller vouched for 16 words at `dst`.
         unsafe { _mm512_storeu_si512(dst.cast(), words) };
+    }
+
+    /// One group of [`super::interleave_to_tiles`]: the rows `i0..i0 + 16` of `aᵀ` (`a` is
+    /// `[k, m]`). Each 16 pair steps of the 16 columns are interleaved as 16×16 words (a row per
+    /// pair step, as [`interleave_16`] writes them) and transposed into the tile (a row per
+    /// column of `a`).
+    ///
+    /// # Safety
+    /// The CPU must support AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
+    pub(super) unsafe fn interleave_tile_group(
+        a: &[f32],
+        k: usize,
+        m: usize,
+        i0: usize,
+        dst: &mut [u32],
+    ) {
+        let tiles = dst.len() / (TILE_ROWS * 16);
+        assert_eq!(dst.len(), tiles * TILE_ROWS * 16);
+        assert!(2 * 16 * tiles >= k && a.len() == k * m);
+        // SAFETY: AVX512-BF16 implies AVX-512, whose token this is.
+        let s = unsafe { Avx512::new_unchecked() };
+        let row = |r: usize| a.get(r * m..(r + 1) * m);
+        let mut block = [0u32; 16 * 16];
+        for t in 0..tiles {
+            for q in 0..16 {
+                let p = 16 * t + q;
+                // SAFETY: row q of the 16×16 block.
+                unsafe {
+                    interleave_16(
+                        row(2 * p),
+                        row(2 * p + 1),
+                        i0,
+                        block.as_mut_ptr().add(q * 16),
+                    )
+                };
+            }
+            // SAFETY: the block holds 16 rows of 16 words; the tile's 256 words are inside
+            // `dst` (its length checked).
+            unsafe {
+                s.transpose_block(
+                    block.as_ptr().cast(),
+                    16,
+                    16,
+                    dst.as_mut_ptr().add(t * 256).cast(),
+                    16,
+                    16,
+                )
+            };
+        }
     }
 
     /// [`super::vnni_block`] compiled for AVX512-BF16, on `path`'s kernel; `a_buf` holds the
