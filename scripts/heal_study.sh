@@ -8,7 +8,8 @@
 # Knobs: SCALPEL (binary, default target/release/scalpel), HEAL_MINUTES (15), THREADS (2),
 # STS_DIR (../shared/data/sts), CONFIGS (default "auto4 auto3 auto2 top2"; `autoK` cuts by drop-loss,
 # `angularK` by angular distance), PRECISION (f32, or bf16: `heal --precision bf16`), OUT
-# (runs/study), HEAL_ARGS (more `heal` flags, e.g. "--schedule cosine"; not ones set below).
+# (runs/study), LR (2e-4), HEAL_ARGS (more `heal` flags, e.g. "--schedule cosine --steps 4200":
+# a decaying schedule needs a length; not flags set below).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -44,7 +45,7 @@ for config in ${CONFIGS:-auto4 auto3 auto2 top2}; do
     measure "$config.cut" "$dir/cut"
     echo "== $config: heal $minutes min"
     $scalpel heal --student "$dir/cut" --teacher "$model" "${heal_data[@]}" --output "$dir/healed" \
-        --minutes "$minutes" --batch-size 32 --lr 2e-4 --warmup 50 --loss mse --precision "$precision" \
+        --minutes "$minutes" --batch-size 32 --lr "${LR:-2e-4}" --warmup 50 --loss mse --precision "$precision" \
         --log "$out/$config.heal.jsonl" --force ${HEAL_ARGS:-} > "$out/$config.heal.log" 2>&1
     measure "$config.healed" "$dir/healed"
 done
