@@ -792,6 +792,25 @@ mod x86 {
     use crate::cpu::simd::Avx512;
     use crate::cpu::simd::Simd;
 
+    /// `row[from..from + 32]` rounded to bf16 as 16 words, pair `(2w, 2w + 1)` in word `w` (low,
+    /// high half); lanes past the row's end read as zero.
+    #[inline(always)]
+    fn round_32(row: &[f32], from: usize) -> __m512i {
+        let load = |from: usize| {
+            let lanes = row.len().saturating_sub(from).min(16);
+            // SAFETY: only the `lanes` in-bounds lanes are read; every caller is compiled with
+            // AVX512-BF16 (and so AVX-512) enabled, the CPU having been checked for it.
+            unsafe {
+                _mm512_maskz_loadu_ps(
+                    ((1u32 << lanes) - 1) as u16,
+                    row.as_ptr().wrapping_add(from),
+                )
+            }
+        };
+        // SAFETY: as above; a bf16 vector and an integer vector share a layout.
+        unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(load(from + 16), load(from))) }
+    }
+
     /// Rounds the first 16 rows of `x` (`k` wide; missing rows read as zero) into one group of
     /// AMX tiles at `dst` (`16·k_padded` values, `k_padded` a multiple of 32): the tile of depth
     /// steps `32t..32t + 32` at `dst[512t..]`, row by row, the depth past `k` zero.
@@ -805,19 +824,11 @@ mod x86 {
         assert!(tiles * 32 >= k);
         for r in 0..TILE_ROWS {
             let row = x.get(r * k..(r + 1) * k).unwrap_or(&[]);
-            let load = |col: usize| {
-                let lanes = row.len().saturating_sub(col).min(16);
-                let mask = ((1u32 << lanes) - 1) as u16;
-                // SAFETY: only the `lanes` in-bounds lanes are read.
-                unsafe { _mm512_maskz_loadu_ps(mask, row.as_ptr().wrapping_add(col)) }
-            };
             for t in 0..tiles {
-                let col = t * 32;
                 // SAFETY: 32 bf16 at `512t + 32r` lie inside `dst` (its length checked).
                 unsafe {
-                    let h = _mm512_cvtne2ps_pbh(load(col + 16), load(col));
                     let at = dst.as_mut_ptr().add((t * TILE_ROWS + r) * 32);
-                    _mm512_storeu_si512(at.cast(), std::mem::transmute::<__m512bh, __m512i>(h));
+                    _mm512_storeu_si512(at.cast(), round_32(row, t * 32));
                 }
             }
         }
@@ -930,24 +941,13 @@ mod x86 {
             for p0 in (0..pairs).step_by(16) {
                 for r in 0..rows {
                     let row = &w[(j0 + r) * k..(j0 + r + 1) * k];
-                    let load = |from: usize| {
-                        let lanes = row.len().saturating_sub(from).min(16);
-                        // SAFETY: only the `lanes` in-bounds lanes are read.
-                        unsafe {
-                            _mm512_maskz_loadu_ps(
-                                ((1u32 << lanes) - 1) as u16,
-                                row.as_ptr().wrapping_add(from),
-                            )
-                        }
-                    };
                     // SAFETY: row r of the 16×16 block.
                     unsafe {
-                        let words: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(
-                            load(2 * p0 + 16),
-                            load(2 * p0),
-                        ));
-                        _mm512_storeu_si512(block.as_mut_ptr().add(r * 16).cast(), words);
-                    }
+                        _mm512_storeu_si512(
+                            block.as_mut_ptr().add(r * 16).cast(),
+                            round_32(row, 2 * p0),
+                        )
+                    };
                 }
                 // SAFETY: the block's first `rows` rows were written; the 16 pair steps from p0
                 // of this panel's columns col..col + rows are inside `dst` (its length checked).
@@ -1176,19 +1176,7 @@ mod x86 {
             let col = 2 * (p0 + c0);
             for (r, row) in rows.iter().enumerate() {
                 prefetch(row.as_ptr().wrapping_add(col + ROUND_PREFETCH_AHEAD));
-                let load = |from: usize| {
-                    let lanes = row.len().saturating_sub(from).min(16);
-                    // SAFETY: only the `lanes` in-bounds lanes are read.
-                    unsafe {
-                        _mm512_maskz_loadu_ps(
-                            ((1u32 << lanes) - 1) as u16,
-                            row.as_ptr().wrapping_add(from),
-                        )
-                    }
-                };
-                // Words 0..16 from the low 16 floats: pair (2w, 2w + 1) in word w.
-                let words: __m512 =
-                    std::mem::transmute(_mm512_cvtne2ps_pbh(load(col + 16), load(col)));
+                let words: __m512 = std::mem::transmute(round_32(row, col));
                 // SAFETY: row r of the 16×16 block.
                 unsafe { _mm512_storeu_ps(block.as_mut_ptr().add(r * 16), words) };
             }
