@@ -648,7 +648,7 @@ fn interleave_row_pairs(
 /// their W tiles from L2, and the panels' C tiles wait in a 32 KiB buffer between depth blocks
 /// (C is stored once, after the last, with its epilogue). Over the whole depth, X's tiles came
 /// from L2 too: each `tdpbf16ps` waited on 1 KiB from L2. Medians of four alternating rounds on
-/// one Sapphire Rapids-class core (Xeon with AMX, 1 thread): 1024³ 2.28 → 2.02 ms (depth blocks
+/// one core of a 2-core Xeon VM with AMX (1 thread): 1024³ 2.28 → 2.02 ms (depth blocks
 /// of 128 / 192 / 320 / 512: 2.20 / 2.13 / 2.16 / 2.42; column blocks of 128 / 512 with 256:
 /// 2.06 / 2.08), 4096×1536×384 6.02 → 5.46, 128×1536×384 0.139 → 0.122, 4096×384×1536
 /// 5.45 → 5.62 (noise-level).
