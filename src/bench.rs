@@ -3,6 +3,7 @@
 //! GEMM, a MiniLM forward, one training step) built exactly as the PyTorch comparison in
 //! `benches/compare/` builds them.
 
+use std::mem::MaybeUninit;
 use std::path::Path;
 use std::time::Instant;
 
@@ -13,7 +14,9 @@ use scalpel_models::sentence::SentenceEncoder;
 use scalpel_models::tokenizer::Batch;
 use scalpel_surgery::cut::keep_layers;
 use scalpel_tensor::cpu::gemm::{gemm, Activation, GemmShape};
-use scalpel_tensor::cpu::gemm_bf16::{gemm_bf16_packed, Bf16Path, PackedBf16Weight};
+use scalpel_tensor::cpu::gemm_bf16::{
+    gemm_bf16_at_b, gemm_bf16_packed, Bf16Path, PackedBf16Weight,
+};
 use scalpel_tensor::{DType, Device, Tensor};
 
 /// Any error a workload reports.
@@ -119,14 +122,22 @@ pub fn synthetic_values(len: usize, seed: u64) -> Vec<f32> {
 }
 
 /// f32 operands and output for one `C = op(A)·op(B)` (square `n×n` by default), multiplied in
-/// f32 or, with B packed once as a bf16 weight, in bf16 ([`GemmWorkload::with_bf16_weight`]).
+/// f32 or in bf16 ([`GemmWorkload::with_bf16`]).
 pub struct GemmWorkload {
     /// The multiply's sizes.
     pub shape: GemmShape,
     a: Vec<f32>,
     b: Vec<f32>,
     c: Vec<f32>,
-    bf16: Option<PackedBf16Weight>,
+    bf16: Option<Bf16Gemm>,
+}
+
+/// The two bf16 GEMMs of a linear layer.
+enum Bf16Gemm {
+    /// `A·op(B)` with B packed once as a weight (its forward and input gradient).
+    Linear(PackedBf16Weight),
+    /// `Aᵀ·B` of two activations, both rounded on each run (its weight gradient `dYᵀ·X`).
+    WeightGradient(Bf16Path),
 }
 
 impl GemmWorkload {
@@ -152,13 +163,23 @@ impl GemmWorkload {
         }
     }
 
-    /// The same operands with B packed once as a bf16 weight on `path` (untimed): each run then
-    /// rounds A to bf16 and multiplies with f32 accumulation, as a bf16 linear layer would.
-    pub fn with_bf16_weight(shape: GemmShape, path: Bf16Path) -> BenchResult<GemmWorkload> {
-        if shape.trans_a {
-            return Err("a bf16 GEMM takes A untransposed (rows of activations)".into());
-        }
+    /// The same operands multiplied in bf16 with f32 accumulation on `path`, as a bf16 linear
+    /// layer would: `A·op(B)` with B packed once as a bf16 weight (untimed), A rounded on each
+    /// run; or, with `trans_a` (and not `trans_b`), the weight gradient `Aᵀ·B`, both operands
+    /// rounded on each run.
+    pub fn with_bf16(shape: GemmShape, path: Bf16Path) -> BenchResult<GemmWorkload> {
         let mut w = GemmWorkload::with_shape(shape);
+        if shape.trans_a {
+            if shape.trans_b {
+                return Err(
+                    "a bf16 GEMM is A·op(B) (a linear layer) or Aᵀ·B (its weight \
+                            gradient), not Aᵀ·Bᵀ"
+                        .into(),
+                );
+            }
+            w.bf16 = Some(Bf16Gemm::WeightGradient(path));
+            return Ok(w);
+        }
         // The weight is `[n, k]`: B itself when stored transposed, else B transposed.
         let (n, k) = (shape.n, shape.k);
         let weight: Vec<f32> = if shape.trans_b {
@@ -166,28 +187,43 @@ impl GemmWorkload {
         } else {
             (0..n * k).map(|i| w.b[(i % k) * n + i / k]).collect()
         };
-        w.bf16 = Some(PackedBf16Weight::pack(path, &weight, n, k));
+        w.bf16 = Some(Bf16Gemm::Linear(PackedBf16Weight::pack(
+            path, &weight, n, k,
+        )));
         Ok(w)
     }
 
     /// The bf16 path the workload runs on (`None`: f32).
     pub fn bf16_path(&self) -> Option<Bf16Path> {
-        self.bf16.as_ref().map(PackedBf16Weight::path)
+        self.bf16.as_ref().map(|g| match g {
+            Bf16Gemm::Linear(w) => w.path(),
+            Bf16Gemm::WeightGradient(path) => *path,
+        })
     }
 
     /// One GEMM on the current thread count.
     pub fn run(&mut self) {
+        let GemmShape { m, n, k, .. } = self.shape;
         match &self.bf16 {
-            Some(w) => gemm_bf16_packed(
-                &self.a,
-                self.shape.m,
-                w,
-                None,
-                Activation::Identity,
-                &mut self.c,
-            ),
+            Some(Bf16Gemm::Linear(w)) => {
+                gemm_bf16_packed(&self.a, m, w, None, Activation::Identity, &mut self.c)
+            }
+            Some(Bf16Gemm::WeightGradient(path)) => {
+                // SAFETY: `MaybeUninit<f32>` has f32's layout, and the callee stores only
+                // initialised f32s.
+                let c = unsafe {
+                    &mut *(self.c.as_mut_slice() as *mut [f32] as *mut [MaybeUninit<f32>])
+                };
+                gemm_bf16_at_b(*path, &self.a, &self.b, m, n, k, c)
+            }
             None => gemm(self.shape, &self.a, &self.b, &mut self.c, 0.0),
         }
+    }
+
+    /// The operands as stored (`A` `m×k`, or `k×m` with `trans_a`; `B` likewise) and the output
+    /// of the last run (`m×n`, row-major).
+    pub fn operands_and_output(&self) -> (&[f32], &[f32], &[f32]) {
+        (&self.a, &self.b, &self.c)
     }
 
     /// Floating-point operations of one run (a multiply-add counts two).

@@ -146,3 +146,50 @@ fn bf16_linear_weights_are_held_once_as_their_packing() {
     }
     assert_eq!(linear, 6 * 6, "six linear weights in each of six layers");
 }
+
+/// `bench gemm --dtype bf16 --trans-a` times the weight gradient `Aᵀ·B` (`A` stored `k×m`): on
+/// every bf16 path this CPU has, its output equals the f64 product of the bf16-rounded operands
+/// within f32 accumulation, and `Aᵀ·Bᵀ` is refused by name.
+#[test]
+fn bench_gemm_bf16_with_trans_a_is_the_weight_gradient() {
+    use scalpel::bench::GemmWorkload;
+    use scalpel::tensor::cpu::gemm::GemmShape;
+    let shape = GemmShape {
+        m: 40,
+        n: 70,
+        k: 300,
+        trans_a: true,
+        trans_b: false,
+    };
+    let round = |v: f32| f64::from(half::bf16::from_f32(v).to_f32());
+    for path in Bf16Path::available() {
+        let mut w = GemmWorkload::with_bf16(shape, path).unwrap();
+        assert_eq!(w.bf16_path(), Some(path));
+        w.run();
+        let (a, b, c) = w.operands_and_output();
+        for i in 0..shape.m {
+            for j in 0..shape.n {
+                let (mut want, mut magnitude) = (0.0f64, 0.0f64);
+                for p in 0..shape.k {
+                    let t = round(a[p * shape.m + i]) * round(b[p * shape.n + j]);
+                    want += t;
+                    magnitude += t.abs();
+                }
+                let got = f64::from(c[i * shape.n + j]);
+                let bound = (shape.k as f64 + 2.0) * f64::from(f32::EPSILON) * magnitude;
+                assert!(
+                    (got - want).abs() <= bound,
+                    "{path:?} C[{i}, {j}] = {got}, want {want} ± {bound}"
+                );
+            }
+        }
+    }
+    let both = GemmShape {
+        trans_b: true,
+        ..shape
+    };
+    let err = GemmWorkload::with_bf16(both, Bf16Path::best())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("Aᵀ·Bᵀ"), "{err}");
+}

@@ -58,7 +58,9 @@ enum Workload {
         #[arg(long)]
         trans_b: bool,
         /// `bf16`: B packed once (untimed) as a bf16 weight, A rounded to bf16 on each run,
-        /// f32 accumulation and output, on the best bf16 path (`SCALPEL_ISA=amx|avx512bf16|…`).
+        /// f32 accumulation and output, on the best bf16 path (`SCALPEL_ISA=amx|avx512bf16|…`);
+        /// with `--trans-a` (and not `--trans-b`) the weight gradient `Aᵀ·B`, both operands
+        /// rounded on each run.
         #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
         dtype: String,
         #[command(flatten)]
@@ -123,7 +125,7 @@ pub fn run(a: Args) -> CliResult {
                 return Err("--m, --n and --k must be at least 1".into());
             }
             let mut w = match dtype.as_str() {
-                "bf16" => GemmWorkload::with_bf16_weight(shape, Bf16Path::best())?,
+                "bf16" => GemmWorkload::with_bf16(shape, Bf16Path::best())?,
                 _ => GemmWorkload::with_shape(shape),
             };
             let t = measure(common.warmup, runs(&common)?, || {
