@@ -545,18 +545,9 @@ pub fn attention(
         mask: &Tensor,
         s: AttentionShape,
     ) -> Result<(Tensor, Tensor)> {
-        let mut out = Tensor::zeros(q.shape(), F::DTYPE);
-        let mut lse = Tensor::zeros(&[s.batch, s.heads, s.seq], F::DTYPE);
-        cpu::attention::attention_forward(
-            &s,
-            q.values::<F>()?,
-            k.values::<F>()?,
-            v.values::<F>()?,
-            mask.values::<F>()?,
-            out.values_mut::<F>()?,
-            lse.values_mut::<F>()?,
-        );
-        Ok((out, lse))
+        attention_into::<F>(q, k, v, mask, s, |q, k, v, mask, out, lse| {
+            cpu::attention::attention_forward(&s, q, k, v, mask, out, lse)
+        })
     }
     let s = attention_shape(q, k, v, mask, heads)?;
     dispatch_float!("attention", q.dtype(), run(q, k, v, mask, s))
@@ -579,17 +570,30 @@ pub fn attention_bf16(
             format!("bf16 products take F32 host operands, got {q:?}"),
         ));
     }
-    let mut out = Tensor::zeros(q.shape(), DType::F32);
-    let mut lse = Tensor::zeros(&[s.batch, s.heads, s.seq], DType::F32);
-    cpu::attention::attention_forward_bf16(
-        Bf16Path::best(),
-        &s,
-        q.values::<f32>()?,
-        k.values::<f32>()?,
-        v.values::<f32>()?,
-        mask.values::<f32>()?,
-        out.values_mut::<f32>()?,
-        lse.values_mut::<f32>()?,
+    attention_into::<f32>(q, k, v, mask, s, |q, k, v, mask, out, lse| {
+        cpu::attention::attention_forward_bf16(Bf16Path::best(), &s, q, k, v, mask, out, lse)
+    })
+}
+
+/// The output (`q`'s shape) and `lse` (`[batch, heads, seq]`) of an attention forward, filled by
+/// `kernel(q, k, v, mask, out, lse)` over the operands' values.
+fn attention_into<F: Float>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    s: AttentionShape,
+    kernel: impl FnOnce(&[F], &[F], &[F], &[F], &mut [F], &mut [F]),
+) -> Result<(Tensor, Tensor)> {
+    let mut out = Tensor::zeros(q.shape(), F::DTYPE);
+    let mut lse = Tensor::zeros(&[s.batch, s.heads, s.seq], F::DTYPE);
+    kernel(
+        q.values::<F>()?,
+        k.values::<F>()?,
+        v.values::<F>()?,
+        mask.values::<F>()?,
+        out.values_mut::<F>()?,
+        lse.values_mut::<F>()?,
     );
     Ok((out, lse))
 }

@@ -341,7 +341,7 @@ pub fn attention_forward_bf16(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    assert!(path.is_supported(), "{path:?} is not supported on this CPU");
+    path.assert_supported();
     forward_with(Products::Bf16(path), s, q, k, v, mask, out, lse)
 }
 

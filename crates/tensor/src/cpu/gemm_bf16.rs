@@ -108,7 +108,7 @@ impl Bf16Path {
         paths
     }
 
-    fn assert_supported(self) {
+    pub(crate) fn assert_supported(self) {
         assert!(self.is_supported(), "{self:?} is not supported on this CPU");
     }
 }
