@@ -512,6 +512,7 @@ fn heal_checks_the_ranges_of_options_that_did_not_come_from_the_command_line() {
         warmup: 0,
         clip: None,
         precision: Default::default(),
+        group_by_length: false,
     };
     type BreakIt = fn(&mut HealOptions);
     let cases: [(&str, BreakIt); 5] = [

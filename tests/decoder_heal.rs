@@ -108,6 +108,7 @@ fn options(steps: usize, lr: f64) -> HealOptions {
         warmup: 0,
         clip: Some(1.0),
         precision: Default::default(),
+        group_by_length: false,
     }
 }
 

@@ -98,6 +98,25 @@ fn interrupted_and_resumed_run_reproduces_the_uninterrupted_losses() {
     run_ok(&mut heal_args(&student, &data, &straight, "2e-4", "3"));
     let expected = losses(&straight);
     assert_eq!(expected.len(), 12);
+    // The teacher's embeddings the run kept (and the checkpoint carries for the resume below)
+    // are the teacher's embeddings of those sentences: 12 steps of 4 drew all 40.
+    let kept = scalpel::tensor::safetensors::load(
+        &straight.join(scalpel::surgery::teacher_targets::TEACHER_TARGETS_FILE),
+    )
+    .unwrap()
+    .tensors;
+    let indices = kept["indices"].to_vec::<i64>();
+    assert_eq!(indices, (0..40).collect::<Vec<i64>>());
+    let teacher = scalpel::models::sentence::SentenceEncoder::load(&minilm_dir()).unwrap();
+    let embedded = teacher.embed(&fixture_sentences()[..40], 8).unwrap();
+    let diff = max_abs_diff(
+        &kept["embeddings"].to_vec::<f32>(),
+        &embedded.to_vec::<f32>(),
+    );
+    assert!(
+        diff < 1e-5,
+        "kept targets differ from the teacher's embeddings by {diff}"
+    );
 
     // Interrupt once the step-3 checkpoint is on disk.
     let resumed = dir.join("resumed");

@@ -15,6 +15,7 @@ mod decoder_replace;
 #[cfg(feature = "cuda")]
 mod device;
 mod gguf;
+mod heal_batches;
 mod heal_bf16;
 mod heal_parity;
 mod heal_resume;

@@ -87,6 +87,10 @@ pub struct Args {
     /// Visit the data in file order instead of a seeded shuffle.
     #[arg(long)]
     no_shuffle: bool,
+    /// Encoders: batch sentences of similar token counts, so batches carry little padding
+    /// (windows of 64 shuffled batches sorted by length, the batches shuffled again).
+    #[arg(long, conflicts_with = "no_shuffle")]
+    group_by_length: bool,
     /// Seeds the data order and the dropout masks: a run is a function of its options and data.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -209,6 +213,12 @@ pub fn run(a: Args) -> CliResult {
                 "--precision bf16 heals encoders only so far (this is a Llama decoder)".into(),
             );
         }
+        if a.group_by_length {
+            return Err(
+                "--group-by-length is for encoders: a decoder's windows all have the same length"
+                    .into(),
+            );
+        }
         return decoder::run(a, student_dir, output, saved);
     }
     if let Some(flag) = a.decoder_flags() {
@@ -311,6 +321,7 @@ fn options(a: &Args, layer_prefix: &str) -> CliResult<HealOptions> {
             PrecisionArg::F32 => Precision::F32,
             PrecisionArg::Bf16 => Precision::Bf16,
         },
+        group_by_length: a.group_by_length,
     })
 }
 

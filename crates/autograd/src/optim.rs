@@ -315,8 +315,8 @@ pub fn clip_grad_norm(grads: &mut Gradients, params: &Params, max_norm: f64) -> 
         Some(be) => be.sum_of_squares(&present)?,
         None => present
             .iter()
-            .map(|g| g.to_vec::<f64>().iter().map(|x| x * x).sum::<f64>())
-            .sum(),
+            .map(|g| scalpel_tensor::ops::sum_of_squares(g))
+            .sum::<Result<f64, _>>()?,
     };
     let norm = total.sqrt();
     let coef = max_norm / (norm + 1e-6);

@@ -132,6 +132,7 @@ pub fn train_replacement(
         warmup: 0,
         clip: None,
         precision: Default::default(),
+        group_by_length: false,
     };
     let (order, total) = plan_run(&heal_opts, data.windows.len())?;
     let states = block_states(model, data, &block)?;

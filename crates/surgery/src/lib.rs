@@ -13,6 +13,7 @@ pub mod eval;
 pub mod head;
 pub mod heal;
 pub mod score;
+pub mod teacher_targets;
 
 /// Errors of the surgery layer, each naming the input at fault.
 #[derive(Debug, thiserror::Error)]

@@ -519,6 +519,14 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     dispatch_float!("add", dtype, run(a, b))
 }
 
+/// `Σ x²` over every element of `x`, accumulated in f64.
+pub fn sum_of_squares(x: &Tensor) -> Result<f64> {
+    fn run<F: Float>(x: &Tensor) -> Result<f64> {
+        Ok(cpu::elementwise::sum_of_squares(x.values::<F>()?))
+    }
+    dispatch_float!("sum_of_squares", x.dtype(), run(x))
+}
+
 /// `alpha·x`.
 pub fn scale(x: &Tensor, alpha: f64) -> Result<Tensor> {
     fn run<F: Float>(x: &Tensor, alpha: f64) -> Result<Tensor> {

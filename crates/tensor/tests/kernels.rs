@@ -775,6 +775,8 @@ fn elementwise_matches_reference() {
         elementwise::add_reference(&widen(&a), &widen(&b), &mut sum64);
         elementwise::axpy_reference(-0.75, &widen(&a), &mut axpy64);
         elementwise::scale_reference(1.5, &mut scaled64);
+        let squares64 = elementwise::sum_of_squares_reference(&widen(&a));
+        let mut squares_first = None;
         for_each_config(|isa, ctx| {
             let what = format!("elementwise n={n} ({ctx})");
             let mut sum = vec![f32::NAN; n];
@@ -793,6 +795,15 @@ fn elementwise_matches_reference() {
             assert_close(&format!("{what} scale"), &x, &scaled64, |i| {
                 EPS * scaled64[i].abs()
             });
+            // Exact f64 products summed in another order: n roundings of at most the sum's ulp.
+            let squares = elementwise::sum_of_squares(&a);
+            let tol = n as f64 * f64::EPSILON * squares64;
+            assert!(
+                (squares - squares64).abs() <= tol,
+                "{what} sum_of_squares: {squares} vs {squares64}"
+            );
+            // The same bits whatever the thread count.
+            assert_eq!(*squares_first.get_or_insert(squares), squares, "{what}");
         });
     }
 }
