@@ -372,8 +372,12 @@ fn decoder_heal_refuses_bad_flags_and_an_existing_output() {
     std::fs::remove_dir_all(&output).unwrap();
     let err = run_err(&mut heal_args(&student, &text, &output, "nan", "1"));
     assert!(err.contains("--lr") && err.contains("finite"), "{err}");
-    let cases: [(&[&str], &[&str]); 4] = [
+    let cases: [(&[&str], &[&str]); 5] = [
         (&["--lm-weight", "1.5"], &["--lm-weight", "[0, 1]"]),
+        (
+            &["--group-by-length"],
+            &["--group-by-length", "same length"],
+        ),
         (&["--dropout", "0.1"], &["--dropout", "no dropout"]),
         (&["--loss", "cosine"], &["--loss", "encoders"]),
         (&["--window-tokens", "4096"], &["not one window of 4096"]),
