@@ -497,6 +497,10 @@ fn batch_loss(
             };
             let target = Var::constant(match targets {
                 Some(targets) => targets.batch(indices, |new| {
+                    // In the first epoch every sentence is new: the batch is already tokenized.
+                    if new == indices {
+                        return teacher_embeds(&batch);
+                    }
                     teacher_embeds(&batch_of(
                         new.iter().map(|&i| sentences[i].as_str()).collect(),
                     )?)
@@ -696,15 +700,9 @@ pub fn heal(
     if let Some((saved, dir)) = resume {
         restore(&mut state, &mut adam, saved, dir)?;
         // A checkpoint from before the targets were kept has none: they are computed again.
-        if let Some(t) = targets
-            .as_mut()
-            .filter(|_| dir.join(TEACHER_TARGETS_FILE).exists())
-        {
-            *t = TeacherTargets::load(
-                &dir.join(TEACHER_TARGETS_FILE),
-                data.len(),
-                student.bert.config.hidden_size,
-            )?;
+        let kept = dir.join(TEACHER_TARGETS_FILE);
+        if let Some(t) = targets.as_mut().filter(|_| kept.exists()) {
+            *t = TeacherTargets::load(&kept, data.len(), student.bert.config.hidden_size)?;
         }
     }
     let save = |state: &TrainerState,

@@ -63,11 +63,12 @@ impl TeacherTargets {
                 self.known[i] = true;
             }
         }
-        let mut out = Vec::with_capacity(indices.len() * self.dim);
-        for &i in indices {
-            out.extend_from_slice(&self.values[i * self.dim..(i + 1) * self.dim]);
-        }
+        let out: Vec<f32> = indices.iter().flat_map(|&i| self.row(i)).copied().collect();
         Ok(Tensor::from_vec(&[indices.len(), self.dim], out)?)
+    }
+
+    fn row(&self, i: usize) -> &[f32] {
+        &self.values[i * self.dim..(i + 1) * self.dim]
     }
 
     fn row_mut(&mut self, i: usize) -> &mut [f32] {
@@ -77,10 +78,7 @@ impl TeacherTargets {
     /// Writes the known rows: `indices` (i64, `[k]`) and `embeddings` (f32, `[k, dim]`).
     pub fn save(&self, path: &Path) -> Result<()> {
         let known: Vec<usize> = (0..self.known.len()).filter(|&i| self.known[i]).collect();
-        let mut rows = Vec::with_capacity(known.len() * self.dim);
-        for &i in &known {
-            rows.extend_from_slice(&self.values[i * self.dim..(i + 1) * self.dim]);
-        }
+        let rows: Vec<f32> = known.iter().flat_map(|&i| self.row(i)).copied().collect();
         let tensors = BTreeMap::from([
             (
                 "indices".to_string(),
