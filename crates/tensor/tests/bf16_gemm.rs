@@ -92,11 +92,18 @@ fn check(rng: &mut StdRng, m: usize, n: usize, k: usize) -> Vec<Bf16Path> {
                             + accumulation(i, 0.0)
                     },
                 );
-                // Bias and GELU in the epilogue, into an uninitialised (NaN) buffer. GELU's slope
-                // is below 1.13 and it adds a few ε of its own.
+                // Bias alone (AMX starts its accumulators from it and stores full tiles straight
+                // into C), into a NaN-filled buffer.
                 let mut want: Vec<f64> = (0..m * n)
                     .map(|i| on_rounded[i] + bias[i % n] as f64)
                     .collect();
+                let mut y = vec![f32::NAN; m * n];
+                gemm_bf16_packed(&x, m, &packed, Some(&bias), Activation::Identity, &mut y);
+                assert_close(&format!("bf16 gemm + bias {ctx}"), &y, &want, |i| {
+                    accumulation(i, bias[i % n] as f64)
+                });
+                // Bias and GELU in the epilogue, into an uninitialised (NaN) buffer. GELU's slope
+                // is below 1.13 and it adds a few ε of its own.
                 let before_gelu = want.clone();
                 activation::gelu_forward_reference(&mut want);
                 let mut y = vec![MaybeUninit::new(f32::NAN); m * n];
