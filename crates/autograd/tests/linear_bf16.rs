@@ -120,32 +120,40 @@ fn a_weight_changed_in_place_is_rounded_again() {
     );
 }
 
-/// `ops::attention_bf16` (bf16 inference's attention) equals the tensor crate's bf16 attention
-/// and has no backward: an input that wants a gradient is refused, never run without one.
+/// `ops::attention_bf16` (bf16 inference's and mixed-precision training's attention): its value
+/// and `lse` are the tensor crate's bf16 attention's, and its gradients are the tensor crate's
+/// bf16 backward of them (the kernels are checked against f64 in the tensor crate), for every
+/// input that wants one: none dropped, none f32.
 #[test]
-fn bf16_attention_runs_for_constants_and_refuses_a_graph() {
+fn bf16_attention_forward_and_gradients_are_the_bf16_kernels() {
     let (batch, seq, width, heads) = (2, 5, 12, 3);
-    let q = uniform(&[batch, seq, width], 21);
-    let (k, v) = (
-        uniform(&[batch, seq, width], 22),
-        uniform(&[batch, seq, width], 23),
-    );
+    let [q, k, v] = [21, 22, 23].map(|seed| uniform(&[batch, seq, width], seed));
     let mask = Tensor::from_vec(
         &[batch, seq],
         vec![1.0f32, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0],
     )
     .unwrap();
-    let (kv, vv, mv) = (
-        Var::constant(k.clone()),
-        Var::constant(v.clone()),
-        Var::constant(mask.clone()),
-    );
-    let y = ops::attention_bf16(&Var::constant(q.clone()), &kv, &vv, &mv, heads).unwrap();
-    let (want, _) = scalpel_tensor::ops::attention_bf16(&q, &k, &v, &mask, heads).unwrap();
+    let r = uniform(&[batch, seq, width], 24);
+    let [qv, kv, vv] = [&q, &k, &v].map(|t| Var::parameter(t.clone()));
+    let mv = Var::constant(mask.clone());
+    let y = ops::attention_bf16(&qv, &kv, &vv, &mv, heads).unwrap();
+    let (want, lse) = scalpel_tensor::ops::attention_bf16(&q, &k, &v, &mask, heads).unwrap();
     assert_eq!(y.value().to_vec::<f32>(), want.to_vec::<f32>());
-    assert!(!y.requires_grad());
-    let Err(err) = ops::attention_bf16(&Var::parameter(q), &kv, &vv, &mv, heads) else {
-        panic!("bf16 attention ran on an input that wants a gradient");
-    };
-    assert!(err.to_string().contains("inference"), "{err}");
+    let (exact, _) = scalpel_tensor::ops::attention(&q, &k, &v, &mask, heads).unwrap();
+    assert_ne!(
+        want.to_vec::<f32>(),
+        exact.to_vec::<f32>(),
+        "bf16 attention equals f32's: bf16 did not run"
+    );
+
+    let grads = weighted_sum(&y, &r).backward().unwrap();
+    let (dq, dk, dv) =
+        scalpel_tensor::ops::attention_backward_bf16(&q, &k, &v, &mask, heads, &want, &lse, &r)
+            .unwrap();
+    for (name, var, want) in [("q", &qv, dq), ("k", &kv, dk), ("v", &vv, dv)] {
+        let got = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert_eq!(got.to_vec::<f32>(), want.to_vec::<f32>(), "d{name}");
+    }
 }

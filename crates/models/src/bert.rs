@@ -191,7 +191,7 @@ pub struct Bert {
     /// GEMMs with f32 accumulation over the f32 weights, [`ops::linear_bf16`]; CPU only).
     linear_compute: DType,
     /// What attention's two products multiply in: `BF16` with bf16 linear weights
-    /// ([`Bert::set_linear_dtype`]), else `F32`.
+    /// ([`Bert::set_linear_dtype`]), else `F32` (bf16 as well under a `BF16` linear compute).
     attention_products: DType,
 }
 
@@ -335,7 +335,8 @@ impl Bert {
     /// Multiplies every encoder linear layer in `dtype` from now on: `F32`, or `BF16` (mixed
     /// precision, for training and inference alike: the input and an f32 weight rounded to bf16
     /// at the GEMM, f32 accumulation, outputs, biases and gradients of the weights in f32; the
-    /// bf16 copy of a weight is packed once per value, so again after each optimiser step).
+    /// bf16 copy of a weight is packed once per value, so again after each optimiser step);
+    /// attention's products, forward and backward, are bf16 too, its softmax and `dS` f32.
     /// `BF16` runs on the CPU only.
     pub fn set_linear_compute(&mut self, dtype: DType) -> Result<()> {
         if !matches!(dtype, DType::F32 | DType::BF16) {
@@ -496,9 +497,9 @@ impl Bert {
                     let k = lin(&x, "attention.self.key")?;
                     let v = lin(&x, "attention.self.value")?;
                     let heads = c.num_attention_heads;
-                    let attended = match self.attention_products {
-                        DType::BF16 => ops::attention_bf16(&q, &k, &v, &mask, heads)?,
-                        _ => ops::attention(&q, &k, &v, &mask, heads)?,
+                    let attended = match bf16 || self.attention_products == DType::BF16 {
+                        true => ops::attention_bf16(&q, &k, &v, &mask, heads)?,
+                        false => ops::attention(&q, &k, &v, &mask, heads)?,
                     };
                     dropout(&lin(&attended, "attention.output.dense")?)?
                 };

@@ -563,7 +563,7 @@ pub fn attention(
 
 /// [`attention`] with both products (`q·kᵀ` and `P·v`) in bf16 with f32 accumulation, on the
 /// CPU's best bf16 path; the softmax, `lse` and the output stay f32. The operands are F32 host
-/// tensors. Inference only: it has no backward (`cpu::attention::attention_forward_bf16`).
+/// tensors; [`attention_backward_bf16`] is its backward.
 pub fn attention_bf16(
     q: &Tensor,
     k: &Tensor,
@@ -572,15 +572,21 @@ pub fn attention_bf16(
     heads: usize,
 ) -> Result<(Tensor, Tensor)> {
     let s = attention_shape(q, k, v, mask, heads)?;
+    bf16_attention_operand(q)?;
+    attention_into::<f32>(q, k, v, mask, s, |q, k, v, mask, out, lse| {
+        cpu::attention::attention_forward_bf16(Bf16Path::best(), &s, q, k, v, mask, out, lse)
+    })
+}
+
+/// Bf16 attention takes F32 host operands (the others are checked to match `q`).
+fn bf16_attention_operand(q: &Tensor) -> Result<()> {
     if q.dtype() != DType::F32 || !q.is_host() {
         return Err(TensorError::shape(
             "attention",
             format!("bf16 products take F32 host operands, got {q:?}"),
         ));
     }
-    attention_into::<f32>(q, k, v, mask, s, |q, k, v, mask, out, lse| {
-        cpu::attention::attention_forward_bf16(Bf16Path::best(), &s, q, k, v, mask, out, lse)
-    })
+    Ok(())
 }
 
 /// The output (`q`'s shape) and `lse` (`[batch, heads, seq]`) of an attention forward, filled by
@@ -862,42 +868,70 @@ pub fn attention_backward(
     lse: &Tensor,
     dout: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    #[allow(clippy::too_many_arguments)]
     fn run<F: Float>(
         s: AttentionShape,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: &Tensor,
-        out: &Tensor,
-        lse: &Tensor,
-        dout: &Tensor,
+        operands: [&Tensor; 7],
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let mut dq = Tensor::zeros(q.shape(), F::DTYPE);
-        let mut dk = Tensor::zeros(q.shape(), F::DTYPE);
-        let mut dv = Tensor::zeros(q.shape(), F::DTYPE);
-        cpu::attention::attention_backward(
-            &s,
-            q.values::<F>()?,
-            k.values::<F>()?,
-            v.values::<F>()?,
-            mask.values::<F>()?,
-            out.values::<F>()?,
-            lse.values::<F>()?,
-            dout.values::<F>()?,
-            dq.values_mut::<F>()?,
-            dk.values_mut::<F>()?,
-            dv.values_mut::<F>()?,
-        );
-        Ok((dq, dk, dv))
+        attention_backward_into::<F>(operands, |[q, k, v, mask, out, lse, dout], [dq, dk, dv]| {
+            cpu::attention::attention_backward(&s, q, k, v, mask, out, lse, dout, dq, dk, dv)
+        })
     }
     let s = attention_shape(q, k, v, mask, heads)?;
     expect_shape("attention_backward", "dout", dout, q.shape())?;
-    dispatch_float!(
-        "attention_backward",
-        q.dtype(),
-        run(s, q, k, v, mask, out, lse, dout)
-    )
+    let operands = [q, k, v, mask, out, lse, dout];
+    dispatch_float!("attention_backward", q.dtype(), run(s, operands))
+}
+
+/// The backward of [`attention_bf16`]: `(dq, dk, dv)` with every product in bf16 (f32
+/// accumulation) on the CPU's best bf16 path, the scores recomputed by the forward's own bf16
+/// product. The operands are F32 host tensors.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_bf16(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    heads: usize,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let s = attention_shape(q, k, v, mask, heads)?;
+    expect_shape("attention_backward", "dout", dout, q.shape())?;
+    bf16_attention_operand(q)?;
+    let operands = [q, k, v, mask, out, lse, dout];
+    attention_backward_into::<f32>(operands, |[q, k, v, mask, out, lse, dout], [dq, dk, dv]| {
+        let path = Bf16Path::best();
+        cpu::attention::attention_backward_bf16(path, &s, q, k, v, mask, out, lse, dout, dq, dk, dv)
+    })
+}
+
+/// `(dq, dk, dv)` (each `q`'s shape) of an attention backward over `[q, k, v, mask, out, lse,
+/// dout]`, filled by `kernel` over the operands' values.
+fn attention_backward_into<F: Float>(
+    operands: [&Tensor; 7],
+    kernel: impl FnOnce([&[F]; 7], [&mut [F]; 3]),
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let shape = operands[0].shape();
+    let [mut dq, mut dk, mut dv] = [(); 3].map(|_| Tensor::zeros(shape, F::DTYPE));
+    let values = [
+        operands[0].values::<F>()?,
+        operands[1].values::<F>()?,
+        operands[2].values::<F>()?,
+        operands[3].values::<F>()?,
+        operands[4].values::<F>()?,
+        operands[5].values::<F>()?,
+        operands[6].values::<F>()?,
+    ];
+    kernel(
+        values,
+        [
+            dq.values_mut::<F>()?,
+            dk.values_mut::<F>()?,
+            dv.values_mut::<F>()?,
+        ],
+    );
+    Ok((dq, dk, dv))
 }
 
 /// Scatter-add of `dout` (`[ids.len(), dim]`) into a zero gradient of the `[vocab, dim]` table.

@@ -636,7 +636,12 @@ fn attention_matches_reference() {
 /// against the f64 attention of the unrounded operands, within what bf16 rounding allows:
 /// rounding `q` and `k` (unit roundoff u = 2⁻⁹ each) moves a score by at most
 /// `scale·Σ|q||k|·2u ≤ 8√d·u` here (|q|, |k| ≤ 2); a score error δ moves `lse` by δ and the
-/// output by 2δ·max|v|, and rounding `P` and `v` adds 2u·max|v| (max|v| = 1).
+/// output by 2δ·max|v|, and rounding `P` and `v` adds 2u·max|v| (max|v| = 1). The backward,
+/// fed the bf16 forward's own output and `lse` as training saves them, is checked against the
+/// f64 backward of the bf16-rounded `q`, `k`, `v` and `dout`: what remains is the rounding of
+/// `P` and `dS` for their products and of the output inside `δ` (u relative each), summed over
+/// terms of the gradients' own magnitude, so normwise within 4u of the largest gradient entry
+/// (+1), as the f32 backward is checked (measured: at most 1.0u on every path here).
 #[test]
 fn bf16_attention_matches_reference_within_bf16_rounding() {
     use scalpel_tensor::cpu::gemm_bf16::Bf16Path;
@@ -661,16 +666,33 @@ fn bf16_attention_matches_reference_within_bf16_rounding() {
             uniform(&mut rng, n, -1.0, 1.0),
         );
         let mask = attention_mask(&mut rng, batch, seq);
+        let dout = uniform(&mut rng, n, -1.0, 1.0);
+        let (q64, k64, v64, m64) = (widen(&q), widen(&k), widen(&v), widen(&mask));
         let mut out64 = vec![0.0; n];
         let mut lse64 = vec![0.0; batch * heads * seq];
-        attention::attention_forward_reference(
+        attention::attention_forward_reference(&s, &q64, &k64, &v64, &m64, &mut out64, &mut lse64);
+        // The backward's reference: f64 attention of the bf16-rounded operands.
+        let rounded = |x: &[f32]| -> Vec<f64> {
+            x.iter()
+                .map(|&v| half::bf16::from_f32(v).to_f64())
+                .collect()
+        };
+        let (qr, kr, vr) = (rounded(&q), rounded(&k), rounded(&v));
+        let (mut out_r, mut lse_r) = (vec![0.0; n], vec![0.0; batch * heads * seq]);
+        attention::attention_forward_reference(&s, &qr, &kr, &vr, &m64, &mut out_r, &mut lse_r);
+        let (mut dq64, mut dk64, mut dv64) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        attention::attention_backward_reference(
             &s,
-            &widen(&q),
-            &widen(&k),
-            &widen(&v),
-            &widen(&mask),
-            &mut out64,
-            &mut lse64,
+            &qr,
+            &kr,
+            &vr,
+            &m64,
+            &out_r,
+            &lse_r,
+            &rounded(&dout),
+            &mut dq64,
+            &mut dk64,
+            &mut dv64,
         );
         let accumulation = (seq as f64 + head_dim as f64 + 32.0) * EPS;
         let score_error = 8.0 * (head_dim as f64).sqrt() * (u + u * u) + accumulation;
@@ -695,6 +717,15 @@ fn bf16_attention_matches_reference_within_bf16_rounding() {
                         "{what} lse[{i}]: {got} vs {want}"
                     );
                 }
+            }
+            let (mut dq, mut dk, mut dv) =
+                (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
+            attention::attention_backward_bf16(
+                path, &s, &q, &k, &v, &mask, &out, &lse, &dout, &mut dq, &mut dk, &mut dv,
+            );
+            for (name, got, want) in [("dq", &dq, &dq64), ("dk", &dk, &dk64), ("dv", &dv, &dv64)] {
+                let scale = max_abs(want) + 1.0;
+                assert_close(&format!("{what} {name}"), got, want, |_| 4.0 * u * scale);
             }
         }
     }

@@ -1,11 +1,13 @@
 use scalpel_tensor::{ops as tops, Tensor};
 
 use crate::device::backend_of;
-use crate::{AutogradError, Backward, Result, Var};
+use crate::{Backward, Result, Var};
 
 struct Attention {
     heads: usize,
     lse: Tensor,
+    /// The products were bf16 ([`attention_bf16`]): so are the backward's.
+    bf16: bool,
 }
 
 impl Backward for Attention {
@@ -26,6 +28,7 @@ impl Backward for Attention {
         let (q, k, v, mask) = (q.value(), k.value(), v.value(), mask.value());
         let (heads, lse) = (self.heads, &self.lse);
         let (dq, dk, dv) = match backend_of("attention backward", &[q, k, v, mask, grad])? {
+            _ if self.bf16 => tops::attention_backward_bf16(q, k, v, mask, heads, out, lse, grad)?,
             Some(be) => {
                 let s = tops::attention_shape(q, k, v, mask, heads)?;
                 be.attention_backward(&s, q, k, v, mask, out, lse, grad)?
@@ -42,16 +45,19 @@ impl Backward for Attention {
 }
 
 /// [`attention`] with its two products in bf16 (f32 accumulation, softmax and output), on the
-/// CPU: bf16 inference. It has no backward (one would have to recompute the same rounded
-/// scores), so an input that wants a gradient is an error, never silently f32 or ungraded.
+/// CPU, and so are the backward's (the scores recomputed by the same bf16 product, `dS` and
+/// the sums over query blocks in f32): bf16 inference and mixed-precision training.
 pub fn attention_bf16(q: &Var, k: &Var, v: &Var, mask: &Var, heads: usize) -> Result<Var> {
-    if [q, k, v].iter().any(|x| x.requires_grad()) {
-        return Err(AutogradError::Graph(
-            "bf16 attention is for inference: its inputs must not require gradients".into(),
-        ));
-    }
-    let (out, _) = tops::attention_bf16(q.value(), k.value(), v.value(), mask.value(), heads)?;
-    Ok(Var::constant(out))
+    let (out, lse) = tops::attention_bf16(q.value(), k.value(), v.value(), mask.value(), heads)?;
+    Ok(Var::from_op(
+        out,
+        Attention {
+            heads,
+            lse,
+            bf16: true,
+        },
+        vec![q.clone(), k.clone(), v.clone(), mask.clone()],
+    ))
 }
 
 /// Multi-head scaled dot-product attention with a key-padding mask, as one op:
@@ -65,7 +71,11 @@ pub fn attention(q: &Var, k: &Var, v: &Var, mask: &Var, heads: usize) -> Result<
     };
     Ok(Var::from_op(
         out,
-        Attention { heads, lse },
+        Attention {
+            heads,
+            lse,
+            bf16: false,
+        },
         vec![q.clone(), k.clone(), v.clone(), mask.clone()],
     ))
 }

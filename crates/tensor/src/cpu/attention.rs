@@ -6,8 +6,11 @@
 //! backward recomputes the probabilities from it instead of storing the `seq×seq` matrix
 //! (the FlashAttention-2 recipe).
 
+use std::cell::OnceCell;
+use std::mem::MaybeUninit;
+
 use crate::cpu::gemm::{gemm_on_this_thread, Activation, GemmShape};
-use crate::cpu::gemm_bf16::{gemm_bf16_packed, Bf16Path, PackedBf16Weight};
+use crate::cpu::gemm_bf16::{gemm_bf16_at_b, gemm_bf16_packed, Bf16Path, PackedBf16Weight};
 use crate::cpu::simd::{dispatch, dot as dot_simd, exp, Isa, Simd};
 use crate::cpu::{as_f32, as_f32_mut};
 use crate::{threads, Float};
@@ -267,17 +270,6 @@ fn scatter_heads(s: &AttentionShape, heads: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// Head `h` of batch `b` of `x` gathered into contiguous `[seq, head_dim]` rows, so that every
-/// product below is a plain GEMM.
-fn gather_head(s: &AttentionShape, x: &[f32], b: usize, h: usize) -> Vec<f32> {
-    let d = s.head_dim;
-    let mut rows = Vec::with_capacity(s.seq * d);
-    for t in 0..s.seq {
-        rows.extend_from_slice(&x[s.at(b, t, h)..][..d]);
-    }
-    rows
-}
-
 /// The additive key mask of batch `b`: 0 for tokens, −∞ for padding.
 fn key_bias(s: &AttentionShape, mask: &[f32], b: usize) -> Vec<f32> {
     mask[b * s.seq..(b + 1) * s.seq]
@@ -286,27 +278,145 @@ fn key_bias(s: &AttentionShape, mask: &[f32], b: usize) -> Vec<f32> {
         .collect()
 }
 
-/// `rows×seq` scores `Q[i0..i0+rows]·Kᵀ` (unscaled) into `scores`.
-fn block_scores(isa: Isa, d: usize, seq: usize, q_rows: &[f32], k: &[f32], scores: &mut [f32]) {
-    let rows = q_rows.len() / d;
-    let shape = GemmShape {
-        m: rows,
-        n: seq,
-        k: d,
-        trans_a: false,
-        trans_b: true,
-    };
-    gemm_on_this_thread(isa, shape, q_rows, k, scores, 0.0);
-}
-
-/// What the forward's two products multiply in.
+/// What attention's products multiply in.
 #[derive(Clone, Copy, Debug)]
 enum Products {
     /// f32 GEMMs on this ISA.
     F32(Isa),
-    /// bf16 GEMMs with f32 accumulation on this path: `Q` and `P` rounded at the GEMM's input,
-    /// `K` and `V` rounded as each head packs them.
+    /// bf16 GEMMs with f32 accumulation on this path: the left factor rounded at the GEMM's
+    /// input, a head's `[seq, d]` operand rounded as it is packed.
     Bf16(Bf16Path),
+}
+
+impl Products {
+    /// The ISA of the f32 work between the products (softmax, score gradients).
+    fn isa(self) -> Isa {
+        match self {
+            Products::F32(isa) => isa,
+            Products::Bf16(_) => Isa::best(),
+        }
+    }
+}
+
+/// Head `h` of batch `b` of a `[batch, seq, heads·d]` operand, gathered into contiguous
+/// `[seq, d]` rows so that every product is a plain GEMM, with the bf16 packings of it that the
+/// products read made on first use (each once per head, for all its query blocks).
+struct HeadOperand {
+    rows: Vec<f32>,
+    seq: usize,
+    d: usize,
+    /// The rows as a `[seq, d]` weight: right factor of `a·xᵀ`.
+    packed: OnceCell<PackedBf16Weight>,
+    /// The rows transposed, a `[d, seq]` weight: right factor of `a·x`.
+    packed_transposed: OnceCell<PackedBf16Weight>,
+}
+
+impl HeadOperand {
+    fn gather(s: &AttentionShape, x: &[f32], b: usize, h: usize) -> HeadOperand {
+        let d = s.head_dim;
+        let mut rows = Vec::with_capacity(s.seq * d);
+        for t in 0..s.seq {
+            rows.extend_from_slice(&x[s.at(b, t, h)..][..d]);
+        }
+        HeadOperand {
+            rows,
+            seq: s.seq,
+            d,
+            packed: OnceCell::new(),
+            packed_transposed: OnceCell::new(),
+        }
+    }
+
+    /// Rows `i0..i0 + n`.
+    fn block(&self, i0: usize, n: usize) -> &[f32] {
+        &self.rows[i0 * self.d..(i0 + n) * self.d]
+    }
+
+    /// `out = a·xᵀ` (`[rows, seq]`) for `a` `[rows, d]`: scores against the keys, `dO·Vᵀ`.
+    fn times_transposed(&self, products: Products, a: &[f32], out: &mut [f32]) {
+        let rows = a.len() / self.d;
+        match products {
+            Products::F32(isa) => {
+                let shape = GemmShape {
+                    m: rows,
+                    n: self.seq,
+                    k: self.d,
+                    trans_a: false,
+                    trans_b: true,
+                };
+                gemm_on_this_thread(isa, shape, a, &self.rows, out, 0.0)
+            }
+            Products::Bf16(path) => {
+                let w = self
+                    .packed
+                    .get_or_init(|| PackedBf16Weight::pack(path, &self.rows, self.seq, self.d));
+                gemm_bf16_packed(a, rows, w, None, Activation::Identity, out)
+            }
+        }
+    }
+
+    /// `out = a·x` (`[rows, d]`) for `a` `[rows, seq]`: `P·V`, `dS·K`.
+    fn times(&self, products: Products, a: &[f32], out: &mut [f32]) {
+        let rows = a.len() / self.seq;
+        match products {
+            Products::F32(isa) => {
+                let shape = GemmShape {
+                    m: rows,
+                    n: self.d,
+                    k: self.seq,
+                    trans_a: false,
+                    trans_b: false,
+                };
+                gemm_on_this_thread(isa, shape, a, &self.rows, out, 0.0)
+            }
+            Products::Bf16(path) => {
+                let w = self.packed_transposed.get_or_init(|| {
+                    PackedBf16Weight::pack_transposed(path, &self.rows, self.d, self.seq)
+                });
+                gemm_bf16_packed(a, rows, w, None, Activation::Identity, out)
+            }
+        }
+    }
+}
+
+/// A key's gradient from one query block: `out = aᵀ·b` (`[seq, d]`), or `out += aᵀ·b` when
+/// `accumulate`, for `a` `[rows, seq]` and `b` `[rows, d]`: `dV += Pᵀ·dO`, `dK += dSᵀ·Q`.
+/// `scratch` (`seq·d`) holds a bf16 product before it is added.
+fn add_keys_grad(
+    products: Products,
+    a: &[f32],
+    b: &[f32],
+    d: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    scratch: &mut [MaybeUninit<f32>],
+) {
+    let (rows, seq) = (b.len() / d, out.len() / d);
+    match products {
+        Products::F32(isa) => {
+            let shape = GemmShape {
+                m: seq,
+                n: d,
+                k: rows,
+                trans_a: true,
+                trans_b: false,
+            };
+            let beta = if accumulate { 1.0 } else { 0.0 };
+            gemm_on_this_thread(isa, shape, a, b, out, beta)
+        }
+        Products::Bf16(path) if !accumulate => {
+            // SAFETY: `MaybeUninit<f32>` has f32's layout; the GEMM stores only f32s.
+            let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+            gemm_bf16_at_b(path, a, b, seq, d, rows, out)
+        }
+        Products::Bf16(path) => {
+            gemm_bf16_at_b(path, a, b, seq, d, rows, scratch);
+            for (o, s) in out.iter_mut().zip(scratch.iter()) {
+                // SAFETY: the GEMM initialised every element of `scratch`.
+                *o += unsafe { s.assume_init() };
+            }
+        }
+    }
 }
 
 /// One (batch, head) pair per task. Per block of query rows: the scores against every key (one
@@ -328,8 +438,7 @@ pub fn attention_forward_with_isa(
 }
 
 /// [`attention_forward_with_isa`] with both products in bf16 on `path` (f32 accumulation, the
-/// softmax and `lse` in f32): inference's bf16 attention. Its backward would have to recompute
-/// the same rounded scores, so there is none: a training forward stays f32.
+/// softmax and `lse` in f32); [`attention_backward_bf16`] is its backward.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward_bf16(
     path: Bf16Path,
@@ -357,11 +466,7 @@ fn forward_with(
     lse: &mut [f32],
 ) {
     check_lengths(s, &[q, k, v, out], mask, lse);
-    // The softmax's ISA: the f32 products' own, else the best.
-    let isa = match products {
-        Products::F32(isa) => isa,
-        Products::Bf16(_) => Isa::best(),
-    };
+    let isa = products.isa();
     let (seq, d) = (s.seq, s.head_dim);
     if seq == 0 || d == 0 || s.heads == 0 {
         lse.fill(f32::NEG_INFINITY);
@@ -376,34 +481,15 @@ fn forward_with(
         .collect();
     threads::parallel_each(items, |(bh, (head_out, head_lse))| {
         let (b, h) = (bh / s.heads, bh % s.heads);
-        let (q_h, k_h, v_h) = (
-            gather_head(s, q, b, h),
-            gather_head(s, k, b, h),
-            gather_head(s, v, b, h),
-        );
+        let [q_h, k_h, v_h] = [q, k, v].map(|x| HeadOperand::gather(s, x, b, h));
         let bias = key_bias(s, mask, b);
         let bias = bias.as_slice();
         let scale = 1.0 / (d as f32).sqrt();
-        // bf16: `K` (`[seq, d]`) packed as the scores' weight, `V` (`[seq, d]`, the output's
-        // `Vᵀ` stored transposed) as the output's; each head once, for all its query blocks.
-        let packed = match products {
-            Products::F32(_) => None,
-            Products::Bf16(path) => Some((
-                PackedBf16Weight::pack(path, &k_h, seq, d),
-                PackedBf16Weight::pack_transposed(path, &v_h, d, seq),
-            )),
-        };
         let mut p = vec![0.0f32; QUERY_BLOCK.min(seq) * seq];
         for i0 in (0..seq).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(seq - i0);
             let p = &mut p[..rows * seq];
-            let q_rows = &q_h[i0 * d..(i0 + rows) * d];
-            match &packed {
-                None => block_scores(isa, d, seq, q_rows, &k_h, p),
-                Some((k_packed, _)) => {
-                    gemm_bf16_packed(q_rows, rows, k_packed, None, Activation::Identity, p)
-                }
-            }
+            k_h.times_transposed(products, q_h.block(i0, rows), p);
             for (row, lse) in p.chunks_exact_mut(seq).zip(&mut head_lse[i0..i0 + rows]) {
                 *lse = dispatch!(isa, |simd,
                                        scale: f32,
@@ -413,20 +499,7 @@ fn forward_with(
                     softmax_row(simd, scale, bias, row)
                 });
             }
-            let shape = GemmShape {
-                m: rows,
-                n: d,
-                k: seq,
-                trans_a: false,
-                trans_b: false,
-            };
-            let o = &mut head_out[i0 * d..(i0 + rows) * d];
-            match &packed {
-                None => gemm_on_this_thread(isa, shape, p, &v_h, o, 0.0),
-                Some((_, v_packed)) => {
-                    gemm_bf16_packed(p, rows, v_packed, None, Activation::Identity, o)
-                }
-            }
+            v_h.times(products, p, &mut head_out[i0 * d..(i0 + rows) * d]);
         }
     });
     scatter_heads(s, &heads_out, out);
@@ -488,8 +561,50 @@ pub fn attention_backward_with_isa(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
-    check_lengths(s, &[q, k, v, out, dout, dq, dk, dv], mask, lse);
     isa.assert_supported();
+    backward_with(
+        Products::F32(isa),
+        s,
+        [q, k, v, mask, out, lse, dout],
+        [dq, dk, dv],
+    )
+}
+
+/// The backward of [`attention_forward_bf16`]: every product in bf16 on `path` (f32
+/// accumulation), the scores recomputed by the forward's own bf16 product, so that `P` is the
+/// one the forward's `lse` normalised; `δ`, `dS` and the sums over query blocks in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_bf16(
+    path: Bf16Path,
+    s: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    path.assert_supported();
+    backward_with(
+        Products::Bf16(path),
+        s,
+        [q, k, v, mask, out, lse, dout],
+        [dq, dk, dv],
+    )
+}
+
+fn backward_with(
+    products: Products,
+    s: &AttentionShape,
+    [q, k, v, mask, out, lse, dout]: [&[f32]; 7],
+    [dq, dk, dv]: [&mut [f32]; 3],
+) {
+    check_lengths(s, &[q, k, v, out, dout, dq, dk, dv], mask, lse);
+    let isa = products.isa();
     let (seq, d) = (s.seq, s.head_dim);
     if seq == 0 || d == 0 || s.heads == 0 {
         return;
@@ -506,26 +621,29 @@ pub fn attention_backward_with_isa(
         .collect();
     threads::parallel_each(items, |(bh, ((dq_h, dk_h), dv_h))| {
         let (b, h) = (bh / s.heads, bh % s.heads);
-        let [q_h, k_h, v_h, out_h, dout_h] = [q, k, v, out, dout].map(|x| gather_head(s, x, b, h));
+        let [q_h, k_h, v_h, out_h, dout_h] =
+            [q, k, v, out, dout].map(|x| HeadOperand::gather(s, x, b, h));
         let bias = key_bias(s, mask, b);
         let bias = bias.as_slice();
         let lse = &lse[bh * seq..(bh + 1) * seq];
         let scale = 1.0 / (d as f32).sqrt();
         let block = QUERY_BLOCK.min(seq) * seq;
         let (mut p, mut ds) = (vec![0.0f32; block], vec![0.0f32; block]);
+        let mut scratch = Vec::with_capacity(seq * d);
+        scratch.resize(seq * d, MaybeUninit::uninit());
         for i0 in (0..seq).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(seq - i0);
-            let blk = i0 * d..(i0 + rows) * d;
             let (p, ds) = (&mut p[..rows * seq], &mut ds[..rows * seq]);
-            block_scores(isa, d, seq, &q_h[blk.clone()], &k_h, p);
-            block_scores(isa, d, seq, &dout_h[blk.clone()], &v_h, ds);
+            let (q_blk, dout_blk) = (q_h.block(i0, rows), dout_h.block(i0, rows));
+            k_h.times_transposed(products, q_blk, p);
+            v_h.times_transposed(products, dout_blk, ds);
             for (r, (p_row, ds_row)) in p
                 .chunks_exact_mut(seq)
                 .zip(ds.chunks_exact_mut(seq))
                 .enumerate()
             {
                 let i = i0 + r;
-                let (dout_i, out_i) = (&dout_h[i * d..(i + 1) * d], &out_h[i * d..(i + 1) * d]);
+                let (dout_i, out_i) = (dout_h.block(i, 1), out_h.block(i, 1));
                 let lse_i = lse[i];
                 dispatch!(isa, |simd,
                                 scale: f32,
@@ -541,24 +659,10 @@ pub fn attention_backward_with_isa(
                 });
             }
             // Each key's gradients sum over every query block: the first block overwrites.
-            let beta = if i0 == 0 { 0.0 } else { 1.0 };
-            let keys_from_block = GemmShape {
-                m: seq,
-                n: d,
-                k: rows,
-                trans_a: true,
-                trans_b: false,
-            };
-            gemm_on_this_thread(isa, keys_from_block, p, &dout_h[blk.clone()], dv_h, beta);
-            gemm_on_this_thread(isa, keys_from_block, ds, &q_h[blk.clone()], dk_h, beta);
-            let queries = GemmShape {
-                m: rows,
-                n: d,
-                k: seq,
-                trans_a: false,
-                trans_b: false,
-            };
-            gemm_on_this_thread(isa, queries, ds, &k_h, &mut dq_h[blk], 0.0);
+            let accumulate = i0 > 0;
+            add_keys_grad(products, p, dout_blk, d, dv_h, accumulate, &mut scratch);
+            add_keys_grad(products, ds, q_blk, d, dk_h, accumulate, &mut scratch);
+            k_h.times(products, ds, &mut dq_h[i0 * d..(i0 + rows) * d]);
         }
     });
     scatter_heads(s, &grads[..n], dq);
