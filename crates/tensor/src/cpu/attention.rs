@@ -629,8 +629,7 @@ fn backward_with(
         let scale = 1.0 / (d as f32).sqrt();
         let block = QUERY_BLOCK.min(seq) * seq;
         let (mut p, mut ds) = (vec![0.0f32; block], vec![0.0f32; block]);
-        let mut scratch = Vec::with_capacity(seq * d);
-        scratch.resize(seq * d, MaybeUninit::uninit());
+        let mut scratch = vec![MaybeUninit::uninit(); seq * d];
         for i0 in (0..seq).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(seq - i0);
             let (p, ds) = (&mut p[..rows * seq], &mut ds[..rows * seq]);
