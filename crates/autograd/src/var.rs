@@ -160,7 +160,7 @@ impl Var {
                     )));
                 }
                 let merged = match grads.remove(&input.id()) {
-                    Some(prev) => crate::ops::add_tensors(&prev, &g)?,
+                    Some(prev) => crate::ops::accumulate(prev, &g)?,
                     None => g,
                 };
                 grads.insert(input.id(), merged);

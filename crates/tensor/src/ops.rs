@@ -519,6 +519,19 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     dispatch_float!("add", dtype, run(a, b))
 }
 
+/// `acc += x` for tensors of identical shape, in `acc`'s storage (copied first only if shared):
+/// accumulating a gradient without a third buffer.
+pub fn add_assign(acc: &mut Tensor, x: &Tensor) -> Result<()> {
+    fn run<F: Float>(acc: &mut Tensor, x: &Tensor) -> Result<()> {
+        // A multiply-add by exactly 1 rounds once, as `a + b` does: the same bits as [`add`].
+        cpu::elementwise::axpy(F::from_usize(1), x.values::<F>()?, acc.values_mut::<F>()?);
+        Ok(())
+    }
+    let dtype = same_dtype("add", &[acc, x])?;
+    expect_shape("add", "right operand", x, acc.shape())?;
+    dispatch_float!("add", dtype, run(acc, x))
+}
+
 /// `Σ x²` over every element of `x`, accumulated in f64.
 pub fn sum_of_squares(x: &Tensor) -> Result<f64> {
     fn run<F: Float>(x: &Tensor) -> Result<f64> {

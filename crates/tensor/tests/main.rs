@@ -1,5 +1,6 @@
 //! The tensor crate's tests: one module per subject, all in one test binary (one link, not one per file).
 
+mod accumulate;
 mod bf16_gemm;
 mod concat;
 mod decoder_kernels;

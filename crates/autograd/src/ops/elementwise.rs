@@ -44,6 +44,15 @@ pub(crate) fn add_tensors(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// `acc + g`, a variable's gradients summed: on the host in `acc`'s own buffer.
+pub(crate) fn accumulate(mut acc: Tensor, g: &Tensor) -> Result<Tensor> {
+    if backend_of("add", &[&acc, g])?.is_some() {
+        return add_tensors(&acc, g);
+    }
+    tops::add_assign(&mut acc, g)?;
+    Ok(acc)
+}
+
 struct Scale {
     alpha: f64,
 }

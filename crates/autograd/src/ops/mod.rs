@@ -20,7 +20,7 @@ mod swiglu;
 pub use activation::{dropout, gelu, gelu_in_place};
 pub use attention::{attention, attention_bf16};
 pub use causal_attention::causal_attention;
-pub(crate) use elementwise::add_tensors;
+pub(crate) use elementwise::accumulate;
 pub use elementwise::{add, reshape, scale};
 pub use embedding::{embedding, Indices};
 pub use linear::{linear, linear_bf16, linear_gelu, linear_gelu_bf16, matmul};
