@@ -408,9 +408,15 @@ fn linear_dims(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(GemmShape,
 
 /// Elementwise GELU (erf form).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    let mut y = x.clone();
-    gelu_in_place(&mut y)?;
-    Ok(y)
+    fn run<F: Float>(x: &Tensor) -> Result<Tensor> {
+        let values = x.values::<F>()?;
+        let mut y = Vec::with_capacity(values.len());
+        cpu::activation::gelu_forward_into(values, &mut y.spare_capacity_mut()[..values.len()]);
+        // SAFETY: `gelu_forward_into` initialised every element.
+        unsafe { y.set_len(values.len()) };
+        Tensor::from_vec(x.shape(), y)
+    }
+    dispatch_float!("gelu", x.dtype(), run(x))
 }
 
 /// `x ← gelu(x)`: no second buffer (inference).

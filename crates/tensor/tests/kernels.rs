@@ -289,6 +289,16 @@ fn gelu_forward_matches_reference() {
             assert_close(&format!("gelu n={n} ({ctx})"), &y, &want, |i| {
                 4.0 * EPS * (x[i].abs() as f64 + want[i].abs())
             });
+            // Out of place into a fresh buffer: the same bits as in place, every element written.
+            let mut fresh = vec![std::mem::MaybeUninit::new(f32::NAN); n];
+            activation::gelu_forward_into_with_isa(isa, &x, &mut fresh);
+            // SAFETY: every element was initialised (to NaN) before the call.
+            let fresh: Vec<f32> = fresh.iter().map(|v| unsafe { v.assume_init() }).collect();
+            assert_eq!(
+                fresh.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "gelu into n={n} ({ctx})"
+            );
         });
     }
 }

@@ -34,6 +34,16 @@ pub(crate) fn as_f32_mut<F: Float>(x: &mut [F]) -> Option<&mut [f32]> {
     (F::DTYPE == DType::F32).then(|| bytemuck::cast_slice_mut(x))
 }
 
+/// [`as_f32_mut`] for an output that need not be initialised.
+pub(crate) fn as_f32_uninit<F: Float>(
+    x: &mut [std::mem::MaybeUninit<F>],
+) -> Option<&mut [std::mem::MaybeUninit<f32>]> {
+    (F::DTYPE == DType::F32 && size_of::<F>() == size_of::<f32>()).then(|| {
+        // SAFETY: `F` is `f32` (the only Float whose DTYPE is F32), so the slices have one layout.
+        unsafe { &mut *(x as *mut [std::mem::MaybeUninit<F>] as *mut [std::mem::MaybeUninit<f32>]) }
+    })
+}
+
 /// How many of `len` items to give each parallel task: everything in one task when there is
 /// too little work (fewer than two tasks of `min_per_task`) or one thread, otherwise up to four
 /// tasks per thread so that uneven progress evens out. Multiples of 16 keep vector loops whole.

@@ -227,6 +227,33 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     }
 }
 
+/// `out[i..i + LANES] = lanes(i)` for each vector step `i` of `out`, which need not be
+/// initialised (a fresh output buffer): full vectors are stored through the pointer, the last
+/// partial one through a stack tile.
+#[inline(always)]
+pub(crate) fn store_each_uninit<S: Simd>(
+    s: S,
+    out: &mut [std::mem::MaybeUninit<f32>],
+    lanes: impl Fn(usize) -> S::V,
+) {
+    let full = out.len() / S::LANES * S::LANES;
+    for i in (0..full).step_by(S::LANES) {
+        // SAFETY: i + LANES ≤ full ≤ out.len(): the store stays inside `out`.
+        unsafe { s.store_ptr(out.as_mut_ptr().add(i).cast(), lanes(i)) };
+    }
+    if full < out.len() {
+        let mut tail = [0.0f32; MAX_LANES];
+        let rest = out.len() - full;
+        s.store_or(&mut tail[..rest], lanes(full));
+        for (o, &t) in out[full..].iter_mut().zip(&tail) {
+            o.write(t);
+        }
+    }
+}
+
+/// The widest vector any [`Simd`] has (AVX-512's 16 lanes).
+const MAX_LANES: usize = 16;
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{Avx2, Avx512};
 
