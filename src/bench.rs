@@ -214,7 +214,7 @@ impl GemmWorkload {
                 let c = unsafe {
                     &mut *(self.c.as_mut_slice() as *mut [f32] as *mut [MaybeUninit<f32>])
                 };
-                gemm_bf16_at_b(*path, &self.a, &self.b, m, n, k, c)
+                gemm_bf16_at_b(*path, &self.a, &self.b, m, n, k, c, None)
             }
             None => gemm(self.shape, &self.a, &self.b, &mut self.c, 0.0),
         }

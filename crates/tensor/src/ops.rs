@@ -356,19 +356,21 @@ pub fn linear_bf16_param_grads(
         ));
     }
     let (xv, dyv) = (x.values::<f32>()?, dy.values::<f32>()?);
+    let mut db = vec![0.0f32; out_f];
     let dw = if need_dw {
         let mut out = Vec::with_capacity(out_f * in_f);
         let uninit = &mut out.spare_capacity_mut()[..out_f * in_f];
-        cpu::gemm_bf16::gemm_bf16_at_b(Bf16Path::best(), dyv, xv, out_f, in_f, rows, uninit);
+        // db = Σ_rows dY comes with the product (on AMX, from the pass that converts dY).
+        let path = Bf16Path::best();
+        cpu::gemm_bf16::gemm_bf16_at_b(path, dyv, xv, out_f, in_f, rows, uninit, Some(&mut db));
         // SAFETY: `gemm_bf16_at_b` initialised all out_f·in_f elements.
         unsafe { out.set_len(out_f * in_f) };
         Some(Tensor::from_vec(&[out_f, in_f], out)?)
     } else {
+        cpu::elementwise::bias_backward(out_f, dyv, &mut db);
         None
     };
-    let mut db = Tensor::zeros(&[out_f], DType::F32);
-    cpu::elementwise::bias_backward(out_f, dyv, db.values_mut::<f32>()?);
-    Ok((dw, db))
+    Ok((dw, Tensor::from_vec(&[out_f], db)?))
 }
 
 /// Checks [`linear`]'s operands for one dtype: the product `x·Wᵀ` over all rows of `x`, and the

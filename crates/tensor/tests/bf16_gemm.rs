@@ -204,7 +204,8 @@ fn bf16_gemm_with_no_depth_stores_the_bias() {
 /// CPU has, into a NaN-filled output, against the f64 product of the bf16-rounded operands:
 /// only the f32 accumulation may differ. Ragged sizes off the 14-row and 32-row tiles, the
 /// 16-word interleave and 16×16 transpose, the 32-column panels and the 32-deep padding, past
-/// the 256- and 1024-deep blocks; 1 and 3 threads.
+/// the 256- and 1024-deep blocks; 1 and 3 threads. The column sums of the unrounded `A` that
+/// come with it (a bias gradient) against the f64 sums, within `k·ε` of the sum of magnitudes.
 #[test]
 fn bf16_gemm_at_b_matches_f64_reference_of_rounded_operands() {
     let mut rng = StdRng::seed_from_u64(19);
@@ -230,18 +231,26 @@ fn bf16_gemm_at_b_matches_f64_reference_of_rounded_operands() {
                 }
             }
         }
+        let a_ref = &a;
+        let column = |i: usize| (0..k).map(move |p| a_ref[p * m + i] as f64);
+        let want_sums: Vec<f64> = (0..m).map(|i| column(i).sum()).collect();
+        let sum_magnitude: Vec<f64> = (0..m).map(|i| column(i).map(f64::abs).sum()).collect();
         for (path, threads) in Bf16Path::available()
             .into_iter()
             .flat_map(|p| [(p, 1), (p, 3)])
         {
             threads::with_num_threads(threads, || {
                 let mut y = vec![MaybeUninit::new(f32::NAN); m * n];
-                gemm_bf16_at_b(path, &a, &b, m, n, k, &mut y);
+                let mut sums = vec![f32::NAN; m];
+                gemm_bf16_at_b(path, &a, &b, m, n, k, &mut y, Some(&mut sums));
                 // SAFETY: gemm_bf16_at_b initialises every element (they began as NaN).
                 let y: Vec<f32> = y.iter().map(|v| unsafe { v.assume_init() }).collect();
                 let ctx = format!("{m}×{n}×{k}, {path:?}, {threads} threads");
                 assert_close(&format!("bf16 Aᵀ·B {ctx}"), &y, &want, |i| {
                     (k as f64 + 2.0) * EPS * magnitude[i]
+                });
+                assert_close(&format!("column sums of A {ctx}"), &sums, &want_sums, |i| {
+                    k as f64 * EPS * sum_magnitude[i]
                 });
             });
         }

@@ -407,10 +407,10 @@ fn add_keys_grad(
         Products::Bf16(path) if !accumulate => {
             // SAFETY: `MaybeUninit<f32>` has f32's layout; the GEMM stores only f32s.
             let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
-            gemm_bf16_at_b(path, a, b, seq, d, rows, out)
+            gemm_bf16_at_b(path, a, b, seq, d, rows, out, None)
         }
         Products::Bf16(path) => {
-            gemm_bf16_at_b(path, a, b, seq, d, rows, scratch);
+            gemm_bf16_at_b(path, a, b, seq, d, rows, scratch, None);
             for (o, s) in out.iter_mut().zip(scratch.iter()) {
                 // SAFETY: the GEMM initialised every element of `scratch`.
                 *o += unsafe { s.assume_init() };

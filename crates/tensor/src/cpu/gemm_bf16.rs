@@ -485,6 +485,11 @@ unsafe fn run_vnni(path: Bf16Path, threads: usize, g: VnniGemm<'_>, rows: usize,
 /// instruction paths both operands become pair-major words by one vector pass each: `B` as VNNI
 /// panels; `A` read in place by the AVX512-BF16 kernel, or, for AMX, transposed 16×16 words at
 /// a time into its X tiles. The f32 path multiplies the rounded operands by the f32 GEMM.
+///
+/// With `a_column_sums` (`m` values) it also writes `Σ_p A[p, i]` of the unrounded `A` in f32:
+/// a bias gradient `Σ_rows dY`. AMX sums as it converts `A` (the separate pass over `dY` was 3%
+/// of a bf16 training step); the other paths make that pass.
+#[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16_at_b(
     path: Bf16Path,
     a: &[f32],
@@ -493,10 +498,26 @@ pub fn gemm_bf16_at_b(
     n: usize,
     k: usize,
     out: &mut [MaybeUninit<f32>],
+    a_column_sums: Option<&mut [f32]>,
 ) {
     assert_eq!(a.len(), k * m, "gemm_bf16_at_b: A has wrong length");
     assert_eq!(b.len(), k * n, "gemm_bf16_at_b: B has wrong length");
     assert_eq!(out.len(), m * n, "gemm_bf16_at_b: output has wrong length");
+    if let Some(sums) = &a_column_sums {
+        assert_eq!(
+            sums.len(),
+            m,
+            "gemm_bf16_at_b: column sums have wrong length"
+        );
+    }
+    let (a_column_sums, separate_sums) = match path {
+        Bf16Path::Amx if k > 0 && n > 0 => (a_column_sums, None),
+        _ => (None, a_column_sums),
+    };
+    if let Some(sums) = separate_sums {
+        sums.fill(0.0);
+        crate::cpu::elementwise::bias_backward(m, a, sums);
+    }
     let ep = Epilogue {
         beta: 0.0,
         bias: None,
@@ -551,7 +572,7 @@ pub fn gemm_bf16_at_b(
             ((j0 / PANEL_COLS) * pairs + p) * PANEL_COLS + j0 % PANEL_COLS
         });
         let x = if path == Bf16Path::Amx {
-            interleave_to_tiles(a, k, m, pairs, x);
+            interleave_to_tiles(a, k, m, pairs, x, a_column_sums);
             XOperand::Bf16Tiles(bytemuck::cast_slice(x))
         } else {
             interleave_row_pairs(a, k, m, stride, pairs, x, |p, i0| p * stride + i0);
@@ -574,17 +595,34 @@ pub fn gemm_bf16_at_b(
 /// [`convert_to_tiles`] lays out X, as 32-bit pairs of depth steps): `dst` holds
 /// `dst.len() / (16·pairs)` groups of 16 rows, `pairs` (a multiple of 16) pairs deep, zero past
 /// `m` and `k`; groups are spread over threads.
-fn interleave_to_tiles(a: &[f32], k: usize, m: usize, pairs: usize, dst: &mut [u32]) {
+fn interleave_to_tiles(
+    a: &[f32],
+    k: usize,
+    m: usize,
+    pairs: usize,
+    dst: &mut [u32],
+    column_sums: Option<&mut [f32]>,
+) {
     let group_len = TILE_ROWS * pairs;
-    let groups: Vec<_> = dst.chunks_mut(group_len).enumerate().collect();
-    threads::parallel_each(groups, |(g, group)| {
+    // Each group's task also sums its 16 columns of `a` over all `k` rows, when asked: the
+    // sums need no reduction across tasks, and are the same whatever the thread count.
+    let mut sums: Vec<Option<&mut [f32]>> = match column_sums {
+        Some(sums) => sums.chunks_mut(TILE_ROWS).map(Some).collect(),
+        None => Vec::new(),
+    };
+    let groups: Vec<_> = dst
+        .chunks_mut(group_len)
+        .enumerate()
+        .map(|(g, group)| (g, group, sums.get_mut(g).and_then(Option::take)))
+        .collect();
+    threads::parallel_each(groups, |(g, group, sums)| {
         // SAFETY: a Vnni packing path (AMX) exists only where AVX512-BF16 was detected.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            x86::interleave_tile_group(a, k, m, g * TILE_ROWS, group)
+            x86::interleave_tile_group(a, k, m, g * TILE_ROWS, group, sums)
         };
         #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("no bf16 instructions: {:?}", (a, k, m, g, group));
+        unreachable!("no bf16 instructions: {:?}", (a, k, m, g, group, sums));
     });
 }
 
@@ -624,8 +662,8 @@ fn interleave_row_pairs(
                 // caller's `offset` is injective).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    x86::interleave_16(row(2 * p), row(2 * p + 1), j0, (base as *mut u32).add(at))
-                };
+                    x86::interleave_16(row(2 * p), row(2 * p + 1), j0, (base as *mut u32).add(at));
+                }
                 #[cfg(not(target_arch = "x86_64"))]
                 unreachable!("no bf16 instructions: {:?}", (at, row(p)));
             }
@@ -840,7 +878,8 @@ mod x86 {
     }
 
     /// Writes the 16 words `[lo(j), hi(j)]` for `j` in `j0..j0 + 16` (bf16, low and high half)
-    /// at `dst`; a missing row, or a column past the row's end, reads as zero.
+    /// at `dst`; a missing row, or a column past the row's end, reads as zero. Returns the f32
+    /// sums `lo(j) + hi(j)` (unrounded), for callers that also want the columns' totals.
     ///
     /// # Safety
     /// The CPU must support AVX512-BF16; `dst` must be valid for 16 words.
@@ -850,23 +889,26 @@ mod x86 {
         hi: Option<&[f32]>,
         j0: usize,
         dst: *mut u32,
-    ) {
-        let load = |row: Option<&[f32]>| -> __m512i {
+    ) -> __m512 {
+        let load = |row: Option<&[f32]>| -> __m512 {
             let Some(row) = row else {
-                return _mm512_setzero_si512();
+                return _mm512_setzero_ps();
             };
             let lanes = row.len().saturating_sub(j0).min(16);
             let mask = ((1u32 << lanes) - 1) as u16;
             // SAFETY: only the `lanes` in-bounds lanes are read.
-            unsafe {
-                let v = _mm512_maskz_loadu_ps(mask, row.as_ptr().wrapping_add(j0));
-                let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-                _mm512_cvtepu16_epi32(h)
-            }
+            unsafe { _mm512_maskz_loadu_ps(mask, row.as_ptr().wrapping_add(j0)) }
         };
-        let words = _mm512_or_si512(load(lo), _mm512_slli_epi32::<16>(load(hi)));
+        let widen = |v: __m512| -> __m512i {
+            // SAFETY: a bf16 vector and an integer vector share a layout.
+            let h: __m256i = unsafe { std::mem::transmute(_mm512_cvtneps_pbh(v)) };
+            _mm512_cvtepu16_epi32(h)
+        };
+        let (lo, hi) = (load(lo), load(hi));
+        let words = _mm512_or_si512(widen(lo), _mm512_slli_epi32::<16>(widen(hi)));
         // SAFETY: the caller vouched for 16 words at `dst`.
         unsafe { _mm512_storeu_si512(dst.cast(), words) };
+        _mm512_add_ps(lo, hi)
     }
 
     /// One group of [`super::interleave_to_tiles`]: the rows `i0..i0 + 16` of `aᵀ` (`a` is
@@ -883,6 +925,7 @@ mod x86 {
         m: usize,
         i0: usize,
         dst: &mut [u32],
+        column_sums: Option<&mut [f32]>,
     ) {
         let tiles = dst.len() / (TILE_ROWS * 16);
         assert_eq!(dst.len(), tiles * TILE_ROWS * 16);
@@ -891,11 +934,12 @@ mod x86 {
         let s = unsafe { Avx512::new_unchecked() };
         let row = |r: usize| a.get(r * m..(r + 1) * m);
         let mut block = [0u32; 16 * 16];
+        let mut sums = _mm512_setzero_ps();
         for t in 0..tiles {
             for q in 0..16 {
                 let p = 16 * t + q;
                 // SAFETY: row q of the 16×16 block.
-                unsafe {
+                let pair_sums = unsafe {
                     interleave_16(
                         row(2 * p),
                         row(2 * p + 1),
@@ -903,6 +947,7 @@ mod x86 {
                         block.as_mut_ptr().add(q * 16),
                     )
                 };
+                sums = _mm512_add_ps(sums, pair_sums);
             }
             // SAFETY: the block holds 16 rows of 16 words; the tile's 256 words are inside
             // `dst` (its length checked).
@@ -916,6 +961,13 @@ mod x86 {
                     16,
                 )
             };
+        }
+        if let Some(out) = column_sums {
+            let mut lanes = [0.0f32; 16];
+            // SAFETY: 16 floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), sums) };
+            let len = out.len();
+            out.copy_from_slice(&lanes[..len]);
         }
     }
 
