@@ -13,11 +13,11 @@ use std::mem::MaybeUninit;
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use scalpel_tensor::cpu::activation;
 use scalpel_tensor::cpu::gemm::Activation;
 use scalpel_tensor::cpu::gemm_bf16::{
     gemm_bf16_at_b, gemm_bf16_into_uninit, gemm_bf16_packed, Bf16Path, PackedBf16Weight,
 };
+use scalpel_tensor::cpu::{activation, elementwise};
 use scalpel_tensor::threads;
 
 use crate::kernels::{assert_close, uniform};
@@ -252,6 +252,14 @@ fn bf16_gemm_at_b_matches_f64_reference_of_rounded_operands() {
                 assert_close(&format!("column sums of A {ctx}"), &sums, &want_sums, |i| {
                     k as f64 * EPS * sum_magnitude[i]
                 });
+                // And the bits of the f32 bias gradient, so that bf16 training's bias gradient
+                // is f32 training's.
+                let mut f32_sums = vec![0.0f32; m];
+                elementwise::bias_backward(m, &a, &mut f32_sums);
+                assert_eq!(
+                    sums, f32_sums,
+                    "column sums of A {ctx}: bias_backward's bits"
+                );
             });
         }
     }

@@ -486,8 +486,8 @@ unsafe fn run_vnni(path: Bf16Path, threads: usize, g: VnniGemm<'_>, rows: usize,
 /// panels; `A` read in place by the AVX512-BF16 kernel, or, for AMX, transposed 16×16 words at
 /// a time into its X tiles. The f32 path multiplies the rounded operands by the f32 GEMM.
 ///
-/// With `a_column_sums` (`m` values) it also writes `Σ_p A[p, i]` of the unrounded `A` in f32:
-/// a bias gradient `Σ_rows dY`. AMX sums as it converts `A` (the separate pass over `dY` was 3%
+/// With `a_column_sums` (`m` values) it also writes `Σ_p A[p, i]` of the unrounded `A` in f32,
+/// row by row (the bits of [`crate::cpu::elementwise::bias_backward`]): a bias gradient `Σ_rows dY`. AMX sums as it converts `A` (the separate pass over `dY` was 3%
 /// of a bf16 training step); the other paths make that pass.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16_at_b(
@@ -878,8 +878,8 @@ mod x86 {
     }
 
     /// Writes the 16 words `[lo(j), hi(j)]` for `j` in `j0..j0 + 16` (bf16, low and high half)
-    /// at `dst`; a missing row, or a column past the row's end, reads as zero. Returns the f32
-    /// sums `lo(j) + hi(j)` (unrounded), for callers that also want the columns' totals.
+    /// at `dst`; a missing row, or a column past the row's end, reads as zero. Returns the two
+    /// rows' f32 values (unrounded), for callers that also sum the columns.
     ///
     /// # Safety
     /// The CPU must support AVX512-BF16; `dst` must be valid for 16 words.
@@ -889,7 +889,7 @@ mod x86 {
         hi: Option<&[f32]>,
         j0: usize,
         dst: *mut u32,
-    ) -> __m512 {
+    ) -> (__m512, __m512) {
         let load = |row: Option<&[f32]>| -> __m512 {
             let Some(row) = row else {
                 return _mm512_setzero_ps();
@@ -908,7 +908,7 @@ mod x86 {
         let words = _mm512_or_si512(widen(lo), _mm512_slli_epi32::<16>(widen(hi)));
         // SAFETY: the caller vouched for 16 words at `dst`.
         unsafe { _mm512_storeu_si512(dst.cast(), words) };
-        _mm512_add_ps(lo, hi)
+        (lo, hi)
     }
 
     /// One group of [`super::interleave_to_tiles`]: the rows `i0..i0 + 16` of `aᵀ` (`a` is
@@ -939,7 +939,7 @@ mod x86 {
             for q in 0..16 {
                 let p = 16 * t + q;
                 // SAFETY: row q of the 16×16 block.
-                let pair_sums = unsafe {
+                let (lo, hi) = unsafe {
                     interleave_16(
                         row(2 * p),
                         row(2 * p + 1),
@@ -947,7 +947,8 @@ mod x86 {
                         block.as_mut_ptr().add(q * 16),
                     )
                 };
-                sums = _mm512_add_ps(sums, pair_sums);
+                // Row by row, as `elementwise::bias_backward` sums: the same bits.
+                sums = _mm512_add_ps(_mm512_add_ps(sums, lo), hi);
             }
             // SAFETY: the block holds 16 rows of 16 words; the tile's 256 words are inside
             // `dst` (its length checked).
