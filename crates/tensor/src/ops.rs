@@ -3,13 +3,14 @@
 //! Forward ops that save statistics for their backward (`layernorm`, `attention`,
 //! `l2_normalize`) return them alongside the output; inference simply drops them.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use crate::cpu::gemm::{Activation, GemmShape, PackedB};
-use crate::cpu::gemm_bf16::{Bf16Path, PackedBf16Weight};
+use crate::cpu::gemm_bf16::{Bf16Input, Bf16Output, Bf16Path, PackedBf16Weight};
 use crate::cpu::gemm_weights::{self, PackedWeight};
 use crate::cpu::{self, attention::AttentionShape, layernorm::LayerNormShape};
-use crate::{DType, Float, Result, Tensor, TensorError};
+use crate::{DType, Element, Float, Result, Tensor, TensorError};
 
 /// Runs a generic implementation for the float compute types and rejects the rest by name.
 macro_rules! dispatch_float {
@@ -199,7 +200,7 @@ pub fn linear(
         let bias = b.map(|b| b.values::<F>()).transpose()?;
         gemm_new(s, x, w, packed, bias, act, &shape)
     }
-    if (x.dtype(), w.dtype()) == (DType::F32, DType::BF16) {
+    if w.dtype() == DType::BF16 && matches!(x.dtype(), DType::F32 | DType::BF16) {
         let (s, shape) = linear_dims(x, w, b)?;
         let packing = match weight {
             WeightUse::Constant => gemm_weights::packed(w),
@@ -208,7 +209,7 @@ pub fn linear(
         let Some(PackedWeight::Bf16(packed)) = packing.as_deref() else {
             unreachable!("a 2-D bf16 host weight always packs for the bf16 GEMM")
         };
-        return linear_bf16(x, packed, b, act, s, &shape);
+        return linear_bf16(x, packed, b, act, s, &shape, DType::F32);
     }
     let (s, shape) = linear_shape(x, w, b)?;
     let packing = match weight {
@@ -225,7 +226,8 @@ pub fn linear(
     dispatch_float!("linear", x.dtype(), run(x, w, packed, b, act, s, shape))
 }
 
-/// [`linear`] with a `bf16` weight, `packed` for the bf16 GEMM.
+/// [`linear`] on the bf16 GEMM, `packed` for it: `x` F32 or BF16, the output `output` (F32 or
+/// BF16).
 fn linear_bf16(
     x: &Tensor,
     packed: &PackedBf16Weight,
@@ -233,23 +235,89 @@ fn linear_bf16(
     act: Activation,
     s: GemmShape,
     shape: &[usize],
+    output: DType,
 ) -> Result<Tensor> {
     if let Some(b) = b.filter(|b| b.dtype() != DType::F32) {
         return Err(TensorError::shape(
             "linear",
-            format!("a bf16 weight takes an F32 bias, got {:?}", b.dtype()),
+            format!("a bf16 GEMM takes an F32 bias, got {:?}", b.dtype()),
         ));
     }
-    let (x, bias) = (
-        x.values::<f32>()?,
-        b.map(|b| b.values::<f32>()).transpose()?,
-    );
-    let mut out = Vec::with_capacity(s.m * s.n);
-    let uninit = &mut out.spare_capacity_mut()[..s.m * s.n];
-    cpu::gemm_bf16::gemm_bf16_into_uninit(x, s.m, packed, bias, act, uninit);
-    // SAFETY: `gemm_bf16_into_uninit` initialised all m·n elements.
-    unsafe { out.set_len(s.m * s.n) };
-    Tensor::from_vec(shape, out)
+    let x = match x.dtype() {
+        DType::F32 => Bf16Input::F32(x.values()?),
+        DType::BF16 => Bf16Input::Bf16(x.values()?),
+        other => {
+            return Err(TensorError::shape(
+                "linear",
+                format!("a bf16 GEMM takes an F32 or BF16 input, got {other:?}"),
+            ))
+        }
+    };
+    let bias = b.map(|b| b.values::<f32>()).transpose()?;
+    fn run<T: Element>(
+        len: usize,
+        shape: &[usize],
+        gemm: impl FnOnce(&mut [MaybeUninit<T>]),
+    ) -> Result<Tensor> {
+        let mut out = Vec::with_capacity(len);
+        gemm(&mut out.spare_capacity_mut()[..len]);
+        // SAFETY: `gemm_bf16_into_uninit` initialised all `len` elements.
+        unsafe { out.set_len(len) };
+        Tensor::from_vec(shape, out)
+    }
+    let gemm =
+        |out: Bf16Output<'_>| cpu::gemm_bf16::gemm_bf16_into_uninit(x, s.m, packed, bias, act, out);
+    match output {
+        DType::F32 => run(s.m * s.n, shape, |out| gemm(Bf16Output::F32(out))),
+        DType::BF16 => run(s.m * s.n, shape, |out| gemm(Bf16Output::Bf16(out))),
+        other => unreachable!("a bf16 GEMM stores F32 or BF16, not {other:?}"),
+    }
+}
+
+/// `act(x·Wᵀ + b)` on the bf16 GEMM with its output rounded to bf16 as the kernel stores it:
+/// the input of a following bf16 GEMM, which would round it there (the same bits, in half the
+/// bytes, and no pass of its own). Inference: `w` is a constant host weight, F32 (its bf16
+/// packing kept, as [`linear_bf16_compute`] keeps it) or BF16; `x` is F32 or BF16, `b` F32.
+pub fn linear_bf16_rounded(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    act: Activation,
+) -> Result<Tensor> {
+    if !(x.is_host() && w.is_host() && b.is_none_or(Tensor::is_host)) {
+        return Err(TensorError::shape(
+            "linear",
+            "the bf16 GEMM runs on the CPU only",
+        ));
+    }
+    let packing = match w.dtype() {
+        DType::F32 => gemm_weights::packed_bf16(w, false),
+        DType::BF16 => gemm_weights::packed(w),
+        other => {
+            return Err(TensorError::shape(
+                "linear",
+                format!("the bf16 GEMM takes an F32 or BF16 weight, got {other:?}"),
+            ))
+        }
+    };
+    let (s, shape) = linear_dims(x, w, b)?;
+    let packed = packing
+        .as_deref()
+        .and_then(PackedWeight::bf16_forward)
+        .expect("a 2-D F32 or BF16 host weight always packs for the bf16 GEMM");
+    linear_bf16(x, packed, b, act, s, &shape, DType::BF16)
+}
+
+/// `x` (F32) rounded to bf16, to nearest even ([`cpu::gemm_bf16::round_into`]): one rounding
+/// of an input that several bf16 GEMMs read.
+pub fn round_to_bf16(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() != DType::F32 || !x.is_host() {
+        return Err(TensorError::shape(
+            "round_to_bf16",
+            format!("takes an F32 host tensor, got {:?}", x.dtype()),
+        ));
+    }
+    Tensor::from_vec(x.shape(), cpu::gemm_bf16::rounded(x.values()?))
 }
 
 /// [`linear`] on the bf16 GEMM whatever the weight's dtype (`f32` or `bf16`): mixed-precision
@@ -271,11 +339,13 @@ pub fn linear_bf16_compute(
             "bf16 compute of an f32 weight runs on the CPU only",
         ));
     }
-    if x.dtype() != DType::F32 || !matches!(w.dtype(), DType::F32 | DType::BF16) {
+    let input_ok = x.dtype() == DType::F32 || (x.dtype() == DType::BF16 && !training);
+    if !input_ok || !matches!(w.dtype(), DType::F32 | DType::BF16) {
         return Err(TensorError::shape(
             "linear",
             format!(
-                "bf16 compute takes an F32 input and an F32 or BF16 weight, got {:?} and {:?}",
+                "bf16 compute takes an F32 input (BF16 without an input gradient) and an F32 or \
+                 BF16 weight, got {:?} and {:?}",
                 x.dtype(),
                 w.dtype()
             ),
@@ -285,7 +355,7 @@ pub fn linear_bf16_compute(
     let packing = gemm_weights::packed_bf16(w, training)
         .expect("a 2-D F32 or BF16 host weight always packs for the bf16 GEMM");
     let forward = packing.bf16_forward().expect("a bf16 packing");
-    let y = linear_bf16(x, forward, b, act, s, &shape)?;
+    let y = linear_bf16(x, forward, b, act, s, &shape, DType::F32)?;
     Ok((y, packing))
 }
 
@@ -326,7 +396,15 @@ pub fn linear_bf16_input_grad(
             format!("gradient {:?} against input {x_shape:?}", dy.shape()),
         ));
     }
-    linear_bf16(dy, input_grad, None, Activation::Identity, s, x_shape)
+    linear_bf16(
+        dy,
+        input_grad,
+        None,
+        Activation::Identity,
+        s,
+        x_shape,
+        DType::F32,
+    )
 }
 
 /// The weight and bias gradients of a [`linear_bf16_compute`] in training: `dW = dYᵀ·X` on the

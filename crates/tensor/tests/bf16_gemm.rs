@@ -15,7 +15,8 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use scalpel_tensor::cpu::gemm::Activation;
 use scalpel_tensor::cpu::gemm_bf16::{
-    gemm_bf16_at_b, gemm_bf16_into_uninit, gemm_bf16_packed, Bf16Path, PackedBf16Weight,
+    gemm_bf16_at_b, gemm_bf16_into_uninit, gemm_bf16_packed, round_into, Bf16Input, Bf16Output,
+    Bf16Path, PackedBf16Weight,
 };
 use scalpel_tensor::cpu::{activation, elementwise};
 use scalpel_tensor::threads;
@@ -107,7 +108,8 @@ fn check(rng: &mut StdRng, m: usize, n: usize, k: usize) -> Vec<Bf16Path> {
                 let before_gelu = want.clone();
                 activation::gelu_forward_reference(&mut want);
                 let mut y = vec![MaybeUninit::new(f32::NAN); m * n];
-                gemm_bf16_into_uninit(&x, m, &packed, Some(&bias), Activation::Gelu, &mut y);
+                let (input, act) = (Bf16Input::F32(&x), Activation::Gelu);
+                gemm_bf16_into_uninit(input, m, &packed, Some(&bias), act, Bf16Output::F32(&mut y));
                 // SAFETY: gemm_bf16_into_uninit initialises every element (they began as NaN).
                 let y: Vec<f32> = y.iter().map(|v| unsafe { v.assume_init() }).collect();
                 assert_close(&format!("bf16 gemm + bias + GELU {ctx}"), &y, &want, |i| {
@@ -151,6 +153,140 @@ fn bf16_gemm_matches_f64_reference_at_ragged_sizes_on_every_path() {
         Bf16Path::advertised(),
         "the paths run should be all CPUID advertises"
     );
+}
+
+/// `half`'s rounding to bf16 (to nearest even), with a subnormal flushed to zero of its sign.
+fn flushed_bf16(v: f32) -> u16 {
+    match v.is_subnormal() {
+        true => bf16::from_f32(v.signum() * 0.0).to_bits(),
+        false => bf16::from_f32(v).to_bits(),
+    }
+}
+
+/// `X` given in bf16 (rounded already) gives the bits `X` in f32 gives, and a bf16 output holds
+/// the f32 output rounded (to nearest even, a subnormal to zero), bit for bit: on every path, 1 and 3
+/// threads, without and with bias and GELU. The sizes cover AMX reading bf16 rows in place
+/// (depth a multiple of 32) with a ragged tail of rows copied into tiles, one depth block and
+/// several, and depths it must copy whole.
+#[test]
+fn bf16_gemm_bf16_input_and_output_have_the_bits_of_the_f32_ones() {
+    let mut rng = StdRng::seed_from_u64(19);
+    for (m, n, k) in [
+        (70, 100, 384),
+        (45, 40, 800),
+        (32, 64, 64),
+        (33, 17, 100),
+        (5, 3, 32),
+    ] {
+        let x = uniform(&mut rng, m * k, -1.0, 1.0);
+        let x_bf16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        let w = uniform(&mut rng, n * k, -1.0, 1.0);
+        let bias = uniform(&mut rng, n, -1.0, 1.0);
+        for path in paths() {
+            let packed = PackedBf16Weight::pack(path, &w, n, k);
+            for threads in [1, 3] {
+                for (bias, act) in [
+                    (None, Activation::Identity),
+                    (Some(&bias[..]), Activation::Identity),
+                    (Some(&bias[..]), Activation::Gelu),
+                ] {
+                    let ctx = format!("{m}×{n}×{k}, {path:?}, {threads} threads, {bias:?} {act:?}");
+                    let run_f32 = |input: Bf16Input<'_>| {
+                        let mut y = vec![MaybeUninit::new(f32::NAN); m * n];
+                        gemm_bf16_into_uninit(
+                            input,
+                            m,
+                            &packed,
+                            bias,
+                            act,
+                            Bf16Output::F32(&mut y),
+                        );
+                        // SAFETY: every element was written (they began as NaN).
+                        y.iter()
+                            .map(|v| unsafe { v.assume_init() }.to_bits())
+                            .collect::<Vec<_>>()
+                    };
+                    let run_bf16 = |input: Bf16Input<'_>| {
+                        let mut y = vec![MaybeUninit::new(bf16::NAN); m * n];
+                        gemm_bf16_into_uninit(
+                            input,
+                            m,
+                            &packed,
+                            bias,
+                            act,
+                            Bf16Output::Bf16(&mut y),
+                        );
+                        // SAFETY: every element was written (they began as NaN).
+                        y.iter()
+                            .map(|v| unsafe { v.assume_init() }.to_bits())
+                            .collect::<Vec<_>>()
+                    };
+                    threads::with_num_threads(threads, || {
+                        let y = run_f32(Bf16Input::F32(&x));
+                        let want_bf16: Vec<u16> =
+                            y.iter().map(|&b| flushed_bf16(f32::from_bits(b))).collect();
+                        same_bits(
+                            &run_f32(Bf16Input::Bf16(&x_bf16)),
+                            &y,
+                            &format!("bf16 input, {ctx}"),
+                        );
+                        same_bits(
+                            &run_bf16(Bf16Input::F32(&x)),
+                            &want_bf16,
+                            &format!("bf16 output, {ctx}"),
+                        );
+                        same_bits(
+                            &run_bf16(Bf16Input::Bf16(&x_bf16)),
+                            &want_bf16,
+                            &format!("bf16 input and output, {ctx}"),
+                        );
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Fails naming the first element whose bits differ, and how many do.
+fn same_bits<T: PartialEq + std::fmt::Debug>(got: &[T], want: &[T], ctx: &str) {
+    assert_eq!(got.len(), want.len(), "{ctx}: lengths");
+    let differ: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
+    if let Some(&i) = differ.first() {
+        panic!(
+            "{ctx}: {} of {} elements differ, the first at {i}: {:?} against {:?}",
+            differ.len(),
+            got.len(),
+            got[i],
+            want[i]
+        );
+    }
+}
+
+/// The rounding to bf16 against `half`'s with subnormals flushed, bit for bit, on normal
+/// values, exact ties (the low 16 bits 0x8000, which go to the even neighbour), tiny normals,
+/// subnormals, zeros and infinities, at lengths off its 32-value steps and its chunks.
+#[test]
+fn round_into_rounds_to_nearest_even_as_half_does() {
+    let mut rng = StdRng::seed_from_u64(20);
+    for len in [1, 31, 33, 16_385] {
+        let mut src = uniform(&mut rng, len, -1e4, 1e4);
+        for (i, v) in src.iter_mut().enumerate() {
+            match i % 5 {
+                1 => *v = f32::from_bits((v.to_bits() & !0xffff) | 0x8000),
+                2 => *v *= 1e-30,
+                3 => *v = [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY][i / 5 % 4],
+                4 => *v *= 1e-42,
+                _ => {}
+            }
+        }
+        let mut got = vec![MaybeUninit::new(bf16::NAN); len];
+        round_into(&src, &mut got);
+        for (i, (&s, g)) in src.iter().zip(&got).enumerate() {
+            // SAFETY: every element was written.
+            let g = unsafe { g.assume_init() };
+            assert_eq!(g.to_bits(), flushed_bf16(s), "element {i} of {len}: {s:e}");
+        }
+    }
 }
 
 /// With `X = I` (k×k) the output is `Wᵀ` rounded to bf16, exactly: each element is a single

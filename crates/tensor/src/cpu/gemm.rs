@@ -540,29 +540,34 @@ pub(crate) unsafe fn store_tile<S: Simd, const MR: usize, const NV: usize>(
                 } else {
                     s.mul_add(beta_v, s.load_ptr(cp), acc)
                 };
-                let out = match bias_v {
-                    Some(bias_v) => s.add(out, bias_v[v]),
-                    None => out,
-                };
-                let out = match act {
-                    Activation::Identity => out,
-                    Activation::Gelu => s.mul(out, normal_cdf(s, out)),
-                };
-                s.store_ptr(cp, out);
+                s.store_ptr(cp, finish(s, out, bias_v.map(|b| b[v]), act));
             }
         }
+    }
+}
+
+/// `act(sum + bias)`, the epilogue's last steps on one vector of C.
+#[inline(always)]
+pub(crate) fn finish<S: Simd>(s: S, sum: S::V, bias: Option<S::V>, act: Activation) -> S::V {
+    let out = match bias {
+        Some(bias) => s.add(sum, bias),
+        None => sum,
+    };
+    match act {
+        Activation::Identity => out,
+        Activation::Gelu => s.mul(out, normal_cdf(s, out)),
     }
 }
 
 /// Raw pointer to C's `m×n` elements, shared by tasks that write disjoint tiles of it. With
 /// beta = 0, C may start uninitialised: each element is stored before anything reads it.
 #[derive(Clone, Copy)]
-pub(crate) struct TilePtr(pub(crate) *mut f32);
+pub(crate) struct TilePtr<T = f32>(pub(crate) *mut T);
 // SAFETY: every task writes a disjoint set of C's elements (see `packed`/`direct_nt`), and the
 // pointer does not outlive the buffer it came from (tasks finish before `parallel_for`
 // returns).
-unsafe impl Send for TilePtr {}
-unsafe impl Sync for TilePtr {}
+unsafe impl<T> Send for TilePtr<T> {}
+unsafe impl<T> Sync for TilePtr<T> {}
 
 /// The f32 GEMM on `threads` threads, B read as given (`Raw`) or from its packing; A and B
 /// already checked against `s`.

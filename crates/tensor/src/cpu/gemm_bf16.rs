@@ -359,6 +359,93 @@ impl PackedBf16Weight {
     }
 }
 
+/// The activations `X` of a bf16 GEMM: f32, rounded to bf16 as the kernel reads them, or bf16
+/// already (the rounded output of an earlier GEMM, or one rounding shared by several GEMMs of
+/// the same input): the same bits either way.
+#[derive(Clone, Copy, Debug)]
+pub enum Bf16Input<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> Bf16Input<'a> {
+    pub fn len(self) -> usize {
+        match self {
+            Bf16Input::F32(v) => v.len(),
+            Bf16Input::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+
+    /// Elements `range` (clipped to the end: a row past it is empty, and reads as zeros).
+    fn slice(self, range: Range<usize>) -> Bf16Input<'a> {
+        let clip = |len: usize| range.start.min(len)..range.end.min(len);
+        match self {
+            Bf16Input::F32(v) => Bf16Input::F32(&v[clip(v.len())]),
+            Bf16Input::Bf16(v) => Bf16Input::Bf16(&v[clip(v.len())]),
+        }
+    }
+
+    /// The values rounded to bf16 and widened back to f32 (the f32 path's operand).
+    fn rounded_f32(self) -> Vec<f32> {
+        match self {
+            Bf16Input::F32(v) => v.iter().map(|v| v.to_bf16().to_f32()).collect(),
+            Bf16Input::Bf16(v) => v.iter().map(|v| v.to_f32()).collect(),
+        }
+    }
+}
+
+/// Where a bf16 GEMM stores `act(X·Wᵀ + bias)` (need not be initialised: on return every
+/// element is): f32, or rounded to bf16 for a consumer that would round it anyway (the next
+/// bf16 GEMM), in half the bytes. The AMX kernel rounds as it stores; the paths that
+/// accumulate depth blocks in C store f32 and round after.
+pub enum Bf16Output<'a> {
+    F32(&'a mut [MaybeUninit<f32>]),
+    Bf16(&'a mut [MaybeUninit<bf16>]),
+}
+
+impl Bf16Output<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Bf16Output::F32(v) => v.len(),
+            Bf16Output::Bf16(v) => v.len(),
+        }
+    }
+
+    fn ptr(&mut self) -> CPtr {
+        match self {
+            Bf16Output::F32(v) => CPtr::F32(TilePtr(v.as_mut_ptr().cast())),
+            Bf16Output::Bf16(v) => CPtr::Bf16(TilePtr(v.as_mut_ptr().cast())),
+        }
+    }
+}
+
+/// C of a bf16 instruction path: f32, or bf16 bits (AMX only).
+#[derive(Clone, Copy)]
+enum CPtr {
+    F32(TilePtr),
+    Bf16(TilePtr<u16>),
+}
+
+impl CPtr {
+    /// The element `i` places further on.
+    ///
+    /// # Safety
+    /// The result must stay inside the caller's C.
+    unsafe fn add(self, i: usize) -> CPtr {
+        // SAFETY: as the caller vouched.
+        unsafe {
+            match self {
+                CPtr::F32(c) => CPtr::F32(TilePtr(c.0.add(i))),
+                CPtr::Bf16(c) => CPtr::Bf16(TilePtr(c.0.add(i))),
+            }
+        }
+    }
+}
+
 /// `out = act(X·Wᵀ + bias)` with `X` (`[rows, k]`, f32) rounded to bf16, `W` from `packed`
 /// (`[n, k]`), f32 accumulation and output (`[rows, n]`), `bias` (length `n`) added to every row;
 /// on [`threads::num_threads`] threads, on the path `packed` was packed for.
@@ -372,18 +459,25 @@ pub fn gemm_bf16_packed(
 ) {
     // SAFETY: `MaybeUninit<f32>` has f32's layout, and the callee stores only initialised f32s.
     let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
-    gemm_bf16_into_uninit(x, rows, packed, bias, act, out)
+    gemm_bf16_into_uninit(
+        Bf16Input::F32(x),
+        rows,
+        packed,
+        bias,
+        act,
+        Bf16Output::F32(out),
+    )
 }
 
-/// [`gemm_bf16_packed`] into an output that need not be initialised (a fresh buffer): on
-/// return every element is.
+/// [`gemm_bf16_packed`] from f32 or bf16 activations, into an f32 or bf16 output that need not
+/// be initialised (a fresh buffer): on return every element is.
 pub fn gemm_bf16_into_uninit(
-    x: &[f32],
+    x: Bf16Input<'_>,
     rows: usize,
     packed: &PackedBf16Weight,
     bias: Option<&[f32]>,
     act: Activation,
-    out: &mut [MaybeUninit<f32>],
+    mut out: Bf16Output<'_>,
 ) {
     let (n, k) = (packed.n, packed.k);
     assert_eq!(x.len(), rows * k, "gemm_bf16: X has wrong length");
@@ -391,7 +485,6 @@ pub fn gemm_bf16_into_uninit(
     if let Some(bias) = bias {
         assert_eq!(bias.len(), n, "gemm_bf16: bias has wrong length");
     }
-    let c = TilePtr(out.as_mut_ptr().cast());
     let ep = Epilogue {
         beta: 0.0,
         bias,
@@ -400,17 +493,27 @@ pub fn gemm_bf16_into_uninit(
     if rows == 0 || n == 0 {
         return;
     }
+    if let Bf16Output::Bf16(dst) = &mut out {
+        if packed.path != Bf16Path::Amx || k == 0 {
+            let mut y = Vec::with_capacity(rows * n);
+            let uninit = &mut y.spare_capacity_mut()[..rows * n];
+            gemm_bf16_into_uninit(x, rows, packed, bias, act, Bf16Output::F32(uninit));
+            // SAFETY: the call above initialised all rows·n elements.
+            unsafe { y.set_len(rows * n) };
+            return round_into(&y, dst);
+        }
+    }
     let threads = if rows * n * k < gemm::THREADED_MIN_WORK {
         1
     } else {
         threads::num_threads()
     };
+    let c = out.ptr();
     match &packed.data {
         PackedData::F32(b) => {
-            let Bf16Path::F32(isa) = packed.path else {
-                unreachable!("an f32 packing belongs to the f32 path")
+            let (Bf16Path::F32(isa), CPtr::F32(c)) = (packed.path, c) else {
+                unreachable!("an f32 packing belongs to the f32 path, which stores f32")
             };
-            let rounded: Vec<f32> = x.iter().map(|v| v.to_bf16().to_f32()).collect();
             let s = GemmShape {
                 m: rows,
                 n,
@@ -418,21 +521,24 @@ pub fn gemm_bf16_into_uninit(
                 trans_a: false,
                 trans_b: true,
             };
+            let rounded = x.rounded_f32();
             // SAFETY: C holds rows×n elements (checked) and is ours alone for the call; with
             // beta = 0 each is stored before anything reads it.
             unsafe { gemm::gemm_f32_from(isa, threads, s, &rounded, BOperand::Prepacked(b), c, ep) }
         }
         PackedData::Vnni(_) if k == 0 => {
+            let CPtr::F32(c) = c else {
+                unreachable!("a bf16 output of no depth is rounded from an f32 one")
+            };
             for i in 0..rows * n {
                 // SAFETY: inside C's rows×n elements.
                 unsafe { ep.store(c.0.add(i), 0.0, i % n) };
             }
         }
         PackedData::Vnni(w) => {
-            let bl = blocking(packed.path);
             let k_padded = k.next_multiple_of(K_ALIGN);
             let g = VnniGemm {
-                x: XOperand::F32Rows(x, k),
+                x: XOperand::Rows(x, k),
                 w: w.as_slice(),
                 n,
                 k_padded,
@@ -443,18 +549,86 @@ pub fn gemm_bf16_into_uninit(
                 // SAFETY: C as the caller lent it; X's rows are rounded as they are packed.
                 return unsafe { run_vnni(packed.path, threads, g, rows, k) };
             }
-            let rows_padded = rows.next_multiple_of(bl.mr);
+            // bf16 rows a whole number of tile rows wide are AMX tiles as they lie (a row
+            // stride of 2k bytes) for every full 32-row block; the rest is rounded or copied
+            // into zero-padded tiles.
+            let full_blocks = rows / AMX_BLOCK_ROWS * AMX_BLOCK_ROWS;
+            let in_place = match x {
+                Bf16Input::Bf16(bits) if k == k_padded && full_blocks > 0 => {
+                    let g = VnniGemm {
+                        x: XOperand::AmxTiles(AmxX::rows(bytemuck::cast_slice(bits), k)),
+                        ..g
+                    };
+                    // SAFETY: the first `full_blocks` rows are whole 32-row blocks of X; C as
+                    // the caller lent it.
+                    unsafe { run_vnni(packed.path, threads, g, full_blocks, k) };
+                    full_blocks
+                }
+                _ => 0,
+            };
+            let rest = rows - in_place;
+            if rest == 0 {
+                return;
+            }
+            let x = x.slice(in_place * k..rows * k);
+            let rows_padded = rest.next_multiple_of(AMX_BLOCK_ROWS);
             with_x_buffer(rows_padded * k_padded, |xb| {
                 convert_to_tiles(x, k, k_padded, xb);
                 let g = VnniGemm {
-                    x: XOperand::Bf16Tiles(xb),
+                    x: XOperand::AmxTiles(AmxX::tiles(xb, k_padded)),
+                    // SAFETY: row `in_place` of C is inside it (rest > 0 rows follow).
+                    c: unsafe { c.add(in_place * n) },
                     ..g
                 };
-                // SAFETY: X is padded to whole MR-row panels; C as the caller lent it.
-                unsafe { run_vnni(packed.path, threads, g, rows, k) }
+                // SAFETY: X is padded to whole 32-row blocks; C's rows from `in_place` as lent.
+                unsafe { run_vnni(packed.path, threads, g, rest, k) }
             })
         }
     }
+}
+
+/// `dst = src` rounded to bf16, to nearest with ties to even, a subnormal to zero of its sign
+/// (as AVX512-BF16's conversion rounds, and the bf16 multiplies read subnormals as zero anyway),
+/// on [`threads::num_threads`] threads: with that conversion where the CPU has it, which the
+/// AMX kernel's rounding of X and of a bf16 C shares, else by [`round_bits`].
+pub fn round_into(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
+    assert_eq!(src.len(), dst.len(), "round_into: lengths differ");
+    const CHUNK: usize = 1 << 14;
+    let vector = avx512bf16_detected();
+    let chunks: Vec<_> = src.chunks(CHUNK).zip(dst.chunks_mut(CHUNK)).collect();
+    threads::parallel_each(chunks, |(src, dst)| {
+        if vector {
+            // SAFETY: AVX512-BF16 was detected.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                x86::round_run(src, dst)
+            };
+            #[cfg(target_arch = "x86_64")]
+            return;
+        }
+        for (d, &s) in dst.iter_mut().zip(src) {
+            d.write(bf16::from_bits(round_bits(s)));
+        }
+    });
+}
+
+/// One value as [`round_into`] rounds it: `half`'s rounding, with a subnormal flushed to zero.
+#[inline]
+pub fn round_bits(v: f32) -> u16 {
+    if v.is_subnormal() {
+        (v.to_bits() >> 16) as u16 & 0x8000
+    } else {
+        bf16::from_f32(v).to_bits()
+    }
+}
+
+/// [`round_into`] into a fresh vector.
+pub fn rounded(src: &[f32]) -> Vec<bf16> {
+    let mut out = Vec::with_capacity(src.len());
+    round_into(src, &mut out.spare_capacity_mut()[..src.len()]);
+    // SAFETY: `round_into` initialised every element.
+    unsafe { out.set_len(src.len()) };
+    out
 }
 
 /// [`VnniGemm`] `g` over `rows` rows of C, on `threads` threads.
@@ -573,7 +747,7 @@ pub fn gemm_bf16_at_b(
         });
         let x = if path == Bf16Path::Amx {
             interleave_to_tiles(a, k, m, pairs, x, a_column_sums);
-            XOperand::Bf16Tiles(bytemuck::cast_slice(x))
+            XOperand::AmxTiles(AmxX::tiles(bytemuck::cast_slice(x), 2 * pairs))
         } else {
             interleave_row_pairs(a, k, m, stride, pairs, x, |p, i0| p * stride + i0);
             XOperand::PairMajor { words: x, stride }
@@ -583,7 +757,7 @@ pub fn gemm_bf16_at_b(
             w,
             n,
             k_padded: 2 * pairs,
-            c: TilePtr(out.as_mut_ptr().cast()),
+            c: CPtr::F32(TilePtr(out.as_mut_ptr().cast())),
             ep,
         };
         // SAFETY: the pair-major X covers `stride` ≥ whole MR-row panels; C as checked above.
@@ -693,7 +867,7 @@ fn interleave_row_pairs(
 fn blocking(path: Bf16Path) -> Blocking {
     match path {
         Bf16Path::Amx => Blocking {
-            mr: 2 * TILE_ROWS,
+            mr: AMX_BLOCK_ROWS,
             nr: PANEL_COLS,
             mc: 2 * TILE_ROWS,
             kc: 256,
@@ -716,6 +890,8 @@ const AMX_ONE_BLOCK_DEPTH: usize = 384;
 const AMX_NC: usize = 256;
 /// Rows of an AMX tile (and of its 16×16 f32 C tile).
 const TILE_ROWS: usize = 16;
+/// Rows of X (and C) in one AMX block: two tiles.
+const AMX_BLOCK_ROWS: usize = 2 * TILE_ROWS;
 
 thread_local! {
     /// [`gemm_bf16_at_b`]'s pair-major operands, reused across calls on this thread.
@@ -739,11 +915,11 @@ fn with_x_buffer<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
     })
 }
 
-/// Rounds the rows of `x` (`k` wide) into `dst` as AMX tiles: for each group of 16 rows, for
+/// Rounds (or copies) the rows of `x` (`k` wide) into `dst` as AMX tiles: for each group of 16 rows, for
 /// each 32 depth steps, the 16×32 bf16 tile stored contiguously (1 KiB, loaded with a 64-byte
 /// stride), the depth zero-padded to `k_padded` and the rows to whole groups; groups are spread
 /// over threads.
-fn convert_to_tiles(x: &[f32], k: usize, k_padded: usize, dst: &mut [u16]) {
+fn convert_to_tiles(x: Bf16Input<'_>, k: usize, k_padded: usize, dst: &mut [u16]) {
     const GROUPS_PER_TASK: usize = 4;
     let group_len = TILE_ROWS * k_padded;
     let chunks: Vec<_> = dst
@@ -753,7 +929,7 @@ fn convert_to_tiles(x: &[f32], k: usize, k_padded: usize, dst: &mut [u16]) {
     threads::parallel_each(chunks, |(chunk, dst)| {
         for (g, group) in dst.chunks_mut(group_len).enumerate() {
             let first_row = (chunk * GROUPS_PER_TASK + g) * TILE_ROWS;
-            let rows = x.get(first_row * k..).unwrap_or(&[]);
+            let rows = x.slice(first_row * k..x.len());
             // SAFETY: a Vnni packing exists only where AVX512-BF16 was detected.
             #[cfg(target_arch = "x86_64")]
             unsafe {
@@ -768,15 +944,47 @@ fn convert_to_tiles(x: &[f32], k: usize, k_padded: usize, dst: &mut [u16]) {
 /// Where a bf16 instruction path reads X.
 #[derive(Clone, Copy)]
 enum XOperand<'a> {
-    /// f32 rows `k` wide, rounded to bf16 as the AVX512-BF16 kernel packs each cache block's
-    /// panels from them.
-    F32Rows(&'a [f32], usize),
-    /// bf16 AMX tiles, as [`convert_to_tiles`] lays them out, padded with zero rows to whole
-    /// MR-row blocks.
-    Bf16Tiles(&'a [u16]),
+    /// Rows `k` wide, rounded to bf16 (or, bf16 already, copied) as the AVX512-BF16 kernel
+    /// packs each cache block's panels from them.
+    Rows(Bf16Input<'a>, usize),
+    /// bf16 AMX tiles.
+    AmxTiles(AmxX<'a>),
     /// Pair-major words, the pair `p` of row `i` at word `p·stride + i` (the AVX512-BF16
     /// kernel reads its panels from there in place).
     PairMajor { words: &'a [u32], stride: usize },
+}
+
+/// Where AMX reads X's tiles: the 16×32 tile of rows `16g..`, depth steps `32t..` starts at
+/// `data[g·group_stride + t·tile_stride]` and its rows are `row_bytes` apart. All rows the
+/// kernel reads exist: whole 32-row blocks.
+#[derive(Clone, Copy)]
+struct AmxX<'a> {
+    data: &'a [u16],
+    group_stride: usize,
+    tile_stride: usize,
+    row_bytes: usize,
+}
+
+impl<'a> AmxX<'a> {
+    /// Contiguous 1 KiB tiles, as [`convert_to_tiles`] lays them out (`k_padded` deep).
+    fn tiles(data: &'a [u16], k_padded: usize) -> AmxX<'a> {
+        AmxX {
+            data,
+            group_stride: TILE_ROWS * k_padded,
+            tile_stride: TILE_ROWS * 32,
+            row_bytes: 64,
+        }
+    }
+
+    /// Row-major bf16 rows `k` wide (a multiple of 32), read in place.
+    fn rows(data: &'a [u16], k: usize) -> AmxX<'a> {
+        AmxX {
+            data,
+            group_stride: TILE_ROWS * k,
+            tile_stride: 32,
+            row_bytes: 2 * k,
+        }
+    }
 }
 
 /// One call of a bf16 instruction path: X, the VNNI weight panels, and C (`n` wide) with its
@@ -787,7 +995,7 @@ struct VnniGemm<'a> {
     w: &'a [u32],
     n: usize,
     k_padded: usize,
-    c: TilePtr,
+    c: CPtr,
     ep: Epilogue<'a>,
 }
 
@@ -827,11 +1035,13 @@ mod x86 {
     use std::mem::MaybeUninit;
     use std::ops::Range;
 
+    use half::bf16;
+
     use super::{
-        blocking, Bf16Path, VnniGemm, XOperand, AMX_ONE_BLOCK_DEPTH, DPBF16_MR, PANEL_COLS,
-        TILE_ROWS,
+        blocking, round_bits, Bf16Input, Bf16Path, CPtr, VnniGemm, XOperand, AMX_ONE_BLOCK_DEPTH,
+        DPBF16_MR, PANEL_COLS, TILE_ROWS,
     };
-    use crate::cpu::gemm::{prefetch, store_tile, Activation, Epilogue};
+    use crate::cpu::gemm::{finish, prefetch, store_tile, Activation, Epilogue};
     use crate::cpu::simd::Avx512;
     use crate::cpu::simd::Simd;
 
@@ -854,24 +1064,64 @@ mod x86 {
         unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(load(from + 16), load(from))) }
     }
 
-    /// Rounds the first 16 rows of `x` (`k` wide; missing rows read as zero) into one group of
+    /// [`round_32`] of either kind of row: bf16 values are loaded as they are.
+    #[inline(always)]
+    fn words_32(row: Bf16Input<'_>, from: usize) -> __m512i {
+        match row {
+            Bf16Input::F32(row) => round_32(row, from),
+            Bf16Input::Bf16(row) => {
+                let lanes = row.len().saturating_sub(from).min(32);
+                // SAFETY: only the `lanes` in-bounds values are read; the callers are compiled
+                // with AVX512-BW.
+                unsafe {
+                    _mm512_maskz_loadu_epi16(
+                        (((1u64 << lanes) - 1) as u32) as __mmask32,
+                        row.as_ptr().wrapping_add(from).cast(),
+                    )
+                }
+            }
+        }
+    }
+
+    /// `src` rounded to bf16 into `dst` (the same length), 32 values a step.
+    ///
+    /// # Safety
+    /// The CPU must support AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn round_run(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
+        assert_eq!(src.len(), dst.len());
+        for from in (0..src.len()).step_by(32) {
+            let lanes = (src.len() - from).min(32);
+            let mask = (((1u64 << lanes) - 1) as u32) as __mmask32;
+            // SAFETY: the `lanes` values from `from` are inside `dst`.
+            unsafe {
+                _mm512_mask_storeu_epi16(
+                    dst.as_mut_ptr().add(from).cast(),
+                    mask,
+                    round_32(src, from),
+                )
+            };
+        }
+    }
+
+    /// Rounds (or copies) the first 16 rows of `x` (`k` wide; missing rows read as zero) into one group of
     /// AMX tiles at `dst` (`16·k_padded` values, `k_padded` a multiple of 32): the tile of depth
     /// steps `32t..32t + 32` at `dst[512t..]`, row by row, the depth past `k` zero.
     ///
     /// # Safety
     /// The CPU must support AVX512-BF16.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn round_tile_group(x: &[f32], k: usize, dst: &mut [u16]) {
+    pub(super) unsafe fn round_tile_group(x: Bf16Input<'_>, k: usize, dst: &mut [u16]) {
         let tiles = dst.len() / (TILE_ROWS * 32);
         assert_eq!(dst.len(), tiles * TILE_ROWS * 32);
         assert!(tiles * 32 >= k);
         for r in 0..TILE_ROWS {
-            let row = x.get(r * k..(r + 1) * k).unwrap_or(&[]);
+            let row = x.slice(r * k..(r + 1) * k);
             for t in 0..tiles {
                 // SAFETY: 32 bf16 at `512t + 32r` lie inside `dst` (its length checked).
                 unsafe {
                     let at = dst.as_mut_ptr().add((t * TILE_ROWS + r) * 32);
-                    _mm512_storeu_si512(at.cast(), round_32(row, t * 32));
+                    _mm512_storeu_si512(at.cast(), words_32(row, t * 32));
                 }
             }
         }
@@ -1116,7 +1366,10 @@ mod x86 {
         cols: Range<usize>,
         a_buf: &mut [f32],
     ) {
-        let (c, ep, bl) = (v.c, v.ep, blocking(Bf16Path::Avx512Bf16));
+        let (ep, bl) = (v.ep, blocking(Bf16Path::Avx512Bf16));
+        let CPtr::F32(c) = v.c else {
+            unreachable!("the AVX512-BF16 kernel accumulates depth blocks in an f32 C")
+        };
         // X rows and W panels are both `pairs` words deep.
         let pairs = v.k_padded / 2;
         let kc_pairs = bl.kc / 2;
@@ -1133,7 +1386,7 @@ mod x86 {
                         XOperand::PairMajor { words, stride } => {
                             (words[pc * stride + ic..].as_ptr(), stride, 1)
                         }
-                        XOperand::F32Rows(x, k) => {
+                        XOperand::Rows(x, k) => {
                             for (panel, ir) in (0..mc).step_by(DPBF16_MR).enumerate() {
                                 let dst = &mut a_buf[panel * DPBF16_MR * kc..][..DPBF16_MR * kc];
                                 // SAFETY: the caller vouched for AVX512-BF16.
@@ -1141,7 +1394,7 @@ mod x86 {
                             }
                             (a_buf.as_ptr().cast::<u32>(), DPBF16_MR, kc)
                         }
-                        XOperand::Bf16Tiles(_) => unreachable!("bf16 tiles are AMX's X"),
+                        XOperand::AmxTiles(_) => unreachable!("bf16 tiles are AMX's X"),
                     };
                     for jr in (0..nc).step_by(PANEL_COLS) {
                         let panel = (jc + jr) / PANEL_COLS;
@@ -1206,7 +1459,7 @@ mod x86 {
     /// How far ahead (in floats) [`round_panel`] prefetches each of its rows.
     const ROUND_PREFETCH_AHEAD: usize = 128;
 
-    /// One MR-row panel of X rounded to bf16 as it is packed: rows `first..first + MR` of `x`
+    /// One MR-row panel of X rounded to bf16 (or copied, if bf16) as it is packed: rows `first..first + MR` of `x`
     /// (`k` wide; a row past its end reads as zeros), pair steps `p0..p0 + steps` (`steps` a
     /// multiple of 16; pairs past `k` are zeros), into `dst[step·MR + r]` as 32-bit words.
     /// Sixteen steps at a time: each row's 32 floats become one vector of 16 words, and the
@@ -1219,7 +1472,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma")]
     unsafe fn round_panel(
         s: Avx512,
-        x: &[f32],
+        x: Bf16Input<'_>,
         k: usize,
         first: usize,
         p0: usize,
@@ -1227,14 +1480,21 @@ mod x86 {
         dst: &mut [f32],
     ) {
         assert!(steps.is_multiple_of(16) && dst.len() >= steps * DPBF16_MR);
-        let rows: [&[f32]; DPBF16_MR] =
-            std::array::from_fn(|r| x.get((first + r) * k..(first + r + 1) * k).unwrap_or(&[]));
+        let rows: [Bf16Input<'_>; DPBF16_MR] =
+            std::array::from_fn(|r| x.slice((first + r) * k..(first + r + 1) * k));
         let mut block = [0.0f32; 16 * 16];
         for c0 in (0..steps).step_by(16) {
             let col = 2 * (p0 + c0);
-            for (r, row) in rows.iter().enumerate() {
-                prefetch(row.as_ptr().wrapping_add(col + ROUND_PREFETCH_AHEAD));
-                let words: __m512 = std::mem::transmute(round_32(row, col));
+            for (r, &row) in rows.iter().enumerate() {
+                match row {
+                    Bf16Input::F32(v) => {
+                        prefetch(v.as_ptr().wrapping_add(col + ROUND_PREFETCH_AHEAD))
+                    }
+                    Bf16Input::Bf16(v) => {
+                        prefetch(v.as_ptr().wrapping_add(col + ROUND_PREFETCH_AHEAD))
+                    }
+                }
+                let words: __m512 = std::mem::transmute(words_32(row, col));
                 // SAFETY: row r of the 16×16 block.
                 unsafe { _mm512_storeu_ps(block.as_mut_ptr().add(r * 16), words) };
             }
@@ -1275,6 +1535,54 @@ mod x86 {
             for j in 0..cols {
                 // SAFETY: inside the corner the caller vouched for.
                 unsafe { ep.store(c.add(r * ldc + j), *tile.add(r * ld + j), col0 + j) };
+            }
+        }
+    }
+
+    /// The `rows×cols` corner of the 32×32 scratch block `tile` through the epilogue (its bias
+    /// from `bias`, the block's 32 values, when given) into a bf16 C with row stride `ldc`:
+    /// a whole block as vectors, one that overhangs C's edge by the scalar epilogue, as the f32
+    /// C is stored, so the values rounded are those an f32 C would hold.
+    ///
+    /// # Safety
+    /// `c` must be valid for `rows×cols` elements with row stride `ldc`; a given `bias` for 32
+    /// values; the CPU must support AVX512-BF16.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn store_bf16(
+        s: Avx512,
+        tile: *const f32,
+        rows: usize,
+        cols: usize,
+        c: *mut u16,
+        ldc: usize,
+        ep: Epilogue<'_>,
+        bias: Option<*const f32>,
+        col0: usize,
+    ) {
+        // SAFETY (whole body): inside the tile, the bias and the corner the caller vouched for.
+        unsafe {
+            if rows == 32 && cols == 32 {
+                let bias = bias.map(|b| [s.load_ptr(b), s.load_ptr(b.add(16))]);
+                for r in 0..rows {
+                    let row = tile.add(r * 32);
+                    let lo = finish(s, s.load_ptr(row), bias.map(|b| b[0]), ep.act);
+                    let hi = finish(s, s.load_ptr(row.add(16)), bias.map(|b| b[1]), ep.act);
+                    let bits: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                    _mm512_storeu_si512(c.add(r * ldc).cast(), bits);
+                }
+                return;
+            }
+            let ep = Epilogue {
+                bias: bias.and(ep.bias),
+                ..ep
+            };
+            for r in 0..rows {
+                for j in 0..cols {
+                    let mut value = 0.0f32;
+                    ep.store(&mut value, *tile.add(r * 32 + j), col0 + j);
+                    *c.add(r * ldc + j) = round_bits(value);
+                }
             }
         }
     }
@@ -1335,12 +1643,11 @@ mod x86 {
         };
         let mut partial = MaybeUninit::<Partial>::uninit();
         let pairs = v.k_padded / 2;
-        let XOperand::Bf16Tiles(x) = v.x else {
+        let XOperand::AmxTiles(x) = v.x else {
             unreachable!("AMX reads X as bf16 tiles")
         };
-        // Bytes between rows: of an X tile (32 bf16), of a W panel (32 words), of the scratch
-        // block.
-        let (ldx, ldw, ldo) = (TILE_ROWS * 4, PANEL_COLS * 4, 32usize * 4);
+        // Bytes between rows: of an X tile, of a W panel (32 words), of the scratch block.
+        let (ldx, ldw, ldo) = (x.row_bytes, PANEL_COLS * 4, 32usize * 4);
         // SAFETY (whole body): the X rows are padded to a multiple of 32 (rows.start is one),
         // the panels hold `pairs` rows of 32 words, so every tile load stays inside them; the
         // tile stores stay inside `block`; C is written only inside rows×cols.
@@ -1349,9 +1656,8 @@ mod x86 {
             for jc in cols.clone().step_by(bl.nc) {
                 let nc = bl.nc.min(cols.end - jc);
                 for ic in rows.clone().step_by(bl.mc) {
-                    // Row groups are `TILE_ROWS·k_padded` long, their tiles 16·32 bf16 apart.
-                    let x0 = x.as_ptr().add(ic * v.k_padded);
-                    let x1 = x0.add(TILE_ROWS * v.k_padded);
+                    let x0 = x.data.as_ptr().add(ic / TILE_ROWS * x.group_stride);
+                    let x1 = x0.add(x.group_stride);
                     for kb in (0..v.k_padded).step_by(kc) {
                         let depth = kb..(kb + kc).min(v.k_padded);
                         let last = depth.end == v.k_padded;
@@ -1364,9 +1670,12 @@ mod x86 {
                                 .cast::<f32>()
                                 .add(jr / PANEL_COLS * 4 * 256);
                             let (tile_rows, tile_cols) = (32.min(rows.end - ic), 32.min(nc - jr));
-                            let direct = plain && tile_rows == 32 && tile_cols == 32;
+                            let full = tile_rows == 32 && tile_cols == 32;
                             let bias = ep.bias.map(|b| b[jc + jr..].as_ptr());
-                            if kb == 0 && direct && bias.is_some() {
+                            let bias_in_tiles = plain && full && bias.is_some();
+                            // An f32 C takes whole tiles as they are.
+                            let direct = plain && full && matches!(c, CPtr::F32(_));
+                            if kb == 0 && bias_in_tiles {
                                 // The bias as every row of the C tiles (a zero row stride), so
                                 // the product lands on it and the tiles can go straight to C.
                                 asm!(
@@ -1411,8 +1720,8 @@ mod x86 {
                                     "tileloadd tmm5, [{x1} + {ldx} * 1]",
                                     "tdpbf16ps tmm2, tmm5, tmm6",
                                     "tdpbf16ps tmm3, tmm5, tmm7",
-                                    x0 = in(reg) x0.add(k0 * TILE_ROWS),
-                                    x1 = in(reg) x1.add(k0 * TILE_ROWS),
+                                    x0 = in(reg) x0.add(k0 / 32 * x.tile_stride),
+                                    x1 = in(reg) x1.add(k0 / 32 * x.tile_stride),
                                     w0 = in(reg) w0,
                                     w1 = in(reg) w0.add(TILE_ROWS),
                                     ldx = in(reg) ldx,
@@ -1433,8 +1742,9 @@ mod x86 {
                                 );
                                 continue;
                             }
-                            let cp = c.0.add(ic * v.n + jc + jr);
-                            if direct {
+                            let at = ic * v.n + jc + jr;
+                            if let (true, CPtr::F32(c)) = (direct, c) {
+                                let cp = c.0.add(at);
                                 asm!(
                                     "tilestored [{c00} + {ldc} * 1], tmm0",
                                     "tilestored [{c00} + {ldc} * 1 + 64], tmm1",
@@ -1459,7 +1769,19 @@ mod x86 {
                                 ldo = in(reg) ldo,
                                 options(nostack),
                             );
-                            if tile_rows == 32 && tile_cols == 32 {
+                            let bias = if bias_in_tiles { None } else { bias };
+                            let c = match c {
+                                CPtr::F32(c) => c,
+                                CPtr::Bf16(c) => {
+                                    let (cp, col0) = (c.0.add(at), jc + jr);
+                                    store_bf16(
+                                        s, out, tile_rows, tile_cols, cp, v.n, ep, bias, col0,
+                                    );
+                                    continue;
+                                }
+                            };
+                            let cp = c.0.add(at);
+                            if full {
                                 let bias = bias.unwrap_or(std::ptr::null());
                                 // Row by row: a 16-row register tile spilled all 32 zmm
                                 // to the stack and back (10% of the kernel's samples).
