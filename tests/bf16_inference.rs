@@ -147,6 +147,37 @@ fn bf16_linear_weights_are_held_once_as_their_packing() {
     assert_eq!(linear, 6 * 6, "six linear weights in each of six layers");
 }
 
+/// A frozen encoder's bf16 forward rounds each GEMM input once where it is made (the layer
+/// input once for query, key and value; the FFN's GELU output as its GEMM stores it) and gives
+/// the bits of the forward that rounds at every GEMM, which runs where a parameter is trainable
+/// (here the pooler, which the encoder does not read): with bf16 weights and with f32 weights
+/// under a bf16 compute.
+#[test]
+fn bf16_rounding_once_gives_the_bits_of_rounding_at_each_gemm() {
+    use scalpel::models::sentence::SentenceEncoder;
+
+    let sentences = fixture_sentences();
+    for weights in [DType::BF16, DType::F32] {
+        let mut encoder = SentenceEncoder::load(&minilm_dir()).unwrap();
+        match weights {
+            DType::BF16 => encoder.bert.set_linear_dtype(DType::BF16).unwrap(),
+            _ => encoder.bert.set_linear_compute(DType::BF16).unwrap(),
+        }
+        let once = encoder.embed(&sentences, 4).unwrap().to_vec::<f32>();
+        let thawed = encoder
+            .bert
+            .params
+            .unfreeze(|name| name.starts_with("pooler."));
+        assert_eq!(thawed, 2, "the pooler's weight and bias");
+        let each = encoder.embed(&sentences, 4).unwrap().to_vec::<f32>();
+        let differing = once.iter().zip(&each).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differing, 0,
+            "{weights:?} weights: {differing} values differ"
+        );
+    }
+}
+
 /// `bench gemm --dtype bf16 --trans-a` times the weight gradient `Aᵀ·B` (`A` stored `k×m`): on
 /// every bf16 path this CPU has, its output equals the f64 product of the bf16-rounded operands
 /// within f32 accumulation, and `Aᵀ·Bᵀ` is refused by name.

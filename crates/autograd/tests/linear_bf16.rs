@@ -157,3 +157,60 @@ fn bf16_attention_forward_and_gradients_are_the_bf16_kernels() {
         assert_eq!(got.to_vec::<f32>(), want.to_vec::<f32>(), "d{name}");
     }
 }
+
+/// bf16 inference rounds a GEMM input once where it is made: `round_to_bf16` before several
+/// linears, and `linear_gelu_bf16_rounded`, whose GEMM stores its output as bf16. Both give the
+/// bits of rounding at each GEMM (the tensor crate's conversion), the linear reading the bf16
+/// output in place gives the bits of reading its f32 original, and both refuse an input that
+/// wants a gradient, naming the op.
+#[test]
+fn bf16_inference_rounds_once_with_the_bits_of_rounding_at_each_gemm() {
+    let (rows, in_f, mid_f, out_f) = (37, 45, 70, 19);
+    let x = Var::constant(uniform(&[rows, in_f], 31));
+    let w1 = Var::constant(uniform(&[mid_f, in_f], 32).to_dtype(DType::BF16));
+    let b1 = Var::constant(uniform(&[mid_f], 33));
+    let w2 = Var::constant(uniform(&[out_f, mid_f], 34).to_dtype(DType::BF16));
+
+    let x_bf16 = ops::round_to_bf16(&x).unwrap();
+    assert_eq!(x_bf16.value().dtype(), DType::BF16);
+    let values = |v: &Var| v.value().to_vec::<f32>();
+    assert_eq!(
+        values(&x_bf16),
+        values(&Var::constant(x.value().to_dtype(DType::BF16)))
+    );
+    assert_eq!(
+        values(&ops::linear(&x_bf16, &w1, Some(&b1)).unwrap()),
+        values(&ops::linear(&x, &w1, Some(&b1)).unwrap()),
+        "a linear of the rounded input should be the linear of the f32 one"
+    );
+
+    let inner = ops::linear_gelu_bf16_rounded(&x, &w1, Some(&b1)).unwrap();
+    assert_eq!(inner.value().dtype(), DType::BF16);
+    let inner_f32 = ops::linear_gelu_bf16(&x, &w1, Some(&b1)).unwrap();
+    assert_eq!(
+        values(&inner),
+        inner_f32.value().to_dtype(DType::BF16).to_vec::<f32>(),
+        "the GEMM's bf16 output should be its f32 output rounded to nearest even"
+    );
+    assert_eq!(
+        values(&ops::linear(&inner, &w2, None).unwrap()),
+        values(&ops::linear(&inner_f32, &w2, None).unwrap()),
+        "the next linear should read the bf16 output as it would round the f32 one"
+    );
+
+    let wants_grad = Var::parameter(x.value().clone());
+    for (op, err) in [
+        ("round_to_bf16", ops::round_to_bf16(&wants_grad).err()),
+        (
+            "linear_gelu_bf16_rounded",
+            ops::linear_gelu_bf16_rounded(&wants_grad, &w1, Some(&b1)).err(),
+        ),
+        (
+            "linear_bf16 of a bf16 input",
+            ops::linear_bf16(&x_bf16, &Var::parameter(uniform(&[mid_f, in_f], 35)), None).err(),
+        ),
+    ] {
+        let err = err.unwrap_or_else(|| panic!("{op} took an input that wants a gradient"));
+        assert!(err.to_string().contains(op), "{op}: {err}");
+    }
+}

@@ -472,12 +472,20 @@ impl Bert {
         };
         x = dropout(&x)?;
         let mask = Var::constant(device.place(&batch.mask)?);
+        let bf16 = self.linear_compute == DType::BF16;
+        // bf16 GEMMs: a bf16 compute over f32 weights, or bf16 weights.
+        let bf16_products = bf16 || self.attention_products == DType::BF16;
+        // bf16 inference rounds a GEMM input to bf16 once, where it is made: the layer input
+        // once for query, key and value (not three times), and the FFN's GELU output as its
+        // GEMM stores it (half the bytes, and no pass of its own). The same bits as rounding at
+        // each GEMM.
+        let round_once =
+            bf16_products && self.params.trainable().next().is_none() && device.is_cpu();
         let mut states = Vec::new();
         for l in 0..c.num_hidden_layers {
             if all_states {
                 states.push(x.clone());
             }
-            let bf16 = self.linear_compute == DType::BF16;
             let lin = |x: &Var, name: &str| -> Result<Var> {
                 let (w, b) = (
                     self.layer_p(l, &format!("{name}.weight"))?,
@@ -493,11 +501,15 @@ impl Bert {
             // sub-layer's activations at a time.
             x = {
                 let projected = {
+                    let x = match round_once {
+                        true => ops::round_to_bf16(&x)?,
+                        false => x.clone(),
+                    };
                     let q = lin(&x, "attention.self.query")?;
                     let k = lin(&x, "attention.self.key")?;
                     let v = lin(&x, "attention.self.value")?;
                     let heads = c.num_attention_heads;
-                    let attended = match bf16 || self.attention_products == DType::BF16 {
+                    let attended = match bf16_products {
                         true => ops::attention_bf16(&q, &k, &v, &mask, heads)?,
                         false => ops::attention(&q, &k, &v, &mask, heads)?,
                     };
@@ -517,9 +529,10 @@ impl Bert {
                         self.layer_p(l, "intermediate.dense.weight")?,
                         self.layer_p(l, "intermediate.dense.bias")?,
                     );
-                    let inner = match bf16 {
-                        true => ops::linear_gelu_bf16(&x, w, Some(b))?,
-                        false => ops::linear_gelu(&x, w, Some(b))?,
+                    let inner = match (round_once, bf16) {
+                        (true, _) => ops::linear_gelu_bf16_rounded(&x, w, Some(b))?,
+                        (false, true) => ops::linear_gelu_bf16(&x, w, Some(b))?,
+                        (false, false) => ops::linear_gelu(&x, w, Some(b))?,
                     };
                     dropout(&lin(&inner, "output.dense")?)?
                 };

@@ -4,6 +4,7 @@ mod accumulate;
 mod bf16_gemm;
 mod concat;
 mod decoder_kernels;
+mod dtype;
 mod heap;
 mod kernels;
 mod mapped;

@@ -3,12 +3,12 @@ use std::sync::Arc;
 use scalpel_tensor::cpu::gemm::Activation;
 use scalpel_tensor::cpu::gemm_weights::PackedWeight;
 use scalpel_tensor::ops::WeightUse;
-use scalpel_tensor::{ops as tops, Tensor};
+use scalpel_tensor::{ops as tops, DType, Tensor};
 
 use crate::device::backend_of;
 use crate::ops::activation::gelu_of;
 use crate::ops::gelu_in_place;
-use crate::{Backward, Result, Var};
+use crate::{AutogradError, Backward, Result, Var};
 
 struct Linear {
     has_bias: bool,
@@ -183,10 +183,41 @@ pub fn linear_gelu_bf16(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     gelu_in_place(linear_bf16(x, w, b)?)
 }
 
+/// `gelu(x·Wᵀ + b)` on the bf16 GEMM with its output rounded to bf16 as the GEMM stores it
+/// ([`tops::linear_bf16_rounded`]): bf16 inference, where the next op is a bf16 linear that
+/// would round it anyway. No input may want a gradient.
+pub fn linear_gelu_bf16_rounded(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+    inference_only("linear_gelu_bf16_rounded", &[Some(x), Some(w), b])?;
+    let y = tops::linear_bf16_rounded(x.value(), w.value(), b.map(Var::value), Activation::Gelu)?;
+    Ok(Var::constant(y))
+}
+
+/// `x` rounded to bf16 once ([`tops::round_to_bf16`]), for several bf16 linears that read it
+/// (attention's query, key and value): bf16 inference, `x` wanting no gradient.
+pub fn round_to_bf16(x: &Var) -> Result<Var> {
+    inference_only("round_to_bf16", &[Some(x)])?;
+    Ok(Var::constant(tops::round_to_bf16(x.value())?))
+}
+
+/// Refuses inputs that want a gradient: `op`'s bf16 values have no backward.
+fn inference_only(op: &str, inputs: &[Option<&Var>]) -> Result<()> {
+    match inputs.iter().flatten().any(|v| v.requires_grad()) {
+        true => Err(AutogradError::Graph(format!(
+            "{op} is for inference: its bf16 values have no backward, but an input wants a \
+             gradient"
+        ))),
+        false => Ok(()),
+    }
+}
+
 /// [`linear_bf16`] with `act` applied as the GEMM stores (only without gradients: the
 /// pre-activation is not kept).
 fn linear_bf16_with(x: &Var, w: &Var, b: Option<&Var>, act: Activation) -> Result<Var> {
     let (xt, wt, bt) = (x.value(), w.value(), b.map(Var::value));
+    if xt.dtype() == DType::BF16 {
+        // A weight gradient would need `x` in f32.
+        inference_only("linear_bf16 of a bf16 input", &[Some(x), Some(w), b])?;
+    }
     let (y, packing) = tops::linear_bf16_compute(xt, wt, bt, act, x.requires_grad())?;
     let mut inputs = vec![x.clone(), w.clone()];
     inputs.extend(b.cloned());
