@@ -1373,7 +1373,8 @@ mod x86 {
         // X rows and W panels are both `pairs` words deep.
         let pairs = v.k_padded / 2;
         let kc_pairs = bl.kc / 2;
-        let mut tile = [0.0f32; DPBF16_MR * PANEL_COLS];
+        // An edge tile's kernel stores every value `store_edge` then reads.
+        let mut tile = [MaybeUninit::<f32>::uninit(); DPBF16_MR * PANEL_COLS];
         for jc in cols.clone().step_by(bl.nc) {
             let nc = bl.nc.min(cols.end - jc);
             for pc in (0..pairs).step_by(kc_pairs) {
@@ -1416,7 +1417,7 @@ mod x86 {
                                     );
                                     continue;
                                 }
-                                let scratch = tile.as_mut_ptr();
+                                let scratch = tile.as_mut_ptr().cast::<f32>();
                                 let plain = Epilogue {
                                     beta: 0.0,
                                     bias: None,
@@ -1439,7 +1440,7 @@ mod x86 {
                                     ),
                                 }
                                 store_edge(
-                                    tile.as_ptr(),
+                                    tile.as_ptr().cast(),
                                     ld,
                                     tile_rows,
                                     tile_cols,
@@ -1482,7 +1483,8 @@ mod x86 {
         assert!(steps.is_multiple_of(16) && dst.len() >= steps * DPBF16_MR);
         let rows: [Bf16Input<'_>; DPBF16_MR] =
             std::array::from_fn(|r| x.slice((first + r) * k..(first + r + 1) * k));
-        let mut block = [0.0f32; 16 * 16];
+        // Only the MR rows written below are read (zeroing the block was a memset per call).
+        let mut block = [MaybeUninit::<f32>::uninit(); 16 * 16];
         for c0 in (0..steps).step_by(16) {
             let col = 2 * (p0 + c0);
             for (r, &row) in rows.iter().enumerate() {
@@ -1496,13 +1498,13 @@ mod x86 {
                 }
                 let words: __m512 = std::mem::transmute(words_32(row, col));
                 // SAFETY: row r of the 16×16 block.
-                unsafe { _mm512_storeu_ps(block.as_mut_ptr().add(r * 16), words) };
+                unsafe { _mm512_storeu_ps(block.as_mut_ptr().add(r * 16).cast(), words) };
             }
             // SAFETY: the block holds MR rows of 16 words; the 16 steps from c0 are inside dst
             // (asserted).
             unsafe {
                 s.transpose_block(
-                    block.as_ptr(),
+                    block.as_ptr().cast(),
                     16,
                     DPBF16_MR,
                     dst.as_mut_ptr().add(c0 * DPBF16_MR),
