@@ -73,25 +73,28 @@ macro_rules! element {
 
 element!(f32, F32, |x: f32| x as f64, |v: f64| v as f32);
 element!(f64, F64, |x: f64| x, |v: f64| v);
-element!(f16, F16, |x: f16| x.to_f64(), f16::from_f64);
-element!(bf16, BF16, |x: bf16| x.to_f64(), bf16_from_f64);
+element!(f16, F16, |x: f16| x.to_f64(), |v| f16::from_f32(
+    rounded_to_odd(v)
+));
+element!(bf16, BF16, |x: bf16| x.to_f64(), |v| bf16::from_f32(
+    rounded_to_odd(v)
+));
 element!(i32, I32, |x: i32| x as f64, |v: f64| v as i32);
 element!(i64, I64, |x: i64| x as f64, |v: f64| v as i64);
 
-/// `v` rounded to the nearest bf16, ties to even. Not `half::bf16::from_f64` (half 2.7): it
-/// decides from the upper 32 bits of `v` only, so a value just above a tie whose deciding bits
-/// lie lower rounds down (1 in 20,000 random f32 values). Rounding to f32 *to odd* first keeps
-/// those bits as the sticky last bit, and then f32's round to nearest even is exact (f32 carries
-/// 16 more bits than bf16).
-fn bf16_from_f64(v: f64) -> bf16 {
+/// `v` rounded to f32 *to odd*: toward zero, with the last bit set when inexact. Rounding that
+/// to f16 or bf16 to nearest even rounds `v` correctly (f32 carries at least two more bits than
+/// either), where `half` 2.7's `from_f64` decides from the upper 32 bits of `v` only and rounds a
+/// value just above a tie whose deciding bits lie lower down the wrong way (1 in 20,000 random
+/// f32 values into bf16; f64 values into f16 too; half-rs issue #151).
+fn rounded_to_odd(v: f64) -> f32 {
     let nearest = v as f32;
     if nearest.is_nan() || nearest as f64 == v {
-        return bf16::from_f32(nearest);
+        return nearest;
     }
-    // Toward zero, then the last bit set: inexact.
     let toward_zero = match (nearest as f64).abs() > v.abs() {
         true => nearest.to_bits() - 1,
         false => nearest.to_bits(),
     };
-    bf16::from_f32(f32::from_bits(toward_zero | 1))
+    f32::from_bits(toward_zero | 1)
 }
