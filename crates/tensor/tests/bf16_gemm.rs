@@ -167,12 +167,14 @@ fn flushed_bf16(v: f32) -> u16 {
 /// the f32 output rounded (to nearest even, a subnormal to zero), bit for bit: on every path, 1 and 3
 /// threads, without and with bias and GELU. The sizes cover AMX reading bf16 rows in place
 /// (depth a multiple of 32) with a ragged tail of rows copied into tiles, one depth block and
-/// several, and depths it must copy whole.
+/// several, and depths it must copy whole; AVX512-BF16 rounding as it stores (one depth block:
+/// whole 14×32 tiles and edges) and, past 1,024 deep, after.
 #[test]
 fn bf16_gemm_bf16_input_and_output_have_the_bits_of_the_f32_ones() {
     let mut rng = StdRng::seed_from_u64(19);
     for (m, n, k) in [
         (70, 100, 384),
+        (30, 70, 1100),
         (45, 40, 800),
         (32, 64, 64),
         (33, 17, 100),

@@ -400,8 +400,8 @@ impl<'a> Bf16Input<'a> {
 
 /// Where a bf16 GEMM stores `act(X·Wᵀ + bias)` (need not be initialised: on return every
 /// element is): f32, or rounded to bf16 for a consumer that would round it anyway (the next
-/// bf16 GEMM), in half the bytes. The AMX kernel rounds as it stores; the paths that
-/// accumulate depth blocks in C store f32 and round after.
+/// bf16 GEMM), in half the bytes. The AMX kernel rounds as it stores, and so does the
+/// AVX512-BF16 one when the depth is one block; otherwise the f32 output is rounded after.
 pub enum Bf16Output<'a> {
     F32(&'a mut [MaybeUninit<f32>]),
     Bf16(&'a mut [MaybeUninit<bf16>]),
@@ -423,7 +423,19 @@ impl Bf16Output<'_> {
     }
 }
 
-/// C of a bf16 instruction path: f32, or bf16 bits (AMX only).
+/// Whether `path`'s kernel stores a bf16 C itself, rounding as it stores, at depth `k`: AMX
+/// always (its C tiles wait in f32 between depth blocks), AVX512-BF16 when the depth is one
+/// block (its C is where it accumulates across blocks). Otherwise the f32 output is rounded
+/// after, in a pass of its own.
+fn stores_bf16(path: Bf16Path, k: usize) -> bool {
+    match path {
+        Bf16Path::Amx => k > 0,
+        Bf16Path::Avx512Bf16 => k > 0 && k.next_multiple_of(K_ALIGN) <= blocking(path).kc,
+        Bf16Path::F32(_) => false,
+    }
+}
+
+/// C of a bf16 instruction path: f32, or bf16 bits (where [`stores_bf16`]).
 #[derive(Clone, Copy)]
 enum CPtr {
     F32(TilePtr),
@@ -494,7 +506,7 @@ pub fn gemm_bf16_into_uninit(
         return;
     }
     if let Bf16Output::Bf16(dst) = &mut out {
-        if packed.path != Bf16Path::Amx || k == 0 {
+        if !stores_bf16(packed.path, k) {
             let mut y = Vec::with_capacity(rows * n);
             let uninit = &mut y.spare_capacity_mut()[..rows * n];
             gemm_bf16_into_uninit(x, rows, packed, bias, act, Bf16Output::F32(uninit));
@@ -1041,7 +1053,7 @@ mod x86 {
         blocking, round_bits, Bf16Input, Bf16Path, CPtr, VnniGemm, XOperand, AMX_ONE_BLOCK_DEPTH,
         DPBF16_MR, PANEL_COLS, TILE_ROWS,
     };
-    use crate::cpu::gemm::{finish, prefetch, store_tile, Activation, Epilogue};
+    use crate::cpu::gemm::{finish, prefetch, store_tile, Activation, Epilogue, TilePtr};
     use crate::cpu::simd::Avx512;
     use crate::cpu::simd::Simd;
 
@@ -1325,7 +1337,7 @@ mod x86 {
         a: *const u32,
         a_stride: usize,
         w: *const u32,
-        c: *mut f32,
+        c: CPtr,
         ldc: usize,
         ep: Epilogue<'_>,
         bias: *const f32,
@@ -1347,7 +1359,23 @@ mod x86 {
                     acc[1] = _mm512_dpbf16_ps(acc[1], x, w1);
                 }
             }
-            store_tile::<Avx512, MR, 2>(s, &acc, c, ldc, ep.beta, bias, ep.act);
+            match c {
+                CPtr::F32(c) => {
+                    store_tile::<Avx512, MR, 2>(s, &acc, c.0, ldc, ep.beta, bias, ep.act)
+                }
+                // One depth block (see `dpbf16_block`): beta is 0. `finish` as `store_tile`
+                // applies it, so the bits are those of the f32 tile rounded.
+                CPtr::Bf16(c) => {
+                    let bias =
+                        (!bias.is_null()).then(|| [s.load_ptr(bias), s.load_ptr(bias.add(16))]);
+                    for (r, [lo, hi]) in acc.iter().enumerate() {
+                        let lo = finish(s, *lo, bias.map(|b| b[0]), ep.act);
+                        let hi = finish(s, *hi, bias.map(|b| b[1]), ep.act);
+                        let bits: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                        _mm512_storeu_si512(c.0.add(r * ldc).cast(), bits);
+                    }
+                }
+            }
         }
     }
 
@@ -1367,12 +1395,14 @@ mod x86 {
         a_buf: &mut [f32],
     ) {
         let (ep, bl) = (v.ep, blocking(Bf16Path::Avx512Bf16));
-        let CPtr::F32(c) = v.c else {
-            unreachable!("the AVX512-BF16 kernel accumulates depth blocks in an f32 C")
-        };
         // X rows and W panels are both `pairs` words deep.
         let pairs = v.k_padded / 2;
         let kc_pairs = bl.kc / 2;
+        let c = v.c;
+        assert!(
+            matches!(c, CPtr::F32(_)) || pairs <= kc_pairs,
+            "the AVX512-BF16 kernel accumulates depth blocks in an f32 C"
+        );
         // An edge tile's kernel stores every value `store_edge` then reads.
         let mut tile = [MaybeUninit::<f32>::uninit(); DPBF16_MR * PANEL_COLS];
         for jc in cols.clone().step_by(bl.nc) {
@@ -1408,7 +1438,7 @@ mod x86 {
                             // (ic + ir, jc + jr) is inside rows×cols, which the caller owns.
                             unsafe {
                                 let a = a_panels.add(ir * panel_offset);
-                                let cp = c.0.add((ic + ir) * v.n + jc + jr);
+                                let cp = c.add((ic + ir) * v.n + jc + jr);
                                 if tile_rows == DPBF16_MR && tile_cols == PANEL_COLS {
                                     let bias =
                                         ep.bias.map_or(std::ptr::null(), |b| b[jc + jr..].as_ptr());
@@ -1417,7 +1447,7 @@ mod x86 {
                                     );
                                     continue;
                                 }
-                                let scratch = tile.as_mut_ptr().cast::<f32>();
+                                let scratch = CPtr::F32(TilePtr(tile.as_mut_ptr().cast()));
                                 let plain = Epilogue {
                                     beta: 0.0,
                                     bias: None,
@@ -1516,7 +1546,8 @@ mod x86 {
     }
 
     /// Stores the `rows×cols` corner of a computed tile (row stride `ld`) through the scalar
-    /// epilogue, for a tile that overhangs C's edge.
+    /// epilogue, for a tile that overhangs C's edge; into a bf16 C each value is rounded as the
+    /// f32 C would hold it.
     ///
     /// # Safety
     /// `tile` must hold `rows` rows of stride `ld`, and `c` must be valid for `rows×cols`
@@ -1528,7 +1559,7 @@ mod x86 {
         ld: usize,
         rows: usize,
         cols: usize,
-        c: *mut f32,
+        c: CPtr,
         ldc: usize,
         ep: Epilogue<'_>,
         col0: usize,
@@ -1536,7 +1567,17 @@ mod x86 {
         for r in 0..rows {
             for j in 0..cols {
                 // SAFETY: inside the corner the caller vouched for.
-                unsafe { ep.store(c.add(r * ldc + j), *tile.add(r * ld + j), col0 + j) };
+                unsafe {
+                    let value = *tile.add(r * ld + j);
+                    match c {
+                        CPtr::F32(c) => ep.store(c.0.add(r * ldc + j), value, col0 + j),
+                        CPtr::Bf16(c) => {
+                            let mut stored = 0.0f32;
+                            ep.store(&mut stored, value, col0 + j);
+                            *c.0.add(r * ldc + j) = round_bits(stored);
+                        }
+                    }
+                }
             }
         }
     }
@@ -1579,13 +1620,7 @@ mod x86 {
                 bias: bias.and(ep.bias),
                 ..ep
             };
-            for r in 0..rows {
-                for j in 0..cols {
-                    let mut value = 0.0f32;
-                    ep.store(&mut value, *tile.add(r * 32 + j), col0 + j);
-                    *c.add(r * ldc + j) = round_bits(value);
-                }
-            }
+            store_edge(tile, 32, rows, cols, CPtr::Bf16(TilePtr(c)), ldc, ep, col0);
         }
     }
 
@@ -1802,7 +1837,16 @@ mod x86 {
                                     );
                                 }
                             } else {
-                                store_edge(out, 32, tile_rows, tile_cols, cp, v.n, ep, jc + jr);
+                                store_edge(
+                                    out,
+                                    32,
+                                    tile_rows,
+                                    tile_cols,
+                                    CPtr::F32(TilePtr(cp)),
+                                    v.n,
+                                    ep,
+                                    jc + jr,
+                                );
                             }
                         }
                     }
