@@ -26,6 +26,11 @@ fn gemm(c: &mut Criterion) {
     group.finish();
 }
 
+fn tensor(shape: &[usize], seed: u64) -> Tensor {
+    let len = shape.iter().product();
+    Tensor::from_vec(shape, synthetic_values(len, seed)).expect("shape matches length")
+}
+
 /// `gelu(x·Wᵀ + b)` with a bf16 weight, as bf16 inference runs its linear layers: `f32` reads
 /// an f32 `x` (rounded at the GEMM's input) and stores f32; `bf16` reads a bf16 `x` and stores
 /// bf16, as the model's FFN does (`ops::linear_bf16_rounded`).
@@ -43,14 +48,10 @@ fn linear_bf16(c: &mut Criterion) {
         (4096, 1536, 384),
         (4096, 384, 384),
     ] {
-        let values = |shape: &[usize], seed| {
-            let len = shape.iter().product();
-            Tensor::from_vec(shape, synthetic_values(len, seed)).expect("shape matches length")
-        };
-        let x = values(&[rows, in_f], 1);
+        let x = tensor(&[rows, in_f], 1);
         let x_bf16 = x.to_dtype(DType::BF16);
-        let w = values(&[out_f, in_f], 2).to_dtype(DType::BF16);
-        let bias = values(&[out_f], 3);
+        let w = tensor(&[out_f, in_f], 2).to_dtype(DType::BF16);
+        let bias = tensor(&[out_f], 3);
         group.throughput(Throughput::Elements((2 * rows * in_f * out_f) as u64));
         let shape = format!("{rows}x{in_f}x{out_f}");
         group.bench_function(BenchmarkId::new("f32", &shape), |b| {
