@@ -1342,6 +1342,11 @@ mod x86 {
         ep: Epilogue<'_>,
         bias: *const f32,
     ) {
+        // Every caller has depth (no product of depth 0 reaches the bf16 instructions). Told
+        // so, the compiler no longer zeroes a stack copy of the accumulators on each call for
+        // the loop that might not run (a 1.8 KiB memset, 2% of a bf16 training step, whose
+        // attention calls the kernel over 16 pair steps).
+        assert!(pairs > 0, "dpbf16_kernel: a product of no depth");
         // SAFETY: the offsets stay inside what the caller vouched for.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 2]; MR];
