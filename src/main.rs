@@ -6,9 +6,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Tensor buffers start on a cache line (see [`scalpel::tensor::heap::CacheLineAligned`]).
+/// Tensor buffers start on a cache line, and large freed ones are reused (see
+/// [`scalpel::tensor::heap::TensorHeap`]).
 #[global_allocator]
-static ALLOCATOR: scalpel::tensor::heap::CacheLineAligned = scalpel::tensor::heap::CacheLineAligned;
+static ALLOCATOR: scalpel::tensor::heap::TensorHeap = scalpel::tensor::heap::TensorHeap;
 
 fn main() -> ExitCode {
     scalpel::tensor::heap::keep_freed_buffers();
