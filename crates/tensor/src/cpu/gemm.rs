@@ -528,8 +528,9 @@ pub(crate) unsafe fn store_tile<S: Simd, const MR: usize, const NV: usize>(
 ) {
     let beta_v = s.splat(beta);
     // SAFETY: a non-null bias holds the tile's NR values.
-    let bias_v: Option<[S::V; NV]> = (!bias.is_null())
-        .then(|| std::array::from_fn(|v| unsafe { s.load_ptr(bias.add(v * S::LANES)) }));
+    let bias_v: Option<[S::V; NV]> = (!bias.is_null()).then(|| {
+        crate::cpu::simd::array_from_fn(|v| unsafe { s.load_ptr(bias.add(v * S::LANES)) })
+    });
     for (r, acc) in acc.iter().enumerate() {
         for (v, &acc) in acc.iter().enumerate() {
             // SAFETY: inside the tile the caller vouched for.
