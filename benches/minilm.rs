@@ -57,5 +57,17 @@ fn train_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, forward, train_step);
+// Allocated as the `scalpel` binary allocates (cache-line-aligned buffers, freed ones kept for
+// reuse), so that a kernel is not timed with page faults the binary does not pay.
+#[global_allocator]
+static ALLOCATOR: scalpel::tensor::heap::TensorHeap = scalpel::tensor::heap::TensorHeap;
+
+criterion_group! {
+    name = benches;
+    config = {
+        scalpel::tensor::heap::keep_freed_buffers();
+        Criterion::default()
+    };
+    targets = forward, train_step
+}
 criterion_main!(benches);
