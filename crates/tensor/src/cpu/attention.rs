@@ -302,12 +302,16 @@ thread_local! {
 /// Lends `f` this thread's scratch, at least `len` floats (their values are left over from an
 /// earlier task: every use writes before it reads).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|cell| {
-        let mut buf = cell.borrow_mut();
+    let run = |buf: &mut Vec<f32>| {
         if buf.len() < len {
             buf.resize(len, 0.0);
         }
         f(&mut buf[..len])
+    };
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => run(&mut buf),
+        // Re-entered on this thread (a task's products run inline, so not today).
+        Err(_) => run(&mut Vec::new()),
     })
 }
 
