@@ -106,7 +106,7 @@ pub fn add_bias<F: Float>(cols: usize, bias: &[F], x: &mut [F]) {
     }
 }
 
-/// `dbias += Σ_rows dy`.
+/// `dbias += Σ_rows dy` (f32: the rows added in the order of [`BIAS_SUM_CHUNK_ROWS`]).
 pub fn bias_backward<F: Float>(cols: usize, dy: &[F], dbias: &mut [F]) {
     match (as_f32(dy), as_f32_mut(dbias)) {
         (Some(dy), Some(dbias)) => bias_backward_with_isa(Isa::best(), cols, dy, dbias),
@@ -175,7 +175,15 @@ pub fn add_bias_with_isa(isa: Isa, cols: usize, bias: &[f32], x: &mut [f32]) {
     });
 }
 
-/// Threads split the columns, so each owns a disjoint piece of `dbias`.
+/// The order in which column sums (bias gradients, [`bias_backward`]) add the rows: in chunks
+/// of this many, each chunk summed from zero in row order, then the chunk sums added in order.
+/// It is the order the bf16 weight-gradient GEMM can follow as it interleaves `dY`, one chunk
+/// per task (`gemm_bf16::gemm_bf16_at_b`), so that its bias gradient comes without a pass of
+/// its own over `dY` and has these bits.
+pub const BIAS_SUM_CHUNK_ROWS: usize = 128;
+
+/// Threads split the columns, so each owns a disjoint piece of `dbias`; rows are added in
+/// [`BIAS_SUM_CHUNK_ROWS`] chunks.
 pub fn bias_backward_with_isa(isa: Isa, cols: usize, dy: &[f32], dbias: &mut [f32]) {
     assert_eq!(dbias.len(), cols, "bias_backward: dbias has wrong length");
     if cols == 0 {
@@ -198,8 +206,13 @@ pub fn bias_backward_with_isa(isa: Isa, cols: usize, dy: &[f32], dbias: &mut [f3
                         dbias: &mut [f32]|
          -> () {
             let width = dbias.len();
-            for row in dy.chunks_exact(cols) {
-                axpy_simd(s, 1.0, &row[first..first + width], dbias);
+            let mut chunk_sum = vec![0.0f32; width];
+            for chunk in dy.chunks(BIAS_SUM_CHUNK_ROWS * cols) {
+                chunk_sum.fill(0.0);
+                for row in chunk.chunks_exact(cols) {
+                    axpy_simd(s, 1.0, &row[first..first + width], &mut chunk_sum);
+                }
+                axpy_simd(s, 1.0, &chunk_sum, dbias);
             }
         })
     });

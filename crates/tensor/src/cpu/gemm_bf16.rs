@@ -28,6 +28,7 @@ use std::sync::OnceLock;
 
 use half::bf16;
 
+use crate::cpu::elementwise::BIAS_SUM_CHUNK_ROWS;
 use crate::cpu::gemm::{
     self, Activation, BOperand, Blocking, CacheAligned, Epilogue, GemmShape, PackedB, TilePtr,
 };
@@ -286,9 +287,8 @@ impl PackedBf16Weight {
                 if let Some(src) = T::as_f32(src).filter(|_| transposed) {
                     // Each pair of source rows is one run of panel words (16 at a time).
                     let width = panels * PANEL_COLS;
-                    interleave_row_pairs(src, k, n, width, pairs, packed, |p, j0| {
-                        ((j0 / PANEL_COLS) * pairs + p) * PANEL_COLS + j0 % PANEL_COLS
-                    });
+                    let offset = |p, j0| panel_word(pairs, p, j0);
+                    interleave_row_pairs(src, k, n, width, pairs, packed, offset, None);
                 } else if let Some(src) = T::as_f32(src) {
                     // SAFETY: these paths exist only where AVX512-BF16 was detected.
                     #[cfg(target_arch = "x86_64")]
@@ -673,8 +673,10 @@ unsafe fn run_vnni(path: Bf16Path, threads: usize, g: VnniGemm<'_>, rows: usize,
 /// a time into its X tiles. The f32 path multiplies the rounded operands by the f32 GEMM.
 ///
 /// With `a_column_sums` (`m` values) it also writes `Σ_p A[p, i]` of the unrounded `A` in f32,
-/// row by row (the bits of [`crate::cpu::elementwise::bias_backward`]): a bias gradient `Σ_rows dY`. AMX sums as it converts `A` (the separate pass over `dY` was 3%
-/// of a bf16 training step); the other paths make that pass.
+/// in the order of [`BIAS_SUM_CHUNK_ROWS`] (the bits of
+/// [`crate::cpu::elementwise::bias_backward`]): a bias gradient `Σ_rows dY`. The bf16
+/// instruction paths sum as they convert `A` (a separate pass over `dY` was 2–3% of a bf16
+/// training step); the f32 path makes that pass.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16_at_b(
     path: Bf16Path,
@@ -697,7 +699,7 @@ pub fn gemm_bf16_at_b(
         );
     }
     let (a_column_sums, separate_sums) = match path {
-        Bf16Path::Amx if k > 0 && n > 0 => (a_column_sums, None),
+        Bf16Path::Amx | Bf16Path::Avx512Bf16 if k > 0 && n > 0 => (a_column_sums, None),
         _ => (None, a_column_sums),
     };
     if let Some(sums) = separate_sums {
@@ -754,14 +756,14 @@ pub fn gemm_bf16_at_b(
             &mut x.as_mut_slice()[..pairs * stride],
             &mut w.as_mut_slice()[..panels * pairs * PANEL_COLS],
         );
-        interleave_row_pairs(b, k, n, panels * PANEL_COLS, pairs, w, |p, j0| {
-            ((j0 / PANEL_COLS) * pairs + p) * PANEL_COLS + j0 % PANEL_COLS
-        });
+        let w_offset = |p, j0| panel_word(pairs, p, j0);
+        interleave_row_pairs(b, k, n, panels * PANEL_COLS, pairs, w, w_offset, None);
         let x = if path == Bf16Path::Amx {
             interleave_to_tiles(a, k, m, pairs, x, a_column_sums);
             XOperand::AmxTiles(AmxX::tiles(bytemuck::cast_slice(x), 2 * pairs))
         } else {
-            interleave_row_pairs(a, k, m, stride, pairs, x, |p, i0| p * stride + i0);
+            let x_offset = |p: usize, i0: usize| p * stride + i0;
+            interleave_row_pairs(a, k, m, stride, pairs, x, x_offset, a_column_sums);
             XOperand::PairMajor { words: x, stride }
         };
         let g = VnniGemm {
@@ -812,11 +814,19 @@ fn interleave_to_tiles(
     });
 }
 
+/// Where in VNNI panels `pairs` deep the 16 words of pair step `p` and columns `j0..j0 + 16`
+/// start (`j0` a multiple of 16).
+fn panel_word(pairs: usize, p: usize, j0: usize) -> usize {
+    ((j0 / PANEL_COLS) * pairs + p) * PANEL_COLS + j0 % PANEL_COLS
+}
+
 /// Rounds `src` (`[k, n]` row-major) to bf16 and writes, for each pair step `p < pairs` and
 /// each 16 of `width ≥ n` columns from `j0`, the 16 words `[src(2p, j), src(2p + 1, j)]` (low,
 /// high half; zero past `k` and `n`, so padding is written too) at `dst[offset(p, j0)..]`; pair
-/// steps are spread over threads. `offset` must map distinct `(p, j0)` to disjoint runs of 16
-/// words inside `dst`.
+/// steps are spread over threads, [`BIAS_SUM_CHUNK_ROWS`] rows a task. `offset` must map distinct
+/// `(p, j0)` to disjoint runs of 16 words inside `dst`. With `column_sums` (`n` values) it also
+/// writes the column sums of the unrounded `src`, as [`crate::cpu::elementwise::bias_backward`]
+/// adds them: each task sums its chunk of rows, and the chunks' sums are added in order.
 #[allow(clippy::too_many_arguments)]
 fn interleave_row_pairs(
     src: &[f32],
@@ -826,18 +836,29 @@ fn interleave_row_pairs(
     pairs: usize,
     dst: &mut [u32],
     offset: impl Fn(usize, usize) -> usize + Sync,
+    column_sums: Option<&mut [f32]>,
 ) {
     assert_eq!(
         src.len(),
         k * n,
         "interleave_row_pairs: wrong source length"
     );
-    const PAIRS_PER_TASK: usize = 64;
+    const PAIRS_PER_TASK: usize = BIAS_SUM_CHUNK_ROWS / 2;
+    let tasks = pairs.div_ceil(PAIRS_PER_TASK);
     let len = dst.len();
-    // An address, so that the tasks may share it (each writes its own words, see below).
+    // Addresses, so that the tasks may share them (each writes its own words, see below, and
+    // its own row of chunk sums).
     let base = dst.as_mut_ptr() as usize;
-    threads::parallel_for(pairs.div_ceil(PAIRS_PER_TASK), |task| {
+    let mut chunk_sums = match column_sums {
+        Some(_) => vec![0.0f32; tasks * n],
+        None => Vec::new(),
+    };
+    let sums_base = (!chunk_sums.is_empty()).then_some(chunk_sums.as_mut_ptr() as usize);
+    threads::parallel_for(tasks, |task| {
         let range = task * PAIRS_PER_TASK..((task + 1) * PAIRS_PER_TASK).min(pairs);
+        // SAFETY: row `task` of the `tasks × n` chunk sums is this task's alone.
+        let mut chunk_sum = sums_base
+            .map(|b| unsafe { std::slice::from_raw_parts_mut((b as *mut f32).add(task * n), n) });
         for p in range {
             let row = |r: usize| src.get(r * n..(r + 1) * n);
             for j0 in (0..width).step_by(16) {
@@ -848,13 +869,29 @@ fn interleave_row_pairs(
                 // caller's `offset` is injective).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    x86::interleave_16(row(2 * p), row(2 * p + 1), j0, (base as *mut u32).add(at));
+                    let (lo, hi) = x86::interleave_16(
+                        row(2 * p),
+                        row(2 * p + 1),
+                        j0,
+                        (base as *mut u32).add(at),
+                    );
+                    if let Some(sum) = chunk_sum.as_deref_mut().filter(|_| j0 < n) {
+                        x86::add_pair(sum, j0, lo, hi);
+                    }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
-                unreachable!("no bf16 instructions: {:?}", (at, row(p)));
+                unreachable!("no bf16 instructions: {:?}", (at, row(p), &chunk_sum));
             }
         }
     });
+    if let Some(sums) = column_sums {
+        sums.fill(0.0);
+        for chunk in chunk_sums.chunks_exact(n.max(1)) {
+            for (s, &c) in sums.iter_mut().zip(chunk) {
+                *s += c;
+            }
+        }
+    }
 }
 
 /// Register tile (`mr×nr`) and cache blocking of the two bf16 instruction paths. AVX512-BF16:
@@ -1051,7 +1088,7 @@ mod x86 {
 
     use super::{
         blocking, round_bits, Bf16Input, Bf16Path, CPtr, VnniGemm, XOperand, AMX_ONE_BLOCK_DEPTH,
-        DPBF16_MR, PANEL_COLS, TILE_ROWS,
+        BIAS_SUM_CHUNK_ROWS, DPBF16_MR, PANEL_COLS, TILE_ROWS,
     };
     use crate::cpu::gemm::{finish, prefetch, store_tile, Activation, Epilogue, TilePtr};
     use crate::cpu::simd::Avx512;
@@ -1173,6 +1210,23 @@ mod x86 {
         (lo, hi)
     }
 
+    /// `sum[j0..j0 + 16] = (sum + lo) + hi` for the lanes inside `sum` (two rows' values, as
+    /// [`interleave_16`] returns them, added in row order).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn add_pair(sum: &mut [f32], j0: usize, lo: __m512, hi: __m512) {
+        let lanes = sum.len().saturating_sub(j0).min(16);
+        let mask = ((1u32 << lanes) - 1) as u16;
+        let at = sum.as_mut_ptr().wrapping_add(j0);
+        // SAFETY: only the `lanes` in-bounds lanes are read and written.
+        unsafe {
+            let acc = _mm512_maskz_loadu_ps(mask, at);
+            _mm512_mask_storeu_ps(at, mask, _mm512_add_ps(_mm512_add_ps(acc, lo), hi));
+        }
+    }
+
     /// One group of [`super::interleave_to_tiles`]: the rows `i0..i0 + 16` of `aᵀ` (`a` is
     /// `[k, m]`). Each 16 pair steps of the 16 columns are interleaved as 16×16 words (a row per
     /// pair step, as [`interleave_16`] writes them) and transposed into the tile (a row per
@@ -1196,7 +1250,9 @@ mod x86 {
         let s = unsafe { Avx512::new_unchecked() };
         let row = |r: usize| a.get(r * m..(r + 1) * m);
         let mut block = [0u32; 16 * 16];
-        let mut sums = _mm512_setzero_ps();
+        let (mut sums, mut chunk_sum) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        // Chunks of rows as `elementwise::bias_backward` sums them: the same bits.
+        let tiles_per_chunk = BIAS_SUM_CHUNK_ROWS / 32;
         for t in 0..tiles {
             for q in 0..16 {
                 let p = 16 * t + q;
@@ -1209,8 +1265,11 @@ mod x86 {
                         block.as_mut_ptr().add(q * 16),
                     )
                 };
-                // Row by row, as `elementwise::bias_backward` sums: the same bits.
-                sums = _mm512_add_ps(_mm512_add_ps(sums, lo), hi);
+                chunk_sum = _mm512_add_ps(_mm512_add_ps(chunk_sum, lo), hi);
+            }
+            if (t + 1) % tiles_per_chunk == 0 || t + 1 == tiles {
+                sums = _mm512_add_ps(sums, chunk_sum);
+                chunk_sum = _mm512_setzero_ps();
             }
             // SAFETY: the block holds 16 rows of 16 words; the tile's 256 words are inside
             // `dst` (its length checked).
