@@ -861,27 +861,28 @@ fn interleave_row_pairs(
             .map(|b| unsafe { std::slice::from_raw_parts_mut((b as *mut f32).add(task * n), n) });
         for p in range {
             let row = |r: usize| src.get(r * n..(r + 1) * n);
-            for j0 in (0..width).step_by(16) {
-                let at = offset(p, j0);
-                assert!(at + 16 <= len, "interleave_row_pairs: offset outside dst");
-                // SAFETY: a Vnni packing exists only where AVX512-BF16 was detected; the 16
-                // words at `at` are inside `dst` (asserted) and this step's alone (the
-                // caller's `offset` is injective).
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    let (lo, hi) = x86::interleave_16(
-                        row(2 * p),
-                        row(2 * p + 1),
-                        j0,
-                        (base as *mut u32).add(at),
-                    );
-                    if let Some(sum) = chunk_sum.as_deref_mut().filter(|_| j0 < n) {
-                        x86::add_pair(sum, j0, lo, hi);
-                    }
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                unreachable!("no bf16 instructions: {:?}", (at, row(p), &chunk_sum));
-            }
+            // SAFETY: a Vnni packing exists only where AVX512-BF16 was detected; each 16-word
+            // run is inside `dst` (checked before it is written) and this step's alone (the
+            // caller's `offset` is injective).
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                x86::interleave_pair_row(
+                    row(2 * p),
+                    row(2 * p + 1),
+                    width,
+                    |j0| {
+                        let at = offset(p, j0);
+                        assert!(at + 16 <= len, "interleave_row_pairs: offset outside dst");
+                        (base as *mut u32).add(at)
+                    },
+                    chunk_sum.as_deref_mut(),
+                )
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!(
+                "no bf16 instructions: {:?}",
+                (len, base, row(p), &chunk_sum)
+            );
         }
     });
     if let Some(sums) = column_sums {
@@ -1176,12 +1177,39 @@ mod x86 {
         }
     }
 
+    /// One pair step of [`super::interleave_row_pairs`]: [`interleave_16`] over the columns
+    /// `0..width` of the rows `lo` and `hi`, the 16 words of columns `j0..` at `dst(j0)`, and,
+    /// with `sum`, `sum[j] = (sum[j] + lo[j]) + hi[j]`. One call a row pair, not one a 16
+    /// columns, so that the loop runs with the vector features enabled (the per-16 calls were
+    /// 38% of a 4096-row weight gradient's time against 49% in its kernel).
+    ///
+    /// # Safety
+    /// The CPU must support AVX512-BF16; `dst(j0)` must be valid for 16 words.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn interleave_pair_row(
+        lo: Option<&[f32]>,
+        hi: Option<&[f32]>,
+        width: usize,
+        dst: impl Fn(usize) -> *mut u32,
+        mut sum: Option<&mut [f32]>,
+    ) {
+        for j0 in (0..width).step_by(16) {
+            // SAFETY: the caller vouched for `dst(j0)`.
+            let (l, h) = unsafe { interleave_16(lo, hi, j0, dst(j0)) };
+            if let Some(sum) = sum.as_deref_mut().filter(|s| j0 < s.len()) {
+                // SAFETY: AVX512-BF16 implies AVX-512.
+                unsafe { add_pair(sum, j0, l, h) };
+            }
+        }
+    }
+
     /// Writes the 16 words `[lo(j), hi(j)]` for `j` in `j0..j0 + 16` (bf16, low and high half)
     /// at `dst`; a missing row, or a column past the row's end, reads as zero. Returns the two
     /// rows' f32 values (unrounded), for callers that also sum the columns.
     ///
     /// # Safety
     /// The CPU must support AVX512-BF16; `dst` must be valid for 16 words.
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub(super) unsafe fn interleave_16(
         lo: Option<&[f32]>,
@@ -1215,6 +1243,7 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU must support AVX-512.
+    #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn add_pair(sum: &mut [f32], j0: usize, lo: __m512, hi: __m512) {
         let lanes = sum.len().saturating_sub(j0).min(16);
