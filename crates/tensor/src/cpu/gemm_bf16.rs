@@ -1095,39 +1095,56 @@ mod x86 {
     use crate::cpu::simd::Avx512;
     use crate::cpu::simd::Simd;
 
+    /// `row[from..from + 16]`, lanes past the row's end zero. A whole vector is loaded unmasked:
+    /// masked loads streamed about half as fast from memory on Zen 5 (the row-pair interleave
+    /// of a 4096×1536 f32 gradient, 2 threads: 3.1 → 1.6 ms).
+    #[inline(always)]
+    fn load_16(row: &[f32], from: usize) -> __m512 {
+        let lanes = row.len().saturating_sub(from).min(16);
+        let at = row.as_ptr().wrapping_add(from);
+        // SAFETY: only the `lanes` in-bounds lanes are read; every caller is compiled with
+        // AVX-512 enabled, the CPU having been checked for it.
+        unsafe {
+            match lanes {
+                16 => _mm512_loadu_ps(at),
+                _ => _mm512_maskz_loadu_ps(((1u32 << lanes) - 1) as u16, at),
+            }
+        }
+    }
+
     /// `row[from..from + 32]` rounded to bf16 as 16 words, pair `(2w, 2w + 1)` in word `w` (low,
     /// high half); lanes past the row's end read as zero.
     #[inline(always)]
     fn round_32(row: &[f32], from: usize) -> __m512i {
-        let load = |from: usize| {
-            let lanes = row.len().saturating_sub(from).min(16);
-            // SAFETY: only the `lanes` in-bounds lanes are read; every caller is compiled with
-            // AVX512-BF16 (and so AVX-512) enabled, the CPU having been checked for it.
-            unsafe {
-                _mm512_maskz_loadu_ps(
-                    ((1u32 << lanes) - 1) as u16,
-                    row.as_ptr().wrapping_add(from),
-                )
-            }
-        };
-        // SAFETY: as above; a bf16 vector and an integer vector share a layout.
-        unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(load(from + 16), load(from))) }
+        // SAFETY: every caller is compiled with AVX512-BF16 enabled; a bf16 vector and an
+        // integer vector share a layout.
+        unsafe {
+            std::mem::transmute(_mm512_cvtne2ps_pbh(
+                load_16(row, from + 16),
+                load_16(row, from),
+            ))
+        }
     }
 
-    /// [`round_32`] of either kind of row: bf16 values are loaded as they are.
+    /// [`round_32`] of either kind of row: bf16 values are loaded as they are (unmasked where
+    /// all 32 are inside the row, as [`load_16`]).
     #[inline(always)]
     fn words_32(row: Bf16Input<'_>, from: usize) -> __m512i {
         match row {
             Bf16Input::F32(row) => round_32(row, from),
             Bf16Input::Bf16(row) => {
                 let lanes = row.len().saturating_sub(from).min(32);
+                let at = row.as_ptr().wrapping_add(from);
                 // SAFETY: only the `lanes` in-bounds values are read; the callers are compiled
                 // with AVX512-BW.
                 unsafe {
-                    _mm512_maskz_loadu_epi16(
-                        (((1u64 << lanes) - 1) as u32) as __mmask32,
-                        row.as_ptr().wrapping_add(from).cast(),
-                    )
+                    match lanes {
+                        32 => _mm512_loadu_si512(at.cast()),
+                        _ => _mm512_maskz_loadu_epi16(
+                            (((1u64 << lanes) - 1) as u32) as __mmask32,
+                            at.cast(),
+                        ),
+                    }
                 }
             }
         }
@@ -1217,15 +1234,7 @@ mod x86 {
         j0: usize,
         dst: *mut u32,
     ) -> (__m512, __m512) {
-        let load = |row: Option<&[f32]>| -> __m512 {
-            let Some(row) = row else {
-                return _mm512_setzero_ps();
-            };
-            let lanes = row.len().saturating_sub(j0).min(16);
-            let mask = ((1u32 << lanes) - 1) as u16;
-            // SAFETY: only the `lanes` in-bounds lanes are read.
-            unsafe { _mm512_maskz_loadu_ps(mask, row.as_ptr().wrapping_add(j0)) }
-        };
+        let load = |row: Option<&[f32]>| row.map_or(_mm512_setzero_ps(), |r| load_16(r, j0));
         let widen = |v: __m512| -> __m512i {
             // SAFETY: a bf16 vector and an integer vector share a layout.
             let h: __m256i = unsafe { std::mem::transmute(_mm512_cvtneps_pbh(v)) };
