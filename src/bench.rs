@@ -15,7 +15,7 @@ use scalpel_models::tokenizer::Batch;
 use scalpel_surgery::cut::keep_layers;
 use scalpel_tensor::cpu::gemm::{gemm, Activation, GemmShape};
 use scalpel_tensor::cpu::gemm_bf16::{
-    gemm_bf16_at_b, gemm_bf16_packed, Bf16Path, PackedBf16Weight,
+    gemm_bf16_at_b, gemm_bf16_packed, Bf16Input, Bf16Path, PackedBf16Weight,
 };
 use scalpel_tensor::{DType, Device, Tensor};
 
@@ -214,7 +214,7 @@ impl GemmWorkload {
                 let c = unsafe {
                     &mut *(self.c.as_mut_slice() as *mut [f32] as *mut [MaybeUninit<f32>])
                 };
-                gemm_bf16_at_b(*path, &self.a, &self.b, m, n, k, c, None)
+                gemm_bf16_at_b(*path, &self.a, Bf16Input::F32(&self.b), m, n, k, c, None)
             }
             None => gemm(self.shape, &self.a, &self.b, &mut self.c, 0.0),
         }

@@ -475,12 +475,14 @@ impl Bert {
         let bf16 = self.linear_compute == DType::BF16;
         // bf16 GEMMs: a bf16 compute over f32 weights, or bf16 weights.
         let bf16_products = bf16 || self.attention_products == DType::BF16;
-        // bf16 inference rounds a GEMM input to bf16 once, where it is made: the layer input
-        // once for query, key and value (not three times), and the FFN's GELU output as its
-        // GEMM stores it (half the bytes, and no pass of its own). The same bits as rounding at
-        // each GEMM.
-        let round_once =
-            bf16_products && self.params.trainable().next().is_none() && device.is_cpu();
+        // A bf16 GEMM input is rounded to bf16 once, where it is made: the layer input once for
+        // query, key and value (not three times), and the FFN's GELU output as it is stored
+        // (half the bytes, and no pass of its own). The same bits as rounding at each GEMM, in
+        // the forward and in the weight gradients, which read the rounded inputs too. Training
+        // does it with bf16 compute (whose ops take bf16 inputs with gradients); inference
+        // also with bf16 weights under f32 compute.
+        let frozen = self.params.trainable().next().is_none();
+        let round_once = bf16 || (bf16_products && frozen && device.is_cpu());
         let mut states = Vec::new();
         for l in 0..c.num_hidden_layers {
             if all_states {
@@ -529,10 +531,9 @@ impl Bert {
                         self.layer_p(l, "intermediate.dense.weight")?,
                         self.layer_p(l, "intermediate.dense.bias")?,
                     );
-                    let inner = match (round_once, bf16) {
-                        (true, _) => ops::linear_gelu_bf16_rounded(&x, w, Some(b))?,
-                        (false, true) => ops::linear_gelu_bf16(&x, w, Some(b))?,
-                        (false, false) => ops::linear_gelu(&x, w, Some(b))?,
+                    let inner = match round_once {
+                        true => ops::linear_gelu_bf16_rounded(&x, w, Some(b))?,
+                        false => ops::linear_gelu(&x, w, Some(b))?,
                     };
                     dropout(&lin(&inner, "output.dense")?)?
                 };

@@ -321,7 +321,7 @@ pub fn round_to_bf16(x: &Tensor) -> Result<Tensor> {
 }
 
 /// [`linear`] on the bf16 GEMM whatever the weight's dtype (`f32` or `bf16`): mixed-precision
-/// compute. `x` is rounded to bf16 at the GEMM's input, `w` once per packing
+/// compute. `x` (F32, or BF16 rounded already) is rounded to bf16 at the GEMM's input, `w` once per packing
 /// ([`gemm_weights::packed_bf16`]), products accumulate in f32, and the bias and output are f32.
 /// The packing is kept while `w`'s storage lives; an optimiser step moves a trained weight to
 /// new storage, so its bf16 copy is made again on the first call after each step. With
@@ -339,13 +339,14 @@ pub fn linear_bf16_compute(
             "bf16 compute of an f32 weight runs on the CPU only",
         ));
     }
-    let input_ok = x.dtype() == DType::F32 || (x.dtype() == DType::BF16 && !training);
-    if !input_ok || !matches!(w.dtype(), DType::F32 | DType::BF16) {
+    if !matches!(x.dtype(), DType::F32 | DType::BF16)
+        || !matches!(w.dtype(), DType::F32 | DType::BF16)
+    {
         return Err(TensorError::shape(
             "linear",
             format!(
-                "bf16 compute takes an F32 input (BF16 without an input gradient) and an F32 or \
-                 BF16 weight, got {:?} and {:?}",
+                "bf16 compute takes an F32 or BF16 input and an F32 or BF16 weight, got {:?} \
+                 and {:?}",
                 x.dtype(),
                 w.dtype()
             ),
@@ -409,19 +410,23 @@ pub fn linear_bf16_input_grad(
 
 /// The weight and bias gradients of a [`linear_bf16_compute`] in training: `dW = dYᵀ·X` on the
 /// bf16 GEMM (`dY` and `x` rounded to bf16, f32 accumulation; only if `need_dw`) and
-/// `db = Σ_rows dY` in f32.
+/// `db = Σ_rows dY` in f32. `x` is F32 or BF16 (rounded already: the same bits), `dy` F32.
 pub fn linear_bf16_param_grads(
     x: &Tensor,
     dy: &Tensor,
     need_dw: bool,
 ) -> Result<(Option<Tensor>, Tensor)> {
-    same_dtype("linear_backward", &[x, dy])?;
-    if x.dtype() != DType::F32 || x.rank() == 0 || dy.rank() == 0 {
+    if !matches!(x.dtype(), DType::F32 | DType::BF16)
+        || dy.dtype() != DType::F32
+        || x.rank() == 0
+        || dy.rank() == 0
+    {
         return Err(TensorError::shape(
             "linear_backward",
             format!(
-                "bf16 weight gradients take F32 x and dy, got {:?}",
-                x.dtype()
+                "bf16 weight gradients take an F32 or BF16 x and an F32 dy, got {:?} and {:?}",
+                x.dtype(),
+                dy.dtype()
             ),
         ));
     }
@@ -433,7 +438,11 @@ pub fn linear_bf16_param_grads(
             format!("gradient {:?} against input {:?}", dy.shape(), x.shape()),
         ));
     }
-    let (xv, dyv) = (x.values::<f32>()?, dy.values::<f32>()?);
+    let xv = match x.dtype() {
+        DType::BF16 => Bf16Input::Bf16(x.values::<half::bf16>()?),
+        _ => Bf16Input::F32(x.values::<f32>()?),
+    };
+    let dyv = dy.values::<f32>()?;
     let mut db = vec![0.0f32; out_f];
     let dw = if need_dw {
         let mut out = Vec::with_capacity(out_f * in_f);
@@ -497,6 +506,23 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
         Tensor::from_vec(x.shape(), y)
     }
     dispatch_float!("gelu", x.dtype(), run(x))
+}
+
+/// `gelu(x)` of an F32 host tensor, rounded to bf16 as it is stored
+/// ([`cpu::activation::gelu_forward_into_bf16`]): a bf16 GEMM's input, made once.
+pub fn gelu_to_bf16(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() != DType::F32 || !x.is_host() {
+        return Err(TensorError::shape(
+            "gelu_to_bf16",
+            format!("takes an F32 host tensor, got {:?}", x.dtype()),
+        ));
+    }
+    let values = x.values::<f32>()?;
+    let mut y = Vec::with_capacity(values.len());
+    cpu::activation::gelu_forward_into_bf16(values, &mut y.spare_capacity_mut()[..values.len()]);
+    // SAFETY: `gelu_forward_into_bf16` initialised every element.
+    unsafe { y.set_len(values.len()) };
+    Tensor::from_vec(x.shape(), y)
 }
 
 /// `x ← gelu(x)`: no second buffer (inference).

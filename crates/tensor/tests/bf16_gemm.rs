@@ -291,6 +291,45 @@ fn round_into_rounds_to_nearest_even_as_half_does() {
     }
 }
 
+/// GELU stored in bf16 (bf16 training's FFN output) has the bits of the f32 GELU rounded by
+/// `round_into`, at lengths off its vector steps, its 1024-value blocks and its tasks, with
+/// inputs whose GELU is tiny (subnormal in f32, flushed to zero) or large.
+#[test]
+fn gelu_to_bf16_has_the_bits_of_the_f32_gelu_rounded() {
+    let mut rng = StdRng::seed_from_u64(21);
+    for len in [1, 17, 1023, 1025, 40_001] {
+        let mut x = uniform(&mut rng, len, -6.0, 6.0);
+        for (i, v) in x.iter_mut().enumerate() {
+            match i % 7 {
+                1 => *v = -13.0 - v.abs(),
+                2 => *v *= 100.0,
+                _ => {}
+            }
+        }
+        let mut f32_gelu = vec![MaybeUninit::new(f32::NAN); len];
+        activation::gelu_forward_into(&x, &mut f32_gelu);
+        // SAFETY: every element was written.
+        let f32_gelu: Vec<f32> = f32_gelu
+            .iter()
+            .map(|v| unsafe { v.assume_init() })
+            .collect();
+        let mut want = vec![MaybeUninit::new(bf16::NAN); len];
+        round_into(&f32_gelu, &mut want);
+        let mut got = vec![MaybeUninit::new(bf16::NAN); len];
+        activation::gelu_forward_into_bf16(&x, &mut got);
+        for i in 0..len {
+            // SAFETY: every element was written.
+            let (g, w) = unsafe { (got[i].assume_init(), want[i].assume_init()) };
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "element {i} of {len}: gelu({:e})",
+                x[i]
+            );
+        }
+    }
+}
+
 /// With `X = I` (k×k) the output is `Wᵀ` rounded to bf16, exactly: each element is a single
 /// product by 1. A depth step read from the wrong half of a pair, or a depth remainder past a
 /// tile row, puts a different weight (or zero) there. Also checks that a weight given in bf16
@@ -358,6 +397,10 @@ fn bf16_gemm_at_b_matches_f64_reference_of_rounded_operands() {
         let a = uniform(&mut rng, k * m, -1.0, 1.0);
         let b = uniform(&mut rng, k * n, -1.0, 1.0);
         let (ar, br) = (rounded(&a), rounded(&b));
+        let b_rounded: Vec<bf16> = b
+            .iter()
+            .map(|&v| bf16::from_bits(flushed_bf16(v)))
+            .collect();
         let mut want = vec![0.0; m * n];
         let mut magnitude = vec![0.0; m * n];
         for i in 0..m {
@@ -380,13 +423,38 @@ fn bf16_gemm_at_b_matches_f64_reference_of_rounded_operands() {
             threads::with_num_threads(threads, || {
                 let mut y = vec![MaybeUninit::new(f32::NAN); m * n];
                 let mut sums = vec![f32::NAN; m];
-                gemm_bf16_at_b(path, &a, &b, m, n, k, &mut y, Some(&mut sums));
+                gemm_bf16_at_b(
+                    path,
+                    &a,
+                    Bf16Input::F32(&b),
+                    m,
+                    n,
+                    k,
+                    &mut y,
+                    Some(&mut sums),
+                );
                 // SAFETY: gemm_bf16_at_b initialises every element (they began as NaN).
                 let y: Vec<f32> = y.iter().map(|v| unsafe { v.assume_init() }).collect();
+                // `B` rounded beforehand (an input rounded once for several GEMMs) gives the
+                // same bits.
+                let mut y_from_bf16 = vec![MaybeUninit::new(f32::NAN); m * n];
+                let b_bf16 = Bf16Input::Bf16(&b_rounded);
+                gemm_bf16_at_b(path, &a, b_bf16, m, n, k, &mut y_from_bf16, None);
+                // SAFETY: as above.
+                let y_from_bf16: Vec<f32> = y_from_bf16
+                    .iter()
+                    .map(|v| unsafe { v.assume_init() })
+                    .collect();
                 let ctx = format!("{m}×{n}×{k}, {path:?}, {threads} threads");
                 assert_close(&format!("bf16 Aᵀ·B {ctx}"), &y, &want, |i| {
                     (k as f64 + 2.0) * EPS * magnitude[i]
                 });
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&y_from_bf16),
+                    bits(&y),
+                    "bf16 Aᵀ·B {ctx}: a bf16 B against its f32 source"
+                );
                 assert_close(&format!("column sums of A {ctx}"), &sums, &want_sums, |i| {
                     k as f64 * EPS * sum_magnitude[i]
                 });

@@ -3,12 +3,12 @@ use std::sync::Arc;
 use scalpel_tensor::cpu::gemm::Activation;
 use scalpel_tensor::cpu::gemm_weights::PackedWeight;
 use scalpel_tensor::ops::WeightUse;
-use scalpel_tensor::{ops as tops, DType, Tensor};
+use scalpel_tensor::{ops as tops, Tensor};
 
 use crate::device::backend_of;
 use crate::ops::activation::gelu_of;
 use crate::ops::gelu_in_place;
-use crate::{AutogradError, Backward, Result, Var};
+use crate::{Backward, Result, Var};
 
 struct Linear {
     has_bias: bool,
@@ -174,50 +174,60 @@ pub fn linear_bf16(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     linear_bf16_with(x, w, b, Activation::Identity)
 }
 
-/// `gelu(x·Wᵀ + b)` as [`linear_gelu`] does it, with the product of [`linear_bf16`].
-pub fn linear_gelu_bf16(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+/// `gelu(x·Wᵀ + b)` on the bf16 GEMM ([`linear_bf16`]) with its output rounded to bf16, for
+/// a next op that is a bf16 linear and would round it anyway: half the bytes, and that linear
+/// and its weight gradient read it as it is, with the bits of rounding the f32 output each time.
+/// Without gradients the GEMM stores it rounded ([`tops::linear_bf16_rounded`]); in training
+/// the f32 pre-activation is kept for GELU's backward and the rounded GELU is made from it
+/// ([`tops::gelu_to_bf16`]). Its gradient is f32.
+pub fn linear_gelu_bf16_rounded(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     let constants = !x.requires_grad() && !w.requires_grad() && !b.is_some_and(Var::requires_grad);
     if constants {
-        return linear_bf16_with(x, w, b, Activation::Gelu);
+        let (x, w, b) = (x.value(), w.value(), b.map(Var::value));
+        return Ok(Var::constant(tops::linear_bf16_rounded(
+            x,
+            w,
+            b,
+            Activation::Gelu,
+        )?));
     }
-    gelu_in_place(linear_bf16(x, w, b)?)
+    let pre = linear_bf16(x, w, b)?;
+    Ok(gelu_of(tops::gelu_to_bf16(pre.value())?, pre))
 }
 
-/// `gelu(x·Wᵀ + b)` on the bf16 GEMM with its output rounded to bf16 as the GEMM stores it
-/// ([`tops::linear_bf16_rounded`]): bf16 inference, where the next op is a bf16 linear that
-/// would round it anyway. No input may want a gradient.
-pub fn linear_gelu_bf16_rounded(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
-    inference_only("linear_gelu_bf16_rounded", &[Some(x), Some(w), b])?;
-    let y = tops::linear_bf16_rounded(x.value(), w.value(), b.map(Var::value), Activation::Gelu)?;
-    Ok(Var::constant(y))
+/// The backward of [`round_to_bf16`]: the gradient passes through unchanged (in f32), as it
+/// does through the rounding a bf16 GEMM makes of its input.
+struct RoundToBf16;
+
+impl Backward for RoundToBf16 {
+    fn name(&self) -> &'static str {
+        "round_to_bf16"
+    }
+
+    fn backward(
+        &self,
+        _: &[Var],
+        _: &Tensor,
+        grad: &Tensor,
+        _: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(grad.clone())])
+    }
 }
 
 /// `x` rounded to bf16 once ([`tops::round_to_bf16`]), for several bf16 linears that read it
-/// (attention's query, key and value): bf16 inference, `x` wanting no gradient.
+/// (attention's query, key and value): each reads it as it is, with the bits of rounding `x`
+/// itself, and their weight gradients read it too. The gradient reaching it passes to `x`
+/// unchanged, as through a GEMM's own rounding of its input.
 pub fn round_to_bf16(x: &Var) -> Result<Var> {
-    inference_only("round_to_bf16", &[Some(x)])?;
-    Ok(Var::constant(tops::round_to_bf16(x.value())?))
-}
-
-/// Refuses inputs that want a gradient: `op`'s bf16 values have no backward.
-fn inference_only(op: &str, inputs: &[Option<&Var>]) -> Result<()> {
-    match inputs.iter().flatten().any(|v| v.requires_grad()) {
-        true => Err(AutogradError::Graph(format!(
-            "{op} is for inference: its bf16 values have no backward, but an input wants a \
-             gradient"
-        ))),
-        false => Ok(()),
-    }
+    let y = tops::round_to_bf16(x.value())?;
+    Ok(Var::from_op(y, RoundToBf16, vec![x.clone()]))
 }
 
 /// [`linear_bf16`] with `act` applied as the GEMM stores (only without gradients: the
 /// pre-activation is not kept).
 fn linear_bf16_with(x: &Var, w: &Var, b: Option<&Var>, act: Activation) -> Result<Var> {
     let (xt, wt, bt) = (x.value(), w.value(), b.map(Var::value));
-    if xt.dtype() == DType::BF16 {
-        // A weight gradient would need `x` in f32.
-        inference_only("linear_bf16 of a bf16 input", &[Some(x), Some(w), b])?;
-    }
     let (y, packing) = tops::linear_bf16_compute(xt, wt, bt, act, x.requires_grad())?;
     let mut inputs = vec![x.clone(), w.clone()];
     inputs.extend(b.cloned());

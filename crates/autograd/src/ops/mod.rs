@@ -24,8 +24,7 @@ pub(crate) use elementwise::accumulate;
 pub use elementwise::{add, reshape, scale};
 pub use embedding::{embedding, Indices};
 pub use linear::{
-    linear, linear_bf16, linear_gelu, linear_gelu_bf16, linear_gelu_bf16_rounded, matmul,
-    round_to_bf16,
+    linear, linear_bf16, linear_gelu, linear_gelu_bf16_rounded, matmul, round_to_bf16,
 };
 pub use loss::{cosine_loss, cross_entropy, distill_kl, mse_loss};
 pub use norm::{add_layernorm, layernorm};

@@ -2,6 +2,7 @@
 
 use std::mem::MaybeUninit;
 
+use crate::cpu::gemm_bf16::round_on_this_thread;
 use crate::cpu::simd::{dispatch, exp, normal_cdf, store_each_uninit, Isa, Simd};
 use crate::cpu::{as_f32, as_f32_mut, as_f32_uninit, task_len};
 use crate::{threads, Float};
@@ -81,6 +82,32 @@ pub fn gelu_forward_into_with_isa(isa: Isa, x: &[f32], y: &mut [MaybeUninit<f32>
         dispatch!(isa, |s, x: &[f32], y: &mut [MaybeUninit<f32>]| -> () {
             store_each_uninit(s, y, |i| gelu_lanes(s, s.load_or(&x[i..], 0.0)))
         })
+    });
+}
+
+/// Values per block of [`gelu_forward_into_bf16`]'s f32 scratch (4 KiB on the stack, in L1).
+const GELU_BF16_BLOCK: usize = 1024;
+
+/// `y = gelu(x)` rounded to bf16 as [`crate::cpu::gemm_bf16::round_into`] rounds: the input of
+/// a bf16 GEMM (bf16 training's FFN), stored in half the bytes and read by the GEMM's forward
+/// and its weight gradient as it is, with the bits their own rounding of the f32 GELU would
+/// give. Each block is computed in f32 into scratch and rounded from there.
+pub fn gelu_forward_into_bf16(x: &[f32], y: &mut [MaybeUninit<half::bf16>]) {
+    assert_eq!(x.len(), y.len(), "gelu: lengths differ");
+    let isa = Isa::best();
+    let chunk = task_len(x.len(), GELU_MIN_PER_TASK);
+    let items: Vec<_> = x.chunks(chunk).zip(y.chunks_mut(chunk)).collect();
+    threads::parallel_each(items, |(x, y)| {
+        let mut block = [MaybeUninit::<f32>::uninit(); GELU_BF16_BLOCK];
+        for (x, y) in x.chunks(GELU_BF16_BLOCK).zip(y.chunks_mut(GELU_BF16_BLOCK)) {
+            let f = &mut block[..x.len()];
+            dispatch!(isa, |s, x: &[f32], f: &mut [MaybeUninit<f32>]| -> () {
+                store_each_uninit(s, f, |i| gelu_lanes(s, s.load_or(&x[i..], 0.0)))
+            });
+            // SAFETY: `store_each_uninit` initialised every element of `f`.
+            let f = unsafe { &*(f as *const [MaybeUninit<f32>] as *const [f32]) };
+            round_on_this_thread(f, y);
+        }
     });
 }
 

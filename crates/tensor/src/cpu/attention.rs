@@ -10,7 +10,9 @@ use std::cell::OnceCell;
 use std::mem::MaybeUninit;
 
 use crate::cpu::gemm::{gemm_on_this_thread, Activation, GemmShape};
-use crate::cpu::gemm_bf16::{gemm_bf16_at_b, gemm_bf16_packed, Bf16Path, PackedBf16Weight};
+use crate::cpu::gemm_bf16::{
+    gemm_bf16_at_b, gemm_bf16_packed, Bf16Input, Bf16Path, PackedBf16Weight,
+};
 use crate::cpu::simd::{dispatch, dot as dot_simd, exp, Isa, Simd};
 use crate::cpu::{as_f32, as_f32_mut};
 use crate::{threads, Float};
@@ -452,10 +454,10 @@ fn add_keys_grad(
         Products::Bf16(path) if !accumulate => {
             // SAFETY: `MaybeUninit<f32>` has f32's layout; the GEMM stores only f32s.
             let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
-            gemm_bf16_at_b(path, a, b, seq, d, rows, out, None)
+            gemm_bf16_at_b(path, a, Bf16Input::F32(b), seq, d, rows, out, None)
         }
         Products::Bf16(path) => {
-            gemm_bf16_at_b(path, a, b, seq, d, rows, scratch, None);
+            gemm_bf16_at_b(path, a, Bf16Input::F32(b), seq, d, rows, scratch, None);
             for (o, s) in out.iter_mut().zip(scratch.iter()) {
                 // SAFETY: the GEMM initialised every element of `scratch`.
                 *o += unsafe { s.assume_init() };

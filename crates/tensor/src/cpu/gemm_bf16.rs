@@ -288,6 +288,7 @@ impl PackedBf16Weight {
                     // Each pair of source rows is one run of panel words (16 at a time).
                     let width = panels * PANEL_COLS;
                     let offset = |p, j0| panel_word(pairs, p, j0);
+                    let src = Bf16Input::F32(src);
                     interleave_row_pairs(src, k, n, width, pairs, packed, offset, None);
                 } else if let Some(src) = T::as_f32(src) {
                     // SAFETY: these paths exist only where AVX512-BF16 was detected.
@@ -606,22 +607,26 @@ pub fn gemm_bf16_into_uninit(
 pub fn round_into(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
     assert_eq!(src.len(), dst.len(), "round_into: lengths differ");
     const CHUNK: usize = 1 << 14;
-    let vector = avx512bf16_detected();
     let chunks: Vec<_> = src.chunks(CHUNK).zip(dst.chunks_mut(CHUNK)).collect();
-    threads::parallel_each(chunks, |(src, dst)| {
-        if vector {
-            // SAFETY: AVX512-BF16 was detected.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                x86::round_run(src, dst)
-            };
-            #[cfg(target_arch = "x86_64")]
-            return;
-        }
-        for (d, &s) in dst.iter_mut().zip(src) {
-            d.write(bf16::from_bits(round_bits(s)));
-        }
-    });
+    threads::parallel_each(chunks, |(src, dst)| round_on_this_thread(src, dst));
+}
+
+/// [`round_into`] on the calling thread alone (for kernels that round their own output, a
+/// block at a time).
+pub(crate) fn round_on_this_thread(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
+    assert_eq!(src.len(), dst.len(), "round_into: lengths differ");
+    if avx512bf16_detected() {
+        // SAFETY: AVX512-BF16 was detected.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            x86::round_run(src, dst)
+        };
+        #[cfg(target_arch = "x86_64")]
+        return;
+    }
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(bf16::from_bits(round_bits(s)));
+    }
 }
 
 /// One value as [`round_into`] rounds it: `half`'s rounding, with a subnormal flushed to zero.
@@ -664,10 +669,12 @@ unsafe fn run_vnni(path: Bf16Path, threads: usize, g: VnniGemm<'_>, rows: usize,
     });
 }
 
-/// `C = Aᵀ·B` with `A` (`[k, m]`) and `B` (`[k, n]`) row-major f32 rounded to bf16 and f32
-/// accumulation into `out` (`[m, n]`, need not be initialised): a linear layer's weight gradient
-/// `dW = dYᵀ·X`, whose depth is the batch's rows, on `path` (a supported one: training passes
-/// [`Bf16Path::best`]). On the bf16
+/// `C = Aᵀ·B` with `A` (`[k, m]`, row-major f32) and `B` (`[k, n]`, row-major f32 or bf16)
+/// rounded to bf16 and f32 accumulation into `out` (`[m, n]`, need not be initialised): a
+/// linear layer's weight gradient `dW = dYᵀ·X`, whose depth is the batch's rows, on `path` (a
+/// supported one: training passes [`Bf16Path::best`]). A bf16 `B` (an input rounded once for
+/// several GEMMs, or stored rounded by the op that made it) gives the bits of its f32 source,
+/// from half the bytes. On the bf16
 /// instruction paths both operands become pair-major words by one vector pass each: `B` as VNNI
 /// panels; `A` read in place by the AVX512-BF16 kernel, or, for AMX, transposed 16×16 words at
 /// a time into its X tiles. The f32 path multiplies the rounded operands by the f32 GEMM.
@@ -681,7 +688,7 @@ unsafe fn run_vnni(path: Bf16Path, threads: usize, g: VnniGemm<'_>, rows: usize,
 pub fn gemm_bf16_at_b(
     path: Bf16Path,
     a: &[f32],
-    b: &[f32],
+    b: Bf16Input<'_>,
     m: usize,
     n: usize,
     k: usize,
@@ -733,7 +740,7 @@ pub fn gemm_bf16_at_b(
             trans_a: true,
             trans_b: false,
         };
-        let (a, b) = (round(a), round(b));
+        let (a, b) = (round(a), b.rounded_f32());
         let c = TilePtr(out.as_mut_ptr().cast());
         // SAFETY: C holds m×n elements (checked) and is ours alone; with beta = 0 each is
         // stored before anything reads it.
@@ -763,6 +770,7 @@ pub fn gemm_bf16_at_b(
             XOperand::AmxTiles(AmxX::tiles(bytemuck::cast_slice(x), 2 * pairs))
         } else {
             let x_offset = |p: usize, i0: usize| p * stride + i0;
+            let a = Bf16Input::F32(a);
             interleave_row_pairs(a, k, m, stride, pairs, x, x_offset, a_column_sums);
             XOperand::PairMajor { words: x, stride }
         };
@@ -829,7 +837,7 @@ fn panel_word(pairs: usize, p: usize, j0: usize) -> usize {
 /// adds them: each task sums its chunk of rows, and the chunks' sums are added in order.
 #[allow(clippy::too_many_arguments)]
 fn interleave_row_pairs(
-    src: &[f32],
+    src: Bf16Input<'_>,
     k: usize,
     n: usize,
     width: usize,
@@ -860,7 +868,7 @@ fn interleave_row_pairs(
         let mut chunk_sum = sums_base
             .map(|b| unsafe { std::slice::from_raw_parts_mut((b as *mut f32).add(task * n), n) });
         for p in range {
-            let row = |r: usize| src.get(r * n..(r + 1) * n);
+            let row = |r: usize| (r < k).then(|| src.slice(r * n..(r + 1) * n));
             // SAFETY: a Vnni packing exists only where AVX512-BF16 was detected; each 16-word
             // run is inside `dst` (checked before it is written) and this step's alone (the
             // caller's `offset` is injective).
@@ -1204,8 +1212,8 @@ mod x86 {
     /// The CPU must support AVX512-BF16; `dst(j0)` must be valid for 16 words.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub(super) unsafe fn interleave_pair_row(
-        lo: Option<&[f32]>,
-        hi: Option<&[f32]>,
+        lo: Option<Bf16Input<'_>>,
+        hi: Option<Bf16Input<'_>>,
         width: usize,
         dst: impl Fn(usize) -> *mut u32,
         mut sum: Option<&mut [f32]>,
@@ -1220,31 +1228,57 @@ mod x86 {
         }
     }
 
-    /// Writes the 16 words `[lo(j), hi(j)]` for `j` in `j0..j0 + 16` (bf16, low and high half)
-    /// at `dst`; a missing row, or a column past the row's end, reads as zero. Returns the two
-    /// rows' f32 values (unrounded), for callers that also sum the columns.
+    /// Writes the 16 words `[lo(j), hi(j)]` for `j` in `j0..j0 + 16` (bf16, low and high half;
+    /// f32 rows rounded) at `dst`; a missing row, or a column past the row's end, reads as zero.
+    /// Returns the two rows' values in f32 (unrounded; bf16 ones widened), for callers that also
+    /// sum the columns.
     ///
     /// # Safety
     /// The CPU must support AVX512-BF16; `dst` must be valid for 16 words.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub(super) unsafe fn interleave_16(
-        lo: Option<&[f32]>,
-        hi: Option<&[f32]>,
+        lo: Option<Bf16Input<'_>>,
+        hi: Option<Bf16Input<'_>>,
         j0: usize,
         dst: *mut u32,
     ) -> (__m512, __m512) {
-        let load = |row: Option<&[f32]>| row.map_or(_mm512_setzero_ps(), |r| load_16(r, j0));
-        let widen = |v: __m512| -> __m512i {
-            // SAFETY: a bf16 vector and an integer vector share a layout.
-            let h: __m256i = unsafe { std::mem::transmute(_mm512_cvtneps_pbh(v)) };
-            _mm512_cvtepu16_epi32(h)
-        };
-        let (lo, hi) = (load(lo), load(hi));
-        let words = _mm512_or_si512(widen(lo), _mm512_slli_epi32::<16>(widen(hi)));
+        let zero = (_mm512_setzero_ps(), _mm512_setzero_si512());
+        let (lo, lo_bits) = lo.map_or(zero, |r| bits_16(r, j0));
+        let (hi, hi_bits) = hi.map_or(zero, |r| bits_16(r, j0));
+        let words = _mm512_or_si512(lo_bits, _mm512_slli_epi32::<16>(hi_bits));
         // SAFETY: the caller vouched for 16 words at `dst`.
         unsafe { _mm512_storeu_si512(dst.cast(), words) };
         (lo, hi)
+    }
+
+    /// `row[j0..j0 + 16]` in f32 (bf16 values widened) and as bf16 bits in the low half of each
+    /// 32-bit lane (f32 values rounded); lanes past the row's end zero. Whole vectors are
+    /// loaded unmasked, as [`load_16`].
+    #[inline(always)]
+    fn bits_16(row: Bf16Input<'_>, j0: usize) -> (__m512, __m512i) {
+        // SAFETY: every caller is compiled with AVX512-BF16 (and so AVX-512 and AVX512-BW)
+        // enabled; only in-bounds lanes are read; a bf16 vector and an integer vector share a
+        // layout.
+        unsafe {
+            match row {
+                Bf16Input::F32(row) => {
+                    let v = load_16(row, j0);
+                    let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                    (v, _mm512_cvtepu16_epi32(h))
+                }
+                Bf16Input::Bf16(row) => {
+                    let lanes = row.len().saturating_sub(j0).min(16);
+                    let at = row.as_ptr().wrapping_add(j0);
+                    let h = match lanes {
+                        16 => _mm256_loadu_si256(at.cast()),
+                        _ => _mm256_maskz_loadu_epi16(((1u32 << lanes) - 1) as u16, at.cast()),
+                    };
+                    let bits = _mm512_cvtepu16_epi32(h);
+                    (_mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits)), bits)
+                }
+            }
+        }
     }
 
     /// `sum[j0..j0 + 16] = (sum + lo) + hi` for the lanes inside `sum` (two rows' values, as
@@ -1297,8 +1331,8 @@ mod x86 {
                 // SAFETY: row q of the 16×16 block.
                 let (lo, hi) = unsafe {
                     interleave_16(
-                        row(2 * p),
-                        row(2 * p + 1),
+                        row(2 * p).map(Bf16Input::F32),
+                        row(2 * p + 1).map(Bf16Input::F32),
                         i0,
                         block.as_mut_ptr().add(q * 16),
                     )
