@@ -171,7 +171,19 @@ impl Backward for LinearBf16 {
 /// rounds both activations. Outputs, the bias and its gradient, and the weight gradient's
 /// accumulation stay f32.
 pub fn linear_bf16(x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
-    linear_bf16_with(x, w, b, Activation::Identity)
+    let (xt, wt, bt) = (x.value(), w.value(), b.map(Var::value));
+    let training = x.requires_grad();
+    let (y, packing) = tops::linear_bf16_compute(xt, wt, bt, Activation::Identity, training)?;
+    let mut inputs = vec![x.clone(), w.clone()];
+    inputs.extend(b.cloned());
+    Ok(Var::from_op(
+        y,
+        LinearBf16 {
+            has_bias: b.is_some(),
+            packing,
+        },
+        inputs,
+    ))
 }
 
 /// `gelu(x·Wᵀ + b)` on the bf16 GEMM ([`linear_bf16`]) with its output rounded to bf16, for
@@ -222,27 +234,6 @@ impl Backward for RoundToBf16 {
 pub fn round_to_bf16(x: &Var) -> Result<Var> {
     let y = tops::round_to_bf16(x.value())?;
     Ok(Var::from_op(y, RoundToBf16, vec![x.clone()]))
-}
-
-/// [`linear_bf16`] with `act` applied as the GEMM stores (only without gradients: the
-/// pre-activation is not kept).
-fn linear_bf16_with(x: &Var, w: &Var, b: Option<&Var>, act: Activation) -> Result<Var> {
-    let (xt, wt, bt) = (x.value(), w.value(), b.map(Var::value));
-    let (y, packing) = tops::linear_bf16_compute(xt, wt, bt, act, x.requires_grad())?;
-    let mut inputs = vec![x.clone(), w.clone()];
-    inputs.extend(b.cloned());
-    debug_assert!(
-        act == Activation::Identity || inputs.iter().all(|v| !v.requires_grad()),
-        "an activation in the epilogue has no backward"
-    );
-    Ok(Var::from_op(
-        y,
-        LinearBf16 {
-            has_bias: b.is_some(),
-            packing,
-        },
-        inputs,
-    ))
 }
 
 struct MatMul {

@@ -1205,8 +1205,8 @@ mod x86 {
     /// One pair step of [`super::interleave_row_pairs`]: [`interleave_16`] over the columns
     /// `0..width` of the rows `lo` and `hi`, the 16 words of columns `j0..` at `dst(j0)`, and,
     /// with `sum`, `sum[j] = (sum[j] + lo[j]) + hi[j]`. One call a row pair, not one a 16
-    /// columns, so that the loop runs with the vector features enabled (the per-16 calls were
-    /// 38% of a 4096-row weight gradient's time against 49% in its kernel).
+    /// columns, so that the loop runs with the vector features enabled (the weight gradient
+    /// 384×384 over 4096 rows, 2 threads: 4.3 → 3.6 ms, medians of three alternating runs).
     ///
     /// # Safety
     /// The CPU must support AVX512-BF16; `dst(j0)` must be valid for 16 words.
