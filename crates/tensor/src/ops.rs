@@ -890,9 +890,13 @@ pub fn linear_backward(
 
 pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     fn run<F: Float>(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-        let mut dx = Tensor::zeros(x.shape(), F::DTYPE);
-        cpu::activation::gelu_backward(x.values::<F>()?, dy.values::<F>()?, dx.values_mut::<F>()?);
-        Ok(dx)
+        let shape = x.shape();
+        let (x, dy) = (x.values::<F>()?, dy.values::<F>()?);
+        let mut dx = Vec::with_capacity(x.len());
+        cpu::activation::gelu_backward(x, dy, &mut dx.spare_capacity_mut()[..x.len()]);
+        // SAFETY: `gelu_backward` initialised every element.
+        unsafe { dx.set_len(x.len()) };
+        Tensor::from_vec(shape, dx)
     }
     expect_shape("gelu_backward", "dy", dy, x.shape())?;
     dispatch_float!("gelu_backward", x.dtype(), run(x, dy))

@@ -313,8 +313,10 @@ fn gelu_backward_matches_reference() {
         let mut want = vec![0.0; n];
         activation::gelu_backward_reference(&widen(&x), &widen(&dy), &mut want);
         for_each_config(|isa, ctx| {
-            let mut dx = vec![f32::NAN; n];
+            let mut dx = vec![std::mem::MaybeUninit::new(f32::NAN); n];
             activation::gelu_backward_with_isa(isa, &x, &dy, &mut dx);
+            // SAFETY: every element was written.
+            let dx: Vec<f32> = dx.iter().map(|v| unsafe { v.assume_init() }).collect();
             assert_close(&format!("gelu_backward n={n} ({ctx})"), &dx, &want, |i| {
                 8.0 * EPS * dy[i].abs() as f64 * (1.0 + x[i].abs() as f64)
             });

@@ -57,10 +57,16 @@ pub fn gelu_forward_into<F: Float>(x: &[F], y: &mut [MaybeUninit<F>]) {
     }
 }
 
-pub fn gelu_backward<F: Float>(x: &[F], dy: &[F], dx: &mut [F]) {
-    match (as_f32(x), as_f32(dy), as_f32_mut(dx)) {
-        (Some(x), Some(dy), Some(dx)) => gelu_backward_with_isa(Isa::best(), x, dy, dx),
-        _ => gelu_backward_reference(x, dy, dx),
+/// `dx = dy · gelu'(x)` into `dx`, which need not be initialised (every element is written:
+/// zeroing it first was a memset of the FFN's widest activation in every layer's backward).
+pub fn gelu_backward<F: Float>(x: &[F], dy: &[F], dx: &mut [MaybeUninit<F>]) {
+    if let (Some(x), Some(dy), Some(dx)) = (as_f32(x), as_f32(dy), as_f32_uninit(dx)) {
+        return gelu_backward_with_isa(Isa::best(), x, dy, dx);
+    }
+    let mut values = vec![F::ZERO; x.len()];
+    gelu_backward_reference(x, dy, &mut values);
+    for (dx, v) in dx.iter_mut().zip(values) {
+        dx.write(v);
     }
 }
 
@@ -111,7 +117,7 @@ pub fn gelu_forward_into_bf16(x: &[f32], y: &mut [MaybeUninit<half::bf16>]) {
     });
 }
 
-pub fn gelu_backward_with_isa(isa: Isa, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+pub fn gelu_backward_with_isa(isa: Isa, x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>]) {
     assert!(
         x.len() == dy.len() && x.len() == dx.len(),
         "gelu_backward: lengths differ"
@@ -123,9 +129,11 @@ pub fn gelu_backward_with_isa(isa: Isa, x: &[f32], dy: &[f32], dx: &mut [f32]) {
         .zip(dx.chunks_mut(chunk))
         .collect();
     threads::parallel_each(items, |((x, dy), dx)| {
-        dispatch!(isa, |s, x: &[f32], dy: &[f32], dx: &mut [f32]| -> () {
-            gelu_backward_body(s, x, dy, dx)
-        })
+        dispatch!(isa, |s,
+                        x: &[f32],
+                        dy: &[f32],
+                        dx: &mut [MaybeUninit<f32>]|
+         -> () { gelu_backward_body(s, x, dy, dx) })
     });
 }
 
@@ -143,12 +151,12 @@ fn gelu_forward_body<S: Simd>(s: S, x: &mut [f32]) {
 }
 
 #[inline(always)]
-fn gelu_backward_body<S: Simd>(s: S, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+fn gelu_backward_body<S: Simd>(s: S, x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>]) {
     let (minus_half, pdf_scale) = (s.splat(-0.5), s.splat(FRAC_1_SQRT_2PI as f32));
-    for i in (0..x.len()).step_by(S::LANES) {
+    store_each_uninit(s, dx, |i| {
         let xv = s.load_or(&x[i..], 0.0);
         let pdf = s.mul(pdf_scale, exp(s, s.mul(minus_half, s.mul(xv, xv))));
         let grad = s.mul_add(xv, pdf, normal_cdf(s, xv));
-        s.store_or(&mut dx[i..], s.mul(s.load_or(&dy[i..], 0.0), grad));
-    }
+        s.mul(s.load_or(&dy[i..], 0.0), grad)
+    })
 }
