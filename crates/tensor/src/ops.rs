@@ -226,6 +226,18 @@ pub fn linear(
     dispatch_float!("linear", x.dtype(), run(x, w, packed, b, act, s, shape))
 }
 
+/// The values of `x` (F32 or BF16) as a bf16 GEMM's activation operand.
+fn bf16_input<'a>(op: &'static str, x: &'a Tensor) -> Result<Bf16Input<'a>> {
+    match x.dtype() {
+        DType::F32 => Ok(Bf16Input::F32(x.values()?)),
+        DType::BF16 => Ok(Bf16Input::Bf16(x.values()?)),
+        other => Err(TensorError::shape(
+            op,
+            format!("a bf16 GEMM takes an F32 or BF16 input, got {other:?}"),
+        )),
+    }
+}
+
 /// [`linear`] on the bf16 GEMM, `packed` for it: `x` F32 or BF16, the output `output` (F32 or
 /// BF16).
 fn linear_bf16(
@@ -243,16 +255,7 @@ fn linear_bf16(
             format!("a bf16 GEMM takes an F32 bias, got {:?}", b.dtype()),
         ));
     }
-    let x = match x.dtype() {
-        DType::F32 => Bf16Input::F32(x.values()?),
-        DType::BF16 => Bf16Input::Bf16(x.values()?),
-        other => {
-            return Err(TensorError::shape(
-                "linear",
-                format!("a bf16 GEMM takes an F32 or BF16 input, got {other:?}"),
-            ))
-        }
-    };
+    let x = bf16_input("linear", x)?;
     let bias = b.map(|b| b.values::<f32>()).transpose()?;
     fn run<T: Element>(
         len: usize,
@@ -321,8 +324,9 @@ pub fn round_to_bf16(x: &Tensor) -> Result<Tensor> {
 }
 
 /// [`linear`] on the bf16 GEMM whatever the weight's dtype (`f32` or `bf16`): mixed-precision
-/// compute. `x` (F32, or BF16 rounded already) is rounded to bf16 at the GEMM's input, `w` once per packing
-/// ([`gemm_weights::packed_bf16`]), products accumulate in f32, and the bias and output are f32.
+/// compute. `x` (F32, or BF16 rounded already) is rounded to bf16 at the GEMM's input, `w` once
+/// per packing ([`gemm_weights::packed_bf16`]), products accumulate in f32, and the bias and
+/// output are f32.
 /// The packing is kept while `w`'s storage lives; an optimiser step moves a trained weight to
 /// new storage, so its bf16 copy is made again on the first call after each step. With
 /// `training` the packing also holds `W` for [`linear_bf16_input_grad`], and is returned for it.
@@ -416,17 +420,16 @@ pub fn linear_bf16_param_grads(
     dy: &Tensor,
     need_dw: bool,
 ) -> Result<(Option<Tensor>, Tensor)> {
-    if !matches!(x.dtype(), DType::F32 | DType::BF16)
-        || dy.dtype() != DType::F32
-        || x.rank() == 0
-        || dy.rank() == 0
-    {
+    let xv = bf16_input("linear_backward", x)?;
+    if dy.dtype() != DType::F32 || x.rank() == 0 || dy.rank() == 0 {
         return Err(TensorError::shape(
             "linear_backward",
             format!(
-                "bf16 weight gradients take an F32 or BF16 x and an F32 dy, got {:?} and {:?}",
-                x.dtype(),
-                dy.dtype()
+                "bf16 weight gradients take an F32 dy and inputs of rank ≥ 1, got {:?} {:?} and \
+                 x {:?}",
+                dy.dtype(),
+                dy.shape(),
+                x.shape()
             ),
         ));
     }
@@ -438,10 +441,6 @@ pub fn linear_bf16_param_grads(
             format!("gradient {:?} against input {:?}", dy.shape(), x.shape()),
         ));
     }
-    let xv = match x.dtype() {
-        DType::BF16 => Bf16Input::Bf16(x.values::<half::bf16>()?),
-        _ => Bf16Input::F32(x.values::<f32>()?),
-    };
     let dyv = dy.values::<f32>()?;
     let mut db = vec![0.0f32; out_f];
     let dw = if need_dw {
